@@ -1,0 +1,1 @@
+"""The edge-module contract and the scoring runtime that runs inside every module image."""

@@ -1,0 +1,611 @@
+"""The edge-module contract shared by the cloud and the agent.
+
+Every concept that crosses a process boundary (a manifest an operator writes, the desired state
+the cloud publishes, the state an agent reports, a device profile) is one frozen pydantic model
+defined here, once. Nothing in this file does I/O; everything may import it.
+
+Validation errors name the field (pydantic's ``loc``), so ``format_validation_error`` can turn them
+into one line per problem, e.g. ``modules.web.ports.0.container: must be between 1 and 65535``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# --------------------------------------------------------------------------------------------
+# Scalars
+# --------------------------------------------------------------------------------------------
+
+RestartPolicy = Literal["always", "on-failure", "on-unhealthy", "never"]
+DesiredStatus = Literal["running", "stopped"]
+RuntimeStatus = Literal["pulling", "created", "running", "unhealthy", "backoff", "stopped", "failed"]
+DeploymentStatus = Literal["applying", "healthy", "failed", "rolled_back", "rejected"]
+Backend = Literal["onnxruntime", "openvino"]
+AcceleratorKind = Literal["nvidia-gpu", "movidius-myriad", "hddl", "xilinx-fpga", "intel-npu"]
+CommandName = Literal["logs", "restart", "ping"]
+
+_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]{0,62})$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Docker/OCI image reference grammar (distribution/reference), without the normalisation.
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"sha256:[a-f0-9]{64}"
+_IMAGE_RE = re.compile(
+    rf"^(?P<name>(?:(?P<domain>{_DOMAIN})/)?{_COMPONENT}(?:/{_COMPONENT})*)"
+    rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$"
+)
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use 1-63 lowercase letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _check_image(value: str) -> str:
+    if len(value) > 512 or not _IMAGE_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid image reference (expected [registry[:port]/]name[:tag][@sha256:<64 hex>], "
+            "lowercase repository names)"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+"""A device id, module name, deployment name or profile name."""
+ImageRef = Annotated[str, AfterValidator(_check_image)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ImageParts(BaseModel):
+    """An image reference split into repository, tag and digest."""
+
+    model_config = ConfigDict(frozen=True)
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def pinned(self) -> bool:
+        """True when the reference names an immutable digest."""
+        return self.digest is not None
+
+
+def split_image_ref(ref: str) -> ImageParts:
+    """Split ``registry/name:tag@sha256:...`` into its parts; raises ValueError on bad input."""
+    m = _IMAGE_RE.match(_check_image(ref))
+    assert m is not None
+    return ImageParts(repository=m.group("name"), tag=m.group("tag"), digest=m.group("digest"))
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC (every timestamp in the contract is aware)."""
+    return datetime.now(timezone.utc)
+
+
+class Frozen(BaseModel):
+    """Base of every contract model: immutable, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+def format_validation_error(err: ValidationError, source: str | None = None) -> str:
+    """Render a pydantic error as one line per problem: ``source: a.b.0: message``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(document)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{source + ': ' if source else ''}{loc}: {msg}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules and deployments
+# --------------------------------------------------------------------------------------------
+
+
+class PortMapping(Frozen):
+    """A container port published on the device; bound to loopback unless said otherwise."""
+
+    container: Port
+    host: Port | None = None
+    host_ip: str = "127.0.0.1"
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class Resources(Frozen):
+    """CPU and memory limits for a module's container or process."""
+
+    cpus: float | None = Field(default=None, gt=0, le=1024)
+    memory_mb: int | None = Field(default=None, ge=16)
+
+
+class HealthCheck(Frozen):
+    """How the agent probes a module: liveness on ``path``, readiness on ``ready_path``."""
+
+    path: str = "/"
+    ready_path: str = "/v2/health/ready"
+    port: Port = 5001
+    interval_s: float = Field(default=5.0, gt=0, le=3600)
+    timeout_s: float = Field(default=2.0, gt=0, le=600)
+    failure_threshold: int = Field(default=3, ge=1, le=100)
+
+    @field_validator("path", "ready_path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must start with '/', got {v!r}")
+        return v
+
+
+class ModuleSettings(Frozen):
+    """What a module needs to run, apart from which image: shared by manifest and desired state."""
+
+    env: dict[str, str] = Field(default_factory=dict)
+    ports: list[PortMapping] = Field(default_factory=list)
+    restart_policy: RestartPolicy = "always"
+    desired_status: DesiredStatus = "running"
+    resources: Resources = Field(default_factory=Resources)
+    startup_order: int = Field(default=0, ge=0, le=1000)
+    health: HealthCheck = Field(default_factory=HealthCheck)
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not _ENV_RE.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return v
+
+    @field_validator("ports")
+    @classmethod
+    def _unique_ports(cls, v: list[PortMapping]) -> list[PortMapping]:
+        seen: set[tuple[int, str]] = set()
+        for p in v:
+            if p.host is None:
+                continue
+            key = (p.host, p.protocol)
+            if key in seen:
+                raise ValueError(f"host port {p.host}/{p.protocol} is published twice")
+            seen.add(key)
+        return v
+
+
+def _modules_from_list(value: Any) -> Any:
+    """Accept ``modules`` as a list of ``{name: ..., ...}`` too, rejecting duplicate names."""
+    if isinstance(value, list):
+        out: dict[str, Any] = {}
+        for i, item in enumerate(value):
+            if not isinstance(item, dict) or "name" not in item:
+                raise ValueError(f"item {i} needs a 'name'")
+            item = dict(item)
+            name = item.pop("name")
+            if name in out:
+                raise ValueError(f"duplicate module name {name!r}")
+            out[name] = item
+        return out
+    return value
+
+
+class ModuleSpec(ModuleSettings):
+    """A module in a deployment manifest: one image per device profile."""
+
+    images: dict[Name, ImageRef] = Field(min_length=1, description="device profile → image reference")
+
+
+class Target(Frozen):
+    """Which devices a deployment selects: all conditions given must hold."""
+
+    device_ids: list[Name] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+    profile: Name | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Target:
+        if not self.device_ids and not self.tags and self.profile is None:
+            raise ValueError("target selects nothing: give device_ids, tags or a profile")
+        return self
+
+    def matches(self, device_id: str, tags: dict[str, str], profile: str) -> bool:
+        """True when a device with these properties is selected."""
+        if self.device_ids and device_id not in self.device_ids:
+            return False
+        if self.profile is not None and profile != self.profile:
+            return False
+        return all(tags.get(k) == v for k, v in self.tags.items())
+
+
+WaveSize = int | Annotated[str, Field(pattern=r"^(100|[1-9][0-9]?)(\.[0-9]+)?%$")]
+
+
+class Rollout(Frozen):
+    """Waves of devices (counts or percentages of the target); halt beyond the failure ratio."""
+
+    waves: list[WaveSize] = Field(default_factory=lambda: ["100%"], min_length=1)
+    max_failure_ratio: float = Field(default=0.1, ge=0, le=1)
+    revert_on_halt: bool = False
+
+    @field_validator("waves")
+    @classmethod
+    def _positive(cls, v: list[int | str]) -> list[int | str]:
+        for w in v:
+            if isinstance(w, int) and w < 1:
+                raise ValueError(f"wave size {w} must be at least 1")
+            if isinstance(w, str) and float(w[:-1]) > 100:
+                raise ValueError(f"wave size {w} is over 100%")
+        return v
+
+
+class DeploymentManifest(Frozen):
+    """What an operator applies: which modules run on which devices."""
+
+    name: Name
+    target: Target
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    modules: dict[Name, ModuleSpec] = Field(min_length=1)
+    rollout: Rollout = Field(default_factory=Rollout)
+    rollback: Literal["auto", "none"] = "auto"
+    health_deadline_s: float = Field(default=120.0, gt=0, le=86400)
+
+    _split_modules = field_validator("modules", mode="before")(_modules_from_list)
+
+    @model_validator(mode="after")
+    def _host_ports_unique(self) -> DeploymentManifest:
+        owner: dict[tuple[int, str], str] = {}
+        for name, m in self.modules.items():
+            for p in m.ports:
+                if p.host is None:
+                    continue
+                other = owner.setdefault((p.host, p.protocol), name)
+                if other != name:
+                    raise ValueError(f"modules {other!r} and {name!r} both publish host port {p.host}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Desired state (cloud → device)
+# --------------------------------------------------------------------------------------------
+
+
+class RegistryCredentialRef(Frozen):
+    """Credentials for a registry, by reference: the agent resolves ``secret`` from its own config."""
+
+    registry: str = Field(min_length=1)
+    secret: str = Field(min_length=1, description="name of the credential in the agent's secret store")
+
+
+class DesiredModule(ModuleSettings):
+    """A module as one device must run it: the image already chosen for the device's profile."""
+
+    image: ImageRef
+    profile: Name = "cpu"
+    version: str | None = Field(default=None, description="module version, for reporting")
+
+
+class DesiredState(Frozen):
+    """Everything one device must run, signed by the cloud (Ed25519 over ``canonical_bytes``)."""
+
+    device_id: Name
+    generation: int = Field(ge=1)
+    issued_at: datetime
+    expires_at: datetime
+    deployment: str | None = None
+    modules: dict[Name, DesiredModule] = Field(default_factory=dict)
+    registry_credentials: list[RegistryCredentialRef] = Field(default_factory=list)
+    rollback: Literal["auto", "none"] = "auto"
+    health_deadline_s: float = Field(default=120.0, gt=0, le=86400)
+    signature: str | None = Field(default=None, description="base64 Ed25519 signature")
+
+    _split_modules = field_validator("modules", mode="before")(_modules_from_list)
+
+    @field_validator("issued_at", "expires_at")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            raise ValueError("timestamp needs a timezone (use UTC, e.g. 2026-01-01T00:00:00Z)")
+        return v
+
+    @model_validator(mode="after")
+    def _expiry_after_issue(self) -> DesiredState:
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        return self
+
+    def canonical_bytes(self) -> bytes:
+        """The bytes that are signed: canonical JSON of everything but the signature."""
+        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON (sorted keys, no spaces, UTF-8) for signing and hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# --------------------------------------------------------------------------------------------
+# Reported state (device → cloud)
+# --------------------------------------------------------------------------------------------
+
+
+class ModuleHealth(Frozen):
+    """The last probe of a module."""
+
+    live: bool
+    ready: bool
+    latency_ms: float | None = None
+    checked_at: datetime | None = None
+    error: str | None = None
+
+
+class ModuleStatus(Frozen):
+    """What the agent observes of one module."""
+
+    runtime_status: RuntimeStatus
+    exit_code: int | None = None
+    restart_count: int = Field(default=0, ge=0)
+    last_start: datetime | None = None
+    image: str | None = None
+    image_digest: str | None = None
+    execution_provider: str | None = None
+    health: ModuleHealth | None = None
+    message: str | None = None
+
+
+class SystemMetrics(Frozen):
+    """Device load at report time; ``temperature_c`` only where a thermal zone exists."""
+
+    cpu_percent: float = Field(ge=0)
+    memory_used_mb: float = Field(ge=0)
+    memory_total_mb: float = Field(ge=0)
+    disk_free_mb: float = Field(ge=0)
+    temperature_c: float | None = None
+
+
+class Accelerator(Frozen):
+    """A piece of inference hardware the agent found on the device."""
+
+    kind: AcceleratorKind
+    path: str
+    detail: str = ""
+
+
+class ReportedState(Frozen):
+    """What a device reports on ``edge/{d}/reported``: on change and every heartbeat."""
+
+    device_id: Name
+    generation_applied: int = Field(default=0, ge=0)
+    generation_received: int | None = Field(default=None, ge=0)
+    deployment_status: DeploymentStatus
+    reason: str | None = None
+    modules: dict[Name, ModuleStatus] = Field(default_factory=dict)
+    system: SystemMetrics | None = None
+    accelerators: list[Accelerator] = Field(default_factory=list)
+    agent_version: str
+    reported_at: datetime = Field(default_factory=utcnow)
+
+
+class OnlineStatus(Frozen):
+    """Payload of ``edge/{d}/online`` (the last will publishes ``online: false``)."""
+
+    online: bool
+    ts: datetime = Field(default_factory=utcnow)
+
+
+class CommandRequest(Frozen):
+    """A command sent to a device on ``edge/{d}/cmd/req/{id}``."""
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    command: CommandName
+    module: Name | None = None
+    tail: int = Field(default=100, ge=1, le=10000)
+
+    @model_validator(mode="after")
+    def _module_needed(self) -> CommandRequest:
+        if self.command in ("logs", "restart") and self.module is None:
+            raise ValueError(f"command {self.command!r} needs a module")
+        return self
+
+
+class CommandResponse(Frozen):
+    """The answer on ``edge/{d}/cmd/res/{id}``."""
+
+    id: str
+    ok: bool
+    output: str = ""
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Module images
+# --------------------------------------------------------------------------------------------
+
+
+class ModelRef(Frozen):
+    """A registered model inside a module image: ``/module/models/<name>/<version>/``."""
+
+    name: Name
+    version: int = Field(ge=1)
+    files: list[str] = Field(default_factory=list)
+
+
+class ModuleInfo(Frozen):
+    """``/module/module.json``: what an image holds and how its scoring server must start."""
+
+    name: Name
+    version: str = "1"
+    profile: Name = "cpu"
+    models: list[ModelRef] = Field(default_factory=list)
+    entry_script: str | None = None
+    input_sample: Any = None
+    output_sample: Any = None
+
+
+# --------------------------------------------------------------------------------------------
+# Device profiles (device-profiles/*.yaml)
+# --------------------------------------------------------------------------------------------
+
+
+class ExecutionProvider(Frozen):
+    """An onnxruntime execution provider and its options, e.g. ``CUDAExecutionProvider``."""
+
+    name: str = Field(pattern=r"^[A-Za-z]+ExecutionProvider$")
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class OnnxRuntimeSettings(Frozen):
+    """onnxruntime settings of a profile: providers in priority order."""
+
+    package: str = Field(default="onnxruntime", description="pip package that provides onnxruntime")
+    providers: list[ExecutionProvider] = Field(min_length=1)
+
+    @field_validator("providers")
+    @classmethod
+    def _unique(cls, v: list[ExecutionProvider]) -> list[ExecutionProvider]:
+        names = [p.name for p in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"provider listed twice: {sorted(dup)}")
+        return v
+
+
+class OpenVinoSettings(Frozen):
+    """OpenVINO settings of a profile: the device plugin and the runtime version that has it."""
+
+    device: str = Field(pattern=r"^[A-Z][A-Z0-9_.:,()-]*$", description="CPU, GPU, NPU, MYRIAD, HDDL, AUTO:…")
+    version: str = Field(description="pip requirement for openvino, e.g. 'openvino>=2024.0'")
+    config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class GpuRequest(Frozen):
+    """Docker device request for GPUs (``--gpus``)."""
+
+    driver: str = "nvidia"
+    count: int = Field(default=-1, ge=-1, description="-1 means all")
+    capabilities: list[str] = Field(default_factory=lambda: ["gpu"])
+
+
+class ContainerAccess(Frozen):
+    """What a module's container needs from the host to reach the accelerator."""
+
+    gpus: GpuRequest | None = None
+    devices: list[str] = Field(default_factory=list, description="host[:container[:perms]] device nodes")
+    device_cgroup_rules: list[str] = Field(default_factory=list)
+    volumes: list[str] = Field(default_factory=list, description="host:container[:ro] bind mounts")
+    group_add: list[str] = Field(default_factory=list)
+    privileged: bool = False
+    privileged_reason: str | None = None
+
+    @field_validator("devices")
+    @classmethod
+    def _device_paths(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if not d.startswith("/dev/"):
+                raise ValueError(f"device {d!r} must be a path under /dev/")
+        return v
+
+    @field_validator("device_cgroup_rules")
+    @classmethod
+    def _cgroup_rules(cls, v: list[str]) -> list[str]:
+        rule = re.compile(r"^[abc] (\d+|\*):(\d+|\*) [rwm]{1,3}$")
+        for r in v:
+            if not rule.match(r):
+                raise ValueError(f"{r!r} is not a device cgroup rule like 'c 189:* rmw'")
+        return v
+
+    @model_validator(mode="after")
+    def _justify_privileged(self) -> ContainerAccess:
+        if self.privileged and not self.privileged_reason:
+            raise ValueError("privileged containers need a privileged_reason saying why nothing narrower works")
+        return self
+
+
+class DetectRule(Frozen):
+    """One way the agent recognises the hardware, relative to a configurable root (for tests).
+
+    ``path``: a glob that must match (``/dev/nvidia[0-9]*``); ``usb_vendor``: a USB vendor id found
+    in ``/sys/bus/usb/devices/*/idVendor``; ``pci_vendor``: a PCI vendor id (with optional
+    ``pci_class`` prefix) in ``/sys/bus/pci/devices/*/``.
+    """
+
+    kind: Literal["path", "usb_vendor", "pci_vendor"]
+    value: str = Field(min_length=1)
+    pci_class: str | None = None
+    accelerator: AcceleratorKind
+
+
+class Detection(Frozen):
+    """The hardware is present when any rule matches; ``always`` for profiles that need none (CPU)."""
+
+    always: bool = False
+    any_of: list[DetectRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _something(self) -> Detection:
+        if not self.always and not self.any_of:
+            raise ValueError("give detection rules (any_of) or always: true")
+        return self
+
+
+class BaseImage(Frozen):
+    """Where a profile's base image comes from and what goes into it."""
+
+    image: ImageRef
+    source: Literal["debootstrap", "vendor"] = Field(
+        description="debootstrap: built here from Debian + PyPI; vendor: the vendor's image must be provided"
+    )
+    python_packages: list[str] = Field(default_factory=list)
+    apt_packages: list[str] = Field(default_factory=list)
+    vendor_note: str | None = None
+
+    @model_validator(mode="after")
+    def _vendor_explained(self) -> BaseImage:
+        if self.source == "vendor" and not self.vendor_note:
+            raise ValueError("a vendor base image needs a vendor_note saying where it comes from")
+        return self
+
+
+class DeviceProfile(Frozen):
+    """A deployment target: base image, inference backend, container access, detection, fallback."""
+
+    name: Name
+    description: str
+    base: BaseImage
+    backend: Backend
+    onnxruntime: OnnxRuntimeSettings | None = None
+    openvino: OpenVinoSettings | None = None
+    strict: bool = Field(
+        default=False,
+        description="fail start-up when the first (accelerator) provider is unavailable instead of falling back",
+    )
+    container: ContainerAccess = Field(default_factory=ContainerAccess)
+    detect: Detection
+    fallback: Name | None = None
+    support: str = Field(default="", description="honest notes on what current runtimes support")
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> DeviceProfile:
+        if self.backend == "onnxruntime" and self.onnxruntime is None:
+            raise ValueError("backend 'onnxruntime' needs an 'onnxruntime' section")
+        if self.backend == "openvino" and self.openvino is None:
+            raise ValueError("backend 'openvino' needs an 'openvino' section")
+        if self.fallback == self.name:
+            raise ValueError("a profile cannot fall back to itself")
+        return self

@@ -1,0 +1,23 @@
+"""Cloud state: the model registry (and, later, deployments and devices) in SQLite or PostgreSQL."""
+
+from cloud.store.errors import (
+    CorruptBlobError,
+    DiskFullError,
+    InUseError,
+    InvalidInputError,
+    NotFoundError,
+    SchemaError,
+    StoreError,
+)
+from cloud.store.registry import Registry
+
+__all__ = [
+    "CorruptBlobError",
+    "DiskFullError",
+    "InUseError",
+    "InvalidInputError",
+    "NotFoundError",
+    "Registry",
+    "SchemaError",
+    "StoreError",
+]

@@ -1,0 +1,44 @@
+"""``python -m modules.scoring`` / ``edge-score``: run the scoring server (``--help`` lists the settings)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+
+from modules.scoring.config import ConfigError, load_config
+from modules.scoring.server import EXIT_CONFIG, serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse settings, run the server, and exit with its status."""
+    try:
+        config = load_config(os.environ, argv)
+    except ConfigError as exc:
+        print(f"edge-score: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=config.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        import uvloop
+    except ImportError:
+        code = asyncio.run(serve(config))
+    else:
+        code = uvloop.run(serve(config))
+    logging.shutdown()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        # A run() that timed out may still hold a worker thread; do not wait for it at exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Entry-script mode: ``/score`` calls the script's ``run()``; see ``entry`` for the calling rules."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+from modules.contract import ModuleInfo
+from modules.scoring.entry import EntryScript, load_entry_script
+from modules.scoring.inference_schema_compat import declared_schemas, is_input_conversion_error
+from modules.scoring.model_paths import MODEL_DIR_VARS
+from modules.scoring.openapi import schemas_from_samples
+from modules.scoring.raw import ScoringRequest, ScoringResponse
+from modules.scoring.replies import (
+    ClientError,
+    Reply,
+    dumps,
+    media_type,
+    parse_json,
+    require_json_content_type,
+)
+from modules.scoring.service import ApiSchemas, ScoreCall
+
+PLATFORM = "python-entry-script"
+
+
+class EntryScriptService:
+    """Serves an Azure ML-style ``score.py``."""
+
+    mode = "entry-script"
+
+    def __init__(
+        self,
+        script_path: Path,
+        *,
+        model_dir: Path | None,
+        name: str,
+        version: str,
+        module: ModuleInfo | None = None,
+        module_name: str = "entry_module",
+    ) -> None:
+        self.script_path = script_path
+        self.model_dir = model_dir
+        self.name = name
+        self.version = version
+        self.module_info = module
+        self.module_name = module_name
+        self.script: EntryScript | None = None
+        self.accepts_raw_methods = False
+        self.providers: dict[str, str] = {}
+
+    def load(self) -> dict[str, str]:
+        """Set MODEL_DIR/AZUREML_MODEL_DIR, import the script and call its ``init()`` once."""
+        if self.model_dir is not None:
+            for var in MODEL_DIR_VARS:
+                os.environ[var] = str(self.model_dir)
+        script = load_entry_script(self.script_path, self.module_name)
+        self.accepts_raw_methods = script.kind == "raw"
+        script.init()
+        self.script = script
+        self.providers = {self.name: _provider_of(script)}
+        return self.providers
+
+    def score(self, call: ScoreCall) -> Reply:
+        """Call ``run()`` as its declaration asks and turn what it returns into a reply."""
+        script = self.script
+        assert script is not None, "score() before load()"
+        kwargs = self._arguments(script, call)
+        if script.wants_headers:
+            kwargs["request_headers"] = dict(call.headers)
+        try:
+            result = script.run(**kwargs)
+        except Exception as exc:
+            if script.kind == "schema" and is_input_conversion_error(exc):
+                raise ClientError(400, f"input does not match the declared schema: {exc}") from exc
+            raise
+        return _reply(result)
+
+    def _arguments(self, script: EntryScript, call: ScoreCall) -> dict[str, Any]:
+        if script.kind == "raw":
+            request = ScoringRequest(
+                call.method, call.path, call.headers, call.query, call.body, call.query_string
+            )
+            return {script.data_param: request}
+        content_type = call.headers.get("Content-Type")
+        require_json_content_type(content_type)
+        if script.kind == "plain":
+            if media_type(content_type) != "text/plain":
+                parse_json(call.body)
+            try:
+                return {script.data_param: call.body.decode()}
+            except UnicodeDecodeError as exc:
+                raise ClientError(400, f"the request body is not UTF-8 text: {exc}") from None
+        document = parse_json(call.body)
+        if not isinstance(document, dict):
+            names = ", ".join(repr(p.name) for p in script.params)
+            raise ClientError(400, f"the request body must be a JSON object with the fields {names}")
+        kwargs = {}
+        for param in script.params:
+            if param.name in document:
+                kwargs[param.name] = document[param.name]
+            elif param.default is inspect.Parameter.empty:
+                raise ClientError(400, f"the request body has no {param.name!r} field, which run() needs")
+        return kwargs
+
+    def infer(self, model: str, call: ScoreCall) -> Reply:
+        """Not available: an entry script decides itself how its model runs."""
+        raise ClientError(
+            404,
+            f"{model!r} is served by an entry script: use POST /score "
+            "(/v2/models/{name}/infer is available for ONNX models served without an entry script)",
+        )
+
+    def model_names(self) -> list[str]:
+        """The module itself, under its name."""
+        return [self.name]
+
+    def metadata(self, model: str) -> dict[str, Any] | None:
+        """Open Inference Protocol metadata; inputs and outputs are the script's business."""
+        if model != self.name:
+            return None
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": PLATFORM,
+            "inputs": [],
+            "outputs": [],
+            "parameters": {"execution_provider": self.providers.get(self.name, "unknown")},
+        }
+
+    def api_schemas(self) -> ApiSchemas:
+        """inference_schema's samples when the script declares them, else module.json's."""
+        if self.script is not None and self.script.kind == "schema":
+            request, response = declared_schemas(self.script.run)
+            return ApiSchemas(request, response, "inference_schema")
+        return schemas_from_samples(self.module_info)
+
+    def describe(self) -> str:
+        """Script path and how run() is called."""
+        kind = self.script.kind if self.script else "unloaded"
+        return f"script={self.script_path} run={kind} model_dir={self.model_dir or '-'}"
+
+
+def _reply(result: Any) -> Reply:
+    if isinstance(result, ScoringResponse):
+        return Reply(result.body, result.status, result.content_type, result.headers or None)
+    try:
+        return Reply(dumps(result))
+    except TypeError as exc:
+        raise TypeError(f"run() returned a value that cannot be sent as JSON: {exc}") from exc
+
+
+def _provider_of(script: EntryScript) -> str:
+    """The execution provider of an onnxruntime session the script keeps in a global, if any.
+
+    Entry scripts create their own sessions; a global ``InferenceSession`` is the common pattern
+    (``init()`` assigns it), and its first provider is the one that runs the model.
+    """
+    for value in vars(script.module).values():
+        if type(value).__name__ == "InferenceSession" and hasattr(value, "get_providers"):
+            providers = value.get_providers()
+            if providers:
+                return str(providers[0])
+    return "unknown"

@@ -85,24 +85,31 @@ def open_database(url: str) -> Database:
     """Connect, create missing tables and check the schema version."""
     driver_url = normalize_url(url)
     parsed = make_url(driver_url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(driver_url)
-        event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        engine = create_engine(driver_url, pool_pre_ping=True)
-    db = Database(engine)
+    db: Database | None = None
     try:
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(driver_url)
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(driver_url, pool_pre_ping=True)
+        db = Database(engine)
         _ensure_schema(db)
     except SchemaError:
-        db.dispose()
+        if db is not None:
+            db.dispose()
         raise
     except (SQLAlchemyError, sqlite3.Error, OSError) as e:
-        db.dispose()
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SchemaError(f"cannot open database {redact_url(url)}: {first_line}") from e
+        if db is not None:
+            db.dispose()
+        raise SchemaError(f"cannot open database {redact_url(url)}: {_first_line(e)}") from e
     return db
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _ensure_schema(db: Database) -> None:

@@ -60,8 +60,8 @@ class RestartBook:
 
     ``count``: restarts since the count was last reset; ``last_restart_at``: when the agent last
     restarted it; ``healthy_since``: since when it has been seen running and healthy without a
-    break (``None`` when it is not); ``stopped``: the agent stopped it on purpose (desired status
-    ``stopped``), so its exit is not a failure.
+    break (``None`` when it is not, or when ``count`` is 0); ``stopped``: the agent stopped it on
+    purpose (desired status ``stopped``), so its exit is not a failure.
     """
 
     count: int = 0
@@ -100,14 +100,19 @@ def refresh_book(
 ) -> RestartBook:
     """Update ``healthy_since`` from this observation and reset ``count`` after a long healthy run.
 
-    A module that exited is credited with the healthy run that ended at its exit, so a crash
-    after a long healthy run restarts with a reset count even if no tick saw the reset happen.
+    Only tracked while ``count`` is above 0 (there is nothing to reset otherwise), so a module
+    that never restarted costs no bookkeeping writes. A module that exited is credited with the
+    healthy run that ended at its exit, so a crash after a long healthy run restarts with a reset
+    count even if no tick saw the reset happen.
     """
+    if book.count == 0:
+        return replace(book, healthy_since=None)
     reset_after = timedelta(seconds=cfg.reset_after_s)
     if observed.status == "running" and not unhealthy:
         since = book.healthy_since or now
-        count = 0 if now - since >= reset_after else book.count
-        return replace(book, healthy_since=since, count=count)
+        if now - since >= reset_after:
+            return replace(book, count=0, healthy_since=None)
+        return replace(book, healthy_since=since)
     ran_long = (
         book.healthy_since is not None
         and observed.finished_at is not None

@@ -1,0 +1,445 @@
+"""Table tests of the pure planner: each row states inputs and the exact ordered (kind, module) list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from agent.actions import Create, Plan, Pull, SetRestartBook, Wait
+from agent.observed import ImageAvailability, ObservedModule, PullFailure, config_hash
+from agent.planner import PlannerConfig, credentials_for, plan, registry_of
+from agent.restart import RestartBook, RestartPolicyConfig
+from modules.contract import DesiredModule, DesiredState, ModuleHealth, RegistryCredentialRef
+
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+OLD = NOW - timedelta(hours=1)
+WEB1 = "localhost:5000/web:1"
+WEB2 = "localhost:5000/web:2"
+API1 = "localhost:5000/api:1"
+
+
+def mod(image: str = WEB1, **kw: Any) -> DesiredModule:
+    return DesiredModule(image=image, **kw)
+
+
+def desired(modules: dict[str, DesiredModule], **kw: Any) -> DesiredState:
+    return DesiredState(
+        device_id="dev1",
+        generation=1,
+        issued_at=OLD,
+        expires_at=NOW + timedelta(days=1),
+        modules=modules,
+        **kw,
+    )
+
+
+def seen(name: str, m: DesiredModule, status: str = "running", **kw: Any) -> ObservedModule:
+    """An observation of ``name`` created from ``m`` (same image and config hash unless overridden)."""
+    kw.setdefault("started_at", OLD)
+    if status in ("exited", "dead"):
+        kw.setdefault("exit_code", 1)
+        kw.setdefault("finished_at", OLD + timedelta(minutes=1))
+    return ObservedModule(
+        name=name,
+        image=kw.pop("image", m.image),
+        status=status,  # type: ignore[arg-type]
+        config_hash=kw.pop("config_hash", config_hash(m)),
+        **kw,
+    )
+
+
+def unhealthy(failures: int = 3) -> dict[str, Any]:
+    return {
+        "health": ModuleHealth(live=False, ready=False, error="connection refused"),
+        "health_failures": failures,
+    }
+
+
+@dataclass
+class Row:
+    """One planner case: desired modules, observations, images, books → expected (kind, module)s."""
+
+    modules: dict[str, DesiredModule] | None
+    observed: list[ObservedModule] = field(default_factory=list)
+    present: set[str] = field(default_factory=set)
+    pulling: set[str] = field(default_factory=set)
+    failed: dict[str, PullFailure] = field(default_factory=dict)
+    books: dict[str, RestartBook] = field(default_factory=dict)
+    expect: list[tuple[str, str]] = field(default_factory=list)
+
+    def run(self) -> Plan:
+        return plan(
+            desired(self.modules) if self.modules is not None else None,
+            {o.name: o for o in self.observed},
+            ImageAvailability(present=self.present, pulling=self.pulling, failed=self.failed),
+            self.books,
+            NOW,
+        )
+
+
+web = mod()
+web_stopped = mod(desired_status="stopped")
+web_on_failure = mod(restart_policy="on-failure")
+web_on_unhealthy = mod(restart_policy="on-unhealthy")
+web_never = mod(restart_policy="never")
+ordered_a = mod(API1, startup_order=0)
+ordered_b = mod(WEB1, startup_order=1)
+BOOKED = RestartBook(count=2, last_restart_at=OLD)
+STOPPED_BOOK = RestartBook(stopped=True)
+
+ROWS = {
+    # --- nothing to do -----------------------------------------------------------------------
+    "no desired state known: touch nothing": Row(None, [seen("web", web)], expect=[]),
+    "empty desired, nothing running": Row({}, expect=[]),
+    "running, same config, healthy": Row({"web": web}, [seen("web", web)], {WEB1}, expect=[]),
+    "restart policy change does not recreate": Row({"web": web_never}, [seen("web", web)], {WEB1}, expect=[]),
+    "startup order / health change does not recreate": Row(
+        {"web": mod(startup_order=5, health={"interval_s": 1})}, [seen("web", web)], {WEB1}, expect=[]
+    ),
+    # --- new modules ---------------------------------------------------------------------------
+    "new, image missing: pull only": Row({"web": web}, expect=[("pull", "web")]),
+    "new, image already pulling: nothing": Row({"web": web}, pulling={WEB1}, expect=[]),
+    "new, image present: create + start": Row(
+        {"web": web}, present={WEB1}, expect=[("create", "web"), ("start", "web")]
+    ),
+    "new, desired stopped: create only": Row(
+        {"web": web_stopped}, present={WEB1}, expect=[("create", "web")]
+    ),
+    "new, ordered by startup_order then name": Row(
+        {"b": ordered_b, "a": ordered_a, "c": mod(API1, startup_order=1)},
+        present={WEB1, API1},
+        expect=[
+            ("create", "a"),
+            ("start", "a"),
+            ("create", "b"),
+            ("start", "b"),
+            ("create", "c"),
+            ("start", "c"),
+        ],
+    ),
+    "one pull per image, in startup order": Row(
+        {"b": ordered_b, "a": mod(WEB1, startup_order=0)}, expect=[("pull", "a")]
+    ),
+    "pull failed recently: wait": Row(
+        {"web": web},
+        failed={WEB1: PullFailure("registry unreachable", NOW - timedelta(seconds=3))},
+        expect=[("wait", "web")],
+    ),
+    "pull failed long ago: pull again": Row(
+        {"web": web},
+        failed={WEB1: PullFailure("registry unreachable", OLD, attempts=4)},
+        expect=[("pull", "web")],
+    ),
+    # --- changed modules -----------------------------------------------------------------------
+    "image changed, new image missing: pull, old keeps running": Row(
+        {"web": mod(WEB2)}, [seen("web", web)], {WEB1}, expect=[("pull", "web")]
+    ),
+    "image changed, new image pulling: old keeps running": Row(
+        {"web": mod(WEB2)}, [seen("web", web)], {WEB1}, pulling={WEB2}, expect=[]
+    ),
+    "image changed, new image present: stop, remove, create, start": Row(
+        {"web": mod(WEB2)},
+        [seen("web", web)],
+        {WEB1, WEB2},
+        expect=[("stop", "web"), ("remove", "web"), ("create", "web"), ("start", "web")],
+    ),
+    "env changed: recreate": Row(
+        {"web": mod(env={"A": "1"})},
+        [seen("web", web)],
+        {WEB1},
+        expect=[("stop", "web"), ("remove", "web"), ("create", "web"), ("start", "web")],
+    ),
+    "changed while exited: no stop before remove": Row(
+        {"web": mod(WEB2)},
+        [seen("web", web, "exited")],
+        {WEB2},
+        expect=[("remove", "web"), ("create", "web"), ("start", "web")],
+    ),
+    "recreate resets the restart book": Row(
+        {"web": mod(WEB2)},
+        [seen("web", web)],
+        {WEB2},
+        books={"web": BOOKED},
+        expect=[
+            ("stop", "web"),
+            ("remove", "web"),
+            ("set_restart_book", "web"),
+            ("create", "web"),
+            ("start", "web"),
+        ],
+    ),
+    "old version crashed while the new image pulls: restart the old one": Row(
+        {"web": mod(WEB2)},
+        [seen("web", web, "exited")],
+        {WEB1},
+        pulling={WEB2},
+        expect=[("set_restart_book", "web"), ("restart", "web")],
+    ),
+    # --- desired status ------------------------------------------------------------------------
+    "desired stopped, running: stop and remember": Row(
+        {"web": web_stopped},
+        [seen("web", web)],
+        {WEB1},
+        expect=[("stop", "web"), ("set_restart_book", "web")],
+    ),
+    "desired stopped, already stopped by us: nothing": Row(
+        {"web": web_stopped},
+        [seen("web", web, "exited", exit_code=0)],
+        {WEB1},
+        books={"web": STOPPED_BOOK},
+        expect=[],
+    ),
+    "desired running again after a stop: start, no restart counted": Row(
+        {"web": web},
+        [seen("web", web, "exited", exit_code=143)],
+        {WEB1},
+        books={"web": STOPPED_BOOK},
+        expect=[("set_restart_book", "web"), ("start", "web")],
+    ),
+    "created but never started: start": Row(
+        {"web": web}, [seen("web", web, "created")], {WEB1}, expect=[("start", "web")]
+    ),
+    # --- restarts ------------------------------------------------------------------------------
+    "crashed long ago, always: record + restart": Row(
+        {"web": web},
+        [seen("web", web, "exited")],
+        {WEB1},
+        expect=[("set_restart_book", "web"), ("restart", "web")],
+    ),
+    "crashed 3 s ago, first back-off 10 s: wait": Row(
+        {"web": web},
+        [seen("web", web, "exited", finished_at=NOW - timedelta(seconds=3))],
+        {WEB1},
+        expect=[("wait", "web")],
+    ),
+    "clean exit, on-failure: leave it": Row(
+        {"web": web_on_failure}, [seen("web", web_on_failure, "exited", exit_code=0)], {WEB1}, expect=[]
+    ),
+    "clean exit, always: restart": Row(
+        {"web": web},
+        [seen("web", web, "exited", exit_code=0)],
+        {WEB1},
+        expect=[("set_restart_book", "web"), ("restart", "web")],
+    ),
+    "crash, never: leave it": Row({"web": web_never}, [seen("web", web_never, "exited")], {WEB1}, expect=[]),
+    "unhealthy, always: restart": Row(
+        {"web": web},
+        [seen("web", web, **unhealthy())],
+        {WEB1},
+        expect=[("set_restart_book", "web"), ("restart", "web")],
+    ),
+    "unhealthy, on-unhealthy: restart": Row(
+        {"web": web_on_unhealthy},
+        [seen("web", web_on_unhealthy, **unhealthy())],
+        {WEB1},
+        expect=[("set_restart_book", "web"), ("restart", "web")],
+    ),
+    "unhealthy, on-failure: leave it": Row(
+        {"web": web_on_failure}, [seen("web", web_on_failure, **unhealthy())], {WEB1}, expect=[]
+    ),
+    "failures below threshold: leave it": Row(
+        {"web": web}, [seen("web", web, **unhealthy(2))], {WEB1}, expect=[]
+    ),
+    "unhealthy right after a restart: wait for back-off": Row(
+        {"web": web},
+        [seen("web", web, started_at=NOW - timedelta(seconds=15), **unhealthy())],
+        {WEB1},
+        books={"web": RestartBook(count=2, last_restart_at=NOW - timedelta(seconds=15))},
+        expect=[("wait", "web")],
+    ),
+    "dead container: remove, create, start": Row(
+        {"web": web},
+        [seen("web", web, "dead")],
+        {WEB1},
+        expect=[("remove", "web"), ("set_restart_book", "web"), ("create", "web"), ("start", "web")],
+    ),
+    "transitional states are left to settle": Row(
+        {"a": mod(), "b": mod(), "c": mod()},
+        [seen("a", web, "restarting"), seen("b", web, "paused"), seen("c", web, "removing")],
+        {WEB1},
+        expect=[],
+    ),
+    # --- removals ------------------------------------------------------------------------------
+    "not desired, running: stop + remove": Row(
+        {}, [seen("old", web)], expect=[("stop", "old"), ("remove", "old")]
+    ),
+    "not desired, exited: remove": Row({}, [seen("old", web, "exited")], expect=[("remove", "old")]),
+    "not desired, with a book: forget it": Row(
+        {},
+        [seen("old", web)],
+        books={"old": BOOKED},
+        expect=[("stop", "old"), ("remove", "old"), ("set_restart_book", "old")],
+    ),
+    "stale book of a vanished module: forget it": Row(
+        {}, books={"gone": BOOKED}, expect=[("set_restart_book", "gone")]
+    ),
+    # --- ordering ------------------------------------------------------------------------------
+    "stops in reverse startup order, starts in order": Row(
+        {"a": mod(API1, startup_order=0, env={"V": "2"}), "b": mod(WEB1, startup_order=1, env={"V": "2"})},
+        [seen("a", ordered_a), seen("b", ordered_b)],
+        {WEB1, API1},
+        expect=[
+            ("stop", "b"),
+            ("remove", "b"),
+            ("stop", "a"),
+            ("remove", "a"),
+            ("create", "a"),
+            ("start", "a"),
+            ("create", "b"),
+            ("start", "b"),
+        ],
+    ),
+    "removals before creations (ports are freed first)": Row(
+        {"new": mod(API1, ports=[{"container": 5001, "host": 8080}])},
+        [seen("old", mod(ports=[{"container": 5001, "host": 8080}]))],
+        {API1},
+        expect=[("stop", "old"), ("remove", "old"), ("create", "new"), ("start", "new")],
+    ),
+    "a pull never holds back another module's restart": Row(
+        {"a": mod(API1, startup_order=0), "b": mod(WEB1, startup_order=1)},
+        [seen("b", ordered_b, "exited")],
+        {WEB1},
+        pulling={API1},
+        expect=[("set_restart_book", "b"), ("restart", "b")],
+    ),
+    "pulls come first, then the rest proceeds": Row(
+        {"a": mod(API1, startup_order=1), "b": mod(WEB1, startup_order=0)},
+        present={WEB1},
+        expect=[("pull", "a"), ("create", "b"), ("start", "b")],
+    ),
+    "restart books and waits come last": Row(
+        {"a": mod(API1, startup_order=0), "b": mod(WEB1, startup_order=1)},
+        [
+            seen("a", ordered_a, "exited", finished_at=NOW - timedelta(seconds=1)),
+            seen("b", ordered_b),
+        ],
+        {WEB1, API1},
+        books={"b": BOOKED},
+        expect=[("set_restart_book", "b"), ("wait", "a")],
+    ),
+}
+
+
+@pytest.mark.parametrize("row", ROWS.values(), ids=ROWS.keys())
+def test_plan(row: Row) -> None:
+    result = row.run()
+    assert [(a.kind, a.module) for a in result] == row.expect
+    assert all(a.reason for a in result), "every action says why"
+
+
+def test_same_inputs_same_plan() -> None:
+    row = ROWS["stops in reverse startup order, starts in order"]
+    assert row.run() == row.run()
+
+
+def test_naive_now_is_refused() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        plan(desired({}), {}, ImageAvailability(), {}, datetime(2026, 1, 1))
+
+
+def test_create_carries_spec_and_config_hash() -> None:
+    m = mod(env={"MODEL": "resnet"})
+    (create, _start) = plan(desired({"web": m}), {}, ImageAvailability(present={WEB1}), {}, NOW).actions
+    assert isinstance(create, Create)
+    assert create.spec == m
+    assert create.config_hash == config_hash(m)
+
+
+def test_pull_carries_the_credentials_of_its_registry() -> None:
+    creds = [
+        RegistryCredentialRef(registry="other.example:5000", secret="other"),
+        RegistryCredentialRef(registry="localhost:5000", secret="local"),
+    ]
+    state = desired({"web": web}, registry_credentials=creds)
+    (pull,) = plan(state, {}, ImageAvailability(), {}, NOW).actions
+    assert isinstance(pull, Pull)
+    assert (pull.image, pull.credentials) == (WEB1, creds[1])
+
+
+@pytest.mark.parametrize(
+    ("image", "registry"),
+    [
+        ("localhost:5000/web:1", "localhost:5000"),
+        ("localhost/web", "localhost"),
+        ("registry.example.com/team/web@sha256:" + "a" * 64, "registry.example.com"),
+        ("library/python:3.11", "docker.io"),
+        ("python", "docker.io"),
+    ],
+)
+def test_registry_of(image: str, registry: str) -> None:
+    assert registry_of(image) == registry
+
+
+def test_no_credentials_for_an_unlisted_registry() -> None:
+    assert (
+        credentials_for("python:3.11", [RegistryCredentialRef(registry="localhost:5000", secret="s")]) is None
+    )
+
+
+def test_restart_records_the_attempt_before_restarting() -> None:
+    result = ROWS["crashed long ago, always: record + restart"].run()
+    book_action = result.actions[0]
+    assert isinstance(book_action, SetRestartBook)
+    assert book_action.book == RestartBook(count=1, last_restart_at=NOW)
+
+
+def test_back_off_grows_with_the_restart_count() -> None:
+    finished = NOW - timedelta(seconds=30)
+    m = {"web": web}
+    o = {"web": seen("web", web, "exited", finished_at=finished)}
+    img = ImageAvailability(present={WEB1})
+    after_two = plan(desired(m), o, img, {"web": RestartBook(count=2, last_restart_at=OLD)}, NOW)
+    (wait,) = after_two.actions
+    assert isinstance(wait, Wait)
+    assert wait.until == finished + timedelta(seconds=40)
+    assert after_two.wake_at == wait.until
+    assert after_two.is_empty
+    after_one = plan(desired(m), o, img, {"web": RestartBook(count=1, last_restart_at=OLD)}, NOW)
+    assert [a.kind for a in after_one] == ["set_restart_book", "restart"]
+
+
+def test_back_off_numbers_are_configurable() -> None:
+    o = {"web": seen("web", web, "exited", finished_at=NOW - timedelta(seconds=3))}
+    cfg = PlannerConfig(restart=RestartPolicyConfig(base_s=1, max_s=2))
+    result = plan(desired({"web": web}), o, ImageAvailability(present={WEB1}), {}, NOW, cfg)
+    assert [a.kind for a in result] == ["set_restart_book", "restart"]
+
+
+def test_pull_retry_waits_per_attempt() -> None:
+    failed_at = NOW - timedelta(seconds=30)
+    img = ImageAvailability(failed={WEB1: PullFailure("timeout", failed_at, attempts=3)})
+    (wait,) = plan(desired({"web": web}), {}, img, {}, NOW).actions
+    assert isinstance(wait, Wait)
+    assert wait.until == failed_at + timedelta(seconds=40)
+    assert "timeout" in wait.reason
+
+
+def test_healthy_run_is_booked_then_resets_the_count() -> None:
+    o = {"web": seen("web", web)}
+    img = ImageAvailability(present={WEB1})
+    first = plan(desired({"web": web}), o, img, {"web": BOOKED}, NOW)
+    (started,) = first.actions
+    assert isinstance(started, SetRestartBook)
+    assert started.book == RestartBook(count=2, last_restart_at=OLD, healthy_since=NOW)
+    assert started.book is not None
+    later = NOW + timedelta(minutes=10)
+    (reset,) = plan(desired({"web": web}), o, img, {"web": started.book}, later).actions
+    assert isinstance(reset, SetRestartBook)
+    assert reset.book == RestartBook(count=0, last_restart_at=OLD)
+    assert "reset" in reset.reason
+
+
+def test_reasons_name_what_changed() -> None:
+    result = ROWS["image changed, new image present: stop, remove, create, start"].run()
+    assert all(a.reason == f"image changed from {WEB1} to {WEB2}" for a in result)
+    (pull,) = ROWS["image changed, new image missing: pull, old keeps running"].run().actions
+    assert "keeps running" in pull.reason
+
+
+def test_plan_renders_one_line_per_action() -> None:
+    text = str(ROWS["new, image present: create + start"].run())
+    assert text.splitlines() == ["create web: not created yet", "start web: not created yet"]
+    assert str(Plan()) == "(nothing to do)"

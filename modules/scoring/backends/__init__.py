@@ -30,6 +30,20 @@ OIP_TO_NUMPY: dict[str, np.dtype] = {
 NUMPY_TO_OIP: dict[np.dtype, str] = {v: k for k, v in OIP_TO_NUMPY.items()}
 
 
+def oip_datatype(dtype: np.dtype) -> str:
+    """The OIP datatype of a numpy dtype; strings and bytes (``U``, ``S``, ``O``) are ``BYTES``.
+
+    Raises ValueError for dtypes OIP cannot carry (complex, datetime, ...).
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "USO":
+        return "BYTES"
+    try:
+        return NUMPY_TO_OIP[dtype.newbyteorder("=")]
+    except KeyError:
+        raise ValueError(f"numpy dtype {dtype} has no Open Inference Protocol datatype") from None
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A model input or output: name, OIP datatype and shape (``None`` for a dynamic dimension)."""
@@ -52,6 +66,10 @@ class BackendError(RuntimeError):
     """The model cannot be served as configured (missing file, strict provider unavailable, ...)."""
 
 
+class InferenceError(RuntimeError):
+    """The runtime failed while running the model on feeds that passed validation."""
+
+
 class InferenceBackend(Protocol):
     """A loaded model, ready to run."""
 
@@ -66,3 +84,19 @@ class InferenceBackend(Protocol):
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on validated feeds (one array per input name); blocking, thread-safe."""
         ...
+
+
+# Imported last: the loader needs the names above.
+from modules.scoring.backends.loader import find_model_file, load_backend  # noqa: E402
+
+__all__ = [
+    "NUMPY_TO_OIP",
+    "OIP_TO_NUMPY",
+    "BackendError",
+    "InferenceBackend",
+    "InferenceError",
+    "TensorSpec",
+    "find_model_file",
+    "load_backend",
+    "oip_datatype",
+]

@@ -59,7 +59,7 @@ def test_credentials_come_from_the_environment_and_never_print(project: Path) ->
         assert "s3cret-pw" not in shown
     assert creds.redacted() == "builder:****@127.0.0.1:5000"
     with pytest.raises(
-        InferenceConfigError, match="registry.password_env: environment variable TEST_REGISTRY"
+        InferenceConfigError, match=r"registry\.password_env: environment variable TEST_REGISTRY"
     ):
         cfg.credentials({})
 
@@ -73,7 +73,7 @@ def test_credentials_from_a_file(project: Path) -> None:
     assert creds is not None
     assert (creds.username, creds.password.get_secret_value()) == ("robot", "from-file")
     (project / "pw").write_text("")
-    with pytest.raises(InferenceConfigError, match="registry.password_file: .*pw is empty"):
+    with pytest.raises(InferenceConfigError, match=r"registry\.password_file: .*pw is empty"):
         cfg.credentials({"REG_USER": "robot"})
 
 

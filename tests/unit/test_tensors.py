@@ -60,7 +60,12 @@ def test_inputs_object_feeds_every_input_with_its_dtype() -> None:
         ({"data": [[[0.0] * 64]]}, "input 'float_input': expected shape [-1, 64] (FP32), got [1, 1, 64]"),
         ({"data": [[0.0] * 64, [0.0] * 63]}, "not a rectangular numeric array"),
         ({"data": [[0.0] * 63 + ["x"]]}, "not a rectangular numeric array"),
-        ({"data": [[0.0] * 63 + [None]]}, "not a rectangular numeric array"),
+        (
+            {"data": [[0.0] * 63 + [None]]},
+            "input 'float_input': expected shape [-1, 64] (FP32), got nulls or numbers out of range for FP32",
+        ),
+        ({"data": [[1e300] * 64]}, "got nulls or numbers out of range for FP32"),
+        ({"data": [[1.0] * 63 + [10**400]]}, "not a rectangular numeric array"),
         ({"data": {"x": 1}}, "not a rectangular numeric array"),
         ({"data": "abc"}, "not a rectangular numeric array"),
         ([1, 2, 3], "expected a JSON object with either"),
@@ -73,6 +78,10 @@ def test_bad_single_input_payloads(payload: object, message: str) -> None:
         feeds_from_payload(payload, [FLOAT_IN])
     assert message in str(err.value)
     assert "float_input" in str(err.value)
+
+
+def test_float_inputs_read_numbers_booleans_and_numeric_strings() -> None:
+    assert to_array([1, True, "2.5"], FLOAT_IN).tolist() == [1.0, 1.0, 2.5]
 
 
 def test_data_for_a_multi_input_model_names_the_inputs() -> None:

@@ -1,0 +1,81 @@
+"""``edgectl``: the operator's command line.
+
+Command groups live in ``cloud.commands``; each module in ``GROUPS`` adds its subcommands through
+``register(subparsers)``. Exit status: 0 success, 1 an operation failed (disk full, corrupt blob,
+database unreachable), 2 bad usage or input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from types import ModuleType
+
+from cloud.commands import model
+from cloud.commands.base import EXIT_FAILURE, EXIT_USAGE, CliError, add_global_options
+
+GROUPS: tuple[ModuleType, ...] = (model,)
+
+EPILOG = """\
+examples:
+  edgectl model register digits.onnx --name digits --tag stage=dev
+  edgectl model list --json
+  edgectl --db-url postgresql://edge@127.0.0.1/edge model show digits:1
+
+environment:
+  EDGE_DATA_DIR   data directory (default ~/.edgedeploy)
+  EDGE_DB_URL     database URL (default SQLite in the data directory)
+
+exit status: 0 ok, 1 operation failed, 2 bad usage or input, 130 interrupted
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every group registered."""
+    parser = argparse.ArgumentParser(
+        prog="edgectl",
+        description="Register models, package them into edge modules and deploy them to device fleets.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_global_options(parser)
+    groups = parser.add_subparsers(dest="group", metavar="GROUP")
+    for group in GROUPS:
+        group.register(groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``edgectl`` with ``argv`` (default: the process arguments); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except CliError as e:
+        for line in str(e).splitlines() or [""]:
+            print(f"edgectl: error: {line}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgectl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(
+                f"edgectl: error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
+                file=sys.stderr,
+            )
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -240,7 +240,7 @@ WaveSize = int | Annotated[str, Field(pattern=r"^(100|[1-9][0-9]?)(\.[0-9]+)?%$"
 class Rollout(Frozen):
     """Waves of devices (counts or percentages of the target); halt beyond the failure ratio."""
 
-    waves: list[WaveSize] = Field(default_factory=lambda: ["100%"], min_length=1)
+    waves: list[WaveSize] = Field(default_factory=lambda: list[WaveSize](["100%"]), min_length=1)
     max_failure_ratio: float = Field(default=0.1, ge=0, le=1)
     revert_on_halt: bool = False
 

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud.store.errors import SchemaError
+from cloud.store.errors import InvalidInputError, SchemaError
 from cloud.store.models import Base, SchemaVersion
 
 SCHEMA_VERSION = 1
@@ -27,16 +27,16 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 def normalize_url(url: str) -> str:
-    """Pick the driver for a URL: psycopg 3 for PostgreSQL; raises SchemaError for other databases."""
+    """Pick the driver for a URL: psycopg 3 for PostgreSQL; InvalidInputError for other databases."""
     try:
         parsed = make_url(url)
     except ArgumentError as e:
-        raise SchemaError(f"database URL {redact_url(url)!r} is not a valid URL: {e}") from None
+        raise InvalidInputError(f"database URL {redact_url(url)!r} is not a valid URL: {e}") from None
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
         return url
-    raise SchemaError(
+    raise InvalidInputError(
         f"database URL {redact_url(url)!r}: unsupported database {parsed.drivername!r} "
         "(use sqlite:///path or postgresql://user@host/db)"
     )
@@ -93,7 +93,12 @@ def open_database(url: str) -> Database:
             engine = create_engine(driver_url)
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = create_engine(driver_url, pool_pre_ping=True)
+            try:
+                engine = create_engine(driver_url, pool_pre_ping=True)
+            except ImportError:
+                raise SchemaError(
+                    f"database {redact_url(url)}: PostgreSQL needs psycopg 3 (pip install 'psycopg[binary]')"
+                ) from None
         db = Database(engine)
         _ensure_schema(db)
     except SchemaError:

@@ -9,7 +9,7 @@ from sqlalchemy import update
 
 from cloud.config import resolve_settings
 from cloud.store.db import SCHEMA_VERSION, normalize_url, open_database, redact_url
-from cloud.store.errors import SchemaError
+from cloud.store.errors import InvalidInputError, SchemaError
 from cloud.store.models import SchemaVersion
 
 
@@ -23,10 +23,10 @@ def test_postgresql_urls_use_psycopg3() -> None:
 
 
 def test_unsupported_and_malformed_urls_are_refused_without_leaking_passwords() -> None:
-    with pytest.raises(SchemaError, match="unsupported database 'mysql'") as err:
+    with pytest.raises(InvalidInputError, match="unsupported database 'mysql'") as err:
         normalize_url("mysql://root:hunter2@h/db")
     assert "hunter2" not in str(err.value)
-    with pytest.raises(SchemaError, match="is not a valid URL"):
+    with pytest.raises(InvalidInputError, match="is not a valid URL"):
         normalize_url("not a url")
     assert "hunter2" not in redact_url("postgresql://u:hunter2@h/db")
 

@@ -22,10 +22,11 @@ die() {
     exit 1
 }
 warn_loud() {
+    local rule='################################################################'
     {
-        printf '[bootstrap] %s\n' "################################################################"
-        printf '[bootstrap] WARNING: %s\n' "$@"
-        printf '[bootstrap] %s\n' "################################################################"
+        printf '[bootstrap] %s\n' "$rule"
+        printf '%s\n' "$@" | sed 's/^/[bootstrap] WARNING: /'
+        printf '[bootstrap] %s\n' "$rule"
     } >&2
 }
 
@@ -106,15 +107,16 @@ start_dockerd() {
     mkdir -p "$WORK"
     log "docker: starting dockerd in the background (log: ${DOCKERD_LOG#"$ROOT"/})"
     setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
-    local started=$SECONDS
-    while ((SECONDS - started < 60)); do
+    local pid=$! started=$SECONDS
+    while ((SECONDS - started < 60)) && kill -0 "$pid" 2>/dev/null; do
         if docker_ok; then
             log "docker: engine is running (after $((SECONDS - started)) s)"
             return
         fi
         sleep 1
     done
-    warn_loud "dockerd did not answer 'docker info' within 60 s; tests that need Docker Engine will be SKIPPED" \
+    docker_ok && log "docker: engine is running" && return
+    warn_loud "dockerd (pid $pid) exited or did not answer 'docker info' within 60 s; tests that need Docker Engine will be SKIPPED" \
         "last lines of $DOCKERD_LOG:" "$(tail -n 15 "$DOCKERD_LOG" 2>/dev/null || true)"
 }
 

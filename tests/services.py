@@ -309,7 +309,9 @@ class ServiceLedger:
         """One line: ``real services: mosquitto=ran registry=skipped (reason) docker=not used``."""
         states = []
         for part in PARTS:
-            if part in self.ran:
+            if part in self.ran and part in self.skipped:
+                state = f"ran (one start skipped: {self.skipped[part]})"
+            elif part in self.ran:
                 state = "ran"
             elif part in self.skipped:
                 state = f"skipped ({self.skipped[part]})"

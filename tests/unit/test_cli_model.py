@@ -143,7 +143,8 @@ def test_delete_in_use_is_refused_with_the_deployment_name(
     code, out, err = run(capsys, "model", "delete", "digits:1")
     assert (code, out) == (2, "")
     assert err == (
-        "edgectl: error: model digits:1 is used by deployment 'line-3-cameras'; remove it from the deployment first\n"
+        "edgectl: error: model digits:1 is used by deployment 'line-3-cameras'; "
+        "remove it from the deployment first\n"
     )
     assert run_json(capsys, "model", "show", "digits:1")["deployments"] == ["line-3-cameras"]
 

@@ -76,12 +76,15 @@ class ServerConfig:
 
     @property
     def module_name(self) -> str:
-        """The module's name: module.json's, else the entry script's or model folder's name."""
+        """The module's name: module.json's, else the entry script's, MODEL_NAME or the model folder's."""
         if self.module is not None:
             return self.module.name
         if self.entry_script is not None:
             return self.entry_script.stem
-        return self.model_name or "model"
+        if self.model_name:
+            return self.model_name
+        assert self.model_dir is not None
+        return self.model_dir.parent.name if self.model_dir.name.isdigit() else self.model_dir.name
 
     @property
     def module_version(self) -> str:

@@ -10,9 +10,10 @@ lets more than ``threads`` calls run at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -55,61 +56,65 @@ class InferencePool:
         else:
             await self._wait_for_thread(loop, deadline)
         self.running += 1
-        future = loop.run_in_executor(self._executor, func, *args)
-        future.add_done_callback(self._release)
-        if not await _until(loop, future, deadline):
-            raise PoolTimeout()
-        return future.result()
+        result: asyncio.Future[T] = loop.create_future()
+        work = self._executor.submit(func, *args)
+        work.add_done_callback(lambda done: _call_soon(loop, self._finished, done, result))
+        timer = loop.call_at(deadline, _expire, result)
+        try:
+            return await result
+        finally:
+            timer.cancel()
+
+    def _finished(self, work: Future[T], result: asyncio.Future[T]) -> None:
+        """On the loop, when a worker returns: hand its thread on and settle the caller's future."""
+        self.running -= 1
+        self._hand_over()
+        if result.done():  # timed out (or the caller went away) before the work finished
+            return
+        if work.cancelled():
+            result.set_exception(RuntimeError("the server is shutting down"))
+        elif (error := work.exception()) is not None:
+            result.set_exception(error)
+        else:
+            result.set_result(work.result())
 
     async def _wait_for_thread(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         if len(self._waiters) >= self.max_queued:
             raise PoolBusy()
         slot: asyncio.Future[None] = loop.create_future()
         self._waiters.append(slot)
+        timer = loop.call_at(deadline, _expire, slot)
         try:
-            got_it = await _until(loop, slot, deadline)
+            await slot
         except BaseException:
-            if slot.done():
-                self._hand_over()
-            else:
+            if slot.done() and not slot.cancelled() and slot.exception() is None:
+                self._hand_over()  # given a thread, but leaving: pass it on
+            elif slot in self._waiters:
                 self._waiters.remove(slot)
             raise
-        if not got_it:
-            self._waiters.remove(slot)
-            raise PoolTimeout()
-
-    def _release(self, _future: asyncio.Future[Any]) -> None:
-        """A call returned: its thread goes to the next waiter."""
-        self.running -= 1
-        self._hand_over()
+        finally:
+            timer.cancel()
 
     def _hand_over(self) -> None:
-        """Give a thread slot to the longest waiter, or mark it free."""
-        if self._waiters:
-            self._waiters.popleft().set_result(None)
-        else:
-            self._free += 1
+        """Give a thread slot to the longest waiter still waiting, or mark it free."""
+        while self._waiters:
+            slot = self._waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+        self._free += 1
 
     def shutdown(self) -> None:
         """Stop accepting work; running calls finish in the background."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def _until(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], deadline: float) -> bool:
-    """Wait until ``future`` is done (True) or ``deadline`` passes (False), never cancelling it."""
-    if future.done():
-        return True
-    wake: asyncio.Future[None] = loop.create_future()
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(PoolTimeout())
 
-    def _wake(_: object = None) -> None:
-        if not wake.done():
-            wake.set_result(None)
 
-    future.add_done_callback(_wake)
-    timer = loop.call_at(deadline, _wake)
-    try:
-        await wake
-    finally:
-        timer.cancel()
-        future.remove_done_callback(_wake)
-    return future.done()
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """Schedule ``callback`` on ``loop`` from a worker thread, unless the loop has closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)

@@ -1,0 +1,226 @@
+"""Start, probe, measure and stop the servers under test, each in its own process group.
+
+Every server binds to 127.0.0.1. azureml-inference-server-http lives in its own virtualenv
+(``.work/bench-venv-azureml``, created on first use) because it pins dependencies of its own;
+its ``azmlinfsrv`` command always binds 0.0.0.0, so we start its own ``amlserver.run()`` with
+only the bind address changed to loopback (every other setting stays its default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+AZUREML_VENV = ROOT / ".work" / "bench-venv-azureml"
+AZUREML_PACKAGES = ("azureml-inference-server-http", "onnxruntime", "numpy")
+
+_AZUREML_LOOPBACK = (
+    "import sys\n"
+    "from azureml_inference_server_http import amlserver\n"
+    "amlserver.DEFAULT_HOST = '127.0.0.1'\n"
+    "sys.argv = ['azmlinfsrv', *sys.argv[1:]]\n"
+    "sys.exit(amlserver.run())\n"
+)
+
+
+class ServerError(RuntimeError):
+    """A server could not be started or did not become ready."""
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server configuration; ``{port}`` is filled in at start."""
+
+    key: str
+    label: str
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    ready_path: str = "/"
+    health_path: str = "/"
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ours(key: str, label: str, model_dir: Path, entry_script: Path | None = None) -> ServerSpec:
+    """``python -m modules.scoring`` (this interpreter), no-code or entry-script mode, defaults otherwise."""
+    env = {"HOST": "127.0.0.1", "MODEL_DIR": str(model_dir), "MODEL_NAME": model_dir.name}
+    if entry_script is not None:
+        env["ENTRY_SCRIPT"] = str(entry_script)
+    return ServerSpec(
+        key=key,
+        label=label,
+        argv=(sys.executable, "-m", "modules.scoring", "--port", "{port}"),
+        env=env,
+        ready_path="/v2/health/ready",
+        health_path="/",
+    )
+
+
+def azureml(
+    key: str, label: str, model_dir: Path, entry_script: Path, workers: int | None = None
+) -> ServerSpec:
+    """azureml-inference-server-http on loopback; ``workers`` sets ``--worker_count`` (default 1)."""
+    argv = [
+        str(AZUREML_VENV / "bin" / "python"),
+        "-c",
+        _AZUREML_LOOPBACK,
+        "--entry_script",
+        str(entry_script),
+        "--model_dir",
+        str(model_dir),
+        "--port",
+        "{port}",
+    ]
+    if workers is not None:
+        argv += ["--worker_count", str(workers)]
+    return ServerSpec(key=key, label=label, argv=tuple(argv), ready_path="/", health_path="/")
+
+
+def ensure_azureml_venv(log: Callable[[str], None]) -> str | None:
+    """Make sure the azureml virtualenv works; return None, or why it cannot be used."""
+    python = AZUREML_VENV / "bin" / "python"
+    check = [str(python), "-c", "import azureml_inference_server_http, onnxruntime, numpy"]
+    if python.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
+        return None
+    log(f"creating {AZUREML_VENV.relative_to(ROOT)} with {', '.join(AZUREML_PACKAGES)} (pip, once)")
+    made = subprocess.run([sys.executable, "-m", "venv", str(AZUREML_VENV)], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create {AZUREML_VENV}: {made.stderr.strip()}"
+    pip = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *AZUREML_PACKAGES],
+        capture_output=True,
+        text=True,
+    )
+    if pip.returncode != 0:
+        return f"pip install {' '.join(AZUREML_PACKAGES)} failed: {pip.stderr.strip()[-500:]}"
+    if subprocess.run(check, capture_output=True, check=False).returncode != 0:
+        return f"{AZUREML_VENV} was installed but its packages do not import"
+    return None
+
+
+def azureml_version() -> str | None:
+    """The installed azureml-inference-server-http version, if any."""
+    python = AZUREML_VENV / "bin" / "python"
+    code = "import importlib.metadata as m; print(m.version('azureml-inference-server-http'))"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
+    return out.stdout.strip() or None
+
+
+def http_get(url: str, timeout_s: float) -> int:
+    """GET ``url``; the status code (0 when the connection failed)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            r.read()
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def http_post(url: str, body: bytes, timeout_s: float) -> tuple[int, bytes]:
+    """POST a JSON body; status and response body."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return int(r.status), r.read()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read()
+
+
+class RunningServer:
+    """A started server: its URL, process tree and log."""
+
+    def __init__(self, spec: ServerSpec, port: int, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.spec = spec
+        self.port = port
+        self.proc = proc
+        self.log_path = log_path
+        self.base = f"http://127.0.0.1:{port}"
+
+    def url(self, path: str) -> str:
+        """The full URL of ``path`` on this server."""
+        return self.base + path
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Poll the ready path until 200; seconds it took. ServerError with the log tail otherwise."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.proc.poll() is not None:
+                raise ServerError(f"{self.spec.label} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if http_get(self.url(self.spec.ready_path), timeout_s=2.0) == 200:
+                return time.monotonic() - start
+            time.sleep(0.2)
+        raise ServerError(f"{self.spec.label} was not ready within {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(RSS, USS) in MiB of the server process and all its children (gunicorn workers)."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0, 0.0
+        rss = uss = 0
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                info = p.memory_full_info()
+                rss += info.rss
+                uss += info.uss
+        return rss / 2**20, uss / 2**20
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of the server's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group, SIGKILL after 10 s."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running(spec: ServerSpec, log_dir: Path, ready_timeout_s: float = 120.0) -> Iterator[RunningServer]:
+    """Start ``spec`` on a free loopback port, wait until ready, stop it on exit."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{spec.key}.log"
+    argv = [a.replace("{port}", str(port)) for a in spec.argv]
+    env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = RunningServer(spec, port, proc, log_path)
+    try:
+        server.wait_ready(ready_timeout_s)
+        yield server
+    finally:
+        server.stop()

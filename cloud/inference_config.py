@@ -8,7 +8,7 @@ variables, input/output samples for the API schema, and where the image goes::
     source_files: [features.py, labels/]
     requirements: ["scikit-learn==1.5.2"]
     env: {LOG_LEVEL: info}
-    input_sample_file: samples/input.json      # or input_sample: {data: [[5.1, 3.5, 1.4, 0.2]]}
+    input_sample_file: samples/input.json      # JSON or YAML; or input_sample: {data: [[5.1, 3.5, 1.4, 0.2]]}
     output_sample: [0]
     base_image: 127.0.0.1:5000/edge/base-cpu:1
     registry:
@@ -23,14 +23,12 @@ config: only the name of an environment variable or a file holding them, read wh
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import (
     BaseModel,
@@ -38,12 +36,12 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from modules.contract import ImageRef, format_validation_error
+from modules.contract import ImageRef
+from modules.documents import DocumentError, load_document, load_model_file, read_text
 
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _REGISTRY_RE = re.compile(
@@ -52,7 +50,7 @@ _REGISTRY_RE = re.compile(
 RESERVED_ENV = frozenset({"MODEL_DIR", "AZUREML_MODEL_DIR"})
 
 
-class InferenceConfigError(ValueError):
+class InferenceConfigError(DocumentError):
     """A config that cannot be used; the message names the file and the field, one line each."""
 
 
@@ -235,11 +233,9 @@ class InferenceConfig(BaseModel):
             return getattr(self, f"{kind}_sample")
         path = self.path(file)
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise InferenceConfigError(f"{kind}_sample_file: cannot read {path}: {e.strerror or e}") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InferenceConfigError(f"{kind}_sample_file: {path} is not valid JSON: {e}") from None
+            return load_document(read_text(path), str(path))
+        except DocumentError as e:
+            raise InferenceConfigError([f"{kind}_sample_file: {p}" for p in e.problems]) from None
 
     def credentials(self, env: Mapping[str, str] | None = None) -> RegistryCredentials | None:
         """The registry credentials from the environment or the password file; None without a registry."""
@@ -293,30 +289,11 @@ class InferenceConfig(BaseModel):
 def load_inference_config(path: Path) -> InferenceConfig:
     """Load and check an inference config file; InferenceConfigError names the file and the fields."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InferenceConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise InferenceConfigError(f"{path}: not UTF-8 text: {e}") from None
-    data = _parse_yaml(text, path)
-    try:
-        config = InferenceConfig.model_validate({} if data is None else data)
-    except ValidationError as e:
-        raise InferenceConfigError(format_validation_error(e, str(path))) from None
+        config = load_model_file(InferenceConfig, path)
+    except DocumentError as e:
+        raise InferenceConfigError(list(e.problems)) from None
     config._base_dir = path.absolute().parent
     missing = config.missing_files()
     if missing:
-        raise InferenceConfigError("\n".join(f"{path}: {m}" for m in missing))
+        raise InferenceConfigError([f"{path}: {m}" for m in missing])
     return config
-
-
-def _parse_yaml(text: str, path: Path) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = ""
-        mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            where = f"line {mark.line + 1}: "
-        problem = getattr(e, "problem", None) or str(e)
-        raise InferenceConfigError(f"{path}: {where}not valid YAML: {problem}") from None

@@ -103,8 +103,8 @@ def test_an_inline_password_is_refused(project: Path) -> None:
         ),
         ("registry: {address: r.example.com, username: u}\n", "registry: give exactly one of password_env"),
         ("unknown_field: 1\n", "unknown_field: Extra inputs are not permitted"),
-        ("- a list\n", "(document): Input should be a valid dictionary"),
-        ("env: {A: [unclosed\n", "not valid YAML"),
+        ("- a list\n", "expected a mapping at the top level, got list"),
+        ("", "the document is empty"),
     ],
 )
 def test_errors_name_the_file_and_field(project: Path, text: str, expected: str) -> None:
@@ -114,6 +114,20 @@ def test_errors_name_the_file_and_field(project: Path, text: str, expected: str)
     first = str(err.value).splitlines()[0]
     assert first.startswith(f"{path}: ")
     assert expected in first
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("env: {A: [unclosed\n", ":2: while parsing a flow sequence"),
+        ("entry_script: score.py\nenv: {}\nentry_script: other.py\n", ":3: duplicate key 'entry_script'"),
+    ],
+)
+def test_yaml_errors_name_the_line(project: Path, text: str, expected: str) -> None:
+    path = write(project, text)
+    with pytest.raises(InferenceConfigError) as err:
+        load_inference_config(path)
+    assert str(err.value).startswith(f"{path}{expected}")
 
 
 def test_missing_files_are_listed_per_field(project: Path) -> None:
@@ -129,7 +143,9 @@ def test_missing_files_are_listed_per_field(project: Path) -> None:
 def test_unreadable_or_bad_sample_file(project: Path) -> None:
     (project / "samples" / "input.json").write_text("{not json")
     cfg = load_inference_config(write(project, "input_sample_file: samples/input.json\n"))
-    with pytest.raises(InferenceConfigError, match=r"input_sample_file: .*input\.json is not valid JSON"):
+    with pytest.raises(
+        InferenceConfigError, match=r"input_sample_file: .*input\.json:1: Expecting property name"
+    ):
         cfg.samples()
 
 
@@ -148,8 +164,8 @@ def test_entry_script_is_optional_only_for_onnx() -> None:
     InferenceConfig(entry_script="score.py").check_entry_script([("iris", "sklearn")])
 
 
-def test_empty_file_is_an_empty_config(tmp_path: Path) -> None:
-    cfg = load_inference_config(write(tmp_path, ""))
+def test_minimal_config_has_no_samples_or_credentials(tmp_path: Path) -> None:
+    cfg = load_inference_config(write(tmp_path, "env: {}\n"))
     assert cfg.entry_script is None
     assert cfg.samples() == (None, None)
     assert cfg.credentials() is None

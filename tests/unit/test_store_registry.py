@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,7 +28,7 @@ from cloud.store.models import Blob, Model, ModelFile, ModelVersion
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
+def registry(tmp_path: Path) -> Iterator[Registry]:
     reg = Registry.open(resolve_settings(tmp_path / "data", env={}))
     yield reg
     reg.close()

@@ -1,0 +1,251 @@
+"""The agent's configuration file (e.g. ``/etc/edge-agent/agent.yaml``).
+
+One YAML document, validated strictly (unknown keys, duplicate keys and YAML 1.1 surprises are
+errors)::
+
+    device_id: pump-17
+    broker:
+      url: mqtts://broker.example.com:8883
+      password_file: secrets/mqtt-password     # username defaults to the device id
+      ca_file: ca.pem
+    cloud_public_key: cloud-signing.pub
+    state_dir: /var/lib/edge-agent
+    runtime: docker
+    registry_secrets:
+      site-registry: {username: puller, password_file: secrets/registry}
+
+Relative paths are resolved against the folder of the file. ``load_agent_config`` reports every
+problem as ``<file>: <field.path>: <message>``. Secrets are ``SecretStr`` (never printed) or
+read from files when the link or the runtime needs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from agent.planner import PlannerConfig
+from agent.restart import BackoffConfig, RestartPolicyConfig
+from modules.contract import Name, Port
+from modules.documents import DocumentError, load_model_file, read_text
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+S = TypeVar("S", bound=BaseModel)
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _read_secret(value: SecretStr | None, path: Path | None) -> str | None:
+    if value is not None:
+        return value.get_secret_value()
+    if path is not None:
+        return read_text(path).rstrip("\r\n")
+    return None
+
+
+class BrokerConfig(_Settings):
+    """How the agent reaches its MQTT broker: URL, protocol, credentials, TLS and reconnect back-off."""
+
+    url: str = Field(description="mqtt://host[:port] (plain) or mqtts://host[:port] (TLS)")
+    protocol: Literal["mqttv5", "mqttv311"] = "mqttv5"
+    client_id: str | None = Field(default=None, min_length=1, description="defaults to the device id")
+    username: str | None = Field(default=None, min_length=1, description="defaults to the device id")
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = Field(default=None, description="CA bundle; the system's when not given")
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=65535)
+    reconnect_min_s: int = Field(default=1, ge=1, le=3600)
+    reconnect_max_s: int = Field(default=60, ge=1, le=86400)
+    max_queued_messages: int = Field(
+        default=100, ge=10, le=100_000, description="cap on outgoing messages held while offline"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        try:
+            parts = urlsplit(v)
+            port = parts.port
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not a valid URL ({e})") from None
+        if parts.scheme not in DEFAULT_PORTS:
+            raise ValueError(f"{v!r}: the scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"{v!r} names no host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("put credentials in username/password or password_file, not in the URL")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{v!r}: a broker URL has no path, query or fragment")
+        if port == 0:
+            raise ValueError(f"{v!r}: port 0 is not a broker port")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BrokerConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together: give both or neither")
+        if not self.tls and (self.ca_file or self.client_cert):
+            raise ValueError("ca_file and client_cert need TLS: use an mqtts:// URL")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s}) must be at least "
+                f"reconnect_min_s ({self.reconnect_min_s})"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection uses TLS (``mqtts://``)."""
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        """The broker's host name or address."""
+        host = urlsplit(self.url).hostname
+        assert host is not None
+        return host
+
+    @property
+    def port(self) -> int:
+        """The broker's port (1883 for mqtt://, 8883 for mqtts:// unless the URL says otherwise)."""
+        parts = urlsplit(self.url)
+        return parts.port or DEFAULT_PORTS[parts.scheme]
+
+    def read_password(self) -> str | None:
+        """The password, from the file when configured so; ``DocumentError`` when unreadable."""
+        return _read_secret(self.password, self.password_file)
+
+
+class BackoffSettings(_Settings):
+    """Capped exponential back-off: ``min(base_s * 2**n, max_s)`` seconds."""
+
+    base_s: float = Field(default=10.0, gt=0, le=86400)
+    max_s: float = Field(default=300.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BackoffSettings:
+        if self.max_s < self.base_s:
+            raise ValueError(f"max_s ({self.max_s}) must be at least base_s ({self.base_s})")
+        return self
+
+
+class RestartSettings(BackoffSettings):
+    """Module restart back-off, and how long a module must run healthy to reset its count."""
+
+    reset_after_s: float = Field(default=600.0, gt=0, le=7 * 86400)
+
+
+class RegistrySecret(_Settings):
+    """Credentials for an image registry, named by ``RegistryCredentialRef.secret``."""
+
+    username: str = Field(min_length=1)
+    password: SecretStr | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_password(self) -> RegistrySecret:
+        if (self.password is None) == (self.password_file is None):
+            raise ValueError("give exactly one of password or password_file")
+        return self
+
+    def read_password(self) -> str:
+        """The password, from the file when configured so; ``DocumentError`` when unreadable."""
+        secret = _read_secret(self.password, self.password_file)
+        assert secret is not None
+        return secret
+
+
+class AgentConfig(_Settings):
+    """Everything one agent needs to know about itself, its broker and its device."""
+
+    device_id: Name
+    broker: BrokerConfig
+    cloud_public_key: Path = Field(description="PEM Ed25519 key that verifies desired states")
+    state_dir: Path
+    runtime: Literal["docker", "process"] = "docker"
+    restart: RestartSettings = Field(default_factory=RestartSettings)
+    pull_retry: BackoffSettings = Field(default_factory=BackoffSettings)
+    heartbeat_s: float = Field(default=60.0, gt=0, le=86400)
+    metrics_port: Port | None = Field(default=None, description="Prometheus metrics on 127.0.0.1")
+    registry_secrets: dict[str, RegistrySecret] = Field(default_factory=dict)
+
+    @property
+    def mqtt_client_id(self) -> str:
+        """The MQTT client id: ``broker.client_id`` or the device id."""
+        return self.broker.client_id or self.device_id
+
+    @property
+    def mqtt_username(self) -> str | None:
+        """The MQTT username: ``broker.username``, else the device id when a password is configured."""
+        if self.broker.username is not None:
+            return self.broker.username
+        if self.broker.password is not None or self.broker.password_file is not None:
+            return self.device_id
+        return None
+
+    def planner_config(self) -> PlannerConfig:
+        """The restart and pull back-off numbers as the planner takes them."""
+        return PlannerConfig(
+            restart=RestartPolicyConfig(
+                base_s=self.restart.base_s, max_s=self.restart.max_s, reset_after_s=self.restart.reset_after_s
+            ),
+            pull_retry=BackoffConfig(base_s=self.pull_retry.base_s, max_s=self.pull_retry.max_s),
+        )
+
+
+def _resolve_paths(model: S, base: Path) -> S:
+    """A copy of ``model`` with every relative ``Path`` field (nested too) made relative to ``base``."""
+    update: dict[str, object] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            update[name] = base / value
+        elif isinstance(value, BaseModel):
+            update[name] = _resolve_paths(value, base)
+        elif isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
+            update[name] = {k: _resolve_paths(v, base) for k, v in value.items()}
+    return model.model_copy(update=update)
+
+
+def _input_files(model: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:
+    """``(field.path, path)`` of every file the configuration points at (``state_dir`` excluded)."""
+    out: list[tuple[str, Path]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        where = f"{prefix}{name}"
+        if isinstance(value, Path) and name != "state_dir":
+            out.append((where, value))
+        elif isinstance(value, BaseModel):
+            out += _input_files(value, f"{where}.")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, BaseModel):
+                    out += _input_files(item, f"{where}.{key}.")
+    return out
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Read and validate the agent's YAML config; relative paths are taken from the file's folder.
+
+    Raises ``DocumentError`` with one ``<file>: <field>: <message>`` line per problem, including
+    files the configuration names that do not exist.
+    """
+    config = _resolve_paths(load_model_file(AgentConfig, path), Path(path).parent)
+    problems = [
+        f"{path}: {where}: no such file: {file}" for where, file in _input_files(config) if not file.is_file()
+    ]
+    if config.state_dir.exists() and not config.state_dir.is_dir():
+        problems.append(f"{path}: state_dir: {config.state_dir} exists and is not a folder")
+    if problems:
+        raise DocumentError(problems)
+    return config

@@ -4,9 +4,9 @@ Two things plain ``yaml.safe_load``/``json.loads`` get wrong for configuration f
 
 - a mapping key written twice silently keeps the last value; here it is an error naming the file,
   the line and the key, e.g. ``deploy.yaml:12: duplicate key 'web' in mapping (first on line 7)``;
-- YAML 1.1 turns ``yes``/``no``/``on``/``off`` into booleans and ``12:30`` into the integer 750
-  (sexagesimal); here, as in YAML 1.2, only ``true``/``false`` are booleans and ``12:30`` stays a
-  string.
+- YAML 1.1 turns ``yes``/``no``/``on``/``off`` into booleans, ``12:30`` into the integer 750
+  (sexagesimal) and ``010`` into 8 (octal); here, as in YAML 1.2, only ``true``/``false`` are
+  booleans, ``12:30`` and ``010`` stay strings, and octal needs ``0o``.
 
 ``load_model`` validates a document into a contract model and raises ``DocumentError`` with one
 line per problem: ``<file>: <field.path>: <message>``.

@@ -16,7 +16,8 @@ Order: pulls first (the runner starts them in the background and moves on, so a 
 delays another module), then everything that stops or removes (modules that go away, then the
 rest in reverse ``startup_order``) so ports are free, then creations, starts and restarts in
 ``startup_order`` (ties by name), then restart bookkeeping, then waits. ``desired=None`` means no
-desired state is known yet: nothing is touched.
+desired state is known yet: nothing is touched. ``module_status`` derives the reported status of
+a module from the same inputs and the plan, so reports agree with what the agent does.
 """
 
 from __future__ import annotations
@@ -49,7 +50,14 @@ from agent.restart import (
     refresh_book,
     should_restart,
 )
-from modules.contract import DesiredModule, DesiredState, RegistryCredentialRef, split_image_ref
+from modules.contract import (
+    DesiredModule,
+    DesiredState,
+    ModuleStatus,
+    RegistryCredentialRef,
+    RuntimeStatus,
+    split_image_ref,
+)
 
 NO_BOOK = RestartBook()
 DEFAULT_REGISTRY = "docker.io"
@@ -313,3 +321,57 @@ def _book_change(old: RestartBook, new: RestartBook) -> str:
     if new.healthy_since is not None and old.healthy_since is None:
         return "running and healthy"
     return "no longer running healthy"
+
+
+_RETRY_KINDS = {"exited": ("wait", "restart"), "dead": ("wait", "create")}
+
+
+def module_status(
+    name: str,
+    m: DesiredModule,
+    o: ObservedModule | None,
+    images: ImageAvailability,
+    book: RestartBook,
+    planned: Plan,
+) -> ModuleStatus:
+    """The reported status of desired module ``name``, consistent with what ``planned`` does about it.
+
+    ``planned`` is this tick's plan: a ``wait`` or ``restart`` for an exited module means
+    ``backoff``; a planned or in-flight pull of a module not created yet means ``pulling``; a pull
+    backing off after a failure means ``failed`` with the pull error as the message.
+    """
+    actions = planned.for_module(name)
+    pulling = images.is_pulling(m.image) or any(isinstance(a, Pull) and a.image == m.image for a in planned)
+    failure = images.failed.get(m.image) if not images.is_present(m.image) else None
+    message: str | None = None
+    if failure is not None and not pulling:
+        message = f"pull of {m.image} failed: {failure.error}"
+    if o is None:
+        status: RuntimeStatus = "pulling" if pulling else "failed" if failure is not None else "stopped"
+        return ModuleStatus(runtime_status=status, image=m.image, message=message)
+    if pulling and o.config_hash != config_hash(m):
+        message = f"runs {o.image} while pulling {m.image}"
+    if o.status == "running":
+        status = "unhealthy" if o.is_unhealthy(m.health.failure_threshold) else "running"
+    elif o.status == "created":
+        status = "created"
+    elif o.status == "restarting":
+        status = "backoff"
+    elif o.status in ("exited", "dead") and (
+        retry := [a for a in actions if a.kind in _RETRY_KINDS[o.status]]
+    ):
+        status, message = "backoff", retry[0].reason
+    elif o.status in ("exited", "dead") and not (m.desired_status == "stopped" or book.stopped):
+        status = "stopped" if o.exit_code == 0 else "failed"
+    else:
+        status = "stopped"
+    return ModuleStatus(
+        runtime_status=status,
+        exit_code=o.exit_code,
+        restart_count=book.count,
+        last_start=o.started_at,
+        image=o.image,
+        image_digest=o.image_id,
+        health=o.health,
+        message=message,
+    )

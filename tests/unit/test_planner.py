@@ -10,7 +10,7 @@ import pytest
 
 from agent.actions import Create, Plan, Pull, SetRestartBook, Wait
 from agent.observed import ImageAvailability, ObservedModule, PullFailure, config_hash
-from agent.planner import PlannerConfig, credentials_for, plan, registry_of
+from agent.planner import PlannerConfig, credentials_for, module_status, plan, registry_of
 from agent.restart import RestartBook, RestartPolicyConfig
 from modules.contract import DesiredModule, DesiredState, ModuleHealth, RegistryCredentialRef
 
@@ -443,3 +443,58 @@ def test_plan_renders_one_line_per_action() -> None:
     text = str(ROWS["new, image present: create + start"].run())
     assert text.splitlines() == ["create web: not created yet", "start web: not created yet"]
     assert str(Plan()) == "(nothing to do)"
+
+
+STATUS = {
+    # row name in ROWS → (module, expected runtime_status, expected message or None)
+    "new, image missing: pull only": ("web", "pulling", None),
+    "new, image already pulling: nothing": ("web", "pulling", None),
+    "pull failed recently: wait": ("web", "failed", f"pull of {WEB1} failed: registry unreachable"),
+    "new, image present: create + start": ("web", "stopped", None),
+    "running, same config, healthy": ("web", "running", None),
+    "unhealthy, on-failure: leave it": ("web", "unhealthy", None),
+    "created but never started: start": ("web", "created", None),
+    "crashed 3 s ago, first back-off 10 s: wait": ("web", "backoff", "back-off 10 s after 0 restarts"),
+    "crashed long ago, always: record + restart": ("web", "backoff", "restart #1 (policy 'always')"),
+    "dead container: remove, create, start": ("web", "backoff", "container is dead"),
+    "crash, never: leave it": ("web", "failed", None),
+    "clean exit, on-failure: leave it": ("web", "stopped", None),
+    "desired stopped, already stopped by us: nothing": ("web", "stopped", None),
+    "image changed, new image pulling: old keeps running": (
+        "web",
+        "running",
+        f"runs {WEB1} while pulling {WEB2}",
+    ),
+}
+
+
+@pytest.mark.parametrize(("row_name", "expected"), STATUS.items(), ids=STATUS.keys())
+def test_module_status(row_name: str, expected: tuple[str, str, str | None]) -> None:
+    row = ROWS[row_name]
+    name, runtime_status, message = expected
+    assert row.modules is not None
+    images = ImageAvailability(present=row.present, pulling=row.pulling, failed=row.failed)
+    observed = {o.name: o for o in row.observed}
+    status = module_status(
+        name, row.modules[name], observed.get(name), images, row.books.get(name, RestartBook()), row.run()
+    )
+    assert status.runtime_status == runtime_status
+    if message is None:
+        assert status.message is None
+    else:
+        assert status.message is not None and message in status.message
+
+
+def test_module_status_carries_counts_and_image() -> None:
+    o = seen("web", web, image_id="sha256:" + "b" * 64, started_at=OLD)
+    book = RestartBook(count=3, last_restart_at=OLD)
+    img = ImageAvailability(present={WEB1})
+    status = module_status(
+        "web", web, o, img, book, plan(desired({"web": web}), {"web": o}, img, {"web": book}, NOW)
+    )
+    assert (status.restart_count, status.last_start, status.image, status.image_digest) == (
+        3,
+        OLD,
+        WEB1,
+        "sha256:" + "b" * 64,
+    )

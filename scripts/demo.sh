@@ -89,6 +89,22 @@ wait_ready() {
     fail "the $name server was not ready within ${READY_TIMEOUT_S}s"
 }
 
+# Summarises GET /v2/models/<name> (stdin): platform, provider in use, tensors.
+read -r -d '' MODEL_SUMMARY_PY <<'PYEOF' || true
+import json, sys
+
+m = json.load(sys.stdin)
+
+
+def tensors(specs):
+    return ", ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in specs) or "(not declared)"
+
+
+print(f"    platform {m['platform']}; provider in use: {m.get('parameters', {}).get('execution_provider')}")
+print(f"    inputs:  {tensors(m.get('inputs', []))}")
+print(f"    outputs: {tensors(m.get('outputs', []))}")
+PYEOF
+
 # show NAME PORT: score the sample, compare with expected.json, show metadata and metrics.
 show() {
     local name="$1" port="$2" dir="$EXAMPLES/$1" base="http://127.0.0.1:$2" reply
@@ -111,7 +127,7 @@ print(f"[demo] predicted progression {predicted:.1f}; true value {expected['targ
 sys.exit(0 if abs(predicted - expected["prediction"]) < 1e-6 else 1)
 PYEOF
     info "GET /v2/models/$name"
-    curl -fsS "$base/v2/models/$name" | "$PY" -m json.tool | sed 's/^/    /' || fail "GET /v2/models/$name failed"
+    curl -fsS "$base/v2/models/$name" | "$PY" -c "$MODEL_SUMMARY_PY" || fail "GET /v2/models/$name failed"
     info "GET /metrics (a few lines)"
     curl -fsS "$base/metrics" | grep -E '^scoring_(requests_total|inference|request_duration_seconds_(count|sum))' |
         head -n 8 | sed 's/^/    /' || true

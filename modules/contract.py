@@ -10,6 +10,7 @@ into one line per problem, e.g. ``modules.web.ports.0.container: must be between
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from datetime import datetime, timezone
@@ -20,7 +21,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -64,8 +67,8 @@ def _check_name(value: str) -> str:
 def _check_image(value: str) -> str:
     if len(value) > 512 or not _IMAGE_RE.match(value):
         raise ValueError(
-            f"{value!r} is not a valid image reference (expected [registry[:port]/]name[:tag][@sha256:<64 hex>], "
-            "lowercase repository names)"
+            f"{value!r} is not a valid image reference "
+            "(expected [registry[:port]/]name[:tag][@sha256:<64 hex>], lowercase repository names)"
         )
     return value
 
@@ -131,6 +134,15 @@ class PortMapping(Frozen):
     host_ip: str = "127.0.0.1"
     protocol: Literal["tcp", "udp"] = "tcp"
 
+    @field_validator("host_ip")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address") from None
+        return v
+
 
 class Resources(Frozen):
     """CPU and memory limits for a module's container or process."""
@@ -190,6 +202,21 @@ class ModuleSettings(Frozen):
         return v
 
 
+def _host_ports_unique(modules: dict[str, ModuleSettings]) -> dict[str, ModuleSettings]:
+    """Reject two modules publishing the same host port (they would fight over it on the device)."""
+    owner: dict[tuple[int, str], str] = {}
+    for name, m in modules.items():
+        for p in m.ports:
+            if p.host is None:
+                continue
+            other = owner.setdefault((p.host, p.protocol), name)
+            if other != name:
+                raise ValueError(
+                    f"modules {other!r} and {name!r} both publish host port {p.host}/{p.protocol}"
+                )
+    return modules
+
+
 def _modules_from_list(value: Any) -> Any:
     """Accept ``modules`` as a list of ``{name: ..., ...}`` too, rejecting duplicate names."""
     if isinstance(value, list):
@@ -234,25 +261,30 @@ class Target(Frozen):
         return all(tags.get(k) == v for k, v in self.tags.items())
 
 
-WaveSize = int | Annotated[str, Field(pattern=r"^(100|[1-9][0-9]?)(\.[0-9]+)?%$")]
+_WAVE_PCT_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)%$")
+
+
+def _check_wave(value: Any) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str):
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+        m = _WAVE_PCT_RE.match(value)
+        if m and 0 < float(m.group(1)) <= 100:
+            return value
+    raise ValueError(f"{value!r} must be a device count (≥ 1) or a percentage like '10%' (0 < p ≤ 100)")
+
+
+WaveSize = Annotated[int | str, PlainValidator(_check_wave)]
 
 
 class Rollout(Frozen):
     """Waves of devices (counts or percentages of the target); halt beyond the failure ratio."""
 
-    waves: list[WaveSize] = Field(default_factory=lambda: list[WaveSize](["100%"]), min_length=1)
+    waves: list[WaveSize] = Field(default_factory=lambda: list[int | str](["100%"]), min_length=1)
     max_failure_ratio: float = Field(default=0.1, ge=0, le=1)
     revert_on_halt: bool = False
-
-    @field_validator("waves")
-    @classmethod
-    def _positive(cls, v: list[int | str]) -> list[int | str]:
-        for w in v:
-            if isinstance(w, int) and w < 1:
-                raise ValueError(f"wave size {w} must be at least 1")
-            if isinstance(w, str) and float(w[:-1]) > 100:
-                raise ValueError(f"wave size {w} is over 100%")
-        return v
 
 
 class DeploymentManifest(Frozen):
@@ -267,18 +299,7 @@ class DeploymentManifest(Frozen):
     health_deadline_s: float = Field(default=120.0, gt=0, le=86400)
 
     _split_modules = field_validator("modules", mode="before")(_modules_from_list)
-
-    @model_validator(mode="after")
-    def _host_ports_unique(self) -> DeploymentManifest:
-        owner: dict[tuple[int, str], str] = {}
-        for name, m in self.modules.items():
-            for p in m.ports:
-                if p.host is None:
-                    continue
-                other = owner.setdefault((p.host, p.protocol), name)
-                if other != name:
-                    raise ValueError(f"modules {other!r} and {name!r} both publish host port {p.host}")
-        return self
+    _ports = field_validator("modules")(_host_ports_unique)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,19 +337,17 @@ class DesiredState(Frozen):
     signature: str | None = Field(default=None, description="base64 Ed25519 signature")
 
     _split_modules = field_validator("modules", mode="before")(_modules_from_list)
+    _ports = field_validator("modules")(_host_ports_unique)
 
     @field_validator("issued_at", "expires_at")
     @classmethod
-    def _aware(cls, v: datetime) -> datetime:
+    def _aware(cls, v: datetime, info: ValidationInfo) -> datetime:
         if v.tzinfo is None:
             raise ValueError("timestamp needs a timezone (use UTC, e.g. 2026-01-01T00:00:00Z)")
+        issued = info.data.get("issued_at")
+        if info.field_name == "expires_at" and issued is not None and v <= issued:
+            raise ValueError(f"must be after issued_at ({issued.isoformat()})")
         return v
-
-    @model_validator(mode="after")
-    def _expiry_after_issue(self) -> DesiredState:
-        if self.expires_at <= self.issued_at:
-            raise ValueError("expires_at must be after issued_at")
-        return self
 
     def canonical_bytes(self) -> bytes:
         """The bytes that are signed: canonical JSON of everything but the signature."""
@@ -521,6 +540,16 @@ class ContainerAccess(Frozen):
                 raise ValueError(f"device {d!r} must be a path under /dev/")
         return v
 
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, v: list[str]) -> list[str]:
+        for vol in v:
+            parts = vol.split(":")
+            ok = len(parts) in (2, 3) and all(p.startswith("/") for p in parts[:2])
+            if not ok or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+                raise ValueError(f"volume {vol!r} must be /host/path:/container/path[:ro|rw]")
+        return v
+
     @field_validator("device_cgroup_rules")
     @classmethod
     def _cgroup_rules(cls, v: list[str]) -> list[str]:
@@ -533,7 +562,9 @@ class ContainerAccess(Frozen):
     @model_validator(mode="after")
     def _justify_privileged(self) -> ContainerAccess:
         if self.privileged and not self.privileged_reason:
-            raise ValueError("privileged containers need a privileged_reason saying why nothing narrower works")
+            raise ValueError(
+                "privileged containers need a privileged_reason saying why nothing narrower works"
+            )
         return self
 
 
@@ -547,20 +578,34 @@ class DetectRule(Frozen):
 
     kind: Literal["path", "usb_vendor", "pci_vendor"]
     value: str = Field(min_length=1)
-    pci_class: str | None = None
+    pci_class: str | None = Field(default=None, pattern=r"^[0-9a-f]{2,6}$")
     accelerator: AcceleratorKind
+
+    @model_validator(mode="after")
+    def _ids(self) -> DetectRule:
+        if self.kind in ("usb_vendor", "pci_vendor") and not re.match(r"^[0-9a-f]{4}$", self.value):
+            raise ValueError(f"{self.kind} {self.value!r} must be 4 lowercase hex digits like '03e7'")
+        if self.kind == "path" and not self.value.startswith("/"):
+            raise ValueError(f"path {self.value!r} must be absolute")
+        if self.pci_class is not None and self.kind != "pci_vendor":
+            raise ValueError("pci_class only applies to pci_vendor rules")
+        return self
 
 
 class Detection(Frozen):
-    """The hardware is present when any rule matches; ``always`` for profiles that need none (CPU)."""
+    """The hardware is present when every ``all_of`` rule and, if given, any ``any_of`` rule matches.
+
+    ``always`` is for profiles that need no hardware (CPU).
+    """
 
     always: bool = False
     any_of: list[DetectRule] = Field(default_factory=list)
+    all_of: list[DetectRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _something(self) -> Detection:
-        if not self.always and not self.any_of:
-            raise ValueError("give detection rules (any_of) or always: true")
+        if not self.always and not self.any_of and not self.all_of:
+            raise ValueError("give detection rules (any_of / all_of) or always: true")
         return self
 
 
@@ -568,6 +613,7 @@ class BaseImage(Frozen):
     """Where a profile's base image comes from and what goes into it."""
 
     image: ImageRef
+    python: str = Field(default="3.11", pattern=r"^3\.[0-9]+$", description="the image's Python version")
     source: Literal["debootstrap", "vendor"] = Field(
         description="debootstrap: built here from Debian + PyPI; vendor: the vendor's image must be provided"
     )
@@ -593,7 +639,7 @@ class DeviceProfile(Frozen):
     openvino: OpenVinoSettings | None = None
     strict: bool = Field(
         default=False,
-        description="fail start-up when the first (accelerator) provider is unavailable instead of falling back",
+        description="fail start-up when the first (accelerator) provider is unavailable, never fall back",
     )
     container: ContainerAccess = Field(default_factory=ContainerAccess)
     detect: Detection

@@ -306,7 +306,7 @@ BAD_FILES = [
     ),
     pytest.param(
         GOOD.format(name="bad").replace("detect:\n  always: true\n", "detect: {}\n"),
-        r"bad\.yaml: detect: give detection rules \(any_of\) or always: true",
+        r"bad\.yaml: detect: give detection rules \(any_of / all_of\) or always: true",
         id="no-detection",
     ),
     pytest.param(

@@ -30,7 +30,8 @@ VARIABLES: dict[str, str] = {
     "exists, else 127.0.0.1)",
     "PROFILE": "device profile (device-profiles/<name>.yaml) for ONNX models "
     "(default: module.json's, else cpu)",
-    "PROFILES_DIR": "folder of device profile YAML files (default: the packaged device-profiles)",
+    "EDGE_PROFILES_DIR": "folder of device profile YAML files "
+    "(default: /module/profiles inside a module image, else device-profiles/ of the checkout)",
     "MODULE_JSON": f"module description (default {DEFAULT_MODULE_JSON}; read when present)",
     "MODEL_NAME": "name served for a single model (default: from module.json or the folder name)",
     "SCORING_KEY": "when set, /score and /v2/models/*/infer need 'Authorization: Bearer <key>' "
@@ -109,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="HOST")
     p.add_argument("--port", type=int, help="PORT")
     p.add_argument("--profile", help="PROFILE")
-    p.add_argument("--profiles-dir", help="PROFILES_DIR")
+    p.add_argument("--profiles-dir", help="EDGE_PROFILES_DIR")
     p.add_argument("--module-json", help="MODULE_JSON")
     p.add_argument("--model-name", help="MODEL_NAME")
     p.add_argument("--timeout", type=float, help="SCORING_TIMEOUT")
@@ -214,7 +215,7 @@ def load_config(env: Mapping[str, str], argv: Sequence[str] | None = None) -> Se
     log_level = (pick(args.log_level, "LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-    profiles_dir = pick(args.profiles_dir, "PROFILES_DIR")
+    profiles_dir = pick(args.profiles_dir, "EDGE_PROFILES_DIR")
     return ServerConfig(
         mode="entry-script" if entry_script is not None else "no-code",
         model_dir=model_dir,

@@ -99,10 +99,10 @@ class EntryScriptService:
             raise ClientError(400, f"the request body must be a JSON object with the fields {names}")
         kwargs = {}
         for param in script.params:
-            if param.name in document:
-                kwargs[param.name] = document[param.name]
-            elif param.default is inspect.Parameter.empty:
+            value = document.get(param.name, param.default)
+            if value is inspect.Parameter.empty:
                 raise ClientError(400, f"the request body has no {param.name!r} field, which run() needs")
+            kwargs[param.name] = value  # defaults passed explicitly, as Azure ML does
         return kwargs
 
     def infer(self, model: str, call: ScoreCall) -> Reply:

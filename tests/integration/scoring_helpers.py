@@ -110,6 +110,14 @@ class ServerProcess:
                 time.sleep(0.1)
         raise AssertionError(f"server not ready within {START_LIMIT_S} s:\n{self.log}")
 
+    def wait_log(self, text: str) -> None:
+        """Wait until the server's log contains ``text``; fail if it exits first or never writes it."""
+        deadline = time.monotonic() + START_LIMIT_S
+        while text not in self.log:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server never logged {text!r}:\n{self.log}")
+            time.sleep(0.05)
+
     def wait_exit(self) -> int:
         """The exit status, once the process ends by itself."""
         try:

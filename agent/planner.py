@@ -180,9 +180,6 @@ def _plan_module(
     if m.desired_status == "stopped":
         _keep_stopped(name, o, book, key, out)
         return
-    if o.status == "created":
-        out.bringup.setdefault(key, []).append(Start(module=name, reason="created, not started yet"))
-        return
     if o.status in TRANSITIONAL:
         return
     _keep_running(name, m, o, want_hash, book, now, cfg, key, out)
@@ -271,12 +268,12 @@ def _keep_running(
     out: _Builder,
 ) -> None:
     unhealthy = o.is_unhealthy(m.health.failure_threshold)
-    fresh = refresh_book(book, o, now, cfg.restart, unhealthy=unhealthy)
-    if book.stopped and o.status in ("exited", "dead"):
-        why = "desired status is running again"
-        fresh = replace(fresh, stopped=False)
+    fresh = replace(refresh_book(book, o, now, cfg.restart, unhealthy=unhealthy), stopped=False)
+    if o.status == "created" or (book.stopped and o.status in ("exited", "dead")):
+        why = "desired status is running again" if book.stopped else "created, not started yet"
         steps = out.bringup.setdefault(key, [])
-        steps.append(SetRestartBook(module=name, book=fresh, reason=why))
+        if fresh != book:
+            steps.append(SetRestartBook(module=name, book=fresh, reason=why))
         steps += _start_again(name, m, o, want_hash, why, key, out, resume=True)
         return
     decision = should_restart(
@@ -316,6 +313,8 @@ def _start_again(
 
 
 def _book_change(old: RestartBook, new: RestartBook) -> str:
+    if old.stopped and not new.stopped:
+        return "desired status is running again"
     if new.count < old.count:
         return f"ran healthy long enough: restart count {old.count} reset to 0"
     if new.healthy_since is not None and old.healthy_since is None:

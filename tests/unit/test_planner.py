@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -498,3 +498,114 @@ def test_module_status_carries_counts_and_image() -> None:
         WEB1,
         "sha256:" + "b" * 64,
     )
+
+
+def test_started_by_hand_after_a_stop_clears_the_stopped_mark() -> None:
+    (forget,) = plan(
+        desired({"web": web}),
+        {"web": seen("web", web)},
+        ImageAvailability(present={WEB1}),
+        {"web": STOPPED_BOOK},
+        NOW,
+    ).actions
+    assert isinstance(forget, SetRestartBook)
+    assert (forget.book, forget.reason) == (RestartBook(), "desired status is running again")
+
+
+def test_created_while_stopped_then_wanted_running() -> None:
+    result = plan(
+        desired({"web": web}),
+        {"web": seen("web", web, "created")},
+        ImageAvailability(present={WEB1}),
+        {"web": STOPPED_BOOK},
+        NOW,
+    )
+    assert [(a.kind, a.module) for a in result] == [("set_restart_book", "web"), ("start", "web")]
+
+
+class FakeDevice:
+    """A recording fake runtime: applies actions to in-memory observations (pulls finish at once)."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, ObservedModule] = {}
+        self.present: set[str] = set()
+        self.books: dict[str, RestartBook] = {}
+        self.log: list[tuple[str, str]] = []
+
+    def tick(self, state: DesiredState, now: datetime) -> Plan:
+        result = plan(state, self.modules, ImageAvailability(present=self.present), self.books, now)
+        for a in result:
+            if a.kind != "wait":
+                self.log.append((a.kind, a.module))
+            if isinstance(a, Pull):
+                self.present.add(a.image)
+            elif isinstance(a, Create):
+                self.modules[a.module] = ObservedModule(
+                    name=a.module, image=a.spec.image, status="created", config_hash=a.config_hash
+                )
+            elif a.kind in ("start", "restart"):
+                up = ModuleHealth(live=True, ready=True)
+                self.modules[a.module] = replace(
+                    self.modules[a.module], status="running", started_at=now, health=up
+                )
+            elif a.kind == "stop":
+                self.modules[a.module] = replace(
+                    self.modules[a.module], status="exited", exit_code=0, finished_at=now
+                )
+            elif a.kind == "remove":
+                del self.modules[a.module]
+            elif isinstance(a, SetRestartBook):
+                if a.book is None:
+                    self.books.pop(a.module, None)
+                else:
+                    self.books[a.module] = a.book
+        return result
+
+    def converge(self, state: DesiredState, now: datetime) -> list[tuple[str, str]]:
+        self.log = []
+        for _ in range(10):
+            if self.tick(state, now).is_empty:
+                return self.log
+        raise AssertionError(f"no convergence: {self.log}")
+
+
+def test_scenario_install_crash_update_remove() -> None:
+    device = FakeDevice()
+    a, b = mod(API1, startup_order=0), mod(WEB1, startup_order=1)
+    gen1 = desired({"a": a, "b": b})
+    assert device.converge(gen1, NOW) == [
+        ("pull", "a"),
+        ("pull", "b"),
+        ("create", "a"),
+        ("start", "a"),
+        ("create", "b"),
+        ("start", "b"),
+    ]
+    device.modules["b"] = replace(device.modules["b"], status="exited", exit_code=1, finished_at=NOW)
+    waiting = device.tick(gen1, NOW + timedelta(seconds=1))
+    assert waiting.wake_at == NOW + timedelta(seconds=10)
+    assert device.converge(gen1, waiting.wake_at) == [
+        ("set_restart_book", "b"),
+        ("restart", "b"),
+        ("set_restart_book", "b"),  # seen healthy after the restart: its healthy run starts counting
+    ]
+    assert device.books["b"] == RestartBook(
+        count=1, last_restart_at=waiting.wake_at, healthy_since=waiting.wake_at
+    )
+
+    ten_minutes_on = waiting.wake_at + timedelta(minutes=10)
+    assert device.converge(gen1, ten_minutes_on) == [("set_restart_book", "b")]
+    assert device.books["b"] == RestartBook(count=0, last_restart_at=waiting.wake_at)
+
+    gen2 = desired({"a": mod(WEB2, startup_order=0), "b": b})
+    later = ten_minutes_on + timedelta(minutes=1)
+    assert device.converge(gen2, later) == [
+        ("pull", "a"),
+        ("stop", "a"),
+        ("remove", "a"),
+        ("create", "a"),
+        ("start", "a"),
+    ]
+    gen3 = desired({"a": mod(WEB2, startup_order=0)})
+    assert device.converge(gen3, later) == [("stop", "b"), ("remove", "b"), ("set_restart_book", "b")]
+    assert set(device.modules) == {"a"} and device.books == {}

@@ -142,14 +142,20 @@ def test_myriad_profiles_use_openvino_2022_3_from_the_vendor(shipped: dict[str, 
     vadm = shipped["openvino-vadm"]
     assert vadm.container.devices == ["/dev/ion"]
     assert "/var/tmp:/var/tmp" in vadm.container.volumes
-    assert {r.value for r in vadm.detect.any_of} == {"/var/tmp/hddl_service.sock", "/dev/ion"}
+    assert {(r.kind, r.value) for r in vadm.detect.all_of} == {
+        ("path", "/var/tmp/hddl_service.sock"),
+        ("usb_vendor", "03e7"),
+    }
 
 
 def test_npu_and_fpga_profiles(shipped: dict[str, DeviceProfile]) -> None:
     npu = shipped["npu"]
     assert npu.openvino is not None and npu.openvino.device == "NPU"
     assert npu.container.devices == ["/dev/accel/accel0"]
-    assert ("path", "/dev/accel/accel*") in [(r.kind, r.value) for r in npu.detect.any_of]
+    assert [(r.kind, r.value) for r in npu.detect.all_of] == [
+        ("path", "/dev/accel/accel*"),
+        ("pci_vendor", "8086"),
+    ]
     fpga = shipped["fpga"]
     assert fpga.base.source == "vendor"
     assert fpga.onnxruntime is not None

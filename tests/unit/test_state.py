@@ -181,7 +181,7 @@ def test_sigkill_at_random_moments_always_leaves_a_readable_state(tmp_path: Path
         assert tag == "ready"
         assert confirmed <= start <= confirmed + 1
         time.sleep(rng.uniform(0.0, 0.08))
-        os.kill(proc.pid, signal.SIGKILL)
+        proc.kill()  # SIGKILL
         proc.join()
         assert proc.exitcode == -signal.SIGKILL
         saved = []

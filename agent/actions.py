@@ -5,6 +5,8 @@ Runtime actions (``pull``, ``create``, ``start``, ``stop``, ``remove``, ``restar
 module runtime; ``set_restart_book`` goes to the agent's durable state; ``wait`` is a no-op that
 says when to look again (back-off). A ``pull`` is started in the background and never waited on:
 the runner moves on to the next action at once, and a later observation shows the image present.
+When an action fails, the runner should skip the rest of that module's actions (keep going with
+the other modules) and let the next tick plan again from a fresh observation.
 """
 
 from __future__ import annotations

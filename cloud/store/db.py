@@ -20,6 +20,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.store.errors import InvalidInputError, SchemaError
+from cloud.store.fleet import DesiredRecord  # noqa: F401  (registers the fleet tables)
 from cloud.store.models import Base, SchemaVersion
 
 SCHEMA_VERSION = 1

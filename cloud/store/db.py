@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from cloud.store.devices import Device  # noqa: F401  (registers the device tables)
 from cloud.store.errors import InvalidInputError, SchemaError
 from cloud.store.fleet import DesiredRecord  # noqa: F401  (registers the fleet tables)
 from cloud.store.models import Base, SchemaVersion

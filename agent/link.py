@@ -1,0 +1,401 @@
+"""The agent's MQTT session: desired state in, reported state out, last will, commands.
+
+``Link`` is an async context manager around one ``MqttBridge`` (paho on its own thread)::
+
+    async with Link(config) as link:
+        raw = await link.desired.wait()           # newest desired-state payload (bytes)
+        await link.publish_reported(report)       # queued; the newest pending report wins
+        async for cmd in link.commands():         # CommandRequest
+            await link.respond(CommandResponse(id=cmd.id, ok=True, output="pong"))
+
+Topics (QoS 1), with ``{d}`` the device id: ``edge/{d}/desired`` (retained, in),
+``edge/{d}/cmd/req/+`` (in), ``edge/{d}/reported`` (retained, out), ``edge/{d}/cmd/res/{id}``
+(out) and ``edge/{d}/online`` (retained; ``online: true`` on every connect, ``online: false`` as
+the last will and on a clean shutdown).
+
+The link does MQTT I/O and nothing else: desired-state payloads are handed over as raw bytes for
+``agent.admission`` to judge. A new payload replaces the one not yet taken and wakes the waiter.
+Reports are never handed to paho while offline: only the newest is kept and sent on reconnect,
+and at most one report is in flight, so reports reach the broker in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+from pydantic import ValidationError
+
+from agent.config import AgentConfig
+from agent.mqtt_bridge import (
+    Connected,
+    ConnectFailed,
+    Disconnected,
+    Event,
+    MqttBridge,
+    Publication,
+    PublishRefused,
+    Received,
+    Subscribed,
+)
+from modules.contract import (
+    CommandRequest,
+    CommandResponse,
+    OnlineStatus,
+    ReportedState,
+    format_validation_error,
+)
+
+log = logging.getLogger(__name__)
+
+COMMAND_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_PENDING_COMMANDS = 64
+CLOSE_TIMEOUT_S = 5.0
+
+
+class DesiredSlot:
+    """The newest desired-state payload not yet taken, and an event set while there is one.
+
+    Touched only on the event loop. A payload that arrives before the previous one was taken
+    replaces it: the agent acts on the latest desired state only.
+    """
+
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()
+        self._payload: bytes | None = None
+
+    def put(self, payload: bytes) -> None:
+        """Store ``payload`` in place of any untaken one and wake the waiter."""
+        self._payload = payload
+        self.ready.set()
+
+    def take(self) -> bytes | None:
+        """The untaken payload, if any; the slot is empty afterwards."""
+        payload, self._payload = self._payload, None
+        self.ready.clear()
+        return payload
+
+    async def wait(self) -> bytes:
+        """Wait for a payload and take it."""
+        while True:
+            await self.ready.wait()
+            payload = self.take()
+            if payload is not None:
+                return payload
+
+
+class Link:
+    """One device's MQTT session; use as ``async with Link(config) as link``.
+
+    Entering starts connecting in the background and returns at once: a broker that is down at
+    start-up is retried with capped exponential back-off while the agent runs from its local
+    state. Leaving publishes ``online: false`` (when connected) and disconnects cleanly.
+    """
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        device = config.device_id
+        self.topic_desired = f"edge/{device}/desired"
+        self.topic_reported = f"edge/{device}/reported"
+        self.topic_online = f"edge/{device}/online"
+        self.topic_cmd_req = f"edge/{device}/cmd/req/"
+        self.topic_cmd_res = f"edge/{device}/cmd/res/"
+        self.desired = DesiredSlot()
+        self._commands: asyncio.Queue[CommandRequest] = asyncio.Queue(MAX_PENDING_COMMANDS)
+        self._connected = asyncio.Event()
+        self._session_up = False
+        self._bridge: MqttBridge | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._connects = 0
+        self._failed_attempts = 0
+        self._offline_since = time.monotonic()
+        self._offline_for: float | None = None
+        self._report_wake = asyncio.Event()
+        self._pending_report: ReportedState | None = None
+        self._superseded = 0
+        self._report_in_flight = False
+        self._report_idle = asyncio.Event()
+        self._report_idle.set()
+
+    # ---- public API ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is up and subscribed (as last heard from paho's thread)."""
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        """Wait until the session is up and the broker acknowledged the subscriptions."""
+        await self._connected.wait()
+
+    async def commands(self) -> AsyncIterator[CommandRequest]:
+        """Well-formed command requests, in arrival order (malformed ones are answered here)."""
+        while True:
+            yield await self._commands.get()
+
+    async def publish_reported(self, state: ReportedState) -> None:
+        """Queue ``state`` for ``edge/{d}/reported`` (retained, QoS 1); it replaces any unsent report.
+
+        Returns at once; the report goes out as soon as the session is up and the previous report
+        was acknowledged. ``flush_reported`` waits for it.
+        """
+        if state.device_id != self.config.device_id:
+            raise ValueError(
+                f"report for device {state.device_id!r} on the link of {self.config.device_id!r}"
+            )
+        if self._pending_report is not None:
+            self._superseded += 1
+        self._pending_report = state
+        self._report_idle.clear()
+        self._report_wake.set()
+
+    async def flush_reported(self) -> None:
+        """Wait until the newest report was acknowledged by the broker (or refused by it)."""
+        await self._report_idle.wait()
+
+    async def respond(self, response: CommandResponse) -> None:
+        """Publish ``response`` on ``edge/{d}/cmd/res/{id}`` (QoS 1, not retained)."""
+        if not COMMAND_ID_RE.match(response.id):
+            raise ValueError(f"command id {response.id!r} cannot be used in a topic")
+        payload = response.model_dump_json().encode()
+        future = self._require_bridge().publish(Publication(self.topic_cmd_res + response.id, payload))
+        future.add_done_callback(lambda f: self._log_refusal(f, f"response to command {response.id}"))
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Link:
+        username = self.config.mqtt_username
+        self._bridge = MqttBridge(
+            self.config.broker,
+            client_id=self.config.mqtt_client_id,
+            username=username,
+            password=self.config.broker.read_password(),
+            subscriptions=[self.topic_desired, self.topic_cmd_req + "+"],
+            will=lambda: self._online(False),
+            birth=lambda: self._online(True),
+        )
+        self._bridge.start()
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name=f"link-{self.config.device_id}-events"),
+            asyncio.create_task(self._send_reports(), name=f"link-{self.config.device_id}-reports"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(_log_crash)
+        log.info(
+            "connecting to %s as %s (%s%s)",
+            self.config.broker.url,
+            self.config.mqtt_client_id,
+            self.config.broker.protocol,
+            f", user {username}" if username else "",
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._closing = True
+        bridge = self._require_bridge()
+        if self.connected and not self._report_idle.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.flush_reported(), CLOSE_TIMEOUT_S)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        farewell = self._online(False) if self.connected else None
+        await bridge.close(farewell, CLOSE_TIMEOUT_S)
+        self._connected.clear()
+        log.info(
+            "disconnected from %s (%s)",
+            self.config.broker.url,
+            "clean shutdown" if farewell else "was offline",
+        )
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _require_bridge(self) -> MqttBridge:
+        if self._bridge is None:
+            raise RuntimeError("the link is not open: use 'async with Link(config) as link'")
+        return self._bridge
+
+    def _online(self, online: bool) -> Publication:
+        payload = OnlineStatus(online=online).model_dump_json().encode()
+        return Publication(self.topic_online, payload, qos=1, retain=True)
+
+    async def _dispatch(self) -> None:
+        bridge = self._require_bridge()
+        while True:
+            event = await bridge.next_event()
+            self._handle(event)
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, Received):
+            self._received(event)
+        elif isinstance(event, Connected):
+            self._on_connected(event)
+        elif isinstance(event, Disconnected):
+            self._on_disconnected(event)
+        elif isinstance(event, ConnectFailed):
+            self._failed_attempts += 1
+            log.warning(
+                "cannot connect to %s (attempt %d): %s; retrying with back-off up to %d s",
+                self.config.broker.url,
+                self._failed_attempts,
+                _describe(event.error),
+                self.config.broker.reconnect_max_s,
+            )
+        elif isinstance(event, Subscribed):
+            self._on_subscribed(event)
+
+    def _on_connected(self, event: Connected) -> None:
+        if event.reason.is_failure:
+            self._failed_attempts += 1
+            log.error(
+                "the broker at %s refused the connection (attempt %d): %s; check the credentials; "
+                "retrying with back-off up to %d s",
+                self.config.broker.url,
+                self._failed_attempts,
+                event.reason,
+                self.config.broker.reconnect_max_s,
+            )
+            return
+        self._session_up = True
+        self._failed_attempts = 0
+
+    def _on_subscribed(self, event: Subscribed) -> None:
+        if not self._session_up:
+            return
+        for topic, reason in event.results:
+            if reason.is_failure:
+                log.error("the broker refused the subscription to %s: %s", topic, reason)
+        self._connects += 1
+        offline = time.monotonic() - self._offline_since
+        self._offline_for = offline if self._pending_report is not None else None
+        self._connected.set()
+        self._report_wake.set()
+        topics = ", ".join(topic for topic, reason in event.results if not reason.is_failure) or "nothing"
+        if self._connects == 1:
+            message = "connected to %s after %.1f s; subscribed to %s"
+        else:
+            message = "reconnected to %s after %.1f s offline; resubscribed to %s"
+        log.info(message, self.config.broker.url, offline, topics)
+
+    def _on_disconnected(self, event: Disconnected) -> None:
+        if not self._session_up:
+            return  # the end of a refused attempt, already logged
+        self._session_up = False
+        self._connected.clear()
+        self._offline_since = time.monotonic()
+        if self._closing:
+            return
+        how = f"the broker sent DISCONNECT: {event.reason}" if event.by_broker else "connection lost"
+        log.warning(
+            "disconnected from %s (%s); reconnecting with back-off %d-%d s",
+            self.config.broker.url,
+            how,
+            self.config.broker.reconnect_min_s,
+            self.config.broker.reconnect_max_s,
+        )
+
+    def _received(self, message: Received) -> None:
+        if message.topic == self.topic_desired:
+            if not message.payload:
+                log.warning(
+                    "the retained desired state on %s was cleared; keeping the current one", message.topic
+                )
+                return
+            log.debug("desired state received (%d bytes, retained=%s)", len(message.payload), message.retain)
+            self.desired.put(message.payload)
+        elif message.topic.startswith(self.topic_cmd_req):
+            self._command(message.topic.removeprefix(self.topic_cmd_req), message.payload)
+        else:
+            log.warning("ignoring a message on unexpected topic %s", message.topic)
+
+    def _command(self, topic_id: str, payload: bytes) -> None:
+        try:
+            request = CommandRequest.model_validate_json(payload)
+        except ValidationError as e:
+            problem = "; ".join(format_validation_error(e).splitlines())
+            self._reject_command(topic_id, f"malformed command: {problem}")
+            return
+        if request.id != topic_id:
+            self._reject_command(
+                topic_id, f"the payload's id {request.id!r} does not match the topic's {topic_id!r}"
+            )
+            return
+        try:
+            self._commands.put_nowait(request)
+        except asyncio.QueueFull:
+            self._reject_command(topic_id, f"the agent is busy: {MAX_PENDING_COMMANDS} commands wait already")
+            return
+        log.info("command %s received: %s", request.id, request.command)
+
+    def _reject_command(self, topic_id: str, error: str) -> None:
+        if not COMMAND_ID_RE.match(topic_id):
+            log.warning(
+                "dropping a command on %s%s with an unusable id: %s", self.topic_cmd_req, topic_id, error
+            )
+            return
+        log.warning("command %s rejected: %s", topic_id, error)
+        response = CommandResponse(id=topic_id, ok=False, error=error)
+        future = self._require_bridge().publish(
+            Publication(self.topic_cmd_res + topic_id, response.model_dump_json().encode())
+        )
+        future.add_done_callback(lambda f: self._log_refusal(f, f"error response to command {topic_id}"))
+
+    async def _send_reports(self) -> None:
+        bridge = self._require_bridge()
+        while True:
+            await self._report_wake.wait()
+            self._report_wake.clear()
+            if self._pending_report is None or not self.connected:
+                continue
+            state, self._pending_report = self._pending_report, None
+            superseded, self._superseded = self._superseded, 0
+            offline_for, self._offline_for = self._offline_for, None
+            payload = state.model_dump_json().encode()
+            try:
+                # Waits across reconnects: paho resends an unacknowledged report itself.
+                await bridge.publish(Publication(self.topic_reported, payload, qos=1, retain=True))
+            except PublishRefused as e:
+                log.error("report (generation %d) refused: %s", state.generation_applied, e)
+            else:
+                self._log_report(state, superseded, offline_for)
+            if self._pending_report is None:
+                self._report_idle.set()
+
+    def _log_report(self, state: ReportedState, superseded: int, offline_for: float | None) -> None:
+        what = f"report (generation {state.generation_applied}, {state.deployment_status})"
+        if offline_for is not None:
+            log.info(
+                "%s flushed after %.1f s offline; %d older unsent report(s) dropped",
+                what,
+                offline_for,
+                superseded,
+            )
+        else:
+            log.debug("%s published", what)
+
+    @staticmethod
+    def _log_refusal(future: asyncio.Future[None], what: str) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            log.error("%s not delivered: %s", what, error)
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "connection failed"
+    return f"{type(error).__name__}: {error}"
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("link task %s crashed", task.get_name(), exc_info=task.exception())

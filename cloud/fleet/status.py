@@ -1,0 +1,79 @@
+"""Per-device deployment status from what was published and what the device reported. Pure.
+
+``pending``: the desired state is not published yet, or the device has not seen it;
+``applying``: the device received it and is working on it; ``healthy``, ``failed``,
+``rolled back`` (the agent went back to its last known good state), ``rejected`` (the agent
+refused the message: signature, expiry, schema...) as the device reported them for the desired
+generation; ``offline``: the device's last will said it went away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+Status = Literal["pending", "applying", "healthy", "failed", "rolled back", "rejected", "offline"]
+SETTLED_FAILED: frozenset[Status] = frozenset({"failed", "rolled back", "rejected"})
+
+
+@dataclass(frozen=True)
+class Reported:
+    """The parts of a device's latest report that status needs."""
+
+    generation_applied: int
+    generation_received: int | None
+    deployment_status: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Online:
+    """The device's latest ``online`` message."""
+
+    online: bool
+    since: datetime
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """A device's status for its desired generation, with a one-line explanation."""
+
+    status: Status
+    detail: str = ""
+
+
+_REPORTED: dict[str, Status] = {
+    "applying": "applying",
+    "healthy": "healthy",
+    "failed": "failed",
+    "rolled_back": "rolled back",
+    "rejected": "rejected",
+}
+
+
+def device_status(
+    generation: int, published: bool, reported: Reported | None, online: Online | None
+) -> DeviceStatus:
+    """The status of a device whose desired state has ``generation``."""
+    if online is not None and not online.online:
+        return DeviceStatus("offline", f"offline since {online.since.isoformat(timespec='seconds')}")
+    if not published:
+        return DeviceStatus("pending", f"generation {generation} not published yet (broker unreachable)")
+    if reported is None:
+        return DeviceStatus("pending", f"no report yet for generation {generation}")
+    reason = reported.reason or ""
+    if reported.generation_applied == generation:
+        status = _REPORTED.get(reported.deployment_status, "applying")
+        return DeviceStatus(status, reason)
+    if reported.generation_received == generation:
+        if reported.deployment_status == "healthy":
+            return DeviceStatus(
+                "applying",
+                f"received generation {generation}, still running generation {reported.generation_applied}",
+            )
+        return DeviceStatus(_REPORTED.get(reported.deployment_status, "applying"), reason)
+    return DeviceStatus(
+        "pending",
+        f"device reports generation {reported.generation_applied}, desired is {generation}",
+    )

@@ -1,0 +1,84 @@
+"""Rollout waves: cumulative sizes, device split, and the advance/halt decision."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from cloud.fleet.rollout import evaluate, split_waves, wave_sizes
+from cloud.fleet.status import Status
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("waves", "total", "expected"),
+    [
+        (["100%"], 10, [10]),
+        ([1, "10%", "50%", "100%"], 100, [1, 10, 50, 100]),
+        ([1, "10%", "50%", "100%"], 5, [1, 3, 5]),  # 10 % of 5 rounds up to 1: no new device, dropped
+        ([1, "10%", "50%", "100%"], 1, [1]),
+        ([2, 5], 20, [2, 5, 20]),  # the rest of the target is an implied final wave
+        ([50], 3, [3]),
+        (["12.5%"], 8, [1, 8]),
+        (["100%"], 0, []),
+    ],
+)
+def test_wave_sizes(waves: list[int | str], total: int, expected: list[int]) -> None:
+    assert wave_sizes(waves, total) == expected
+
+
+def test_split_is_by_device_id_and_covers_everyone_once() -> None:
+    devices = [f"d{i:02d}" for i in range(10)][::-1]
+    waves = split_waves(devices, [1, "50%"])
+    assert waves == [["d00"], ["d01", "d02", "d03", "d04"], ["d05", "d06", "d07", "d08", "d09"]]
+
+
+WAVES = [["a"], ["b", "c", "d", "e"], ["f", "g", "h", "i", "j"]]
+
+
+@pytest.mark.parametrize(
+    ("current", "statuses", "minutes", "kind", "reason"),
+    [
+        (0, {}, 0, "wait", "wave 1: 1 device(s) not settled yet"),
+        (0, {"a": "applying"}, 0, "wait", "wave 1: 1 device(s) not settled yet"),
+        (0, {"a": "healthy"}, 0, "advance", "wave 1 done; starting wave 2"),
+        (0, {"a": "offline"}, 0, "advance", "wave 1 done; starting wave 2"),
+        (0, {"a": "failed"}, 0, "halt", "1 of 1 released device(s) failed (100% > max_failure_ratio 25%)"),
+        (0, {"a": "applying"}, 11, "halt", "1 of 1 released device(s) failed (100% > max_failure_ratio 25%)"),
+        (
+            1,
+            {"a": "healthy", "b": "rejected", "c": "healthy", "d": "healthy", "e": "healthy"},
+            0,
+            "advance",
+            "wave 2 done; starting wave 3",
+        ),
+        (
+            1,
+            {"a": "healthy", "b": "rolled back", "c": "failed", "d": "healthy", "e": "healthy"},
+            0,
+            "halt",
+            "2 of 5 released device(s) failed (40% > max_failure_ratio 25%)",
+        ),
+        (
+            1,
+            {"a": "pending", "b": "healthy", "c": "healthy", "d": "healthy", "e": "healthy"},
+            0,
+            "advance",
+            "wave 2 done; starting wave 3",
+        ),
+        (2, {d: "healthy" for d in "abcdefghij"}, 0, "complete", "all 3 wave(s) done"),
+    ],
+)
+def test_decision(current: int, statuses: dict[str, Status], minutes: int, kind: str, reason: str) -> None:
+    decision = evaluate(
+        WAVES,
+        current,
+        statuses,
+        max_failure_ratio=0.25,
+        wave_started_at=T0,
+        now=T0 + timedelta(minutes=minutes),
+        deadline_s=600,
+    )
+    assert (decision.kind, decision.reason) == (kind, reason)

@@ -3,16 +3,19 @@
 Routes: ``GET /`` (liveness), ``POST /score`` (GET/OPTIONS too for raw-request scripts),
 ``GET /swagger.json``, ``GET /metrics`` and the Open Inference Protocol v2 under ``/v2``. Every
 error is a JSON ``{"error": ..., "request_id": ...}``; health routes never wait for inference.
+Scoring answers carry ``X-Request-Id``: the client's own, else a per-process random prefix and a
+counter (cheaper than a UUID per request); error logs name it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
@@ -112,6 +115,8 @@ class ScoringApp:
         self.pool = InferencePool(config.threads, config.max_queue, config.timeout_s)
         self.key = KeyCheck(config.scoring_key) if config.scoring_key else None
         self._swagger: bytes | None = None
+        self._id_prefix = f"{secrets.token_hex(4)}-"
+        self._ids = itertools.count(1)
         self.metrics.gauges["scoring_inference_threads"] = (
             "Worker threads for inference.",
             lambda: self.pool.threads,
@@ -244,7 +249,7 @@ class ScoringApp:
         )
 
     async def _run(self, request: web.Request, func: Any, *args: Any) -> web.Response:
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request_id = request.headers.get("X-Request-Id") or f"{self._id_prefix}{next(self._ids):x}"
         try:
             reply = await self.pool.run(func, *args)
         except ClientError as exc:

@@ -36,6 +36,39 @@ def digits_model(folder: Path, name: str = "model.onnx") -> tuple[Path, np.ndarr
     return path, x[:4]
 
 
+def digits_linear_model(folder: Path) -> tuple[Path, np.ndarray]:
+    """The digits logistic regression as plain ONNX ops (MatMul, Add, Softmax), which OpenVINO reads too.
+
+    Input ``x`` [-1, 64] FP32, output ``probabilities`` [-1, 10]; returns the path and 4 samples.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    clf = LogisticRegression(max_iter=300).fit(x, y)
+    weights = numpy_helper.from_array(clf.coef_.T.astype(np.float32), "weights")
+    bias = numpy_helper.from_array(clf.intercept_.astype(np.float32), "bias")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "weights"], ["logits"]),
+            helper.make_node("Add", ["logits", "bias"], ["scores"]),
+            helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1),
+        ],
+        "digits_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 10])],
+        initializer=[weights, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path, x[:4]
+
+
 def write_script(path: Path, source: str) -> Path:
     """Write a dedented entry script."""
     path.parent.mkdir(parents=True, exist_ok=True)

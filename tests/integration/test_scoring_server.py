@@ -24,7 +24,7 @@ from modules.scoring.config import ServerConfig, load_config
 from modules.scoring.entry_service import EntryScriptService
 from modules.scoring.onnx_service import OnnxService
 from modules.scoring.tensors import INFERENCE_HEADER, decode_oip_response, encode_binary_request
-from tests.integration.scoring_helpers import digits_model, write_script
+from tests.integration.scoring_helpers import digits_linear_model, digits_model, write_script
 
 _ids = itertools.count()
 JSON = {"Content-Type": "application/json"}
@@ -518,6 +518,19 @@ async def test_no_code_score_and_oip(tmp_path: Path, digits: tuple[Path, np.ndar
         assert outputs["label"].tolist() == labels.tolist()
         assert np.allclose(outputs["probabilities"], probabilities, atol=1e-6)
         assert (await (await client.get("/v2")).json())["extensions"] == ["binary_tensor_data"]
+
+
+async def test_no_code_on_openvino_reports_its_device(tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="OpenVINO is not installed: the openvino-cpu profile cannot run")
+    model, x = digits_linear_model(tmp_path / "linear" / "1")
+    expected = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
+    async with serving(_config(tmp_path, MODEL_DIR=str(model.parent), PROFILE="openvino-cpu")) as (client, _):
+        scored = await (await client.post("/score", json={"data": x.tolist()})).json()
+        assert np.allclose(scored["result"], expected, atol=1e-5)
+        meta = await (await client.get("/v2/models/linear")).json()
+        assert (meta["platform"], meta["parameters"]["execution_provider"]) == ("openvino", "openvino:CPU")
+        metrics = await (await client.get("/metrics")).text()
+        assert 'scoring_execution_provider_info{model="linear",provider="openvino:CPU"} 1' in metrics
 
 
 async def test_no_code_bad_input_names_input_and_shape(

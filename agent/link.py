@@ -15,8 +15,9 @@ the last will and on a clean shutdown).
 
 The link does MQTT I/O and nothing else: desired-state payloads are handed over as raw bytes for
 ``agent.admission`` to judge. A new payload replaces the one not yet taken and wakes the waiter.
-Reports are never handed to paho while offline: only the newest is kept and sent on reconnect,
-and at most one report is in flight, so reports reach the broker in order.
+Reports are never handed to paho while offline: only the newest is kept and sent on reconnect.
+At most one report is in flight, so reports reach the broker in order; the one in flight when a
+connection drops is resent by paho on reconnect, before the newest.
 """
 
 from __future__ import annotations
@@ -119,7 +120,6 @@ class Link:
         self._report_wake = asyncio.Event()
         self._pending_report: ReportedState | None = None
         self._superseded = 0
-        self._report_in_flight = False
         self._report_idle = asyncio.Event()
         self._report_idle.set()
 
@@ -371,15 +371,11 @@ class Link:
 
     def _log_report(self, state: ReportedState, superseded: int, offline_for: float | None) -> None:
         what = f"report (generation {state.generation_applied}, {state.deployment_status})"
+        dropped = f"; {superseded} older unsent report(s) dropped" if superseded else ""
         if offline_for is not None:
-            log.info(
-                "%s flushed after %.1f s offline; %d older unsent report(s) dropped",
-                what,
-                offline_for,
-                superseded,
-            )
+            log.info("%s flushed after %.1f s offline%s", what, offline_for, dropped)
         else:
-            log.debug("%s published", what)
+            log.debug("%s published%s", what, dropped)
 
     @staticmethod
     def _log_refusal(future: asyncio.Future[None], what: str) -> None:

@@ -1,0 +1,194 @@
+"""``edgectl broker``: write a Mosquitto configuration, rewrite its password/ACL files, reload it."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cloud import broker
+from cloud.commands.base import EXIT_FAILURE, CliError, add_command, print_json, settings_from, store_errors
+from cloud.devices import DeviceManager, check_broker_url
+
+
+@contextmanager
+def _broker_errors() -> Iterator[None]:
+    try:
+        yield
+    except broker.BrokerError as e:
+        raise CliError(str(e), EXIT_FAILURE) from e
+
+
+def _sync(args: argparse.Namespace) -> broker.BrokerPaths:
+    with store_errors(), _broker_errors():
+        manager = DeviceManager.open(settings_from(args))
+        try:
+            return manager.sync_broker_files()
+        finally:
+            manager.close()
+
+
+def _existing_file(value: str | None, option: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser().absolute()
+    if not path.is_file():
+        raise CliError(f"{option} {value}: no such file")
+    return path
+
+
+def _listener(args: argparse.Namespace) -> broker.ListenerOptions:
+    cert = _existing_file(args.tls_cert, "--tls-cert")
+    key = _existing_file(args.tls_key, "--tls-key")
+    ca = _existing_file(args.ca, "--ca")
+    if (cert is None) != (key is None):
+        raise CliError("--tls-cert and --tls-key go together: give both or neither")
+    if ca is not None and cert is None:
+        raise CliError("--ca needs TLS: give --tls-cert and --tls-key too")
+    try:
+        ipaddress.ip_address(args.bind)
+    except ValueError:
+        raise CliError(f"--bind {args.bind!r}: not an IP address") from None
+    port = args.port if args.port is not None else (broker.DEFAULT_TLS_PORT if cert else broker.DEFAULT_PORT)
+    if not 1 <= port <= 65535:
+        raise CliError(f"--port {port}: must be between 1 and 65535")
+    return broker.ListenerOptions(port=port, bind=args.bind, tls_cert=cert, tls_key=key, ca_file=ca)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Write DIR/mosquitto.conf using the generated password and ACL files."""
+    listener = _listener(args)
+    url = args.url or broker.listener_url(listener)
+    with store_errors():
+        check_broker_url(url)
+    out = Path(args.out).expanduser().absolute()
+    paths = _sync(args)
+    conf_file = out / "mosquitto.conf"
+    pid_file = out / "mosquitto.pid"
+    with _broker_errors():
+        try:
+            (out / "data").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise broker.BrokerError(f"cannot create {out / 'data'}: {e.strerror or e}") from None
+        text = broker.render_mosquitto_conf(
+            listener,
+            password_file=paths.password_file.absolute(),
+            acl_file=paths.acl_file.absolute(),
+            persistence_dir=out / "data",
+            pid_file=pid_file,
+            user=args.user,
+        )
+        broker.write_atomic(conf_file, text, 0o644)
+        broker.save_settings(
+            paths,
+            broker.BrokerSettings(
+                url=url, ca_file=listener.ca_file, pid_file=pid_file, config_file=conf_file
+            ),
+        )
+    if args.json:
+        print_json(
+            {
+                "config_file": str(conf_file),
+                "password_file": str(paths.password_file),
+                "acl_file": str(paths.acl_file),
+                "pid_file": str(pid_file),
+                "url": url,
+            }
+        )
+    else:
+        print(f"wrote {conf_file}")
+        print(f"password file {paths.password_file}, ACL file {paths.acl_file}")
+        print(f"devices will connect to {url}")
+        print(f"run the broker: mosquitto -c {conf_file}")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Send SIGHUP to the broker so it rereads the password and ACL files."""
+    with _broker_errors():
+        if args.pid_file:
+            pid_file = Path(args.pid_file)
+        else:
+            recorded = broker.load_settings(broker.BrokerPaths.of(settings_from(args).data_dir))
+            if recorded is None or recorded.pid_file is None:
+                raise CliError(
+                    "no pid file recorded: give --pid-file FILE (or run edgectl broker config first)"
+                )
+            pid_file = recorded.pid_file
+        pid = broker.reload_broker(pid_file)
+    if args.json:
+        print_json({"pid": pid, "pid_file": str(pid_file)})
+    else:
+        print(f"sent SIGHUP to mosquitto (pid {pid}): password and ACL files reloaded")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Rewrite the password and ACL files from the device table."""
+    paths = _sync(args)
+    if args.json:
+        print_json({"password_file": str(paths.password_file), "acl_file": str(paths.acl_file)})
+    else:
+        print(f"rewrote {paths.password_file} and {paths.acl_file}")
+        print("reload the broker to apply them: edgectl broker reload", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``broker`` group."""
+    group = subparsers.add_parser(
+        "broker",
+        help="Mosquitto configuration, password and ACL files",
+        description="Generate what a stock Mosquitto (2.x) needs to serve the fleet: a configuration with "
+        "no anonymous access, the password file (PBKDF2-SHA512, mosquitto_passwd's format) and the ACL "
+        "file (each device reaches only its own topics). Files live in <data dir>/broker/; Mosquitto "
+        "rereads them on SIGHUP (edgectl broker reload). When mosquitto runs as another user (--user), "
+        "that user must be able to read <data dir>/broker/ (the files are group-readable).",
+    )
+    commands = group.add_subparsers(dest="broker_command", metavar="COMMAND", required=True)
+
+    p = add_command(
+        commands,
+        "config",
+        cmd_config,
+        help="write a mosquitto.conf that uses the generated files",
+        description="Write DIR/mosquitto.conf: one listener (loopback by default, TLS when given a "
+        "certificate), allow_anonymous false, the password and ACL files, persistence in DIR/data and a "
+        "pid file DIR/mosquitto.pid that device add/remove and broker reload use to signal the broker.",
+        examples="  edgectl broker config --out /etc/edgedeploy/mosquitto\n"
+        "  edgectl broker config --out ./broker --port 1884 --user mosquitto\n"
+        "  edgectl broker config --out ./broker --bind 0.0.0.0 --url mqtts://broker.example.com:8883 \\\n"
+        "      --tls-cert server.pem --tls-key server.key --ca ca.pem",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for mosquitto.conf, data and pid file")
+    p.add_argument("--port", type=int, help="listener port (default 1883, 8883 with TLS)")
+    p.add_argument("--bind", default=broker.DEFAULT_BIND, help="listener address (default 127.0.0.1)")
+    p.add_argument("--url", help="URL devices use to reach the broker (default from --bind and --port)")
+    p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM): serve TLS")
+    p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    p.add_argument("--ca", metavar="FILE", help="CA bundle; copied into each new device's configuration")
+    p.add_argument("--user", help="user mosquitto drops privileges to when started as root")
+
+    p = add_command(
+        commands,
+        "reload",
+        cmd_reload,
+        help="make the broker reread its password and ACL files (SIGHUP)",
+        description="Send SIGHUP to the broker whose pid is in the pid file (default: the one broker "
+        "config recorded). Mosquitto then rereads its password and ACL files.",
+        examples="  edgectl broker reload\n  edgectl broker reload --pid-file /run/mosquitto/mosquitto.pid",
+    )
+    p.add_argument("--pid-file", metavar="FILE", help="the broker's pid file")
+
+    add_command(
+        commands,
+        "sync",
+        cmd_sync,
+        help="rewrite the password and ACL files from the device table",
+        description="Rewrite <data dir>/broker/passwd and acl from the database (after a restore, or when "
+        "a file was lost), creating the cloud's MQTT user on first use.",
+        examples="  edgectl broker sync && edgectl broker reload",
+    )

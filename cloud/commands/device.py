@@ -1,0 +1,227 @@
+"""``edgectl device``: provision devices (MQTT credentials, broker files, agent config), list, tag, remove."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cloud.broker import BrokerError
+from cloud.commands.base import (
+    EXIT_FAILURE,
+    CliError,
+    add_command,
+    format_table,
+    parse_key_values,
+    print_json,
+    settings_from,
+    store_errors,
+)
+from cloud.devices import DEFAULT_PROFILE, DEFAULT_STATE_DIR, AgentBundle, DeviceManager, reload_if_configured
+from cloud.keys import KeyFileError
+
+
+@contextmanager
+def _devices(args: argparse.Namespace) -> Iterator[DeviceManager]:
+    with store_errors():
+        try:
+            manager = DeviceManager.open(settings_from(args))
+        except (BrokerError, KeyFileError) as e:
+            raise CliError(str(e), EXIT_FAILURE) from e
+        try:
+            yield manager
+        except (BrokerError, KeyFileError) as e:
+            raise CliError(str(e), EXIT_FAILURE) from e
+        finally:
+            manager.close()
+
+
+def _reload_note(manager: DeviceManager) -> str:
+    try:
+        return reload_if_configured(manager.paths)
+    except BrokerError as e:
+        return f"broker files updated, but the broker was not reloaded: {e}"
+
+
+def _tags(tags: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in tags.items())
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    """Provision a device and write its agent configuration."""
+    bundle = AgentBundle(
+        out_dir=Path(args.out) if args.out else None,
+        broker_url=args.broker_url,
+        ca_file=Path(args.ca) if args.ca else None,
+        state_dir=args.state_dir,
+        runtime=args.runtime,
+        force=args.force,
+    )
+    with _devices(args) as manager:
+        result = manager.add(
+            args.id, profile=args.profile, tags=parse_key_values(args.tag, "--tag"), bundle=bundle
+        )
+        note = _reload_note(manager)
+    if args.json:
+        data = result.model_dump(mode="json")
+        if args.show_password:
+            data["password"] = result.password
+        data["broker"] = note
+        print_json(data)
+    else:
+        print(f"added device {result.device.id} (profile {result.device.profile})")
+        print(f"agent configuration: {result.config_file} (holds the MQTT password; copy it to the device)")
+        if args.show_password:
+            print(f"MQTT password (shown once): {result.password}")
+    print(note, file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List devices."""
+    with _devices(args) as manager:
+        devices = manager.list_devices(
+            tags=parse_key_values(args.tag, "--tag"), profiles=[args.profile] if args.profile else None
+        )
+    if args.json:
+        print_json([d.model_dump(mode="json") for d in devices])
+        return 0
+    if not devices:
+        print("no devices", file=sys.stderr)
+        return 0
+    rows = [(d.id, d.profile, d.created_at.strftime("%Y-%m-%d %H:%M:%SZ"), _tags(d.tags)) for d in devices]
+    print(format_table(("ID", "PROFILE", "CREATED", "TAGS"), rows))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Show one device."""
+    with _devices(args) as manager:
+        view = manager.show(args.id)
+    if args.json:
+        print_json(view.model_dump(mode="json"))
+        return 0
+    fields = [
+        ("id", view.id),
+        ("profile", view.profile),
+        ("created", view.created_at.isoformat()),
+        ("updated", view.updated_at.isoformat()),
+        ("tags", _tags(view.tags) or "-"),
+    ]
+    print("\n".join(f"{k + ':':<8} {v}" for k, v in fields))
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    """Set or remove tags."""
+    with _devices(args) as manager:
+        view = manager.tag(args.id, parse_key_values(args.tags, "tag"), args.remove or ())
+    if args.json:
+        print_json(view.model_dump(mode="json"))
+    else:
+        print(f"{view.id}: {_tags(view.tags) or 'no tags'}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    """Remove a device and its credentials."""
+    with _devices(args) as manager:
+        view = manager.remove(args.id)
+        note = _reload_note(manager)
+    if args.json:
+        print_json({"removed": view.model_dump(mode="json"), "broker": note})
+    else:
+        print(f"removed device {view.id}; its MQTT credentials are gone from the password file")
+    print(note, file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``device`` group."""
+    group = subparsers.add_parser(
+        "device",
+        help="provision and manage devices",
+        description="Provision devices: each gets MQTT credentials (only a hash is stored), a place in the "
+        "broker's password and ACL files, and a ready agent configuration.",
+    )
+    commands = group.add_subparsers(dest="device_command", metavar="COMMAND", required=True)
+
+    p = add_command(
+        commands,
+        "add",
+        cmd_add,
+        help="provision a device and write its agent configuration",
+        description="Provision device ID: create its MQTT password, add it to the broker's password file "
+        "and write DIR/agent.yaml (with the password, mode 0600), the cloud's public signing key and, for "
+        "TLS, the broker's CA. The broker is reloaded when `edgectl broker config` recorded its pid file.",
+        examples="  edgectl device add pump-17 --tag site=plant-a --profile cpu\n"
+        "  edgectl device add cam-3 --profile openvino-myriad --out ./cam-3 --runtime process\n"
+        "  edgectl device add gw-1 --broker-url mqtts://broker.example.com:8883 --ca ca.pem --json",
+    )
+    p.add_argument(
+        "id", metavar="ID", help="device id (also its MQTT username): lowercase letters, digits, -_."
+    )
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="tag the device (repeatable)")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"device profile (default {DEFAULT_PROFILE})")
+    p.add_argument("--out", metavar="DIR", help="agent configuration folder (default <data dir>/devices/ID)")
+    p.add_argument(
+        "--broker-url", metavar="URL", help="broker URL for the agent (default: from broker config)"
+    )
+    p.add_argument(
+        "--ca", metavar="FILE", help="CA the agent trusts for mqtts:// (default: from broker config)"
+    )
+    p.add_argument(
+        "--state-dir", default=DEFAULT_STATE_DIR, help=f"agent state folder (default {DEFAULT_STATE_DIR})"
+    )
+    p.add_argument("--runtime", choices=("docker", "process"), default="docker", help="module runtime")
+    p.add_argument("--force", action="store_true", help="overwrite an existing agent.yaml in DIR")
+    p.add_argument("--show-password", action="store_true", help="also print the MQTT password once")
+
+    p = add_command(
+        commands,
+        "list",
+        cmd_list,
+        help="list devices",
+        description="List devices, optionally only those with given tags or profile.",
+        examples="  edgectl device list\n  edgectl device list --tag site=plant-a --json",
+    )
+    p.add_argument(
+        "--tag", action="append", metavar="KEY=VALUE", help="only devices with this tag (repeatable)"
+    )
+    p.add_argument("--profile", help="only devices of this profile")
+
+    p = add_command(
+        commands,
+        "show",
+        cmd_show,
+        help="show a device",
+        description="Show a device's profile and tags.",
+        examples="  edgectl device show pump-17 --json",
+    )
+    p.add_argument("id", metavar="ID")
+
+    p = add_command(
+        commands,
+        "tag",
+        cmd_tag,
+        help="set or remove a device's tags",
+        description="Set tags (KEY=VALUE) and remove tags (--remove KEY) of a device.",
+        examples="  edgectl device tag pump-17 site=plant-b ring=canary\n"
+        "  edgectl device tag pump-17 --remove ring",
+    )
+    p.add_argument("id", metavar="ID")
+    p.add_argument("tags", nargs="*", metavar="KEY=VALUE", help="tags to set")
+    p.add_argument("--remove", action="append", metavar="KEY", help="tag to remove (repeatable)")
+
+    p = add_command(
+        commands,
+        "remove",
+        cmd_remove,
+        help="remove a device and its credentials",
+        description="Remove a device: its row, its password file entry and its default agent configuration "
+        "folder. After the broker reloads (SIGHUP), the device can no longer connect.",
+        examples="  edgectl device remove pump-17",
+    )
+    p.add_argument("id", metavar="ID")

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import orjson
 
 RAW_ATTRIBUTE = "__scoring_rawhttp__"
+_SERVER_HEADERS = frozenset({"content-type", "content-length", "transfer-encoding", "connection"})
+"""Headers the server sets itself; a script's values for them are dropped (Content-Type is kept apart)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -101,6 +103,7 @@ class ScoringResponse:
 
     ``body`` may be bytes (sent as is), a str (sent as UTF-8 text) or any other value (sent as
     JSON). ``headers`` may set ``Content-Type``; otherwise it follows from the body's type.
+    ``Content-Length``, ``Transfer-Encoding`` and ``Connection`` are the server's to set.
     """
 
     __slots__ = ("body", "content_type", "headers", "status")
@@ -127,7 +130,7 @@ class ScoringResponse:
             default_type = "application/json"
         header_type = next((v for k, v in self.headers.items() if k.lower() == "content-type"), None)
         self.content_type = content_type or header_type or default_type
-        self.headers = {k: v for k, v in self.headers.items() if k.lower() != "content-type"}
+        self.headers = {k: v for k, v in self.headers.items() if k.lower() not in _SERVER_HEADERS}
 
     def __repr__(self) -> str:
         return f"ScoringResponse({self.status}, {self.content_type}, {len(self.body)} bytes)"

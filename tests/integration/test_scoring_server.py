@@ -75,6 +75,12 @@ async def serving(config: ServerConfig, *, load: bool = True) -> AsyncIterator[t
         await client.close()
 
 
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    """A body sent with chunked transfer encoding (no Content-Length)."""
+    for i in range(0, len(data), 100):
+        yield data[i : i + 100]
+
+
 async def _alive(client: TestClient) -> None:
     response = await client.get("/")
     assert (response.status, await response.text()) == (200, "Healthy")
@@ -154,6 +160,7 @@ async def test_bad_input_is_4xx_and_the_server_lives_on(tmp_path: Path) -> None:
                 413,
                 "limit of 1024 bytes",
             ),
+            (client.post("/score", data=_chunks(b"x" * 2000), headers=JSON), 413, "limit of 1024 bytes"),
             (client.post("/score", data=b"{}"), 415, "application/octet-stream"),
             (client.get("/score"), 405, "needs a raw-request"),
             (client.delete("/score"), 405, "DELETE is not allowed"),

@@ -150,5 +150,6 @@ def test_scoring_response_bodies() -> None:
     text = ScoringResponse("hi", 202, {"content-type": "text/csv"})
     assert (text.body, text.status, text.content_type, text.headers) == (b"hi", 202, "text/csv", {})
     assert ScoringResponse({"a": 1}).body == b'{"a":1}'
+    assert ScoringResponse(b"", headers={"Content-Length": "9", "X-Kept": "1"}).headers == {"X-Kept": "1"}
     with pytest.raises(ValueError, match="between 100 and 599"):
         ScoringResponse(b"", 99)

@@ -368,6 +368,8 @@ class ProcessRuntime:
                     start_new_session=True,
                 )
             except OSError as exc:
+                now = utcnow().isoformat()
+                self._save(replace(record, status="exited", exit_code=127, started_at=now, finished_at=now))
                 raise RuntimeActionError(module, f"cannot start {self.python}: {exc}") from None
         self._children[module] = proc
         self._save(

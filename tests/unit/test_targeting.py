@@ -67,7 +67,8 @@ def test_no_image_names_module_profile_and_chain() -> None:
     with pytest.raises(TargetingError) as err:
         choose_image("web", spec, "tensorrt", CHAINS["tensorrt"])
     assert str(err.value) == (
-        "module 'web' has no image for profile 'tensorrt' (tried tensorrt → cuda → cpu; images given for: fpga)"
+        "module 'web' has no image for profile 'tensorrt' (tried tensorrt → cuda → cpu; "
+        "images given for: fpga)"
     )
 
 

@@ -1,0 +1,181 @@
+"""Ingest what devices report: ``ReportedState`` and ``OnlineStatus`` into the store, in batches.
+
+The ingester subscribes to ``$share/cloud/edge/+/reported`` (several cloud processes split the
+fleet's reports between them) and ``edge/+/online``. paho's thread only appends raw messages to
+an inbox; every ``flush_interval_s`` the inbox is parsed and written with one ``executemany``
+upsert per table inside one transaction, keeping only the newest message per device. A message
+that does not parse, or whose device id differs from its topic's, is counted and logged, never
+written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from pydantic import ValidationError
+
+from cloud.fleet.mqtt import Endpoint, connect, disconnect, new_client
+from cloud.fleet.sql import upsert
+from cloud.store.db import Database
+from cloud.store.fleet import OnlineRecord, ReportedRecord
+from modules.contract import OnlineStatus, ReportedState, format_validation_error, utcnow
+
+log = logging.getLogger(__name__)
+
+REPORTED_SUBSCRIPTION = "$share/cloud/edge/+/reported"
+ONLINE_SUBSCRIPTION = "edge/+/online"
+FLUSH_INTERVAL_S = 0.1
+SUBSCRIBE_TIMEOUT_S = 10.0
+
+
+@dataclass
+class IngestStats:
+    """Counters since start: messages received, written, and rejected as malformed."""
+
+    received: int = 0
+    written: int = 0
+    invalid: int = 0
+
+
+def _topic_device(topic: str, kind: str) -> str | None:
+    parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == "edge" and parts[2] == kind:
+        return parts[1]
+    return None
+
+
+class Ingestor:
+    """``async with Ingestor(db, endpoint) as ingest``: writes reports until the block ends."""
+
+    def __init__(
+        self, db: Database, endpoint: Endpoint, *, flush_interval_s: float = FLUSH_INTERVAL_S
+    ) -> None:
+        self.db = db
+        self.endpoint = endpoint
+        self.flush_interval_s = flush_interval_s
+        self.stats = IngestStats()
+        self._inbox: list[tuple[str, bytes, datetime]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._client: mqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Ingestor:
+        client = new_client(self.endpoint, "edgectl-ingest")
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self._client = client
+        await asyncio.to_thread(connect, client, self.endpoint, on_connected=self._subscribe)
+        if not await asyncio.to_thread(self._subscribed.wait, SUBSCRIBE_TIMEOUT_S):
+            await asyncio.to_thread(disconnect, client)
+            raise TimeoutError(
+                f"the MQTT broker at {self.endpoint.url} did not acknowledge the subscriptions"
+            )
+        self._task = asyncio.create_task(self._run(), name="fleet-ingest")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._client is not None:
+            await asyncio.to_thread(disconnect, self._client)
+        await asyncio.to_thread(self.flush)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            await asyncio.to_thread(self.flush)
+
+    # ---- paho's thread -----------------------------------------------------------------------
+
+    def _subscribe(self, client: mqtt.Client) -> None:
+        client.subscribe([(REPORTED_SUBSCRIPTION, 1), (ONLINE_SUBSCRIPTION, 1)])
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, reasons: list[Any], _p: object) -> None:
+        failed = [str(r) for r in reasons if r.is_failure]
+        if failed:
+            log.error("the broker refused the subscriptions to reports: %s", ", ".join(failed))
+            return
+        self._subscribed.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self._inbox.append((message.topic, bytes(message.payload), utcnow()))
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def flush(self) -> int:
+        """Write what arrived since the last flush; returns how many messages were written."""
+        with self._lock:
+            batch, self._inbox = self._inbox, []
+        if not batch:
+            return 0
+        reported: dict[str, dict[str, Any]] = {}
+        online: dict[str, dict[str, Any]] = {}
+        invalid = 0
+        for topic, payload, received_at in batch:
+            row = self._parse(topic, payload, received_at)
+            if row is None:
+                invalid += 1
+            elif "online" in row:
+                online[row["device_id"]] = row
+            else:
+                reported[row["device_id"]] = row
+        with self.db.transaction() as s:
+            upsert(s, ReportedRecord.__table__, list(reported.values()), ["device_id"])  # type: ignore[arg-type]
+            upsert(s, OnlineRecord.__table__, list(online.values()), ["device_id"])  # type: ignore[arg-type]
+        written = len(batch) - invalid
+        self.stats.received += len(batch)
+        self.stats.written += written
+        self.stats.invalid += invalid
+        return written
+
+    def _parse(self, topic: str, payload: bytes, received_at: datetime) -> dict[str, Any] | None:
+        device = _topic_device(topic, "reported")
+        try:
+            if device is not None:
+                state = ReportedState.model_validate_json(payload)
+                if state.device_id != device:
+                    log.warning("report on %s names device %r; ignored", topic, state.device_id)
+                    return None
+                return {
+                    "device_id": device,
+                    "generation_applied": state.generation_applied,
+                    "generation_received": state.generation_received,
+                    "deployment_status": state.deployment_status,
+                    "reason": state.reason,
+                    "payload": payload.decode(),
+                    "reported_at": state.reported_at,
+                    "received_at": received_at,
+                }
+            device = _topic_device(topic, "online")
+            if device is None:
+                log.warning("message on unexpected topic %s ignored", topic)
+                return None
+            status = OnlineStatus.model_validate_json(payload)
+            return {
+                "device_id": device,
+                "online": status.online,
+                "since": status.ts,
+                "received_at": received_at,
+            }
+        except ValidationError as e:
+            log.warning(
+                "malformed message on %s ignored: %s", topic, format_validation_error(e).replace("\n", "; ")
+            )
+            return None
+        except UnicodeDecodeError:
+            log.warning("message on %s is not UTF-8; ignored", topic)
+            return None

@@ -1,0 +1,352 @@
+"""Deployments to signed, retained desired states on a real Mosquitto; rollout waves from real reports.
+
+Every wait is for a condition with a generous timeout; nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from sqlalchemy import select
+
+from cloud.fleet.desired import EMPTY
+from cloud.fleet.ingest import Ingestor
+from cloud.fleet.mqtt import Endpoint
+from cloud.fleet.service import ApplyError, Fleet
+from cloud.keys import load_or_create_signing_key, public_key_path
+from cloud.store.db import open_database
+from cloud.store.devices import Device, DeviceTag
+from cloud.store.fleet import DesiredRecord
+from modules.contract import DeploymentManifest, DesiredState, ReportedState
+from modules.profiles import load_profiles
+from modules.signing import load_public_key_file, verify_desired
+from tests.services import MosquittoBroker, MosquittoFactory, wait_until
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 30.0
+
+
+class Recorder:
+    """A paho client that keeps the newest message per topic under ``edge/+/desired``."""
+
+    def __init__(self, broker: MosquittoBroker) -> None:
+        self.messages: dict[str, DesiredState] = {}
+        self.count = 0
+        self._subscribed = threading.Event()
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"rec-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_: c.subscribe("edge/+/desired", qos=1)
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self._subscribed.wait(WAIT_S), "recorder did not subscribe"
+
+    def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        state = DesiredState.model_validate_json(message.payload)
+        with self._lock:
+            self.messages[state.device_id] = state
+            self.count += 1
+
+    def wait_for(self, devices: set[str], generation: int | None = None) -> dict[str, DesiredState]:
+        def done() -> bool:
+            with self._lock:
+                got = {d: s for d, s in self.messages.items() if d in devices}
+            return set(got) == devices and (
+                generation is None or all(s.generation == generation for s in got.values())
+            )
+
+        assert wait_until(done, WAIT_S), (
+            f"desired states for {sorted(devices)} not received: {sorted(self.messages)}"
+        )
+        return {d: self.messages[d] for d in devices}
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    db = open_database(f"sqlite:///{tmp_path / 'edge.db'}")
+    with db.transaction() as s:
+        for device, profile, tags in [
+            ("cam-1", "cpu", {"site": "a"}),
+            ("cam-2", "tensorrt", {"site": "a"}),
+            ("cam-3", "cuda", {"site": "a"}),
+            ("gw-1", "cpu", {"site": "b"}),
+        ]:
+            s.add(Device(id=device, profile=profile, password_hash="unused"))
+            s.flush()
+            s.add_all(DeviceTag(device_id=device, key=k, value=v) for k, v in tags.items())
+    f = Fleet(db, load_or_create_signing_key(tmp_path), load_profiles())
+    yield f
+    f.close()
+
+
+def manifest(name: str = "vision", **changes: Any) -> DeploymentManifest:
+    doc: dict[str, Any] = {
+        "name": name,
+        "target": {"tags": {"site": "a"}},
+        "modules": {"detector": {"images": {"cpu": "reg.local/det:1-cpu", "cuda": "reg.local/det:1-cuda"}}},
+    }
+    doc.update(changes)
+    return DeploymentManifest.model_validate(doc)
+
+
+def endpoint(broker: MosquittoBroker) -> Endpoint:
+    return Endpoint.parse(f"mqtt://{broker.host}:{broker.port}")
+
+
+def generations(fleet: Fleet) -> dict[str, int]:
+    with fleet.db.transaction() as s:
+        return {d: g for d, g in s.execute(select(DesiredRecord.device_id, DesiredRecord.generation))}
+
+
+def test_apply_publishes_signed_retained_states_per_profile(
+    fleet: Fleet, mosquitto_factory: MosquittoFactory, tmp_path: Path
+) -> None:
+    broker = mosquitto_factory()
+    result = fleet.apply(manifest(), endpoint=endpoint(broker))
+    assert (result.selected, result.new_generations, result.publish.published, result.publish.pending) == (
+        3,
+        3,
+        3,
+        0,
+    )
+
+    recorder = Recorder(broker)  # subscribes after the publish: only retained messages can arrive
+    try:
+        states = recorder.wait_for({"cam-1", "cam-2", "cam-3"})
+    finally:
+        recorder.close()
+    public = load_public_key_file(public_key_path(tmp_path))
+    for state in states.values():
+        verify_desired(state, public)
+        assert state.generation == 1
+        assert state.deployment == "vision"
+    assert {d: s.modules["detector"].image for d, s in states.items()} == {
+        "cam-1": "reg.local/det:1-cpu",
+        "cam-2": "reg.local/det:1-cuda",  # tensorrt falls back to cuda
+        "cam-3": "reg.local/det:1-cuda",
+    }
+    assert "gw-1" not in recorder.messages
+
+
+def test_reapply_unchanged_publishes_nothing(fleet: Fleet, mosquitto_factory: MosquittoFactory) -> None:
+    broker = mosquitto_factory()
+    fleet.apply(manifest(), endpoint=endpoint(broker))
+    before = generations(fleet)
+    recorder = Recorder(broker)
+    try:
+        recorder.wait_for(set(before))
+        retained = recorder.count
+        again = fleet.apply(manifest(), endpoint=endpoint(broker))
+        changed = fleet.apply(
+            manifest(
+                modules={
+                    "detector": {"images": {"cpu": "reg.local/det:2-cpu", "cuda": "reg.local/det:1-cuda"}}
+                }
+            ),
+            endpoint=endpoint(broker),
+        )
+        recorder.wait_for({"cam-1"}, generation=2)
+    finally:
+        recorder.close()
+    assert (again.manifest_changed, again.new_generations, again.publish.published) == (False, 0, 0)
+    assert (changed.new_generations, changed.publish.published) == (1, 1)  # only the cpu device changed
+    assert generations(fleet) == {**before, "cam-1": 2}
+    assert recorder.count == retained + 1
+
+
+def test_broker_down_at_apply_publishes_when_it_returns(
+    fleet: Fleet, mosquitto_factory: MosquittoFactory
+) -> None:
+    broker = mosquitto_factory()
+    broker.stop()
+    result = fleet.apply(manifest(), endpoint=endpoint(broker))
+    assert (result.new_generations, result.publish.published, result.publish.pending) == (3, 0, 3)
+    assert result.publish.error is not None and f"127.0.0.1:{broker.port}" in result.publish.error
+    assert [d.name for d in fleet.list_deployments()] == ["vision"]
+    assert {d.status for d in fleet.progress("vision").devices} == {"pending"}
+
+    broker.start()
+    report = fleet.publish_pending(endpoint(broker))
+    assert (report.published, report.pending) == (3, 0)
+    recorder = Recorder(broker)
+    try:
+        recorder.wait_for({"cam-1", "cam-2", "cam-3"}, generation=1)
+    finally:
+        recorder.close()
+    assert fleet.pending_count() == 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            manifest(target={"profile": "gpu"}),
+            "manifest: target.profile: unknown device profile 'gpu' (known: cpu, cuda,",
+        ),
+        (
+            manifest(modules={"detector": {"images": {"jetson": "reg.local/det:1"}}}),
+            "manifest: modules.detector.images.jetson: unknown device profile 'jetson'",
+        ),
+        (
+            manifest(target={"tags": {"site": "zz"}}),
+            "manifest: target selects no provisioned device (tags site=zz)",
+        ),
+        (
+            manifest(
+                target={"profile": "cuda"}, modules={"detector": {"images": {"tensorrt": "reg.local/det:t"}}}
+            ),
+            "deployment 'vision': module 'detector' has no image for profile 'cuda' (tried cuda → cpu;",
+        ),
+    ],
+)
+def test_bad_manifest_stores_and_publishes_nothing(
+    fleet: Fleet, mosquitto: MosquittoBroker, bad: DeploymentManifest, message: str
+) -> None:
+    with pytest.raises(ApplyError) as err:
+        fleet.apply(bad, endpoint=endpoint(mosquitto))
+    assert message in str(err.value)
+    assert fleet.list_deployments() == []
+    assert generations(fleet) == {}
+
+
+def test_equal_priority_conflict_names_both_deployments(fleet: Fleet) -> None:
+    fleet.apply(manifest())
+    with pytest.raises(ApplyError) as err:
+        fleet.apply(
+            manifest("other", target={"device_ids": ["cam-1"]}, modules={"x": {"images": {"cpu": "r/x:1"}}})
+        )
+    assert str(err.value).startswith(
+        "deployments 'other' and 'vision' have the same priority and give different modules to "
+        "1 device(s) (cam-1)"
+    )
+    overriding = fleet.apply(
+        manifest(
+            "other", priority=5, target={"device_ids": ["cam-1"]}, modules={"x": {"images": {"cpu": "r/x:1"}}}
+        )
+    )
+    assert overriding.winning == 1
+    fleet.delete("other")
+    assert generations(fleet)["cam-1"] == 3  # vision → other → vision again
+
+
+def test_delete_leaves_devices_an_empty_desired_state(
+    fleet: Fleet, mosquitto_factory: MosquittoFactory
+) -> None:
+    broker = mosquitto_factory()
+    fleet.apply(manifest(), endpoint=endpoint(broker))
+    changed, report = fleet.delete("vision", endpoint=endpoint(broker))
+    assert (changed, report.published) == (3, 3)
+    recorder = Recorder(broker)
+    try:
+        states = recorder.wait_for({"cam-1", "cam-2", "cam-3"}, generation=2)
+    finally:
+        recorder.close()
+    assert all(s.modules == {} and s.deployment is None for s in states.values())
+    with fleet.db.transaction() as s:
+        assert set(s.scalars(select(DesiredRecord.content_hash))) == {EMPTY.hash}
+
+
+def report(device: str, generation: int, status: str) -> bytes:
+    return (
+        ReportedState(
+            device_id=device,
+            generation_applied=generation,
+            generation_received=generation,
+            deployment_status=status,
+            agent_version="test",
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def publish_reports(broker: MosquittoBroker, reports: dict[str, bytes]) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    infos = [client.publish(f"edge/{d}/reported", p, qos=1, retain=True) for d, p in reports.items()]
+    for info in infos:
+        info.wait_for_publish(WAIT_S)
+    client.disconnect()
+    client.loop_stop()
+
+
+async def until(check: Callable[[], bool]) -> bool:
+    """Wait (without blocking the event loop) until ``check`` holds or WAIT_S passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while not check():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_rollout_waves_advance_on_healthy_reports_and_halt_with_revert(
+    fleet: Fleet, mosquitto_factory: MosquittoFactory
+) -> None:
+    broker = mosquitto_factory()
+    ep = endpoint(broker)
+    fleet.apply(manifest(), endpoint=ep)  # v1 everywhere, in one wave
+    async with Ingestor(fleet.db, ep, flush_interval_s=0.05) as ingest:
+        publish_reports(broker, {d: report(d, 1, "healthy") for d in ("cam-1", "cam-2", "cam-3")})
+        assert await until(lambda: ingest.stats.written >= 3)
+        assert fleet.advance_rollouts(endpoint=ep) == ["vision: all 1 wave(s) done"]
+
+        v2 = manifest(
+            modules={"detector": {"images": {"cpu": "reg.local/det:2-cpu", "cuda": "reg.local/det:2-cuda"}}},
+            rollout={"waves": [1, 2], "max_failure_ratio": 0.0, "revert_on_halt": True},
+        )
+        applied = fleet.apply(v2, endpoint=ep)
+        assert applied.waves == [1, 1, 1]
+        assert generations(fleet) == {"cam-1": 2, "cam-2": 1, "cam-3": 1}
+        assert [w.started for w in fleet.progress("vision").waves] == [True, False, False]
+        assert fleet.advance_rollouts(endpoint=ep) == []  # cam-1 has not reported generation 2
+
+        publish_reports(broker, {"cam-1": report("cam-1", 2, "healthy")})
+        assert await until(lambda: ingest.stats.written >= 4)
+        assert fleet.advance_rollouts(endpoint=ep) == ["vision: wave 1 done; starting wave 2"]
+        assert generations(fleet) == {"cam-1": 2, "cam-2": 2, "cam-3": 1}
+
+        publish_reports(broker, {"cam-2": report("cam-2", 2, "failed")})
+        assert await until(lambda: ingest.stats.written >= 5)
+        moved = fleet.advance_rollouts(endpoint=ep)
+    assert moved == [
+        "vision: halted and reverted the released devices: 1 of 2 released device(s) failed "
+        "(50% > max_failure_ratio 0%)"
+    ]
+    progress = fleet.progress("vision")
+    assert progress.rollout_state == "reverted"
+    assert [(d.device, d.status) for d in progress.devices] == [
+        ("cam-1", "reverted"),
+        ("cam-2", "reverted"),
+        ("cam-3", "waiting"),
+    ]
+    recorder = Recorder(broker)
+    try:
+        states = recorder.wait_for({"cam-1", "cam-2", "cam-3"})
+    finally:
+        recorder.close()
+    assert {d: (s.generation, s.modules["detector"].image) for d, s in states.items()} == {
+        "cam-1": (3, "reg.local/det:1-cpu"),
+        "cam-2": (3, "reg.local/det:1-cuda"),
+        "cam-3": (1, "reg.local/det:1-cuda"),
+    }

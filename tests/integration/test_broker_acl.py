@@ -1,0 +1,375 @@
+"""A real Mosquitto run with the files ``edgectl`` generates: credentials, ACLs and a hostile device.
+
+The broker is started with ``mosquitto -c <edgectl broker config output>`` (on a free port), so
+the password file, the ACL file and the configuration under test are exactly what operators get.
+Devices connect with the credentials from the agent configuration ``edgectl device add`` wrote.
+
+"Nothing arrives" checks are bounded absence checks behind a fence: the forbidden message is sent
+first, then an allowed one on the same connection; once the allowed one has arrived, the broker
+has processed the forbidden one, and a short extra wait shows nothing else comes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from agent.config import load_agent_config
+from cloud import broker as broker_files
+from cloud.cli import main
+from cloud.config import resolve_settings
+from cloud.devices import DeviceManager
+from tests.services import (
+    HOST,
+    ManagedProcess,
+    ServiceUnavailable,
+    find_binary,
+    free_port,
+    port_open,
+    start_or_skip,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 30.0
+ABSENCE_S = 1.0
+NOT_AUTHORIZED = 0x87
+REFUSED = (0x86, 0x87)  # bad user name or password / not authorized (Mosquitto 2.0 sends 0x87)
+ACCEPTED = (0x00, 0x10)  # success, or success with "no matching subscribers"
+
+
+class GeneratedBroker(ManagedProcess):
+    """``mosquitto -c`` with the configuration ``edgectl broker config`` wrote."""
+
+    name = "mosquitto"
+
+    def __init__(self, workdir: Path, conf_file: Path, port: int) -> None:
+        super().__init__(workdir, port)
+        binary = find_binary("mosquitto")
+        if binary is None:
+            raise ServiceUnavailable("mosquitto not installed: apt-get install mosquitto")
+        self.binary = binary
+        self.conf_file = conf_file
+
+    def argv(self) -> list[str]:
+        return [self.binary, "-c", str(self.conf_file)]
+
+    def ready(self) -> bool:
+        return port_open(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Client:
+    """A synchronous MQTT v5 client that records what it receives and each acknowledgement's reason."""
+
+    def __init__(self, port: int, username: str, password: str) -> None:
+        self.messages: queue.Queue[Received] = queue.Queue()
+        self._connack: queue.Queue[int] = queue.Queue()
+        self._subacks: dict[int, list[int]] = {}
+        self._pubacks: dict[int, int] = {}
+        self._acked = threading.Condition()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{username}-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        self.client.username_pw_set(username, password)
+        self.client.on_connect = lambda c, u, f, reason, p: self._connack.put(reason.value)
+        self.client.on_message = lambda c, u, m: self.messages.put(
+            Received(m.topic, bytes(m.payload), bool(m.retain))
+        )
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self.port = port
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: list[Any], props: Any) -> None:
+        with self._acked:
+            self._subacks[mid] = [r.value for r in reasons]
+            self._acked.notify_all()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._acked:
+            self._pubacks[mid] = reason.value
+            self._acked.notify_all()
+
+    def connect(self) -> int:
+        """Connect and return the CONNACK reason code (0 is success)."""
+        self.client.connect(HOST, self.port, keepalive=30)
+        self.client.loop_start()
+        try:
+            return self._connack.get(timeout=WAIT_S)
+        except queue.Empty:
+            raise AssertionError("no CONNACK from the broker") from None
+
+    def subscribe(self, topic: str) -> int:
+        """Subscribe at QoS 1 and return the SUBACK reason code."""
+        _, mid = self.client.subscribe(topic, qos=1)
+        with self._acked:
+            assert self._acked.wait_for(lambda: mid in self._subacks, WAIT_S), f"no SUBACK for {topic}"
+            return self._subacks[mid][0]
+
+    def publish(self, topic: str, payload: str, retain: bool = False) -> int:
+        """Publish at QoS 1 and return the PUBACK reason code."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        with self._acked:
+            assert self._acked.wait_for(lambda: info.mid in self._pubacks, WAIT_S), f"no PUBACK for {topic}"
+            return self._pubacks[info.mid]
+
+    def next(self, timeout: float = WAIT_S) -> Received:
+        """The next message received, failing when none comes within ``timeout``."""
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no message within {timeout}s") from None
+
+    def received_nothing_more(self) -> list[Received]:
+        """After a fence message arrived: whatever else arrives within a short bounded wait."""
+        extra = []
+        try:
+            while True:
+                extra.append(self.messages.get(timeout=ABSENCE_S))
+        except queue.Empty:
+            return extra
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@dataclass
+class Fleet:
+    """A data directory with provisioned devices, its generated broker, and MQTT clients on it."""
+
+    data_dir: Path
+    port: int
+    broker: GeneratedBroker
+    passwords: dict[str, str]
+    cloud_password: str
+    clients: list[Client]
+
+    def client(self, username: str, password: str | None = None) -> Client:
+        c = Client(self.port, username, self.passwords[username] if password is None else password)
+        self.clients.append(c)
+        return c
+
+    def device(self, device_id: str) -> Client:
+        c = self.client(device_id)
+        assert c.connect() == 0, f"device {device_id} could not connect"
+        return c
+
+    def cloud(self) -> Client:
+        c = self.client(broker_files.CLOUD_USER, self.cloud_password)
+        assert c.connect() == 0, "the cloud user could not connect"
+        return c
+
+
+def edgectl(data_dir: Path, *argv: str) -> None:
+    code = main(["--data-dir", str(data_dir), *argv])
+    assert code == 0, f"edgectl {' '.join(argv)} exited {code}"
+
+
+def password_from_config(config_file: Path) -> str:
+    """The device password as the agent reads it from the generated configuration."""
+    config = load_agent_config(config_file)
+    password = config.broker.read_password()
+    assert password is not None
+    return password
+
+
+@pytest.fixture
+def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    out = tmp_path / "broker"
+    user = ["--user", "root"] if os.geteuid() == 0 else []
+    edgectl(data_dir, "broker", "config", "--out", str(out), "--port", str(port), *user)
+    for device in ("alpha", "beta"):
+        edgectl(data_dir, "device", "add", device, "--tag", "site=test")
+    process = start_or_skip(
+        request.config, "mosquitto", lambda: _started(GeneratedBroker(out, out / "mosquitto.conf", port))
+    )
+    passwords = {d: password_from_config(data_dir / "devices" / d / "agent.yaml") for d in ("alpha", "beta")}
+    _, cloud_password = broker_files.cloud_credentials(broker_files.BrokerPaths.of(data_dir))
+    fleet = Fleet(data_dir, port, process, passwords, cloud_password, [])
+    yield fleet
+    for client in fleet.clients:
+        client.close()
+    process.stop()
+
+
+def _started(process: GeneratedBroker) -> GeneratedBroker:
+    process.start()
+    return process
+
+
+# ---- credentials ------------------------------------------------------------------------------
+
+
+def test_our_hashes_match_mosquitto_passwd(tmp_path: Path) -> None:
+    tool = find_binary("mosquitto_passwd")
+    if tool is None:
+        pytest.skip("REAL PART UNAVAILABLE: mosquitto_passwd not installed: apt-get install mosquitto")
+    path = tmp_path / "passwd"
+    subprocess.run([tool, "-c", "-b", str(path), "pump-7", "s3cret:with spaces"], check=True)
+    encoded = broker_files.parse_password_file(path.read_text())["pump-7"]
+    iterations, salt, _ = broker_files.parse_hash(encoded)
+    assert broker_files.hash_password("s3cret:with spaces", iterations=iterations, salt=salt) == encoded
+    assert broker_files.verify_password("s3cret:with spaces", encoded)
+    assert not broker_files.verify_password("s3cret", encoded)
+
+
+def test_provisioned_devices_and_the_cloud_connect_and_exchange_state(fleet: Fleet) -> None:
+    cloud = fleet.cloud()
+    assert cloud.subscribe("$share/cloud/edge/+/reported") == 1
+    assert cloud.publish("edge/alpha/desired", '{"generation": 1}', retain=True) in ACCEPTED
+
+    alpha = fleet.device("alpha")
+    assert alpha.subscribe("edge/alpha/desired") == 1
+    got = alpha.next()
+    assert (got.topic, got.payload, got.retain) == ("edge/alpha/desired", b'{"generation": 1}', True)
+
+    assert alpha.publish("edge/alpha/reported", '{"generation_applied": 1}', retain=True) in ACCEPTED
+    seen = cloud.next()
+    assert (seen.topic, seen.payload) == ("edge/alpha/reported", b'{"generation_applied": 1}')
+
+
+def test_wrong_password_and_unknown_user_are_refused(fleet: Fleet) -> None:
+    assert fleet.client("alpha", "not-the-password").connect() in REFUSED
+    assert fleet.client("alpha", fleet.passwords["beta"]).connect() in REFUSED
+    assert fleet.client("gamma", fleet.passwords["alpha"]).connect() in REFUSED
+
+
+# ---- a hostile device -------------------------------------------------------------------------
+
+
+def test_device_cannot_read_another_devices_desired_state(fleet: Fleet) -> None:
+    cloud = fleet.cloud()
+    cloud.publish("edge/beta/desired", '{"secret": "beta"}', retain=True)
+    cloud.publish("edge/alpha/desired", '{"fence": 1}', retain=True)
+
+    alpha = fleet.device("alpha")
+    code = alpha.subscribe("edge/beta/desired")
+    assert code in (1, NOT_AUTHORIZED), f"unexpected SUBACK {code:#x}"
+    assert alpha.subscribe("edge/+/desired") in (1, NOT_AUTHORIZED)
+    assert alpha.subscribe("edge/alpha/desired") == 1
+    # Retained messages come in subscription order: the fence arrives after anything for beta would.
+    arrived = [alpha.next()]
+    while arrived[-1].payload != b'{"fence": 1}':
+        arrived.append(alpha.next())
+    cloud.publish("edge/beta/desired", '{"secret": "beta, live"}', retain=True)
+    cloud.publish("edge/alpha/desired", '{"fence": 2}', retain=True)
+    arrived.append(alpha.next())
+    arrived += alpha.received_nothing_more()
+    assert {m.topic for m in arrived} == {"edge/alpha/desired"}, arrived
+    assert all(b"beta" not in m.payload for m in arrived)
+
+
+def test_device_cannot_publish_to_another_devices_topics(fleet: Fleet) -> None:
+    cloud = fleet.cloud()
+    assert cloud.subscribe("$share/cloud/edge/+/reported") == 1
+    assert cloud.subscribe("edge/+/online") == 1
+    alpha = fleet.device("alpha")
+
+    assert alpha.publish("edge/beta/reported", '{"forged": true}', retain=True) == NOT_AUTHORIZED
+    assert alpha.publish("edge/beta/online", '{"online": false}', retain=True) == NOT_AUTHORIZED
+    assert alpha.publish("edge/beta/cmd/res/1", '{"forged": true}') == NOT_AUTHORIZED
+    assert alpha.publish("edge/alpha/reported", '{"fence": true}') in ACCEPTED
+    arrived = [cloud.next(), *cloud.received_nothing_more()]
+    assert [(m.topic, m.payload) for m in arrived] == [("edge/alpha/reported", b'{"fence": true}')]
+
+    # Nothing was retained for beta either: a fresh cloud subscriber finds no forged state.
+    late = fleet.cloud()
+    late.subscribe("edge/beta/reported")
+    late.subscribe("edge/beta/online")
+    assert late.received_nothing_more() == []
+
+
+def test_device_cannot_forge_its_own_desired_state_or_commands(fleet: Fleet) -> None:
+    cloud = fleet.cloud()
+    cloud.publish("edge/alpha/desired", '{"signed": "by the cloud"}', retain=True)
+    watcher = fleet.device("alpha")
+    assert watcher.subscribe("edge/alpha/desired") == 1
+    assert watcher.subscribe("edge/alpha/cmd/req/+") == 1
+    assert watcher.next().payload == b'{"signed": "by the cloud"}'
+
+    alpha = fleet.device("alpha")
+    assert alpha.publish("edge/alpha/desired", '{"forged": true}', retain=True) == NOT_AUTHORIZED
+    assert alpha.publish("edge/alpha/cmd/req/1", '{"name": "restart"}') == NOT_AUTHORIZED
+    cloud.publish("edge/alpha/cmd/req/2", '{"name": "ping"}')
+    arrived = [watcher.next(), *watcher.received_nothing_more()]
+    assert [(m.topic, m.payload) for m in arrived] == [("edge/alpha/cmd/req/2", b'{"name": "ping"}')]
+
+    fresh = fleet.device("alpha")
+    fresh.subscribe("edge/alpha/desired")
+    assert fresh.next().payload == b'{"signed": "by the cloud"}'
+
+
+def test_device_answers_commands_and_sets_its_last_will(fleet: Fleet) -> None:
+    cloud = fleet.cloud()
+    assert cloud.subscribe("edge/+/cmd/res/#") == 1
+    assert cloud.subscribe("edge/+/online") == 1
+    beta = fleet.client("beta")
+    beta.client.will_set("edge/beta/online", '{"online": false}', qos=1, retain=True)
+    assert beta.connect() == 0
+    assert beta.publish("edge/beta/online", '{"online": true}', retain=True) in ACCEPTED
+    assert beta.publish("edge/beta/cmd/res/7", '{"ok": true}') in ACCEPTED
+    got = {cloud.next().topic, cloud.next().topic}
+    assert got == {"edge/beta/online", "edge/beta/cmd/res/7"}
+
+    beta.client.socket().close()  # an unclean drop: the broker publishes the will
+    will = cloud.next()
+    assert (will.topic, json.loads(will.payload)) == ("edge/beta/online", {"online": False})
+
+
+# ---- changes while the broker runs ------------------------------------------------------------
+
+
+def test_removed_device_cannot_connect_after_reload_and_new_one_can(fleet: Fleet) -> None:
+    assert fleet.client("beta").connect() == 0
+
+    edgectl(fleet.data_dir, "device", "remove", "beta")  # rewrites the files and sends SIGHUP
+    assert wait_until(lambda: fleet.client("beta").connect() in REFUSED, WAIT_S), (
+        "beta still connects after removal and reload"
+    )
+    assert fleet.client("alpha").connect() == 0
+
+    edgectl(fleet.data_dir, "device", "add", "gamma")
+    gamma_password = password_from_config(fleet.data_dir / "devices" / "gamma" / "agent.yaml")
+    assert wait_until(lambda: fleet.client("gamma", gamma_password).connect() == 0, WAIT_S), (
+        "the new device cannot connect after reload"
+    )
+
+
+def test_generated_agent_config_reaches_the_broker(fleet: Fleet) -> None:
+    config = load_agent_config(fleet.data_dir / "devices" / "alpha" / "agent.yaml")
+    assert (config.broker.host, config.broker.port) == (HOST, fleet.port)
+    assert config.mqtt_username == "alpha"
+    settings = resolve_settings(fleet.data_dir)
+    manager = DeviceManager.open(settings)
+    try:
+        assert [d.id for d in manager.list_devices(tags={"site": "test"})] == ["alpha", "beta"]
+    finally:
+        manager.close()
+    assert (
+        config.cloud_public_key.read_bytes() == (fleet.data_dir / "keys" / "cloud-signing.pub").read_bytes()
+    )

@@ -28,7 +28,7 @@ from modules.scoring.config import ServerConfig
 from modules.scoring.metrics import CONTENT_TYPE as METRICS_TYPE
 from modules.scoring.metrics import Metrics
 from modules.scoring.openapi import build_document
-from modules.scoring.pool import InferencePool, PoolBusy, PoolTimeout
+from modules.scoring.pool import InferencePool, PoolBusy, PoolClosed, PoolTimeout
 from modules.scoring.replies import ClientError, Reply, dumps
 from modules.scoring.service import Readiness, ScoreCall, ScoringService
 
@@ -261,6 +261,8 @@ class ScoringApp:
                 f"scoring did not finish within {self.config.timeout_s:g} s (SCORING_TIMEOUT)",
                 request_id,
             )
+        except PoolClosed:
+            return error_response(503, "the server is shutting down", request_id)
         except PoolBusy:
             response = error_response(
                 503, f"busy: {self.pool.queued} requests already waiting", request_id, **{"Retry-After": "1"}

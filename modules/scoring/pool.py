@@ -27,6 +27,10 @@ class PoolTimeout(Exception):
     """The work did not finish within the time limit."""
 
 
+class PoolClosed(Exception):
+    """The server is shutting down and stopped waiting for this work."""
+
+
 class InferencePool:
     """A bounded thread pool for blocking scoring calls, used from one event loop."""
 
@@ -39,6 +43,7 @@ class InferencePool:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="score")
         self._free = threads
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._pending: set[asyncio.Future[Any]] = set()
         self.running = 0
         """Calls holding a thread right now (timed-out ones included until they return)."""
 
@@ -60,10 +65,12 @@ class InferencePool:
         work = self._executor.submit(func, *args)
         work.add_done_callback(lambda done: _call_soon(loop, self._finished, done, result))
         timer = loop.call_at(deadline, _expire, result)
+        self._pending.add(result)
         try:
             return await result
         finally:
             timer.cancel()
+            self._pending.discard(result)
 
     def _finished(self, work: Future[T], result: asyncio.Future[T]) -> None:
         """On the loop, when a worker returns: hand its thread on and settle the caller's future."""
@@ -103,6 +110,12 @@ class InferencePool:
                 slot.set_result(None)
                 return
         self._free += 1
+
+    def abandon(self) -> None:
+        """Answer every caller still waiting with PoolClosed (their threads run on, unobserved)."""
+        for future in (*self._pending, *self._waiters):
+            if not future.done():
+                future.set_exception(PoolClosed())
 
     def shutdown(self) -> None:
         """Stop accepting work; running calls finish in the background."""

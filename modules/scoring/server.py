@@ -22,6 +22,8 @@ log = logging.getLogger("modules.scoring")
 
 EXIT_CONFIG = 2
 EXIT_INIT_FAILED = 3
+SHUTDOWN_GRACE_S = 5.0
+"""On SIGTERM, requests in flight get this long to finish, then 503 (container engines SIGKILL after 10 s)."""
 
 
 def create_service(config: ServerConfig) -> ScoringService:
@@ -49,7 +51,12 @@ async def serve(config: ServerConfig, service: ScoringService | None = None) -> 
     """Run the server until a signal arrives (0) or initialisation fails (3); see module doc."""
     scoring = ScoringApp(config, service or create_service(config))
     access_log = logging.getLogger("aiohttp.access") if config.log_access else None
-    runner = web.AppRunner(scoring.application(), access_log=access_log, handle_signals=False)
+    runner = web.AppRunner(
+        scoring.application(),
+        access_log=access_log,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_GRACE_S + 1,
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     try:
@@ -98,5 +105,6 @@ async def serve(config: ServerConfig, service: ScoringService | None = None) -> 
     await stop.wait()
     loading.cancel()
     log.info("scoring stopping %s", _fields(exit_code=code))
+    loop.call_later(SHUTDOWN_GRACE_S, scoring.pool.abandon)
     await runner.cleanup()
     return code

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from modules.scoring.pool import InferencePool, PoolBusy, PoolTimeout
+from modules.scoring.pool import InferencePool, PoolBusy, PoolClosed, PoolTimeout
 
 
 async def test_result_and_exception_come_back() -> None:
@@ -86,3 +86,17 @@ async def test_cancelled_waiter_passes_its_slot_on() -> None:
 def test_threads_must_be_positive() -> None:
     with pytest.raises(ValueError, match="threads must be at least 1"):
         InferencePool(threads=0, max_queued=1, timeout_s=1)
+
+
+async def test_abandon_answers_waiting_callers() -> None:
+    pool = InferencePool(threads=1, max_queued=4, timeout_s=30)
+    release = threading.Event()
+    running = asyncio.create_task(pool.run(release.wait))
+    queued = asyncio.create_task(pool.run(int))
+    await asyncio.sleep(0)
+    pool.abandon()
+    for task in (running, queued):
+        with pytest.raises(PoolClosed):
+            await task
+    release.set()
+    pool.shutdown()

@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from cloud.fleet.mqtt import Endpoint, connect, disconnect, new_client
+from cloud.fleet.sql import aware
 from cloud.store.db import Database
 from cloud.store.devices import Device
 from cloud.store.errors import NotFoundError
@@ -55,7 +56,7 @@ def run_command(
         if s.get(Device, device_id) is None:
             raise NotFoundError(f"device {device_id!r} is not provisioned (see: edgectl device list)")
         online = s.get(OnlineRecord, device_id)
-        state = (online.online, online.since) if online is not None else None
+        state = (online.online, aware(online.since)) if online is not None else None
     if state is not None and not state[0]:
         raise DeviceOffline(f"device {device_id} is offline since {_when(state[1])}; {command} was not sent")
     request = CommandRequest(id=uuid.uuid4().hex[:16], command=command, module=module, tail=tail)

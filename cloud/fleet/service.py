@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -36,7 +36,7 @@ from cloud.fleet.desired import (
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.publisher import Outgoing, PublishOutcome, publish_desired
 from cloud.fleet.rollout import Decision, evaluate, split_waves
-from cloud.fleet.sql import upsert
+from cloud.fleet.sql import aware, upsert
 from cloud.fleet.status import DeviceStatus, Online, Reported, device_status
 from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, Resolution, resolve, selected
 from cloud.keys import load_or_create_signing_key
@@ -54,11 +54,6 @@ Clock = Callable[[], datetime]
 
 class ApplyError(InvalidInputError):
     """A manifest that cannot be applied; one line per problem, nothing was stored or published."""
-
-
-def aware(dt: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)

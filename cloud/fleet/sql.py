@@ -1,8 +1,9 @@
-"""Bulk writes the fleet needs on both SQLite and PostgreSQL: upsert many rows in one statement."""
+"""What the fleet needs from SQL on both SQLite and PostgreSQL: bulk upserts, timezone-aware times."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Table
@@ -25,3 +26,8 @@ def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]], keys:
         set_={column: stmt.excluded[column] for column in rows[0] if column not in keys},
     )
     session.execute(stmt, list(rows))
+
+
+def aware(dt: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)

@@ -34,6 +34,9 @@ _PROVIDER_RE = re.compile(
     r'^scoring_execution_provider_info\{[^}]*provider="([^"]*)"[^}]*\}\s+1(?:\.0)?\s*$', re.M
 )
 
+_UNKNOWN = frozenset({"", "loading", "unknown"})
+"""What modules say while they do not know their provider (loading, or an entry script that does not tell)."""
+
 
 @dataclass(frozen=True)
 class ProbeTarget:
@@ -59,6 +62,7 @@ class _Track:
     started_at: datetime | None
     probed_at: float | None = None
     result: HealthResult | None = None
+    provider_read: bool = False
 
 
 def _reason(body: Any) -> str | None:
@@ -146,7 +150,7 @@ class HealthProber:
         try:
             status, body = await self._get(base_url + "/metrics", timeout_s)
             if status == 200:
-                found = sorted(set(_PROVIDER_RE.findall(body.decode("utf-8", errors="replace"))))
+                found = sorted(set(_PROVIDER_RE.findall(body.decode("utf-8", errors="replace"))) - _UNKNOWN)
                 if found:
                     return ",".join(found)
             status, body = await self._get(f"{base_url}/v2/models/{module}", timeout_s)
@@ -158,7 +162,7 @@ class HealthProber:
             provider = json.loads(body).get("parameters", {}).get("execution_provider")
         except (ValueError, AttributeError):
             return None
-        return provider if isinstance(provider, str) and provider not in ("", "loading", "unknown") else None
+        return provider if isinstance(provider, str) and provider not in _UNKNOWN else None
 
     async def check(self, targets: Iterable[ProbeTarget]) -> dict[str, HealthResult]:
         """Probe the targets that are due; the latest result of every target probed at least once."""
@@ -180,10 +184,12 @@ class HealthProber:
         return {name: track.result for name, track in self._tracks.items() if track.result is not None}
 
     async def _check_one(self, target: ProbeTarget) -> HealthResult:
-        previous = self._tracks[target.module].result
+        track = self._tracks[target.module]
+        previous = track.result
         health = await self.probe(target.base_url, target.check)
         failures = 0 if health.live else (previous.failures if previous else 0) + 1
         provider = previous.execution_provider if previous else None
-        if provider is None and health.ready:
+        if health.ready and not track.provider_read:
+            track.provider_read = True  # once per start: an entry script may never name one
             provider = await self.execution_provider(target.base_url, target.module, target.check.timeout_s)
         return HealthResult(health=health, failures=failures, execution_provider=provider)

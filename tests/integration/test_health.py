@@ -1,0 +1,180 @@
+"""The health prober against real scoring processes (run by ProcessRuntime) and a silent server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.actions import Create, Remove, Start
+from agent.health import HealthProber, HealthResult, ProbeTarget
+from agent.observed import config_hash
+from agent.runtime.process import ProcessRuntime, image_dir
+from modules.contract import DesiredModule, HealthCheck, PortMapping
+from tests.integration import module_image
+from tests.integration.module_image import DigitsBuild, until, write_module_dir
+from tests.services import free_port
+
+pytestmark = pytest.mark.integration
+digits_build = module_image.digits_build
+
+IMAGE = "localhost:5000/edge/digits:1"
+GATED_INIT = """\
+import os, time
+
+
+def init():
+    while not os.path.exists(os.environ["GO_FILE"]):
+        time.sleep(0.05)
+
+
+def run(data):
+    return {"echo": data}
+"""
+
+
+class Clock:
+    """A monotonic clock the test moves by hand, so probe intervals are deterministic."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path, digits_build: DigitsBuild) -> AsyncIterator[ProcessRuntime]:
+    images = tmp_path / "images"
+    folder = write_module_dir(image_dir(images, IMAGE), digits_build)
+    (folder / "src" / "gated_score.py").write_text(GATED_INIT)
+    rt = ProcessRuntime(tmp_path / "state", images)
+    yield rt
+    for name in (await rt.observe())[0]:
+        await rt.remove(Remove(module=name, reason="cleanup"))
+    await rt.close()
+
+
+async def start(rt: ProcessRuntime, name: str, **extra: object) -> ProbeTarget:
+    desired = DesiredModule.model_validate(
+        {"image": IMAGE, "ports": [PortMapping(container=5001, host=free_port())], **extra}
+    )
+    await rt.create(Create(module=name, spec=desired, config_hash=config_hash(desired), reason="test"))
+    await rt.start(Start(module=name, reason="test"))
+    seen = (await rt.observe())[0][name]
+    url = rt.health_url(name, desired.health)
+    assert url is not None
+    return ProbeTarget(module=name, base_url=url, check=desired.health, started_at=seen.started_at)
+
+
+async def probed(prober: HealthProber, clock: Clock, target: ProbeTarget) -> HealthResult:
+    clock.now += target.check.interval_s
+    return (await prober.check([target]))[target.module]
+
+
+async def test_ready_module_is_live_ready_with_latency_and_provider(runtime: ProcessRuntime) -> None:
+    target = await start(runtime, "digits")
+    clock = Clock()
+    async with HealthProber(clock=clock) as prober:
+        result = await until(
+            lambda: _ready(prober, clock, target), "the digits module to be ready", module_image.START_LIMIT_S
+        )
+        assert result.health.live and result.health.ready and result.health.error is None
+        assert result.health.latency_ms is not None and result.health.latency_ms > 0
+        assert result.health.checked_at is not None
+        assert result.failures == 0
+        assert result.execution_provider == "CPUExecutionProvider"
+
+
+async def _ready(prober: HealthProber, clock: Clock, target: ProbeTarget) -> HealthResult | None:
+    result = await probed(prober, clock, target)
+    return result if result.health.ready else None
+
+
+async def test_loading_module_is_live_not_ready_and_no_failure(
+    runtime: ProcessRuntime, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    script = image_dir(tmp_path / "images", IMAGE) / "src" / "gated_score.py"
+    target = await start(runtime, "gated", env={"ENTRY_SCRIPT": str(script), "GO_FILE": str(go)})
+    clock = Clock()
+    async with HealthProber(clock=clock) as prober:
+
+        async def live() -> HealthResult | None:
+            result = await probed(prober, clock, target)
+            return result if result.health.live else None
+
+        loading = await until(live, "the gated module to answer liveness")
+        assert not loading.health.ready and loading.failures == 0
+        assert loading.health.error is not None and "readiness GET" in loading.health.error
+        assert "HTTP 503" in loading.health.error
+        assert loading.execution_provider is None
+        go.touch()
+        ready = await until(lambda: _ready(prober, clock, target), "the gated module to be ready")
+        assert ready.health.error is None
+        assert ready.execution_provider is None  # an entry script does not say which provider it uses
+
+
+async def test_killed_module_counts_consecutive_failures(runtime: ProcessRuntime) -> None:
+    target = await start(runtime, "digits")
+    clock = Clock()
+    async with HealthProber(clock=clock) as prober:
+        await until(lambda: _ready(prober, clock, target), "the digits module to be ready")
+        pid = runtime.records()["digits"].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda: _exited(runtime), "the module to be gone")
+        failures = [await probed(prober, clock, target) for _ in range(3)]
+    assert [r.failures for r in failures] == [1, 2, 3]
+    last = failures[-1].health
+    assert not last.live and not last.ready and last.latency_ms is None
+    assert last.error is not None and last.error.startswith(f"liveness GET {target.base_url}/:")
+    assert failures[-1].execution_provider == "CPUExecutionProvider"  # known for this start
+
+
+async def _exited(rt: ProcessRuntime) -> bool:
+    return (await rt.observe())[0]["digits"].status == "exited"
+
+
+async def test_probes_wait_for_the_interval_and_a_new_start_resets(runtime: ProcessRuntime) -> None:
+    target = await start(runtime, "digits")
+    clock = Clock()
+    async with HealthProber(clock=clock) as prober:
+        first = await until(lambda: _ready(prober, clock, target), "the digits module to be ready")
+        clock.now += target.check.interval_s / 2
+        assert (await prober.check([target]))["digits"] is first  # not due: the last result again
+        dead = ProbeTarget(
+            module="digits",
+            base_url=f"http://127.0.0.1:{free_port()}",
+            check=target.check,
+            started_at=target.started_at,
+        )
+        assert (await probed(prober, clock, dead)).failures == 1
+        restarted = ProbeTarget(module="digits", base_url=dead.base_url, check=target.check, started_at=None)
+        fresh = (await prober.check([restarted]))["digits"]  # a new start is probed at once
+        assert fresh.failures == 1 and fresh.execution_provider is None
+        assert await prober.check([]) == {}
+
+
+async def test_a_server_that_never_answers_times_out() -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with HealthProber() as prober:
+            health = await prober.probe(f"http://127.0.0.1:{port}", HealthCheck(timeout_s=0.3))
+        assert not health.live
+        assert health.error == f"liveness GET http://127.0.0.1:{port}/: no answer within 0.3 s"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

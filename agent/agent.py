@@ -1,0 +1,527 @@
+"""The reconcile loop: ``Agent.reconcile_once`` is the only place that decides what happens next.
+
+Each pass, level-based (nothing is carried over from the event that woke it):
+
+1. take the newest desired-state payload, if one came, and ``admit`` it: a rejection is reported
+   (``deployment_status: rejected``, its reason, ``generation_received``) and changes nothing; the
+   retained re-delivery of the applied generation is ignored; an admitted state is saved as the
+   last applied (durably, before anything is done about it);
+2. observe the runtime and probe the health of the modules that run;
+3. ``plan`` from the active desired state, the observation and the restart books;
+4. hand the plan to the ``PlanRunner`` (pulls only start, in the background);
+5. while a new generation is applying, ``evaluate_rollout``: healthy → last known good; failed →
+   ``decide_rollback`` (roll back to the last known good state, or stay ``failed``);
+6. build the ``ReportedState`` and publish it when it changed, and every ``heartbeat_s``.
+
+``run`` loads the durable state first and starts reconciling ``state.active`` at once, without
+waiting for the broker. Between passes it sleeps until a desired state or command arrives, the
+plan's earliest ``wait``, a runner retry, a health probe, a pull poll, the rollout deadline or the
+heartbeat is due; with nothing to do it backs off up to ``IDLE_MAX_S``. A pass that raises (Docker
+Engine gone, a disk error) is logged and retried with back-off: the loop never ends on bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.actions import Plan, SetRestartBook
+from agent.admission import Rejected, admit
+from agent.commands import CommandHandler
+from agent.config import AgentConfig
+from agent.health import HealthProber, HealthResult, ProbeTarget
+from agent.link import DesiredSlot
+from agent.metrics import AgentMetrics
+from agent.observed import ImageAvailability, ObservedModule
+from agent.planner import module_status, plan
+from agent.restart import RestartBook
+from agent.rollback import Failed, Healthy, Pending, RollBack, decide_rollback, evaluate_rollout
+from agent.runner import PlanRunner, RunResult
+from agent.runtime import ModuleRuntime, executors
+from agent.state import AgentState, StateStore
+from agent.sysmetrics import MetricsError, SystemSampler
+from modules.contract import (
+    Accelerator,
+    CommandRequest,
+    CommandResponse,
+    DeploymentStatus,
+    DesiredState,
+    ModuleStatus,
+    ReportedState,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+REPORT_FILE = "reported.json"
+SETTLE_S = 0.2
+"""After a pass that changed something, look again this soon."""
+PULL_POLL_S = 1.0
+IDLE_BASE_S = 1.0
+IDLE_MAX_S = 30.0
+MIN_WAKE_S = 0.05
+ERROR_BACKOFF_MAX_S = 60.0
+
+
+def agent_version() -> str:
+    """The installed ``edgedeploy`` version (``dev`` when running from a source tree)."""
+    try:
+        return importlib.metadata.version("edgedeploy")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
+class AgentLink(Protocol):
+    """What the loop needs from the MQTT link (``agent.link.Link``, or a stand-in in unit tests)."""
+
+    desired: DesiredSlot
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is up."""
+        ...
+
+    def commands(self) -> AsyncIterator[CommandRequest]:
+        """Incoming command requests."""
+        ...
+
+    async def publish_reported(self, state: ReportedState) -> None:
+        """Queue a report (the newest unsent one wins)."""
+        ...
+
+    async def respond(self, response: CommandResponse) -> None:
+        """Answer a command."""
+        ...
+
+
+class Prober(Protocol):
+    """Probes running modules (``agent.health.HealthProber``)."""
+
+    async def check(self, targets: Iterable[ProbeTarget]) -> dict[str, HealthResult]:
+        """The latest result of every target probed at least once."""
+        ...
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass saw and did, and how soon the next one should run."""
+
+    plan: Plan
+    run: RunResult
+    report: ReportedState
+    published: bool
+    wake_in_s: float
+
+
+def _fingerprint(report: ReportedState) -> bytes:
+    """The report without what changes on every probe (times, latencies, system load)."""
+    data = report.model_dump(mode="json", exclude={"reported_at", "system"})
+    for module in data["modules"].values():
+        if module.get("health"):
+            module["health"] = {k: module["health"][k] for k in ("live", "ready", "error")}
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+
+
+class Agent:
+    """One device's agent: durable state, runtime, prober and link, driven by ``run``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        runtime: ModuleRuntime,
+        link: AgentLink | None,
+        *,
+        public_key: Ed25519PublicKey,
+        prober: Prober | None = None,
+        store: StateStore | None = None,
+        metrics: AgentMetrics | None = None,
+        accelerators: Sequence[Accelerator] | None = None,
+        sampler: SystemSampler | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        expiry_leeway_s: float = 30.0,
+    ) -> None:
+        """``accelerators``: detected at start-up from the device profiles when not given;
+        ``clock``: aware UTC time (tests inject one); ``expiry_leeway_s``: clock skew tolerated
+        when checking ``expires_at``."""
+        self.config = config
+        self.runtime = runtime
+        self.link = link
+        self.public_key = public_key
+        self.prober: Prober = prober or HealthProber()
+        self.store = store or StateStore(Path(config.state_dir) / STATE_FILE)
+        self.metrics = metrics or AgentMetrics()
+        self.metrics.connected = lambda: bool(link is not None and link.connected)
+        self.accelerators: list[Accelerator] | None = list(accelerators) if accelerators is not None else None
+        self.sampler = sampler or SystemSampler(Path(config.state_dir))
+        self.clock = clock
+        self.expiry_leeway_s = expiry_leeway_s
+        self.version = agent_version()
+        self.planner_config = config.planner_config()
+        table: dict[Any, Any] = dict(executors(runtime))
+        table["set_restart_book"] = self._set_book
+        self.runner = PlanRunner(table, counter=self.metrics)
+        self.commands = CommandHandler(
+            runtime, self.runner, lambda: self.state.active, self._ping_status, after_restart=self.wake
+        )
+        self.state = AgentState()
+        self._loaded = False
+        self._dirty = False
+        self._rejection: Rejected | None = None
+        self._pending: Pending | None = None
+        self._last_fingerprint: bytes | None = None
+        self._last_published: datetime | None = None
+        self._idle_passes = 0
+        self._kick = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._started = time.monotonic()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def load(self) -> AgentState:
+        """Load the durable state (once) and the accelerators; the first pass restores ``state.active``."""
+        if not self._loaded:
+            self.state = await asyncio.to_thread(self.store.load)
+            self._loaded = True
+            active = self.state.active
+            if active is not None:
+                log.info(
+                    "restoring generation %d (%s, %d modules) from %s",
+                    active.generation,
+                    self.state.status,
+                    len(active.modules),
+                    self.store.path,
+                )
+            else:
+                log.info("no desired state stored in %s yet: waiting for one", self.store.path)
+        if self.accelerators is None:
+            self.accelerators = await asyncio.to_thread(_detect_accelerators)
+        return self.state
+
+    def wake(self) -> None:
+        """Run the next pass now (a command changed something)."""
+        self._kick.set()
+
+    def stop(self) -> None:
+        """Make ``run`` return after the current pass; modules keep running."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Reconcile until ``stop`` (or cancellation); never returns because of a failed pass."""
+        await self.load()
+        command_task = (
+            asyncio.create_task(self._serve_commands(), name="agent-commands") if self.link else None
+        )
+        errors = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    result = await self.reconcile_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    errors += 1
+                    delay = min(IDLE_BASE_S * 2 ** min(errors, 16), ERROR_BACKOFF_MAX_S)
+                    log.exception("reconcile pass failed (%d in a row); next try in %.0f s", errors, delay)
+                else:
+                    errors = 0
+                    delay = result.wake_in_s
+                await self._sleep(delay)
+        finally:
+            if command_task is not None:
+                command_task.cancel()
+                await asyncio.gather(command_task, return_exceptions=True)
+            close = getattr(self.prober, "close", None)
+            if close is not None:
+                await close()
+
+    async def _sleep(self, seconds: float) -> None:
+        waits = [self._kick.wait(), self._stop.wait()]
+        if self.link is not None:
+            waits.append(self.link.desired.ready.wait())
+        tasks = [asyncio.ensure_future(w) for w in waits]
+        try:
+            await asyncio.wait(tasks, timeout=max(seconds, MIN_WAKE_S), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._kick.clear()
+
+    # ---- one pass ------------------------------------------------------------------------------
+
+    async def reconcile_once(self) -> PassResult:
+        """One pass: admit, observe, plan, run, evaluate the rollout, report (see the module doc)."""
+        await self.load()
+        now = self.clock()
+        self.metrics.passes += 1
+        await self._take_desired(now)
+        desired = self.state.active
+        images = sorted({m.image for m in desired.modules.values()}) if desired else []
+        observed, availability = await self.runtime.observe(images)
+        health = await self._probe(desired, observed)
+        observed = {
+            name: replace(o, health=health[name].health, health_failures=health[name].failures)
+            if name in health
+            else o
+            for name, o in observed.items()
+        }
+        planned = plan(desired, observed, availability, self.state.restart_books, now, self.planner_config)
+        ran = await self.runner.run(planned, now)
+        self._evaluate(now, observed, availability)
+        if self._dirty:
+            await self._save()
+        report = self._report(desired, observed, availability, planned, health, now)
+        published = await self._publish(report, now)
+        return PassResult(planned, ran, report, published, self._next_wake(planned, ran, observed, now))
+
+    async def _take_desired(self, now: datetime) -> None:
+        raw = self.link.desired.take() if self.link is not None else None
+        if raw is None:
+            return
+        try:
+            desired = admit(
+                raw,
+                device_id=self.config.device_id,
+                last_generation=self.state.last_generation,
+                public_key=self.public_key,
+                now=now,
+                leeway_s=self.expiry_leeway_s,
+            )
+        except Rejected as rejection:
+            if rejection.is_redelivery(self.state.last_generation):
+                log.debug(
+                    "generation %s received again (retained re-delivery): ignored", rejection.generation
+                )
+                return
+            log.warning("desired state rejected (%s): %s", rejection.code, rejection.reason)
+            self.metrics.rejections[rejection.code] += 1
+            self._rejection = rejection
+            return
+        self._rejection = None
+        self._pending = None
+        self.state = self.state.applied(desired, now)
+        self.runner.reset()
+        await self._save()
+        log.info(
+            "applying generation %d (%d modules, rollback %s, health deadline %g s)",
+            desired.generation,
+            len(desired.modules),
+            desired.rollback,
+            desired.health_deadline_s,
+        )
+
+    async def _probe(
+        self, desired: DesiredState | None, observed: Mapping[str, ObservedModule]
+    ) -> dict[str, HealthResult]:
+        targets = []
+        for name, module in (desired.modules if desired else {}).items():
+            o = observed.get(name)
+            if o is None or o.status != "running":
+                continue
+            url = self.runtime.health_url(name, module.health)
+            if url is not None:
+                targets.append(ProbeTarget(name, url, module.health, o.started_at))
+        return await self.prober.check(targets)
+
+    async def _set_book(self, action: SetRestartBook) -> None:
+        self.state = self.state.with_book(action.module, action.book)
+        self._dirty = True
+
+    async def _save(self) -> None:
+        await asyncio.to_thread(self.store.save, self.state)
+        self._dirty = False
+
+    def _evaluate(
+        self, now: datetime, observed: Mapping[str, ObservedModule], images: ImageAvailability
+    ) -> None:
+        state = self.state
+        if state.status != "applying" or state.last_applied is None or state.applied_at is None:
+            self._pending = None
+            return
+        verdict = evaluate_rollout(state.last_applied, state.applied_at, observed, now, images)
+        if isinstance(verdict, Pending):
+            self._pending = verdict
+            return
+        self._pending = None
+        generation = state.last_applied.generation
+        if isinstance(verdict, Healthy):
+            log.info("generation %d is healthy: it is the last known good one now", generation)
+            self.state = state.became_healthy()
+        elif isinstance(verdict, Failed):
+            decision = decide_rollback(verdict, state.last_applied, state.last_known_good)
+            if isinstance(decision, RollBack):
+                log.warning("rolling back: %s", decision.reason)
+                self.state = state.rolled_back(decision.reason)
+                self.metrics.rollbacks += 1
+                self.runner.reset()
+                self.wake()
+            else:
+                log.error("generation %d failed: %s", generation, decision.reason)
+                self.state = state.failed(decision.reason)
+        self._dirty = True
+
+    # ---- reporting -----------------------------------------------------------------------------
+
+    def _report(
+        self,
+        desired: DesiredState | None,
+        observed: Mapping[str, ObservedModule],
+        images: ImageAvailability,
+        planned: Plan,
+        health: Mapping[str, HealthResult],
+        now: datetime,
+    ) -> ReportedState:
+        errors = self.runner.module_errors()
+        modules: dict[str, ModuleStatus] = {}
+        for name, m in (desired.modules if desired else {}).items():
+            book = self.state.restart_books.get(name, RestartBook())
+            status = module_status(name, m, observed.get(name), images, book, planned)
+            update: dict[str, Any] = {}
+            result = health.get(name)
+            if result is not None and result.execution_provider and status.runtime_status == "running":
+                update["execution_provider"] = result.execution_provider
+            error = errors.get(name)
+            if error is not None:
+                update["message"] = str(error)
+                if status.runtime_status in ("stopped", "created") and m.desired_status == "running":
+                    update["runtime_status"] = "failed"
+            modules[name] = status.model_copy(update=update) if update else status
+        self.metrics.set_modules(s.runtime_status for s in modules.values())
+        self.metrics.generation_applied = desired.generation if desired else 0
+        state = self.state
+        received = state.last_applied.generation if state.last_applied else None
+        reason: str | None
+        status_: DeploymentStatus
+        if self._rejection is not None:
+            status_, reason = "rejected", self._rejection.reason
+            received = self._rejection.generation
+        elif state.status is None:
+            status_, reason = "healthy", "no desired state received yet"
+        elif state.status == "applying" and self._pending is not None:
+            status_, reason = "applying", "waiting for " + "; ".join(self._pending.waiting_for)
+        else:
+            status_, reason = state.status, state.reason
+        return ReportedState(
+            device_id=self.config.device_id,
+            generation_applied=desired.generation if desired else 0,
+            generation_received=received,
+            deployment_status=status_,
+            reason=reason,
+            modules=modules,
+            accelerators=self.accelerators or [],
+            agent_version=self.version,
+            reported_at=now,
+        )
+
+    async def _publish(self, report: ReportedState, now: datetime) -> bool:
+        fingerprint = _fingerprint(report)
+        due = self._last_published is None or (
+            (now - self._last_published).total_seconds() >= self.config.heartbeat_s
+        )
+        if fingerprint == self._last_fingerprint and not due:
+            return False
+        try:
+            system = self.sampler.sample()
+        except MetricsError as exc:
+            log.debug("no system metrics: %s", exc)
+            system = None
+        report = report.model_copy(update={"system": system})
+        if self.link is not None:
+            await self.link.publish_reported(report)
+        self._last_fingerprint = fingerprint
+        self._last_published = now
+        self.metrics.last_report_ts = time.time()
+        await asyncio.to_thread(_write_report, Path(self.config.state_dir) / REPORT_FILE, report)
+        log.debug("report queued: generation %d, %s", report.generation_applied, report.deployment_status)
+        return True
+
+    def _next_wake(
+        self, planned: Plan, ran: RunResult, observed: Mapping[str, ObservedModule], now: datetime
+    ) -> float:
+        if ran.changed_anything:
+            self._idle_passes = 0
+            return SETTLE_S
+        self._idle_passes += 1
+        candidates = [min(IDLE_BASE_S * 2 ** min(self._idle_passes, 16), IDLE_MAX_S)]
+        if self._last_published is not None:
+            heartbeat_at = self._last_published.timestamp() + self.config.heartbeat_s
+            candidates.append(heartbeat_at - now.timestamp())
+        for at in (planned.wake_at, ran.wake_at, self._pending.deadline if self._pending else None):
+            if at is not None:
+                candidates.append((at - now).total_seconds())
+        desired = self.state.active
+        if desired is not None:
+            intervals = [
+                m.health.interval_s
+                for name, m in desired.modules.items()
+                if name in observed and observed[name].status == "running"
+            ]
+            if intervals:
+                candidates.append(min(intervals))
+        if any(a.kind == "pull" for a in planned) or self._pulls_in_flight(desired):
+            candidates.append(PULL_POLL_S)
+        return max(min(candidates), MIN_WAKE_S)
+
+    def _pulls_in_flight(self, desired: DesiredState | None) -> bool:
+        pulls = getattr(self.runtime, "pulls", None)
+        return bool(desired is not None and pulls is not None and pulls.pulling)
+
+    def _ping_status(self) -> dict[str, object]:
+        active = self.state.active
+        return {
+            "device_id": self.config.device_id,
+            "agent_version": self.version,
+            "generation_applied": active.generation if active else 0,
+            "deployment_status": self.state.status,
+            "uptime_s": round(time.monotonic() - self._started, 1),
+        }
+
+    # ---- commands ------------------------------------------------------------------------------
+
+    async def _serve_commands(self) -> None:
+        assert self.link is not None
+        async for request in self.link.commands():
+            response = await self.commands.handle(request)
+            try:
+                await self.link.respond(response)
+            except Exception as exc:
+                log.warning("cannot answer command %s: %s", request.id, exc)
+
+
+def _detect_accelerators() -> list[Accelerator]:
+    from agent.detect import detect
+    from modules.profiles import load_profiles
+
+    try:
+        return detect(load_profiles().values()).accelerators
+    except Exception as exc:
+        log.warning("accelerator detection failed: %s", exc)
+        return []
+
+
+def _write_report(path: Path, report: ReportedState) -> None:
+    """The last report, for ``edge-agent status`` (replaced atomically, not fsynced: it is a copy)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(report.model_dump_json(indent=1).encode())
+    os.replace(tmp, path)
+
+
+def read_report(state_dir: Path) -> ReportedState | None:
+    """The last report the agent wrote in ``state_dir``, if any."""
+    with contextlib.suppress(FileNotFoundError):
+        return ReportedState.model_validate_json((state_dir / REPORT_FILE).read_bytes())
+    return None

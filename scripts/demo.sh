@@ -53,11 +53,26 @@ say "1/4 bootstrap: packages and .venv"
 bash scripts/bootstrap.sh
 PY="$ROOT/.venv/bin/python"
 [[ -x "$PY" ]] || fail "bootstrap did not create $PY"
-command -v curl >/dev/null || fail "curl is not installed (apt-get install curl)"
 
 say "2/4 build the example modules into ${EXAMPLES#"$ROOT"/}"
 "$PY" -m modules.examples build "$EXAMPLES"
 mkdir -p "$LOGS"
+
+# http URL [BODY_FILE]: GET (or POST the JSON file) and print the body; fails on errors and non-2xx.
+http() {
+    "$PY" - "$@" <<'PYEOF'
+import sys, urllib.request
+
+url = sys.argv[1]
+data = open(sys.argv[2], "rb").read() if len(sys.argv) > 2 else None
+req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+try:
+    with urllib.request.urlopen(req, timeout=30) as r:
+        sys.stdout.write(r.read().decode())
+except Exception as e:
+    sys.exit(f"{url}: {e}")
+PYEOF
+}
 
 free_port() {
     "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -75,7 +90,7 @@ start_server() {
 wait_ready() {
     local name="$1" port="$2" pid="${SERVER_PIDS[-1]}" started=$SECONDS
     while ((SECONDS - started < READY_TIMEOUT_S)); do
-        if curl -fsS -o /dev/null "http://127.0.0.1:$port/v2/health/ready" 2>/dev/null; then
+        if http "http://127.0.0.1:$port/v2/health/ready" >/dev/null 2>&1; then
             info "$name is ready after $((SECONDS - started)) s"
             return
         fi
@@ -108,7 +123,7 @@ PYEOF
 # show NAME PORT: score the sample, compare with expected.json, show metadata and metrics.
 show() {
     local name="$1" port="$2" dir="$EXAMPLES/$1" base="http://127.0.0.1:$2" reply
-    reply="$(curl -fsS -X POST "$base/score" -H 'Content-Type: application/json' --data-binary "@$dir/sample.json")" ||
+    reply="$(http "$base/score" "$dir/sample.json")" ||
         fail "POST /score to $name failed"
     info "POST /score  $(head -c 160 <<<"$reply")"
     REPLY_JSON="$reply" "$PY" - "$dir/expected.json" <<'PYEOF' || fail "$name answered something unexpected"
@@ -127,9 +142,9 @@ print(f"[demo] predicted progression {predicted:.1f}; true value {expected['targ
 sys.exit(0 if abs(predicted - expected["prediction"]) < 1e-6 else 1)
 PYEOF
     info "GET /v2/models/$name"
-    curl -fsS "$base/v2/models/$name" | "$PY" -c "$MODEL_SUMMARY_PY" || fail "GET /v2/models/$name failed"
+    http "$base/v2/models/$name" | "$PY" -c "$MODEL_SUMMARY_PY" || fail "GET /v2/models/$name failed"
     info "GET /metrics (a few lines)"
-    curl -fsS "$base/metrics" | grep -E '^scoring_(requests_total|inference|request_duration_seconds_(count|sum))' |
+    http "$base/metrics" | grep -E '^scoring_(requests_total|inference|request_duration_seconds_(count|sum))' |
         head -n 8 | sed 's/^/    /' || true
 }
 

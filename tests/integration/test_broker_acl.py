@@ -124,6 +124,7 @@ class Client:
     def subscribe(self, topic: str) -> int:
         """Subscribe at QoS 1 and return the SUBACK reason code."""
         _, mid = self.client.subscribe(topic, qos=1)
+        assert mid is not None, f"subscribe to {topic} was not sent"
         with self._acked:
             assert self._acked.wait_for(lambda: mid in self._subacks, WAIT_S), f"no SUBACK for {topic}"
             return self._subacks[mid][0]
@@ -336,7 +337,9 @@ def test_device_answers_commands_and_sets_its_last_will(fleet: Fleet) -> None:
     got = {cloud.next().topic, cloud.next().topic}
     assert got == {"edge/beta/online", "edge/beta/cmd/res/7"}
 
-    beta.client.socket().close()  # an unclean drop: the broker publishes the will
+    sock = beta.client.socket()
+    assert sock is not None
+    sock.close()  # an unclean drop: the broker publishes the will
     will = cloud.next()
     assert (will.topic, json.loads(will.payload)) == ("edge/beta/online", {"online": False})
 

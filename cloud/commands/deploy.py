@@ -1,0 +1,380 @@
+"""``edgectl deploy``: apply, list, show, delete deployments; rollout status; publish; watch.
+
+Which model versions a deployment uses is recorded from ``--model NAME:VERSION`` on ``apply``
+(repeatable); a version in use cannot be deleted from the registry. Without ``--model`` an
+existing association is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cloud import broker
+from cloud.commands.base import (
+    EXIT_FAILURE,
+    CliError,
+    add_command,
+    format_table,
+    print_json,
+    settings_from,
+    store_errors,
+)
+from cloud.fleet.ingest import Ingestor
+from cloud.fleet.mqtt import BrokerUnavailable, Endpoint, resolve_endpoint
+from cloud.fleet.service import Fleet, PublishReport, parse_model_refs
+from cloud.keys import KeyFileError
+from modules.contract import DeploymentManifest
+from modules.documents import DocumentError, load_model_file
+
+WATCH_INTERVAL_S = 2.0
+
+
+@contextmanager
+def open_fleet(args: argparse.Namespace) -> Iterator[Fleet]:
+    """The fleet service of the selected data directory; store and key errors become CliErrors."""
+    with store_errors():
+        try:
+            fleet = Fleet.open(settings_from(args))
+        except KeyFileError as e:
+            raise CliError(str(e), EXIT_FAILURE) from e
+        except DocumentError as e:
+            raise CliError(f"device profiles: {e}", EXIT_FAILURE) from e
+        try:
+            yield fleet
+        finally:
+            fleet.close()
+
+
+def endpoint_from(args: argparse.Namespace) -> Endpoint:
+    """The broker endpoint from ``--broker-url``, the environment or the data directory."""
+    try:
+        return resolve_endpoint(settings_from(args).data_dir, getattr(args, "broker_url", None))
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    except broker.BrokerError as e:
+        raise CliError(str(e), EXIT_FAILURE) from e
+
+
+def add_broker_option(parser: argparse.ArgumentParser) -> None:
+    """``--broker-url``."""
+    parser.add_argument(
+        "--broker-url",
+        metavar="URL",
+        help="mqtt://host:port or mqtts://host:port (default: $EDGE_BROKER_URL, the URL saved by "
+        "'edgectl broker config', else mqtt://127.0.0.1:1883)",
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _tell_publish(report: PublishReport) -> None:
+    if report.error:
+        print(
+            f"warning: {report.error}\nwarning: {report.pending} desired state(s) are stored and pending; "
+            "they go out with 'edgectl deploy publish' or 'edgectl deploy watch' once the broker is back",
+            file=sys.stderr,
+        )
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Apply a deployment manifest."""
+    path = Path(args.file)
+    try:
+        manifest = load_model_file(DeploymentManifest, path)
+    except DocumentError as e:
+        raise CliError(str(e)) from e
+    with store_errors():
+        models = parse_model_refs(args.model) if args.model else None
+    endpoint = endpoint_from(args)
+    with open_fleet(args) as fleet, store_errors():
+        result = fleet.apply(manifest, models=models, endpoint=endpoint, source=str(path))
+    if args.json:
+        print_json(_jsonable(result))
+    else:
+        verb = "created" if result.created else "updated" if result.manifest_changed else "unchanged"
+        waves = ", ".join(str(n) for n in result.waves) or "none"
+        print(
+            f"deployment {result.deployment} {verb}: {result.selected} device(s) selected, {result.winning} "
+            f"run it (waves: {waves}); {result.new_generations} new desired state(s), "
+            f"{result.publish.published} published, {result.publish.pending} pending"
+        )
+    _tell_publish(result.publish)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List deployments."""
+    with open_fleet(args) as fleet, store_errors():
+        rows = fleet.list_deployments()
+    if args.json:
+        print_json(_jsonable(rows))
+        return 0
+    if not rows:
+        print("no deployments", file=sys.stderr)
+        return 0
+    print(
+        format_table(
+            ("NAME", "PRIORITY", "MODULES", "TARGET", "ROLLOUT", "DEVICES", "HEALTHY", "MODELS"),
+            [
+                (
+                    r.name,
+                    r.priority,
+                    ",".join(r.modules),
+                    _target(r.target),
+                    r.rollout_state,
+                    r.devices,
+                    r.healthy,
+                    ",".join(r.models) or "-",
+                )
+                for r in rows
+            ],
+        )
+    )
+    return 0
+
+
+def _target(target: dict[str, Any]) -> str:
+    parts = []
+    if target.get("device_ids"):
+        parts.append("ids=" + ",".join(target["device_ids"]))
+    parts += [f"{k}={v}" for k, v in target.get("tags", {}).items()]
+    if target.get("profile"):
+        parts.append(f"profile={target['profile']}")
+    return " ".join(parts)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Show a deployment's manifest and the model versions it uses."""
+    with open_fleet(args) as fleet, store_errors():
+        manifest, models = fleet.manifest(args.name)
+    doc = {"manifest": manifest.model_dump(mode="json"), "models": models}
+    if args.json:
+        print_json(doc)
+    else:
+        print_json(doc["manifest"])
+        print(f"models: {', '.join(models) or '-'}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete a deployment; its devices fall back to the next deployment or to running nothing."""
+    endpoint = endpoint_from(args)
+    with open_fleet(args) as fleet, store_errors():
+        changed, report = fleet.delete(args.name, endpoint=endpoint)
+    if args.json:
+        print_json({"deployment": args.name, "new_generations": changed, "publish": _jsonable(report)})
+    else:
+        print(
+            f"deleted deployment {args.name}: {changed} new desired state(s), {report.published} published, "
+            f"{report.pending} pending"
+        )
+    _tell_publish(report)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Per-wave and per-device progress of a deployment."""
+    with open_fleet(args) as fleet, store_errors():
+        progress = fleet.progress(args.name)
+    if args.json:
+        print_json(_jsonable(progress))
+        return 0
+    print(f"deployment {progress.name}: rollout {progress.rollout_state}; {progress.rollout_message}")
+    print()
+    print(
+        format_table(
+            ("WAVE", "DEVICES", "STARTED", "STATUS"),
+            [
+                (
+                    w.index + 1,
+                    w.devices,
+                    "yes" if w.started else "no",
+                    " ".join(f"{k}={v}" for k, v in sorted(w.counts.items())) or "-",
+                )
+                for w in progress.waves
+            ],
+        )
+    )
+    print()
+    print(
+        format_table(
+            ("DEVICE", "WAVE", "GENERATION", "STATUS", "DETAIL"),
+            [
+                (
+                    d.device,
+                    "-" if d.wave is None else d.wave + 1,
+                    "-" if d.generation is None else d.generation,
+                    d.status,
+                    d.detail or "-",
+                )
+                for d in progress.devices
+            ],
+        )
+    )
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Publish the desired states the broker has not acknowledged yet."""
+    endpoint = endpoint_from(args)
+    with open_fleet(args) as fleet, store_errors():
+        report = fleet.publish_pending(endpoint)
+    if args.json:
+        print_json(_jsonable(report))
+    else:
+        print(f"{report.published} desired state(s) published, {report.pending} pending")
+    if report.error:
+        print(f"edgectl: error: {report.error}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+async def _watch(fleet: Fleet, endpoint: Endpoint, interval_s: float, until_settled: bool) -> None:
+    async with Ingestor(fleet.db, endpoint) as ingest:
+        print(
+            f"watching {endpoint.url}: ingesting reports, advancing rollouts every {interval_s:g} s",
+            flush=True,
+        )
+        while True:
+            for line in await asyncio.to_thread(fleet.advance_rollouts, endpoint=endpoint):
+                print(line, flush=True)
+            if await asyncio.to_thread(fleet.pending_count):
+                report = await asyncio.to_thread(fleet.publish_pending, endpoint)
+                if report.published:
+                    print(f"published {report.published} pending desired state(s)", flush=True)
+            if until_settled and not await asyncio.to_thread(_rolling, fleet):
+                print(f"no rollout in progress ({ingest.stats.written} report(s) ingested)", flush=True)
+                return
+            await asyncio.sleep(interval_s)
+
+
+def _rolling(fleet: Fleet) -> bool:
+    return any(d.rollout_state == "rolling" for d in fleet.list_deployments())
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Run the rollout controller: ingest reports, advance waves, publish what is pending."""
+    endpoint = endpoint_from(args)
+    with open_fleet(args) as fleet, store_errors():
+        try:
+            asyncio.run(_watch(fleet, endpoint, args.interval, args.until_settled))
+        except (BrokerUnavailable, TimeoutError) as e:
+            raise CliError(str(e), EXIT_FAILURE) from e
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``deploy`` group."""
+    group = subparsers.add_parser(
+        "deploy",
+        help="deploy modules to devices and follow rollouts",
+        description="Declare which modules run on which devices. Each affected device gets a signed desired "
+        "state, published retained over MQTT; rollouts advance wave by wave as devices report.",
+    )
+    commands = group.add_subparsers(dest="deploy_command", metavar="COMMAND", required=True)
+
+    p = add_command(
+        commands,
+        "apply",
+        cmd_apply,
+        help="apply a deployment manifest",
+        description="Check and store a DeploymentManifest (YAML or JSON), compute and sign each affected "
+        "device's desired state and publish it. Unchanged devices get nothing. When the broker is down the "
+        "states are stored and published later by 'deploy publish' or 'deploy watch'.",
+        examples="  edgectl deploy apply -f vision.yaml\n"
+        "  edgectl deploy apply -f vision.yaml --model digits:3 --json",
+    )
+    p.add_argument("-f", "--file", required=True, metavar="FILE", help="the manifest (YAML or JSON)")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME:VERSION",
+        help="record that the deployment uses this registered model version (repeatable)",
+    )
+    add_broker_option(p)
+
+    add_command(
+        commands,
+        "list",
+        cmd_list,
+        help="list deployments",
+        description="List deployments with their targets, rollout state and device counts.",
+        examples="  edgectl deploy list\n  edgectl deploy list --json",
+    )
+
+    p = add_command(
+        commands,
+        "show",
+        cmd_show,
+        help="show a deployment's manifest",
+        description="Print a deployment's stored manifest and the model versions it uses.",
+        examples="  edgectl deploy show vision",
+    )
+    p.add_argument("name", metavar="NAME")
+
+    p = add_command(
+        commands,
+        "delete",
+        cmd_delete,
+        help="delete a deployment",
+        description="Delete a deployment. Its devices get the next deployment that selects them, or an empty "
+        "desired state (their modules are stopped and removed).",
+        examples="  edgectl deploy delete vision",
+    )
+    p.add_argument("name", metavar="NAME")
+    add_broker_option(p)
+
+    p = add_command(
+        commands,
+        "status",
+        cmd_status,
+        help="per-wave and per-device progress",
+        description="Show a deployment's rollout: each wave and each device (pending, applying, healthy, "
+        "failed, rolled back, rejected, offline, waiting for its wave, superseded, reverted).",
+        examples="  edgectl deploy status vision\n  edgectl deploy status vision --json",
+    )
+    p.add_argument("name", metavar="NAME")
+
+    p = add_command(
+        commands,
+        "publish",
+        cmd_publish,
+        help="publish pending desired states",
+        description="Publish the desired states the broker has not acknowledged (it was down at apply time).",
+        examples="  edgectl deploy publish --broker-url mqtt://127.0.0.1:1883",
+    )
+    add_broker_option(p)
+
+    p = add_command(
+        commands,
+        "watch",
+        cmd_watch,
+        help="run the rollout controller",
+        description="Ingest reported states and online messages, advance rollout waves when the current wave "
+        "is healthy, halt (and revert, if the manifest says so) beyond max_failure_ratio, and publish "
+        "pending desired states. Runs until interrupted, or with --until-settled until no rollout is "
+        "rolling.",
+        examples="  edgectl deploy watch\n  edgectl deploy watch --until-settled --interval 1",
+        json_output=False,
+    )
+    p.add_argument("--interval", type=float, default=WATCH_INTERVAL_S, metavar="SECONDS")
+    p.add_argument("--until-settled", action="store_true", help="exit once no rollout is in progress")
+    add_broker_option(p)

@@ -23,7 +23,7 @@ import docker
 
 from cloud.packaging import engine
 from cloud.packaging.cache import BuildCache
-from cloud.packaging.debootstrap import SITE_PACKAGES, SUITE, build_rootfs, unmount_below
+from cloud.packaging.debootstrap import SUITE, build_rootfs, site_packages, unmount_below
 from cloud.packaging.errors import BaseImageUnavailable, PackagingError, RegistryError, os_error
 from cloud.packaging.image import (
     BlobRef,
@@ -37,7 +37,7 @@ from cloud.packaging.image import (
 from cloud.packaging.layers import rootfs_layer
 from cloud.packaging.progress import LinePrinter, Progress, human_bytes
 from cloud.packaging.push import push_image
-from cloud.packaging.pydeps import PYTHON_VERSION, profile_requirements
+from cloud.packaging.pydeps import profile_requirements
 from cloud.packaging.registry_client import Credentials, RegistryClient
 from modules.contract import DeviceProfile, split_image_ref
 
@@ -68,6 +68,7 @@ class BaseImage:
     """Python distributions the base holds (debootstrap bases), ``{name: version}``."""
     registry_ref: str | None = None
     """``registry/repository@sha256:…`` once pushed."""
+    python_version: str = "3.11"
 
     @property
     def config(self) -> dict[str, Any]:
@@ -77,7 +78,7 @@ class BaseImage:
     @property
     def site_packages(self) -> str:
         """Where the base keeps Python packages (for extra deps layered on top)."""
-        return "/" + SITE_PACKAGES
+        return site_packages(self.python_version)
 
 
 def repository_path(image: str) -> str:
@@ -101,7 +102,6 @@ def base_inputs(profile: DeviceProfile) -> dict[str, Any]:
         "variant": "minbase",
         "base": profile.base.model_dump(mode="json"),
         "requirements": profile_requirements(profile),
-        "python": PYTHON_VERSION,
         "platform": "linux/amd64",
     }
 
@@ -153,6 +153,7 @@ def resolve_base(
         docs=docs,
         blobs=cache.known_blobs([layer.digest for layer in docs.layers()]),
         python=_parse_python_label(json.loads(docs.config)),
+        python_version=profile.base.python,
     )
     if registry is None:
         return base
@@ -328,6 +329,7 @@ def _vendor_base(
         local_ref=local.id,
         docs=docs,
         blobs=cache.known_blobs([layer.digest for layer in docs.layers()]),
+        python_version=profile.base.python,
     )
 
 

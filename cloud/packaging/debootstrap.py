@@ -19,8 +19,12 @@ from cloud.packaging.pydeps import PYTHON_VERSION, pip_install, requirement_name
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 MIRROR_ENV = "EDGE_DEBIAN_MIRROR"
-SITE_PACKAGES = f"usr/local/lib/python{PYTHON_VERSION}/dist-packages"
-"""Where Python deps go (on Debian's python3 path), relative to the root."""
+
+
+def site_packages(python: str = PYTHON_VERSION) -> str:
+    """Where an image keeps Python deps: ``/usr/local/lib/python3.X/dist-packages`` (on python3's path)."""
+    return f"/usr/local/lib/python{python}/dist-packages"
+
 
 _DPKG_SLIM = """\
 # edgedeploy: keep documentation and translations out of this image
@@ -146,6 +150,7 @@ def build_rootfs(
     progress: Progress,
     log: Path,
     deb_cache: Path | None = None,
+    python: str = PYTHON_VERSION,
 ) -> dict[str, str]:
     """Create the root file system at ``root``; returns ``{distribution: version}`` of its Python deps.
 
@@ -153,6 +158,10 @@ def build_rootfs(
     """
     if os.geteuid() != 0:
         raise PackagingError("building a base image needs root (debootstrap and chroot): run as root")
+    if python != PYTHON_VERSION:
+        raise PackagingError(
+            f"base.python is {python}, but debootstrap bases are Debian {SUITE} with Python {PYTHON_VERSION}"
+        )
     if shutil.which("debootstrap") is None:
         raise PackagingError("debootstrap is not installed: apt-get install debootstrap")
     include = ",".join(dict.fromkeys(["python3", *apt_packages]))
@@ -171,9 +180,9 @@ def build_rootfs(
         unmount_below(root)
     progress.step("stripping documentation, translations and caches")
     strip_rootfs(root)
-    site = root / SITE_PACKAGES
-    installed = pip_install(requirements, site, progress)
-    progress.step(f"installed {len(installed)} python distributions into /{SITE_PACKAGES}")
+    site = site_packages(python)
+    installed = pip_install(requirements, root / site.lstrip("/"), progress, python=python)
+    progress.step(f"installed {len(installed)} python distributions into {site}")
     _run(
         [
             "chroot",
@@ -184,7 +193,7 @@ def build_rootfs(
             "-q",
             "--invalidation-mode",
             "unchecked-hash",
-            "/" + SITE_PACKAGES,
+            site,
         ],
         "compiling python packages",
         progress,

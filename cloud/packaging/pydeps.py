@@ -32,7 +32,7 @@ RUNTIME_REQUIREMENTS: tuple[str, ...] = (
 """What the scoring runtime needs in every image: pyproject.toml's ``[project] dependencies``."""
 
 PYTHON_VERSION = "3.11"
-"""The Python of Debian bookworm, which base images are built from."""
+"""The Python of Debian bookworm (the default of ``base.python`` in profiles)."""
 
 UNUSED_FILES: tuple[str, ...] = ("onnxruntime/capi/libonnxruntime.so.*",)
 """Files wheels ship that a module never loads: onnxruntime's C API library (29 MB), which its
@@ -74,15 +74,16 @@ def merge_requirements(*groups: Iterable[str]) -> list[str]:
 
 
 def profile_requirements(profile: DeviceProfile) -> list[str]:
-    """Everything a profile's base image must hold: the scoring runtime, the backend, the profile's list."""
+    """What a profile's image must hold: the profile's Python packages, plus what the runtime needs.
+
+    The profile's own lines win; onnxruntime is left to the profile when it names another build
+    (``onnxruntime-gpu``). The backend package (openvino) comes from the profile's list or, for
+    vendor images, from the vendor image itself.
+    """
     runtime = list(RUNTIME_REQUIREMENTS)
-    backend: list[str] = []
     if profile.onnxruntime is not None and canonical_name(profile.onnxruntime.package) != "onnxruntime":
         runtime = [r for r in runtime if requirement_name(r) != "onnxruntime"]
-        backend.append(profile.onnxruntime.package)
-    if profile.backend == "openvino" and profile.openvino is not None:
-        backend.append(profile.openvino.version)
-    return merge_requirements(runtime, backend, profile.base.python_packages)
+    return merge_requirements(runtime, profile.base.python_packages)
 
 
 def installed_versions(target: Path) -> dict[str, str]:
@@ -105,12 +106,13 @@ def installed_versions(target: Path) -> dict[str, str]:
     return found
 
 
-def requirements_key(requirements: Iterable[str], constraints: Mapping[str, str]) -> str:
-    """A hash naming one resolution: the requirement lines, constraints and target platform."""
+def requirements_key(requirements: Iterable[str], constraints: Mapping[str, str], python: str) -> str:
+    """A hash naming one resolution: the requirement lines, constraints and target Python."""
     doc = {
         "requirements": sorted(requirements),
         "constraints": dict(sorted(constraints.items())),
-        "python": PYTHON_VERSION,
+        "python": python,
+        "platforms": _PLATFORMS,
     }
     return hashlib.sha256(canonical(doc)).hexdigest()
 
@@ -120,6 +122,7 @@ def pip_install(
     target: Path,
     progress: Progress,
     *,
+    python: str = PYTHON_VERSION,
     constraints: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Install ``requirements`` (wheels only) for the image's Python into ``target``; returns the result.
@@ -141,8 +144,8 @@ def pip_install(
         "--no-compile",
         "--no-warn-conflicts",
     ]
-    cmd += ["--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp"]
-    cmd += ["--abi", "cp" + PYTHON_VERSION.replace(".", "")]
+    cmd += ["--only-binary=:all:", "--python-version", python, "--implementation", "cp"]
+    cmd += ["--abi", "cp" + python.replace(".", "")]
     for platform in _PLATFORMS:
         cmd += ["--platform", platform]
     cmd += ["--disable-pip-version-check", "--no-input", "--quiet"]
@@ -163,7 +166,7 @@ def pip_install(
         errors = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["(no output)"]
         if "No space left on device" in proc.stderr:
             raise PackagingError(f"no space left on device while installing python packages into {target}")
-        raise InputError(f"pip could not install {', '.join(reqs)} for Python {PYTHON_VERSION}: {errors[-1]}")
+        raise InputError(f"pip could not install {', '.join(reqs)} for Python {python}: {errors[-1]}")
     tidy_site_packages(target)
     return installed_versions(target)
 

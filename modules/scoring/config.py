@@ -38,7 +38,8 @@ VARIABLES: dict[str, str] = {
     "(environment only: never pass keys on a command line)",
     "SCORING_TIMEOUT": "seconds a request may take before it is answered 504 (default 60)",
     "MAX_REQUEST_BYTES": "largest request body accepted, larger ones get 413 (default 16777216)",
-    "SCORING_THREADS": "worker threads for inference (default: CPUs this process may use)",
+    "SCORING_THREADS": "worker threads for inference (default: CPUs this process may use); an entry "
+    "script's run() may be called from this many threads at once, 1 makes the calls one at a time",
     "SCORING_MAX_QUEUE": "requests that may wait for a worker thread; more get 503 (default 256)",
     "EXIT_ON_INIT_FAILURE": "exit with status 3 when loading the model or init() fails (default 1); "
     "0 keeps the server up, not ready, explaining why on /v2/health/ready",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modules.scoring.backends import InferenceBackend, InferenceError, TensorSpec, load_backend
+from modules.scoring.backends import BackendError, InferenceBackend, InferenceError, TensorSpec, load_backend
 from modules.scoring.config import ServerConfig
 from modules.scoring.model_paths import ModelLocation, list_models
 from modules.scoring.openapi import schemas_from_samples, schemas_from_specs
@@ -54,9 +54,12 @@ class OnnxService:
 
     def load(self) -> dict[str, str]:
         """Load the device profile and every model; BackendError when a model cannot run as configured."""
-        from modules.profiles import get_profile
+        from modules.profiles import ProfileError, get_profile
 
-        profile = get_profile(self.config.profile, self.config.profiles_dir)
+        try:
+            profile = get_profile(self.config.profile, self.config.profiles_dir)
+        except ProfileError as exc:
+            raise BackendError(f"device profile {self.config.profile!r}: {exc}") from exc
         for name, location in self.locations.items():
             self.backends[name] = load_backend(location.path, profile, model_name=name)
         return {name: backend.provider for name, backend in self.backends.items()}

@@ -164,10 +164,11 @@ class ScoringApp:
         app.router.add_get("/v2/models/{name}", self.model_metadata)
         app.router.add_get("/v2/models/{name}/ready", self.model_ready)
         app.router.add_post("/v2/models/{name}/infer", self.infer)
-        app.on_shutdown.append(self._shutdown)
+        app.on_cleanup.append(self._cleanup)
         return app
 
-    async def _shutdown(self, _app: web.Application) -> None:
+    async def _cleanup(self, _app: web.Application) -> None:
+        """After the last request: let the worker threads go."""
         self.pool.shutdown()
 
     @web.middleware

@@ -62,7 +62,12 @@ class InferencePool:
             await self._wait_for_thread(loop, deadline)
         self.running += 1
         result: asyncio.Future[T] = loop.create_future()
-        work = self._executor.submit(func, *args)
+        try:
+            work = self._executor.submit(func, *args)
+        except RuntimeError:  # shut down
+            self.running -= 1
+            self._hand_over()
+            raise PoolClosed() from None
         work.add_done_callback(lambda done: _call_soon(loop, self._finished, done, result))
         timer = loop.call_at(deadline, _expire, result)
         self._pending.add(result)
@@ -79,7 +84,7 @@ class InferencePool:
         if result.done():  # timed out (or the caller went away) before the work finished
             return
         if work.cancelled():
-            result.set_exception(RuntimeError("the server is shutting down"))
+            result.set_exception(PoolClosed())
         elif (error := work.exception()) is not None:
             result.set_exception(error)
         else:

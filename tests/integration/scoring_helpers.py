@@ -151,6 +151,16 @@ class ServerProcess:
                 raise AssertionError(f"server never logged {text!r}:\n{self.log}")
             time.sleep(0.05)
 
+    def wait_metric(self, line: str) -> None:
+        """Wait until ``GET /metrics`` has ``line``; fail if the server exits first or never shows it."""
+        deadline = time.monotonic() + START_LIMIT_S
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            with urllib.request.urlopen(self.base + "/metrics", timeout=5) as response:
+                if line in response.read().decode().splitlines():
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"/metrics never showed {line!r}:\n{self.log}")
+
     def wait_exit(self) -> int:
         """The exit status, once the process ends by itself."""
         try:

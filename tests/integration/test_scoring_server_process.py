@@ -8,8 +8,10 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import numpy as np
 import onnxruntime as ort
@@ -175,6 +177,26 @@ def test_strict_profile_without_its_provider_fails_start_up(
         assert server.wait_exit() == 3
     assert "profile cuda is strict: CUDAExecutionProvider is not available" in server.log
     assert "edge-score: error:" in server.log
+
+
+def test_sigterm_answers_requests_still_running_and_exits_0(tmp_path: Path) -> None:
+    script = write_script(
+        tmp_path / "score.py",
+        """
+        import threading
+        def init():
+            pass
+        def run(data):
+            threading.Event().wait()
+        """,
+    )
+    with ServerProcess(tmp_path, {"ENTRY_SCRIPT": str(script)}) as server, ThreadPoolExecutor(1) as pool:
+        server.wait_ready()
+        stuck = pool.submit(_post, server.base + "/score", {"x": 1})
+        server.wait_metric("scoring_inference_running 1")
+        server.proc.terminate()
+        assert stuck.result(timeout=60) == (503, {"error": "the server is shutting down", "request_id": ANY})
+        assert server.wait_exit() == 0
 
 
 def test_configuration_error_exits_2() -> None:

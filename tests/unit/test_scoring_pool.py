@@ -100,3 +100,11 @@ async def test_abandon_answers_waiting_callers() -> None:
             await task
     release.set()
     pool.shutdown()
+
+
+async def test_after_shutdown_calls_are_refused() -> None:
+    pool = InferencePool(threads=1, max_queued=4, timeout_s=30)
+    pool.shutdown()
+    with pytest.raises(PoolClosed):
+        await pool.run(int)
+    assert (pool.running, pool.queued) == (0, 0)

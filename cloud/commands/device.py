@@ -221,7 +221,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         cmd_remove,
         help="remove a device and its credentials",
         description="Remove a device: its row, its password file entry and its default agent configuration "
-        "folder. After the broker reloads (SIGHUP), the device can no longer connect.",
+        "folder. On reload (SIGHUP, sent when broker config recorded a pid file) Mosquitto closes the "
+        "device's open session and refuses it from then on.",
         examples="  edgectl device remove pump-17",
     )
     p.add_argument("id", metavar="ID")

@@ -100,6 +100,8 @@ class Client:
         )
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
+        self.disconnected = threading.Event()
+        self.client.on_disconnect = lambda *args: self.disconnected.set()
         self.port = port
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: list[Any], props: Any) -> None:
@@ -348,13 +350,19 @@ def test_device_answers_commands_and_sets_its_last_will(fleet: Fleet) -> None:
 
 
 def test_removed_device_cannot_connect_after_reload_and_new_one_can(fleet: Fleet) -> None:
-    assert fleet.client("beta").connect() == 0
+    beta = fleet.device("beta")
+    alpha = fleet.device("alpha")
+    assert alpha.subscribe("edge/alpha/desired") == 1
 
     edgectl(fleet.data_dir, "device", "remove", "beta")  # rewrites the files and sends SIGHUP
     assert wait_until(lambda: fleet.client("beta").connect() in REFUSED, WAIT_S), (
         "beta still connects after removal and reload"
     )
+    assert beta.disconnected.wait(WAIT_S), "the broker kept the removed device's session open"
     assert fleet.client("alpha").connect() == 0
+    fleet.cloud().publish("edge/alpha/desired", '{"after": "reload"}')
+    assert alpha.next().payload == b'{"after": "reload"}'  # alpha's session survived the reload
+    assert not alpha.disconnected.is_set()
 
     edgectl(fleet.data_dir, "device", "add", "gamma")
     gamma_password = password_from_config(fleet.data_dir / "devices" / "gamma" / "agent.yaml")

@@ -1,0 +1,352 @@
+"""``DockerRuntime``: modules as Docker Engine containers, through the ``docker`` SDK (7.x).
+
+Each module runs in a container named ``<prefix><module>`` (``edge-<module>`` by default), labelled
+as this agent's (``agent/runtime/labels.py``); containers without those labels are never listed,
+started, stopped or removed. Containers get restart policy ``no``: the agent restarts modules
+itself (back-off, health, rollback). Ports are published on the mapping's ``host_ip``, loopback
+unless the desired state says otherwise. A device profile's ``container`` section adds GPUs,
+device nodes, cgroup rules, volumes and groups.
+
+Pulls run in the background (``PullTracker``) and are skipped when the image is already local,
+by digest for pinned references, so a device boots offline from what it has. Registry
+credentials are looked up by ``RegistryCredentialRef.secret`` in the mapping given at
+construction (``{secret: (username, password)}``). All SDK calls run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Collection, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+from docker.types import LogConfig
+
+from agent.actions import Create, Pull, Remove, Restart, Start, Stop
+from agent.observed import ObservedModule, ObservedStatus
+from agent.runtime import Observation, RuntimeActionError
+from agent.runtime import labels as lb
+from agent.runtime.access import AccessError, docker_access
+from agent.runtime.pulls import PullTracker
+from modules.contract import DesiredModule, DeviceProfile, HealthCheck
+
+log = logging.getLogger(__name__)
+
+Credentials = Mapping[str, tuple[str, str]]
+"""Registry secrets by name (``RegistryCredentialRef.secret``): ``(username, password)``."""
+
+_STATES: frozenset[str] = frozenset(
+    {"created", "running", "paused", "restarting", "removing", "exited", "dead"}
+)
+_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+_ANY_ADDRESS = ("", "0.0.0.0", "::")
+
+
+def parse_docker_time(value: str | None) -> datetime | None:
+    """Docker's RFC 3339 timestamps (nanoseconds) as aware datetimes; ``None`` for the zero time."""
+    if not value or value.startswith("0001-01-01"):
+        return None
+    m = _TIME_RE.match(value)
+    if m is None:
+        return None
+    base, frac, zone = m.groups()
+    text = base + (f".{frac[:6]:0<6}" if frac else "") + ("+00:00" if zone == "Z" else zone)
+    return datetime.fromisoformat(text).astimezone(timezone.utc)
+
+
+def _repo_digest(image: str, repo_digests: list[str]) -> str | None:
+    """The ``sha256:`` digest the image has in ``image``'s own repository (else in any other), or None."""
+    try:
+        repo = lb.familiar_name(image)
+    except ValueError:
+        repo = None
+    for ref in sorted(repo_digests, key=lambda r: r.split("@")[0] != repo):
+        return ref.split("@", 1)[1]
+    return None
+
+
+def _error_text(exc: Exception) -> str:
+    if isinstance(exc, docker.errors.APIError):
+        return str(exc.explanation or exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class DockerRuntime:
+    """Runs this agent's modules as containers on the local Docker Engine."""
+
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        *,
+        profiles: Mapping[str, DeviceProfile] | None = None,
+        credentials: Credentials | None = None,
+        device_id: str | None = None,
+        name_prefix: str = lb.DEFAULT_NAME_PREFIX,
+        stop_timeout_s: int = 10,
+        host_root: Path = Path("/"),
+        log_max_size: str = "10m",
+        log_max_files: int = 3,
+        init: bool = True,
+    ) -> None:
+        """``device_id`` labels (and filters) containers so several agents may share one engine;
+        ``host_root`` is where the profile's device nodes are looked up; logs rotate at
+        ``log_max_size`` keeping ``log_max_files`` files; ``init`` runs Docker's init (tini) as
+        PID 1, so SIGTERM reaches a server that has not installed its handler yet."""
+        if profiles is None:
+            from modules.profiles import load_profiles
+
+            profiles = load_profiles()
+        self.client = client or docker.from_env()
+        self.profiles = profiles
+        self.credentials: Credentials = credentials or {}
+        self.device_id = device_id
+        self.name_prefix = name_prefix
+        self.stop_timeout_s = stop_timeout_s
+        self.host_root = host_root
+        self.log_config = LogConfig(
+            type=LogConfig.types.JSON, config={"max-size": log_max_size, "max-file": str(log_max_files)}
+        )
+        self.init = init
+        self.pulls = PullTracker()
+        self._ports: dict[str, dict[str, Any]] = {}
+
+    def container_name(self, module: str) -> str:
+        """The container name of ``module``."""
+        return f"{self.name_prefix}{module}"
+
+    # --- observing -----------------------------------------------------------------------------
+
+    async def observe(self, images: Collection[str] = ()) -> Observation:
+        """This agent's containers and the availability of ``images`` (and of every image pulled)."""
+        wanted = set(images) | self.pulls.requested
+        modules, ports, present = await asyncio.to_thread(self._observe_blocking, wanted)
+        self._ports = ports
+        return modules, self.pulls.availability(present)
+
+    def _observe_blocking(
+        self, wanted: set[str]
+    ) -> tuple[dict[str, ObservedModule], dict[str, dict[str, Any]], set[str]]:
+        api = self.client.api
+        local: set[str] = set()
+        digests: dict[str, list[str]] = {}
+        for image in api.images():
+            repo_digests = image.get("RepoDigests") or []
+            local.update(image.get("RepoTags") or [], repo_digests)
+            digests[image["Id"]] = repo_digests
+        present = {ref for ref in wanted if lb.presence_key(ref) in local}
+        modules: dict[str, ObservedModule] = {}
+        ports: dict[str, dict[str, Any]] = {}
+        summaries = api.containers(all=True, filters={"label": lb.ownership_filters(self.device_id)})
+        for summary in summaries:
+            try:
+                info = api.inspect_container(summary["Id"])
+            except docker.errors.NotFound:
+                continue
+            labels = info["Config"].get("Labels") or {}
+            if not lb.is_ours(labels, self.device_id):
+                continue
+            name = labels[lb.MODULE]
+            modules[name] = self._observed(name, info, labels, digests)
+            ports[name] = (info.get("NetworkSettings") or {}).get("Ports") or {}
+        return modules, ports, present
+
+    @staticmethod
+    def _observed(
+        name: str, info: dict[str, Any], labels: dict[str, str], digests: dict[str, list[str]]
+    ) -> ObservedModule:
+        state = info.get("State") or {}
+        status = state.get("Status", "dead")
+        status_value: ObservedStatus = status if status in _STATES else "dead"
+        if status_value == "created" and state.get("Error"):
+            status_value = "exited"  # a start that failed (bad entrypoint, device missing) is an exit
+        image = labels.get(lb.IMAGE) or info["Config"].get("Image", "")
+        image_id = info.get("Image")
+        finished = parse_docker_time(state.get("FinishedAt"))
+        exited = status_value in ("exited", "dead")
+        return ObservedModule(
+            name=name,
+            image=image,
+            status=status_value,
+            config_hash=labels.get(lb.CONFIG_HASH),
+            image_id=_repo_digest(image, digests.get(image_id or "", [])) or image_id,
+            exit_code=int(state["ExitCode"]) if exited and state.get("ExitCode") is not None else None,
+            started_at=parse_docker_time(state.get("StartedAt")),
+            finished_at=finished if exited else None,
+        )
+
+    def health_url(self, module: str, check: HealthCheck) -> str | None:
+        """Where ``check.port`` of the module's container is published on the host, as of the last observe."""
+        bindings = self._ports.get(module, {}).get(f"{check.port}/tcp") or []
+        for binding in sorted(bindings, key=lambda b: ":" in (b.get("HostIp") or "")):
+            host, port = binding.get("HostIp") or "", binding.get("HostPort")
+            if not port:
+                continue
+            if host in _ANY_ADDRESS:
+                host = "127.0.0.1"
+            if ":" in host:
+                host = f"[{host}]"
+            return f"http://{host}:{port}"
+        return None
+
+    # --- pulling -------------------------------------------------------------------------------
+
+    async def pull(self, action: Pull) -> None:
+        """Start pulling ``action.image`` in the background (skipped when it is already local)."""
+        auth = None
+        if action.credentials is not None:
+            found = self.credentials.get(action.credentials.secret)
+            if found is None:
+                problem = (
+                    f"registry credential {action.credentials.secret!r} (for {action.credentials.registry}) "
+                    "is not in the agent's secret store"
+                )
+
+                async def fail() -> None:
+                    raise RuntimeError(f"pull of {action.image} failed: {problem}")
+
+                self.pulls.start(action.image, fail)
+                return
+            auth = {"username": found[0], "password": found[1]}
+        self.pulls.start(action.image, lambda: asyncio.to_thread(self._pull_blocking, action.image, auth))
+
+    def _pull_blocking(self, image: str, auth: dict[str, str] | None) -> None:
+        if self._image_present(image):
+            log.info("pull of %s skipped: the image is already here", image)
+            return
+        repository, tag = lb.pull_reference(image)
+        try:
+            self.client.api.pull(repository, tag=tag, auth_config=auth)
+        except docker.errors.APIError as exc:
+            raise RuntimeError(f"pull of {image} failed: {_error_text(exc)}") from None
+        except Exception as exc:
+            raise RuntimeError(f"pull of {image} failed: {_error_text(exc)}") from None
+        if not self._image_present(image):
+            raise RuntimeError(f"pull of {image} finished but the image is not in Docker Engine")
+
+    def _image_present(self, image: str) -> bool:
+        key = lb.presence_key(image)
+        for found in self.client.api.images():
+            if key in (found.get("RepoTags") or []) or key in (found.get("RepoDigests") or []):
+                return True
+        return False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def _container(self, module: str) -> Any:
+        """The module's container, only when it carries this agent's labels."""
+        name = self.container_name(module)
+        try:
+            container = self.client.containers.get(name)
+        except docker.errors.NotFound:
+            raise RuntimeActionError(module, f"no container {name}") from None
+        labels = container.labels or {}
+        if not lb.is_ours(labels, self.device_id) or labels.get(lb.MODULE) != module:
+            raise RuntimeActionError(
+                module,
+                f"container {name} is not managed by this agent (no {lb.MANAGED} label); left alone",
+            )
+        return container
+
+    async def create(self, action: Create) -> None:
+        """Create the module's container (not started) from its spec and profile."""
+        await asyncio.to_thread(self._create_blocking, action.module, action.spec, action.config_hash)
+
+    def _create_options(self, module: str, spec: DesiredModule, config_hash: str) -> dict[str, Any]:
+        profile = self.profiles.get(spec.profile)
+        if profile is None:
+            raise RuntimeActionError(
+                module,
+                f"device profile {spec.profile!r} is unknown (known: {', '.join(sorted(self.profiles))})",
+            )
+        try:
+            access = docker_access(profile.container, self.host_root)
+        except AccessError as exc:
+            raise RuntimeActionError(module, f"profile {profile.name}: {exc}") from None
+        labels = {
+            lb.MANAGED: "true",
+            lb.MODULE: module,
+            lb.CONFIG_HASH: config_hash,
+            lb.IMAGE: spec.image,
+            lb.PROFILE: spec.profile,
+        }
+        if spec.version is not None:
+            labels[lb.VERSION] = spec.version
+        if self.device_id is not None:
+            labels[lb.DEVICE] = self.device_id
+        ports: dict[str, list[tuple[str, int | None]]] = {}
+        for p in spec.ports:
+            ports.setdefault(f"{p.container}/{p.protocol}", []).append((p.host_ip, p.host))
+        options: dict[str, Any] = {
+            "name": self.container_name(module),
+            "labels": labels,
+            "environment": dict(spec.env),
+            "ports": ports,
+            "restart_policy": {"Name": "no"},
+            "log_config": self.log_config,
+            "detach": True,
+            "init": self.init,
+            **access.create_kwargs(),
+        }
+        if spec.resources.cpus is not None:
+            options["nano_cpus"] = int(spec.resources.cpus * 1e9)
+        if spec.resources.memory_mb is not None:
+            options["mem_limit"] = f"{spec.resources.memory_mb}m"
+        return options
+
+    def _create_blocking(self, module: str, spec: DesiredModule, config_hash: str) -> None:
+        options = self._create_options(module, spec, config_hash)
+        image = lb.local_reference(spec.image)
+        try:
+            self.client.containers.create(image, **options)
+        except docker.errors.ImageNotFound:
+            raise RuntimeActionError(module, f"image {spec.image} is not present (pull it first)") from None
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                raise RuntimeActionError(
+                    module, f"a container named {options['name']} already exists: {_error_text(exc)}"
+                ) from None
+            raise RuntimeActionError(module, f"create failed: {_error_text(exc)}") from None
+
+    async def start(self, action: Start) -> None:
+        """Start the module's container."""
+        await asyncio.to_thread(self._call, action.module, "start")
+
+    async def stop(self, action: Stop) -> None:
+        """Stop the module's container (SIGTERM, SIGKILL after ``stop_timeout_s``)."""
+        await asyncio.to_thread(self._call, action.module, "stop", timeout=self.stop_timeout_s)
+
+    async def restart(self, action: Restart) -> None:
+        """Restart the module's container in place."""
+        await asyncio.to_thread(self._call, action.module, "restart", timeout=self.stop_timeout_s)
+
+    async def remove(self, action: Remove) -> None:
+        """Remove the module's container (killing it if it still runs) and its anonymous volumes."""
+        await asyncio.to_thread(self._call, action.module, "remove", v=True, force=True)
+
+    def _call(self, module: str, method: str, **kwargs: Any) -> None:
+        container = self._container(module)
+        try:
+            getattr(container, method)(**kwargs)
+        except docker.errors.NotFound:
+            raise RuntimeActionError(module, f"container {container.name} vanished during {method}") from None
+        except docker.errors.APIError as exc:
+            raise RuntimeActionError(module, f"{method} failed: {_error_text(exc)}") from None
+
+    async def logs(self, module: str, tail: int = 100) -> str:
+        """The last ``tail`` lines of the container's stdout and stderr."""
+
+        def read() -> str:
+            raw = self._container(module).logs(stdout=True, stderr=True, tail=tail)
+            return bytes(raw).decode("utf-8", errors="replace")
+
+        return await asyncio.to_thread(read)
+
+    async def close(self) -> None:
+        """Cancel pulls in flight and close the SDK client; containers keep running."""
+        await self.pulls.close()
+        await asyncio.to_thread(self.client.close)

@@ -11,6 +11,8 @@ has processed the forbidden one, and a short extra wait shows nothing else comes
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import json
 import os
 import queue
@@ -24,6 +26,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.config import load_agent_config
@@ -83,7 +89,7 @@ class Client:
 
     def __init__(self, port: int, username: str, password: str) -> None:
         self.messages: queue.Queue[Received] = queue.Queue()
-        self._connack: queue.Queue[int] = queue.Queue()
+        self.connacks: queue.Queue[int] = queue.Queue()
         self._subacks: dict[int, list[int]] = {}
         self._pubacks: dict[int, int] = {}
         self._acked = threading.Condition()
@@ -94,7 +100,7 @@ class Client:
             reconnect_on_failure=False,
         )
         self.client.username_pw_set(username, password)
-        self.client.on_connect = lambda c, u, f, reason, p: self._connack.put(reason.value)
+        self.client.on_connect = lambda c, u, f, reason, p: self.connacks.put(reason.value)
         self.client.on_message = lambda c, u, m: self.messages.put(
             Received(m.topic, bytes(m.payload), bool(m.retain))
         )
@@ -119,7 +125,7 @@ class Client:
         self.client.connect(HOST, self.port, keepalive=30)
         self.client.loop_start()
         try:
-            return self._connack.get(timeout=WAIT_S)
+            return self.connacks.get(timeout=WAIT_S)
         except queue.Empty:
             raise AssertionError("no CONNACK from the broker") from None
 
@@ -384,3 +390,97 @@ def test_generated_agent_config_reaches_the_broker(fleet: Fleet) -> None:
     assert (
         config.cloud_public_key.read_bytes() == (fleet.data_dir / "keys" / "cloud-signing.pub").read_bytes()
     )
+
+
+# ---- TLS ----------------------------------------------------------------------------------------
+
+
+def write_server_pki(folder: Path) -> tuple[Path, Path, Path]:
+    """``(ca, server certificate for 127.0.0.1, server key)`` as PEM files."""
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgedeploy test CA")])
+
+    def build(subject: x509.Name, key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+
+    ca_cert = build(ca_name, ca_key, True).sign(ca_key, hashes.SHA256())
+    server_cert = (
+        build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]), server_key, False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+def test_tls_listener_and_agent_config_with_its_ca(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca, cert, key = write_server_pki(pki)
+    data_dir, out, port = tmp_path / "data", tmp_path / "broker", free_port()
+    user = ["--user", "root"] if os.geteuid() == 0 else []
+    edgectl(
+        data_dir,
+        "broker",
+        "config",
+        "--out",
+        str(out),
+        "--port",
+        str(port),
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--ca",
+        str(ca),
+        *user,
+    )
+    edgectl(data_dir, "device", "add", "alpha")
+    process = start_or_skip(
+        request.config, "mosquitto", lambda: _started(GeneratedBroker(out, out / "mosquitto.conf", port))
+    )
+    try:
+        config = load_agent_config(data_dir / "devices" / "alpha" / "agent.yaml")
+        assert config.broker.url == f"mqtts://{HOST}:{port}"
+        assert config.broker.ca_file is not None and config.broker.ca_file.read_bytes() == ca.read_bytes()
+        password = config.broker.read_password()
+        assert password is not None
+
+        device = Client(port, "alpha", password)
+        device.client.tls_set(ca_certs=str(config.broker.ca_file))
+        try:
+            assert device.connect() == 0
+            assert device.publish("edge/alpha/reported", "{}") in ACCEPTED
+            assert device.publish("edge/other/reported", "{}") == NOT_AUTHORIZED
+        finally:
+            device.close()
+
+        plain = Client(port, "alpha", password)
+        plain.client.connect(HOST, port)
+        plain.client.loop_start()
+        try:
+            assert plain.disconnected.wait(WAIT_S), "plain MQTT on the TLS listener was not dropped"
+            assert plain.connacks.empty()
+        finally:
+            plain.close()
+    finally:
+        process.stop()

@@ -220,10 +220,14 @@ class DockerRuntime:
             return
         repository, tag = lb.pull_reference(image)
         try:
-            self.client.api.pull(repository, tag=tag, auth_config=auth)
-        except docker.errors.APIError as exc:
-            raise RuntimeError(f"pull of {image} failed: {_error_text(exc)}") from None
-        except Exception as exc:
+            for event in self.client.api.pull(
+                repository, tag=tag, auth_config=auth, stream=True, decode=True
+            ):
+                if isinstance(event, dict) and event.get("error"):
+                    raise RuntimeError(f"pull of {image} failed: {event['error']}")
+        except RuntimeError:
+            raise
+        except Exception as exc:  # APIError (registry down, not found, denied), connection errors
             raise RuntimeError(f"pull of {image} failed: {_error_text(exc)}") from None
         if not self._image_present(image):
             raise RuntimeError(f"pull of {image} finished but the image is not in Docker Engine")

@@ -14,7 +14,8 @@ path it expected, so whatever provisions the device (or the simulator) unpacks m
 Each module has a folder ``<state_dir>/modules/<name>/`` with ``record.json`` (what a container's
 labels and state would hold) and ``module.log`` (stdout and stderr; ``logs`` tails it). The
 process gets the environment the image would set (``MODULE_JSON``, ``MODEL_DIR``,
-``AZUREML_MODEL_DIR``, ``ENTRY_SCRIPT``, ``PORT``, ``HOST``) plus the module's ``env``, listens on
+``AZUREML_MODEL_DIR``, ``ENTRY_SCRIPT``, ``PORT``, ``HOST``, ``PROFILE``) plus the module's ``env``
+(which wins), runs on the agent's own Python and onnxruntime, listens on
 the host side of the port mapping for ``health.port`` (a free port when ``host`` is not given),
 and runs in its own session, so ``stop`` signals its whole process group (SIGTERM, then SIGKILL).
 ``resources.cpus`` becomes ``SCORING_THREADS``; memory limits are not enforced (no cgroup here).
@@ -319,6 +320,7 @@ class ProcessRuntime:
             MODULE_JSON=str(root / "module.json"),
             HOST=record.host,
             PORT=str(port),
+            PROFILE=spec.profile,
         )
         if len(info.models) == 1:
             env["MODEL_DIR"] = str(root / "models" / info.models[0].name / str(info.models[0].version))

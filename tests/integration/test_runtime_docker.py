@@ -344,3 +344,14 @@ async def test_pull_with_credentials_from_the_secret_store(
     await rt.pulls.wait(pinned)
     _, images = await rt.observe()
     assert images.is_present(pinned) and not images.failed
+
+
+async def test_an_unknown_image_fails_with_the_registry_answer(
+    runtime: DockerRuntime, registry: RegistryServer
+) -> None:
+    image = f"{registry.address}/edge/never-pushed:1"
+    await runtime.pull(Pull(module="ghost", image=image, reason="test"))
+    await runtime.pulls.wait(image)
+    failure = (await runtime.observe())[1].failed[image]
+    assert failure.error.startswith(f"pull of {image} failed: ")
+    assert "not found" in failure.error.lower() or "unknown" in failure.error.lower()

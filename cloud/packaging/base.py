@@ -24,7 +24,7 @@ import docker
 from cloud.packaging import engine
 from cloud.packaging.cache import BuildCache
 from cloud.packaging.debootstrap import SUITE, build_rootfs, site_packages, unmount_below
-from cloud.packaging.errors import BaseImageUnavailable, PackagingError, RegistryError, os_error
+from cloud.packaging.errors import BaseImageUnavailable, InputError, PackagingError, RegistryError, os_error
 from cloud.packaging.image import (
     BlobRef,
     ImageDocuments,
@@ -349,15 +349,26 @@ def ensure_base_image(
     one it is the local name. Cached by ``inputs_hash``: a second call returns at once. Usable
     from test fixtures.
     """
-    from modules.profiles import get_profile
+    from modules.profiles import ProfileError, get_profile
 
-    prof = get_profile(profile) if isinstance(profile, str) else profile
+    try:
+        prof = get_profile(profile) if isinstance(profile, str) else profile
+    except ProfileError as exc:
+        raise InputError(str(exc).splitlines()[0]) from None
     reg = RegistryClient(registry, credentials) if registry else None
     if reg is not None:
         reg.ping()
-    base = resolve_base(
-        prof, reg, engine.connect(client), BuildCache(cache_dir), progress or LinePrinter(), rebuild=rebuild
-    )
+    try:
+        base = resolve_base(
+            prof,
+            reg,
+            engine.connect(client),
+            BuildCache(cache_dir),
+            progress or LinePrinter(),
+            rebuild=rebuild,
+        )
+    except OSError as exc:
+        raise os_error(exc, f"preparing the base image of profile {prof.name}") from None
     if base.registry_ref is None and registry and base.source == "debootstrap":
         raise PackagingError(f"base image for profile {prof.name} was not pushed to {registry}")
     return base.registry_ref or base.local_ref

@@ -238,26 +238,35 @@ def package(
         raise_for_disk(cache, request)
     results = []
     for profile in profiles:
-        effective = _with_base_override(profile, config.base_image)
-        if writing_context and effective.base.source == "vendor":
-            # The vendor image need not be here: the context names it and carries every Python dep.
-            base_from, python = effective.base.image, effective.base.python
-            results.append(_write_context(request, profile, base_from, {}, python, cache, out, profiles_dir))
-            continue
-        docker_client = engine.connect(client)
-        base = _base_for(effective, registry, docker_client, cache, out)
-        if writing_context:
-            base_from = base.registry_ref or base.local_ref
-            results.append(
-                _write_context(
-                    request, profile, base_from, base.python, base.python_version, cache, out, profiles_dir
-                )
-            )
-        else:
-            results.append(
-                _build_and_push(request, profile, base, registry, docker_client, cache, out, profiles_dir)
-            )
+        try:
+            results.append(_one_profile(request, profile, registry, client, cache, out, profiles_dir))
+        except OSError as exc:
+            raise os_error(exc, f"packaging for profile {profile.name}") from None
     return results
+
+
+def _one_profile(
+    request: PackageRequest,
+    profile: DeviceProfile,
+    registry: RegistryClient | None,
+    client: docker.DockerClient | None,
+    cache: BuildCache,
+    out: Progress,
+    profiles_dir: Path | None,
+) -> PackagedImage:
+    effective = _with_base_override(profile, request.config.base_image)
+    if request.dockerfile_dir is not None and effective.base.source == "vendor":
+        # The vendor image need not be here: the context names it and carries every Python dep.
+        base_from, python = effective.base.image, effective.base.python
+        return _write_context(request, profile, base_from, {}, python, cache, out, profiles_dir)
+    docker_client = engine.connect(client)
+    base = _base_for(effective, registry, docker_client, cache, out)
+    if request.dockerfile_dir is not None:
+        base_from = base.registry_ref or base.local_ref
+        return _write_context(
+            request, profile, base_from, base.python, base.python_version, cache, out, profiles_dir
+        )
+    return _build_and_push(request, profile, base, registry, docker_client, cache, out, profiles_dir)
 
 
 def _context_dir(request: PackageRequest, profile: DeviceProfile) -> Path:

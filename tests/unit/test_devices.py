@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +332,23 @@ def test_failed_broker_file_write_leaves_no_device_and_no_config(
         manager.add("pump-2", bundle=AgentBundle(out_dir=out_dir))
     assert [d.id for d in manager.list_devices()] == ["pump-1"]
     assert not (out_dir / "agent.yaml").exists()
+
+
+def test_concurrent_adds_all_land_in_the_password_file(data_dir: Path) -> None:
+    settings = resolve_settings(data_dir)
+    DeviceManager.open(settings).close()  # create the schema once
+
+    def add(device_id: str) -> None:
+        m = DeviceManager.open(settings)
+        try:
+            m.add(device_id)
+        finally:
+            m.close()
+
+    ids = [f"pump-{i}" for i in range(6)]
+    with ThreadPoolExecutor(max_workers=len(ids)) as pool:
+        list(pool.map(add, ids))
+    assert set(password_file(data_dir)) == {*ids, broker.CLOUD_USER}
 
 
 # ---- the signing key ------------------------------------------------------------------------------

@@ -65,9 +65,9 @@ def _repo_digest(image: str, repo_digests: list[str]) -> str | None:
         repo = lb.familiar_name(image)
     except ValueError:
         repo = None
-    for ref in sorted(repo_digests, key=lambda r: r.split("@")[0] != repo):
-        return ref.split("@", 1)[1]
-    return None
+    own = [r for r in repo_digests if r.split("@", 1)[0] == repo]
+    candidates = own or repo_digests
+    return candidates[0].split("@", 1)[1] if candidates else None
 
 
 def _error_text(exc: Exception) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from agent.runtime import labels as lb
 from agent.runtime.access import AccessError, device_groups, docker_access, expand_devices
+from agent.runtime.docker import parse_docker_time
 from modules.contract import ContainerAccess
 from modules.profiles import load_profiles
 
@@ -114,3 +116,18 @@ def test_ownership_needs_the_managed_label_the_module_and_the_device() -> None:
     assert not lb.is_ours({lb.MANAGED: "true"}, None)
     assert not lb.is_ours(None, None)
     assert lb.ownership_filters("pump-1") == [f"{lb.MANAGED}=true", f"{lb.DEVICE}=pump-1"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-03-01T10:11:12.123456789Z", datetime(2026, 3, 1, 10, 11, 12, 123456, tzinfo=timezone.utc)),
+        ("2026-03-01T10:11:12Z", datetime(2026, 3, 1, 10, 11, 12, tzinfo=timezone.utc)),
+        ("2026-03-01T12:11:12.5+02:00", datetime(2026, 3, 1, 10, 11, 12, 500000, tzinfo=timezone.utc)),
+        ("0001-01-01T00:00:00Z", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_docker_times(text: str | None, expected: datetime | None) -> None:
+    assert parse_docker_time(text) == expected

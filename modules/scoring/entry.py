@@ -7,6 +7,9 @@ How ``run()`` is called depends on how it is declared (the same rules as Azure M
 - ``@input_schema`` (inference_schema): the JSON body's fields as keyword arguments.
 - otherwise: ``run(data)`` with the body as a str.
 
+Not supported: Azure ML's ``GET /score?x=1`` for scripts without ``@rawhttp`` (answered 405; use
+POST, or ``@rawhttp`` to read ``request.query``), and Azure ML's ``driver_module`` indirection.
+
 A parameter named ``request_headers`` receives the request headers as a dict. ``run()`` is called
 from the server's worker threads, up to ``SCORING_THREADS`` at once; ``init()`` once, in its own
 thread, before the server reports ready.

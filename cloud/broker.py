@@ -51,6 +51,8 @@ DEVICE_ACL = (
     ("write", "edge/%u/online"),
     ("write", "edge/%u/cmd/res/#"),
 )
+# Mosquitto 2.0 checks delivery against the real topic, so the ``$share`` line is not needed there;
+# it is kept for brokers that check the shared-subscription filter itself.
 CLOUD_ACL = (
     ("write", "edge/+/desired"),
     ("write", "edge/+/cmd/req/#"),

@@ -104,7 +104,7 @@ class Renderer:
         self.key = key
         self.issued_at = issued_at
         self.expires_at = issued_at + ttl
-        self._templates: dict[str, dict[str, Any]] = {}
+        self._templates: dict[str, tuple[bytes, bytes, bytes]] = {}
 
     def state(self, device_id: str, generation: int, content: DesiredContent) -> DesiredState:
         """The unsigned, validated DesiredState of one device."""
@@ -121,16 +121,39 @@ class Renderer:
         )
 
     def payload(self, device_id: str, generation: int, content: DesiredContent, content_key: str) -> bytes:
-        """The signed DesiredState of one device as JSON bytes; ``content_key`` is ``content.hash``."""
-        template = self._templates.get(content_key)
-        if template is None:
-            template = self.state(device_id, generation, content).model_dump(
-                mode="json", exclude={"signature"}
-            )
-            self._templates[content_key] = template
-        doc = dict(template)
-        doc["device_id"] = device_id
-        doc["generation"] = generation
-        signature = self.key.sign(canonical_json(doc))
-        doc["signature"] = base64.b64encode(signature).decode("ascii")
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        """The signed DesiredState of one device as canonical JSON; ``content_key`` is ``content.hash``.
+
+        The canonical JSON of the content's template is rendered once with placeholder id and
+        generation and split around them; per device only the pieces are joined and signed. The
+        result is byte for byte ``canonical_json`` of the state (the signature sorts last).
+        """
+        pieces = self._templates.get(content_key)
+        if pieces is None:
+            pieces = self._template(content)
+            self._templates[content_key] = pieces
+        head, middle, tail = pieces
+        unsigned = b"".join(
+            (head, json.dumps(device_id, ensure_ascii=False).encode(), middle, b"%d" % generation, tail)
+        )
+        signature = base64.b64encode(self.key.sign(unsigned))
+        return b"".join((unsigned[:-1], b',"signature":"', signature, b'"}'))
+
+    def _template(self, content: DesiredContent) -> tuple[bytes, bytes, bytes]:
+        doc = self.state(_ID_PLACEHOLDER, _GENERATION_PLACEHOLDER, content).model_dump(
+            mode="json", exclude={"signature"}
+        )
+        rendered = canonical_json(doc)
+        id_at = rendered.index(_ID_MARK)
+        generation_at = rendered.index(_GENERATION_MARK)
+        if id_at > generation_at or rendered.count(_ID_MARK) != 1 or rendered.count(_GENERATION_MARK) != 1:
+            raise AssertionError("desired-state template placeholders are not unique")
+        head = rendered[: id_at + len(b'"device_id":')]
+        middle = rendered[id_at + len(_ID_MARK) : generation_at + len(b'"generation":')]
+        tail = rendered[generation_at + len(_GENERATION_MARK) :]
+        return head, middle, tail
+
+
+_ID_PLACEHOLDER = "device-id-placeholder"
+_GENERATION_PLACEHOLDER = 918273645546372819
+_ID_MARK = b'"device_id":"' + _ID_PLACEHOLDER.encode() + b'"'
+_GENERATION_MARK = b'"generation":' + str(_GENERATION_PLACEHOLDER).encode()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -21,6 +22,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
+from sqlalchemy import DateTime
+from sqlalchemy.orm import Session
 
 from cloud.fleet.mqtt import Endpoint, connect, disconnect, new_client
 from cloud.fleet.sql import upsert
@@ -45,6 +48,12 @@ class IngestStats:
     invalid: int = 0
 
 
+def _stamper(session: Session) -> Callable[[datetime], Any]:
+    """Converts a datetime the way the store's DateTime columns hand it to the driver."""
+    processor = DateTime(timezone=True).bind_processor(session.get_bind().dialect)
+    return processor if processor is not None else lambda value: value
+
+
 def _topic_device(topic: str, kind: str) -> str | None:
     parts = topic.split("/")
     if len(parts) == 3 and parts[0] == "edge" and parts[2] == kind:
@@ -67,6 +76,7 @@ class Ingestor:
         self._subscribed = threading.Event()
         self._client: mqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
+        self._flushed: asyncio.Condition | None = None
 
     async def __aenter__(self) -> Ingestor:
         client = new_client(self.endpoint, "edgectl-ingest")
@@ -79,6 +89,7 @@ class Ingestor:
             raise TimeoutError(
                 f"the MQTT broker at {self.endpoint.url} did not acknowledge the subscriptions"
             )
+        self._flushed = asyncio.Condition()
         self._task = asyncio.create_task(self._run(), name="fleet-ingest")
         return self
 
@@ -94,9 +105,28 @@ class Ingestor:
         await asyncio.to_thread(self.flush)
 
     async def _run(self) -> None:
+        assert self._flushed is not None
         while True:
             await asyncio.sleep(self.flush_interval_s)
-            await asyncio.to_thread(self.flush)
+            if await asyncio.to_thread(self.flush):
+                async with self._flushed:
+                    self._flushed.notify_all()
+
+    async def wait_received(self, count: int, timeout_s: float) -> bool:
+        """Wait until ``count`` messages were received and flushed (written or rejected); False on timeout."""
+        if self._flushed is None:
+            raise RuntimeError("the ingester is not running: use 'async with Ingestor(...)'")
+        flushed = self._flushed
+
+        async def reached() -> None:
+            async with flushed:
+                await flushed.wait_for(lambda: self.stats.received >= count)
+
+        try:
+            await asyncio.wait_for(reached(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     # ---- paho's thread -----------------------------------------------------------------------
 
@@ -134,6 +164,13 @@ class Ingestor:
             else:
                 reported[row["device_id"]] = row
         with self.db.transaction() as s:
+            stamp = _stamper(s)
+            for row in reported.values():
+                row["reported_at"] = stamp(row["reported_at"])
+                row["received_at"] = stamp(row["received_at"])
+            for row in online.values():
+                row["since"] = stamp(row["since"])
+                row["received_at"] = stamp(row["received_at"])
             upsert(s, ReportedRecord.__table__, list(reported.values()), ["device_id"])  # type: ignore[arg-type]
             upsert(s, OnlineRecord.__table__, list(online.values()), ["device_id"])  # type: ignore[arg-type]
         written = len(batch) - invalid

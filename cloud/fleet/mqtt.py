@@ -5,7 +5,8 @@ The broker URL comes from ``--broker-url``, else ``$EDGE_BROKER_URL``, else the 
 come from the URL (``mqtt://user:pass@host``) or, when the data directory holds broker files, are
 the cloud's own user (``_cloud`` and ``broker/cloud.password``).
 
-Clients use paho-mqtt 2.x with the VERSION2 callback API and MQTT 5 (shared subscriptions).
+Clients use paho-mqtt 2.x with the VERSION2 callback API and MQTT 5 (shared subscriptions); the
+bulk publisher speaks MQTT 3.1.1, whose PUBACKs paho decodes several times faster.
 """
 
 from __future__ import annotations
@@ -83,12 +84,14 @@ def resolve_endpoint(data_dir: Path, url: str | None = None) -> Endpoint:
     return endpoint
 
 
-def new_client(endpoint: Endpoint, prefix: str) -> mqtt.Client:
-    """A paho client (VERSION2 callbacks, MQTT 5) with the endpoint's credentials and TLS."""
+def new_client(
+    endpoint: Endpoint, prefix: str, protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
+) -> mqtt.Client:
+    """A paho client (VERSION2 callbacks, MQTT 5 unless told) with the endpoint's credentials and TLS."""
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
-        protocol=MQTTProtocolVersion.MQTTv5,
+        protocol=protocol,
     )
     if endpoint.username is not None:
         client.username_pw_set(endpoint.username, endpoint.password)

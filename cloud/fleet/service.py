@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from cloud.config import Settings
@@ -36,7 +36,7 @@ from cloud.fleet.desired import (
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.publisher import Outgoing, PublishOutcome, publish_desired
 from cloud.fleet.rollout import Decision, evaluate, split_waves
-from cloud.fleet.sql import aware, upsert
+from cloud.fleet.sql import aware, bind_value, executemany, insert_many, upsert
 from cloud.fleet.status import DeviceStatus, Online, Reported, device_status
 from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, Resolution, resolve, selected
 from cloud.keys import load_or_create_signing_key
@@ -323,7 +323,7 @@ class Fleet:
             resolution = resolve(devices, _load_deployments(s), self.chains)
         stored = {
             d: (g, h)
-            for d, g, h in s.execute(
+            for d, g, h in s.connection().execute(
                 select(DesiredRecord.device_id, DesiredRecord.generation, DesiredRecord.content_hash)
             )
         }
@@ -332,6 +332,7 @@ class Fleet:
         contents: dict[tuple[str, str], tuple[DesiredContent, str]] = {}
         empty_hash = EMPTY.hash
         rows: list[dict[str, Any]] = []
+        stamp = bind_value(s, DesiredRecord.__table__.c.updated_at, now)
         for device in devices:
             assignment = resolution.assignments.get(device.id)
             if assignment is None:
@@ -365,7 +366,7 @@ class Fleet:
                     "deployment": content.deployment,
                     "payload": payload.decode(),
                     "published": False,
-                    "updated_at": now,
+                    "updated_at": stamp,
                     "published_at": None,
                 }
             )
@@ -375,9 +376,7 @@ class Fleet:
     def pending_count(self) -> int:
         """How many desired states the broker has not acknowledged yet."""
         with self.db.transaction() as s:
-            return len(
-                s.scalars(select(DesiredRecord.device_id).where(DesiredRecord.published.is_(False))).all()
-            )
+            return s.scalar(select(func.count()).where(DesiredRecord.published.is_(False))) or 0
 
     def _pending_only(self) -> PublishReport:
         return PublishReport(0, self.pending_count(), None)
@@ -387,7 +386,7 @@ class Fleet:
         with self.db.transaction() as s:
             owed = [
                 Outgoing(d, g, p.encode())
-                for d, g, p in s.execute(
+                for d, g, p in s.connection().execute(
                     select(DesiredRecord.device_id, DesiredRecord.generation, DesiredRecord.payload)
                     .where(DesiredRecord.published.is_(False))
                     .order_by(DesiredRecord.device_id)
@@ -401,12 +400,17 @@ class Fleet:
             stmt = (
                 update(table)  # type: ignore[arg-type]
                 .where(table.c.device_id == bindparam("d"), table.c.generation == bindparam("g"))
-                .values(published=True, published_at=bindparam("at"))
+                .values(published=bindparam("p", type_=table.c.published.type), published_at=bindparam("at"))
             )
-            at = self.clock()
             with self.db.transaction() as s:
-                s.connection().execute(
-                    stmt, [{"d": m.device_id, "g": m.generation, "at": at} for m in outcome.acknowledged]
+                at = bind_value(s, table.c.published_at, self.clock())
+                executemany(
+                    s,
+                    stmt,
+                    [
+                        {"d": m.device_id, "g": m.generation, "p": True, "at": at}
+                        for m in outcome.acknowledged
+                    ],
                 )
         return PublishReport(len(outcome.acknowledged), len(owed) - len(outcome.acknowledged), outcome.error)
 
@@ -419,7 +423,9 @@ class Fleet:
         previous: dict[str, dict[str, Any]] = {}
         if manifest.rollout.revert_on_halt:
             wanted = {d for wave in waves for d in wave}
-            for device, payload in s.execute(select(DesiredRecord.device_id, DesiredRecord.payload)):
+            for device, payload in s.connection().execute(
+                select(DesiredRecord.device_id, DesiredRecord.payload)
+            ):
                 if device in wanted:
                     previous[device] = content_from_payload(payload).to_json()
         s.execute(delete(RolloutDevice).where(RolloutDevice.deployment == name))
@@ -437,6 +443,7 @@ class Fleet:
             )
         )
         s.flush()
+        table = RolloutDevice.__table__
         rows = [
             {
                 "deployment": name,
@@ -444,13 +451,12 @@ class Fleet:
                 "wave": i,
                 "released": i == 0,
                 "reverted": False,
-                "previous": previous.get(device),
+                "previous": bind_value(s, table.c.previous, previous.get(device)),
             }
             for i, wave in enumerate(waves)
             for device in wave
         ]
-        if rows:
-            s.execute(RolloutDevice.__table__.insert(), rows)  # type: ignore[attr-defined]
+        insert_many(s, table, rows)  # type: ignore[arg-type]
 
     def advance_rollouts(self, *, endpoint: Endpoint | None = None) -> list[str]:
         """One pass of the rollout controller; returns a line per rollout that moved."""
@@ -527,7 +533,7 @@ class Fleet:
     def _device_statuses(self, s: Session) -> dict[str, tuple[str | None, DeviceStatus]]:
         reported = {
             d: Reported(ga, gr, st, reason)
-            for d, ga, gr, st, reason in s.execute(
+            for d, ga, gr, st, reason in s.connection().execute(
                 select(
                     ReportedRecord.device_id,
                     ReportedRecord.generation_applied,
@@ -539,12 +545,12 @@ class Fleet:
         }
         online = {
             d: Online(o, aware(since))
-            for d, o, since in s.execute(
+            for d, o, since in s.connection().execute(
                 select(OnlineRecord.device_id, OnlineRecord.online, OnlineRecord.since)
             )
         }
         out: dict[str, tuple[str | None, DeviceStatus]] = {}
-        for d, generation, published, deployment in s.execute(
+        for d, generation, published, deployment in s.connection().execute(
             select(
                 DesiredRecord.device_id,
                 DesiredRecord.generation,
@@ -564,7 +570,8 @@ class Fleet:
             rollout = s.get(RolloutRecord, name)
             statuses = self._device_statuses(s)
             generations: dict[str, int] = {
-                d: g for d, g in s.execute(select(DesiredRecord.device_id, DesiredRecord.generation))
+                d: g
+                for d, g in s.connection().execute(select(DesiredRecord.device_id, DesiredRecord.generation))
             }
             gates = {d: g for (dep, d), g in _load_gates(s).items() if dep == name}
             devices = set(gates) | {d for d, (dep, _) in statuses.items() if dep == name}
@@ -619,11 +626,13 @@ def _describe_target(manifest: DeploymentManifest) -> str:
 
 def _load_devices(s: Session) -> list[DeviceInfo]:
     tags: dict[str, dict[str, str]] = defaultdict(dict)
-    for device, key, value in s.execute(select(DeviceTag.device_id, DeviceTag.key, DeviceTag.value)):
+    for device, key, value in s.connection().execute(
+        select(DeviceTag.device_id, DeviceTag.key, DeviceTag.value)
+    ):
         tags[device][key] = value
     return [
         DeviceInfo(d, p, tags.get(d, {}))
-        for d, p in s.execute(select(Device.id, Device.profile).order_by(Device.id))
+        for d, p in s.connection().execute(select(Device.id, Device.profile).order_by(Device.id))
     ]
 
 
@@ -637,7 +646,7 @@ def _load_deployments(s: Session) -> list[DeploymentEntry]:
 def _load_gates(s: Session) -> dict[tuple[str, str], _Gate]:
     return {
         (dep, d): _Gate(w, rel, rev, prev)
-        for dep, d, w, rel, rev, prev in s.execute(
+        for dep, d, w, rel, rev, prev in s.connection().execute(
             select(
                 RolloutDevice.deployment,
                 RolloutDevice.device_id,
@@ -652,7 +661,7 @@ def _load_gates(s: Session) -> dict[tuple[str, str], _Gate]:
 
 def _stored_waves(s: Session, name: str) -> list[list[str]]:
     waves: dict[int, list[str]] = defaultdict(list)
-    for device, wave in s.execute(
+    for device, wave in s.connection().execute(
         select(RolloutDevice.device_id, RolloutDevice.wave)
         .where(RolloutDevice.deployment == name)
         .order_by(RolloutDevice.device_id)
@@ -663,7 +672,7 @@ def _stored_waves(s: Session, name: str) -> list[list[str]]:
 
 def _models_of(s: Session) -> dict[str, list[str]]:
     out: dict[str, list[str]] = defaultdict(list)
-    for deployment, model, version in s.execute(
+    for deployment, model, version in s.connection().execute(
         select(DeploymentModel.deployment_name, Model.name, ModelVersion.version)
         .join(ModelVersion, DeploymentModel.model_version_id == ModelVersion.id)
         .join(Model, ModelVersion.model_id == Model.id)

@@ -94,5 +94,5 @@ class RolloutDevice(Base):
     released: Mapped[bool] = mapped_column(Boolean, default=False)
     reverted: Mapped[bool] = mapped_column(Boolean, default=False)
     previous: Mapped[dict[str, Any] | None] = mapped_column(
-        JSON, nullable=True, doc="the desired content the device had before (null: none)"
+        JSON(none_as_null=True), nullable=True, doc="the desired content the device had before (null: none)"
     )

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cloud.fleet.desired import EMPTY, DesiredContent, Renderer, content_from_payload, next_generation
-from modules.contract import DesiredModule, DesiredState, PortMapping
+from modules.contract import DesiredModule, DesiredState, PortMapping, canonical_json
 from modules.signing import SignatureError, generate_keypair, load_private_key, verify_desired
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -65,6 +65,7 @@ def test_payloads_share_a_template_yet_verify_per_device() -> None:
         assert state.expires_at == T0 + timedelta(days=2)
         assert state.canonical_bytes() == renderer.state(device, generation, c).canonical_bytes()
         assert content_from_payload(payloads[device]).hash == c.hash
+        assert payloads[device] == canonical_json(state.model_dump(mode="json"))
 
 
 def test_tampered_payload_fails_verification() -> None:

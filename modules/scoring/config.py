@@ -106,18 +106,20 @@ def parser() -> argparse.ArgumentParser:
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model-dir", help="MODEL_DIR")
-    p.add_argument("--entry-script", help="ENTRY_SCRIPT")
-    p.add_argument("--host", help="HOST")
-    p.add_argument("--port", type=int, help="PORT")
-    p.add_argument("--profile", help="PROFILE")
-    p.add_argument("--profiles-dir", help="EDGE_PROFILES_DIR")
-    p.add_argument("--module-json", help="MODULE_JSON")
-    p.add_argument("--model-name", help="MODEL_NAME")
-    p.add_argument("--timeout", type=float, help="SCORING_TIMEOUT")
-    p.add_argument("--threads", type=int, help="SCORING_THREADS")
-    p.add_argument("--log-access", action="store_true", default=None, help="LOG_ACCESS=1")
-    p.add_argument("--log-level", help="LOG_LEVEL")
+    p.add_argument("--model-dir", help="overrides $MODEL_DIR (see below)")
+    p.add_argument("--entry-script", help="overrides $ENTRY_SCRIPT (see below)")
+    p.add_argument("--host", help="overrides $HOST (see below)")
+    p.add_argument("--port", type=int, help="overrides $PORT (see below)")
+    p.add_argument("--profile", help="overrides $PROFILE (see below)")
+    p.add_argument("--profiles-dir", help="overrides $EDGE_PROFILES_DIR (see below)")
+    p.add_argument("--module-json", help="overrides $MODULE_JSON (see below)")
+    p.add_argument("--model-name", help="overrides $MODEL_NAME (see below)")
+    p.add_argument("--timeout", type=float, help="overrides $SCORING_TIMEOUT (see below)")
+    p.add_argument("--threads", type=int, help="overrides $SCORING_THREADS (see below)")
+    p.add_argument(
+        "--log-access", action="store_true", default=None, help="overrides $LOG_ACCESS (see below)"
+    )
+    p.add_argument("--log-level", help="overrides $LOG_LEVEL (see below)")
     return p
 
 

@@ -1,13 +1,22 @@
-"""The one place where paho-mqtt's network thread meets asyncio.
+"""The one place where paho-mqtt meets asyncio: paho driven from the event loop, no thread per client.
 
-``MqttBridge`` runs one paho client (callback API v2) on paho's own thread (``loop_start``), which
-connects, retries with paho's capped exponential back-off (also when the very first connection
-fails: ``connect_async``) and keeps QoS 1 messages in flight across reconnects.
+``MqttBridge`` runs one paho client (callback API v2) in paho's external-loop mode, as aiomqtt
+does: ``on_socket_open``/``on_socket_close`` add and remove the socket as a reader of the event
+loop (``loop_read``), ``on_socket_register_write``/``on_socket_unregister_write`` add and remove
+it as a writer (``loop_write``), and a timer calls ``loop_misc`` (keepalive pings, a broker that
+stopped answering) every second while a socket is open. Thousands of clients share one thread.
 
-The paho callbacks touch no asyncio object. Each one hands a plain event (``Connected``,
-``ConnectFailed``, ``Disconnected``, ``Received``, ``Subscribed``) or a publish acknowledgement to
-the event loop with ``loop.call_soon_threadsafe`` and nothing else. Two things happen on paho's
-thread on purpose, because they must happen on every connection before anything else:
+paho reconnects by itself only under ``loop_start``/``loop_forever``, so ``_maintain`` (one task
+per bridge) does it: connect, wait until the socket closes, wait a back-off that doubles from
+``reconnect_min_s`` up to ``reconnect_max_s`` (with jitter, so a fleet does not reconnect in
+lockstep after a broker restart; back to the minimum after a session was accepted), connect
+again. The TCP connect and TLS handshake block, so ``reconnect`` runs in the loop's default
+executor; the socket callbacks it fires there hop to the loop with ``call_soon_threadsafe``.
+Everything else happens on the event loop. QoS 1 messages in flight are kept across reconnects.
+
+Callbacks hand plain events (``Connected``, ``ConnectFailed``, ``Disconnected``, ``Received``,
+``Subscribed``) to ``next_event`` and resolve publish acknowledgements. Two things happen inside
+paho's callbacks on purpose, because they must happen on every connection before anything else:
 ``on_pre_connect`` re-arms the last will, and ``on_connect`` subscribes and publishes the birth
 message, so a reconnect always resubscribes.
 """
@@ -17,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import ssl
-import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +41,9 @@ from agent.config import BrokerConfig
 
 log = logging.getLogger(__name__)
 paho_log = logging.getLogger(f"{__name__}.paho")
+
+MISC_INTERVAL_S = 1.0
+"""How often ``loop_misc`` runs while a socket is open (paho's own loop does it about as often)."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,7 @@ class Connected:
 
 @dataclass(frozen=True)
 class ConnectFailed:
-    """No MQTT connection could be opened (refused, unreachable, TLS handshake); paho retries."""
+    """No MQTT connection could be opened (refused, unreachable, TLS handshake); retried with back-off."""
 
     error: BaseException | None
 
@@ -89,12 +102,22 @@ class PublishRefused(Exception):
     """The broker (or paho's full outgoing queue) refused a publication."""
 
 
-class MqttBridge:
-    """A paho client on its own thread whose callbacks arrive on the asyncio loop as events.
+def backoff_delay(failures: int, min_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Seconds to wait before the next attempt after ``failures`` failed ones in a row (0: first retry).
 
-    ``will`` and ``birth`` build the last will and the message published on every connect; they
-    are called on paho's thread, so they must only build bytes. Call ``start`` on the loop, read
-    events with ``next_event``, publish with ``publish`` (a future resolved by the broker's
+    ``min_s * 2**failures`` stretched by a random factor between 1 and 1.5, then capped at ``max_s``:
+    clients that lost the broker together spread their attempts, and keep that spread once capped.
+    """
+    ceiling = min_s * 2 ** min(failures, 32)
+    return min(ceiling * (1.0 + 0.5 * (rng or random).random()), max_s)
+
+
+class MqttBridge:
+    """A paho client on the asyncio event loop whose callbacks arrive as events.
+
+    ``will`` and ``birth`` build the last will and the message published on every connect; ``will``
+    may be called on an executor thread, so both must only build bytes. Call ``start`` on the loop,
+    read events with ``next_event``, publish with ``publish`` (a future resolved by the broker's
     acknowledgement) and end with ``close``.
     """
 
@@ -114,8 +137,17 @@ class MqttBridge:
         self._will = will
         self._birth = birth
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._acks: dict[int, asyncio.Future[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Future[Any] | None = None
+        self._down = asyncio.Event()
+        self._down.set()
+        self._session_accepted = False
+        self._closing = False
+        self._fd: int | None = None
+        self._misc: asyncio.TimerHandle | None = None
         v5 = broker.protocol == "mqttv5"
         options: dict[str, Any] = {} if v5 else {"clean_session": True}
         self._client = mqtt.Client(
@@ -127,7 +159,6 @@ class MqttBridge:
         client = self._client
         client.on_log = self._on_log
         client.suppress_exceptions = True
-        client.reconnect_delay_set(broker.reconnect_min_s, broker.reconnect_max_s)
         client.max_queued_messages_set(broker.max_queued_messages)
         if username is not None:
             client.username_pw_set(username, password)
@@ -135,11 +166,14 @@ class MqttBridge:
             self._set_tls()
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
 
     def _set_tls(self) -> None:
         b = self._broker
@@ -155,16 +189,18 @@ class MqttBridge:
             files = ", ".join(str(p) for p in (b.ca_file, b.client_cert, b.client_key) if p)
             raise ValueError(f"cannot load the broker's TLS files ({files or 'system CAs'}): {e}") from e
 
+    # ---- public API ---------------------------------------------------------------------------
+
     def start(self) -> None:
         """Begin connecting in the background (call on the event loop); never raises for a down broker."""
         self._loop = asyncio.get_running_loop()
-        if self._broker.protocol == "mqttv5":
-            self._client.connect_async(
-                self._broker.host, self._broker.port, self._broker.keepalive_s, clean_start=True
-            )
+        self._loop_thread = threading.get_ident()
+        b = self._broker
+        if b.protocol == "mqttv5":
+            self._client.connect_async(b.host, b.port, b.keepalive_s, clean_start=True)
         else:
-            self._client.connect_async(self._broker.host, self._broker.port, self._broker.keepalive_s)
-        self._client.loop_start()
+            self._client.connect_async(b.host, b.port, b.keepalive_s)
+        self._task = self._loop.create_task(self._maintain(), name="mqtt-connection")
 
     async def next_event(self) -> Event:
         """The next connection event or message, in the order paho saw them."""
@@ -183,6 +219,8 @@ class MqttBridge:
             future.set_exception(
                 PublishRefused(f"{self._broker.max_queued_messages} messages already wait to be sent")
             )
+        elif pub.qos == 0:
+            future.set_result(None)  # nothing to wait for: paho acknowledges QoS 0 when written
         else:
             self._acks[info.mid] = future
         return future
@@ -196,25 +234,119 @@ class MqttBridge:
                 log.warning(
                     "%s was not acknowledged before disconnecting: %s", farewell.topic, e or "timeout"
                 )
-        self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        self._closing = True
+        if self._connecting is not None:  # a connect on the executor finishes whatever we do
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._connecting), timeout_s)
+        if self._client.disconnect() == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._down.wait(), timeout_s)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._forget_socket()
+        sock = self._client.socket()
+        if sock is not None:  # the broker did not take the DISCONNECT in time
+            sock.close()
         for future in self._acks.values():
             future.cancel()
         self._acks.clear()
 
-    # ---- paho's thread ------------------------------------------------------------------------
+    # ---- connection upkeep (the event loop) ---------------------------------------------------
 
-    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+    async def _maintain(self) -> None:
         assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is shutting down
-            self._loop.call_soon_threadsafe(callback, *args)
+        failures = 0
+        while not self._closing:
+            self._session_accepted = False
+            self._down.clear()
+            self._connecting = self._loop.run_in_executor(None, self._client.reconnect)
+            try:
+                await self._connecting
+            except Exception as e:  # refused, unreachable, TLS: all retried the same way
+                self._down.set()
+                self._events.put_nowait(ConnectFailed(e))
+            finally:
+                self._connecting = None
+            await self._down.wait()
+            if self._closing:
+                return
+            failures = 0 if self._session_accepted else failures + 1
+            b = self._broker
+            await asyncio.sleep(backoff_delay(max(failures - 1, 0), b.reconnect_min_s, b.reconnect_max_s))
+
+    def _on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback`` now when on the loop's thread, else hand it to the loop."""
+        assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is shutting down
+                self._loop.call_soon_threadsafe(callback, *args)
+
+    def _watch(self, fd: int) -> None:
+        assert self._loop is not None
+        self._forget_socket()
+        self._fd = fd
+        self._loop.add_reader(fd, self._readable)
+        self._misc = self._loop.call_later(MISC_INTERVAL_S, self._tick)
+
+    def _forget_socket(self) -> None:
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = None
+
+    def _closed(self, fd: int) -> None:
+        if fd == self._fd:
+            self._forget_socket()
+        self._down.set()
+
+    def _want_write(self, fd: int, want: bool) -> None:
+        if fd != self._fd or self._loop is None:
+            return
+        if want:
+            self._loop.add_writer(fd, self._writable)
+        else:
+            self._loop.remove_writer(fd)
+
+    def _readable(self) -> None:
+        self._client.loop_read()
+        sock = self._client.socket()
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending() > 0:  # TLS records already decrypted: no fd event comes
+            assert self._loop is not None
+            self._loop.call_soon(self._readable)
+
+    def _writable(self) -> None:
+        self._client.loop_write()
+
+    def _tick(self) -> None:
+        assert self._loop is not None
+        self._misc = self._loop.call_later(MISC_INTERVAL_S, self._tick)
+        self._client.loop_misc()
+
+    # ---- paho's callbacks (the loop, except the socket ones during reconnect) ----------------
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock.fileno())
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._closed, sock.fileno())
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._want_write, sock.fileno(), True)
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._want_write, sock.fileno(), False)
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
-        # paho reports exceptions raised in callbacks as errors; "Client is not connected" is
-        # also an error to paho but only means its loop ran once more after a disconnect.
-        if level == mqtt.MQTT_LOG_ERR and not text.startswith("Client is not connected"):
+        if level == mqtt.MQTT_LOG_ERR:
             paho_log.error("%s", text)
-        else:
+        elif paho_log.isEnabledFor(logging.DEBUG):
             paho_log.debug("%s", text)
 
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
@@ -225,14 +357,11 @@ class MqttBridge:
         self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags, reason: ReasonCode, props: Any
     ) -> None:
         if not reason.is_failure:
+            self._session_accepted = True
             client.subscribe([(topic, 1) for topic in self._subscriptions])
             birth = self._birth()
             client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
-        self._post(self._events.put_nowait, Connected(reason, flags.session_present))
-
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        # paho calls this inside its ``except OSError`` block: the error is the one being handled.
-        self._post(self._events.put_nowait, ConnectFailed(sys.exc_info()[1]))
+        self._events.put_nowait(Connected(reason, flags.session_present))
 
     def _on_disconnect(
         self,
@@ -242,27 +371,19 @@ class MqttBridge:
         reason: ReasonCode,
         props: Any,
     ) -> None:
-        self._post(self._events.put_nowait, Disconnected(reason, flags.is_disconnect_packet_from_server))
+        self._events.put_nowait(Disconnected(reason, flags.is_disconnect_packet_from_server))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self._post(
-            self._events.put_nowait, Received(message.topic, bytes(message.payload), bool(message.retain))
-        )
+        self._events.put_nowait(Received(message.topic, bytes(message.payload), bool(message.retain)))
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
     ) -> None:
-        results = tuple(zip(self._subscriptions, reasons, strict=False))
-        self._post(self._events.put_nowait, Subscribed(results))
+        self._events.put_nowait(Subscribed(tuple(zip(self._subscriptions, reasons, strict=False))))
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any
     ) -> None:
-        self._post(self._acknowledged, mid, reason)
-
-    # ---- the event loop -----------------------------------------------------------------------
-
-    def _acknowledged(self, mid: int, reason: ReasonCode) -> None:
         future = self._acks.pop(mid, None)
         if future is None or future.done():
             return

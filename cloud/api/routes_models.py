@@ -1,0 +1,316 @@
+"""``/models``: register (upload), list, show, download and delete model versions.
+
+Uploads are spooled into ``<data dir>/uploads`` (the blob store's file system) with a byte limit
+(413 beyond it), then registered with ``Registry.register`` exactly as ``edgectl model register``
+registers a local folder; the spool folder is removed afterwards either way.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from aiohttp import BodyPartReader, web
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
+
+from cloud.api.errors import ApiError
+from cloud.api.routing import (
+    Body,
+    Param,
+    Route,
+    call,
+    query_tags,
+    reply,
+    require_media,
+    services,
+    version_param,
+)
+from cloud.store.registry import check_model_name
+from cloud.store.views import FRAMEWORKS, DeletedVersions, VersionSummary, VersionView
+
+CHUNK = 256 * 1024
+UPLOAD_TYPES = ("application/octet-stream", "multipart/form-data")
+TAG_PARAM = Param(
+    "tag", "KEY=VALUE; repeatable; versions must carry every tag", {"type": "string"}, repeated=True
+)
+
+
+def _relative_path(raw: str | None, where: str) -> PurePosixPath:
+    """A safe relative path for an uploaded file; 400 naming ``where`` otherwise."""
+    if not raw:
+        raise ApiError(400, f"{where}: a file name is required")
+    path = PurePosixPath(raw)
+    if "\\" in raw or path.is_absolute() or any(p in ("", ".", "..") for p in raw.split("/")):
+        raise ApiError(400, f"{where}: file name {raw!r} must be a relative path without '.' or '..'")
+    return path
+
+
+def _create(path: Path) -> BinaryIO:
+    return path.open("xb")
+
+
+class _Spool:
+    """Writes uploaded files under a temporary folder, counting bytes against the limit."""
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root = root
+        self.limit = limit
+        self.total = 0
+        self.files: set[PurePosixPath] = set()
+
+    def target(self, rel: PurePosixPath, where: str) -> Path:
+        if rel in self.files or any(parent in self.files for parent in rel.parents):
+            raise ApiError(400, f"{where}: file {str(rel)!r} given twice or clashes with another file")
+        self.files.add(rel)
+        dst = self.root.joinpath(*rel.parts)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        return dst
+
+    async def write(self, out: BinaryIO, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if self.total > self.limit:
+            raise ApiError(413, f"upload is over the limit of {self.limit} bytes")
+        await call(out.write, chunk)
+
+
+async def _spool_raw(request: web.Request, spool: _Spool) -> None:
+    name = request.query.get("filename")
+    if not name and "Content-Disposition" in request.headers:
+        _kind, params = parse_content_disposition(request.headers["Content-Disposition"])
+        name = content_disposition_filename(params, "filename")
+    rel = _relative_path(name, "query parameter filename (or Content-Disposition)")
+    dst = await call(spool.target, rel, "filename")
+    with await call(_create, dst) as out:
+        async for chunk in request.content.iter_chunked(CHUNK):
+            await spool.write(out, chunk)
+
+
+async def _spool_multipart(request: web.Request, spool: _Spool, fields: dict[str, list[str]]) -> None:
+    reader = await request.multipart()
+    index = 0
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise ApiError(400, f"multipart part {index}: nested multipart bodies are not supported")
+        where = f"multipart part {index} ({part.name or 'unnamed'})"
+        if part.filename is None:
+            if part.name not in ("tag", "description", "framework"):
+                raise ApiError(400, f"{where}: unknown field; send files, 'tag', 'description', 'framework'")
+            value = await part.read(decode=True)
+            if len(value) > 64 * 1024:
+                raise ApiError(413, f"{where}: field is over 64 KiB")
+            fields.setdefault(part.name, []).append(value.decode("utf-8", errors="replace"))
+        else:
+            dst = await call(spool.target, _relative_path(part.filename, where), where)
+            with await call(_create, dst) as out:
+                while chunk := await part.read_chunk(CHUNK):
+                    await spool.write(out, chunk)
+        index += 1
+    if not spool.files:
+        raise ApiError(400, "multipart body holds no file part (give each file a filename)")
+
+
+def _one(fields: dict[str, list[str]], request: web.Request, name: str) -> str | None:
+    values = [*request.query.getall(name, []), *fields.get(name, [])]
+    if len(values) > 1:
+        raise ApiError(400, f"{name} given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+async def register_model(request: web.Request) -> web.Response:
+    """Register the uploaded file(s) as the next version of ``{name}``."""
+    s = services(request)
+    name = request.match_info["name"]
+    check_model_name(name)
+    media = require_media(request, UPLOAD_TYPES)
+    if request.content_length is not None and request.content_length > s.upload_max:
+        raise ApiError(413, f"upload of {request.content_length} bytes is over the limit of {s.upload_max}")
+    await call(s.upload_dir.mkdir, parents=True, exist_ok=True)
+    spool_dir = Path(await call(tempfile.mkdtemp, dir=s.upload_dir, prefix=f"{name}-"))
+    try:
+        spool = _Spool(spool_dir / "files", s.upload_max)
+        fields: dict[str, list[str]] = {}
+        if media == "multipart/form-data":
+            await _spool_multipart(request, spool, fields)
+        else:
+            await _spool_raw(request, spool)
+        tags = query_tags(request)
+        for item in fields.get("tag", []):
+            key, sep, value = item.partition("=")
+            if not sep or not key or key in tags:
+                raise ApiError(400, f"multipart field tag={item!r}: expected KEY=VALUE, each key once")
+            tags[key] = value
+        view = await call(
+            s.registry.register,
+            spool.root,
+            name,
+            tags=tags,
+            description=_one(fields, request, "description") or "",
+            framework=_one(fields, request, "framework"),
+        )
+    finally:
+        await call(shutil.rmtree, spool_dir, ignore_errors=True)
+    return reply(view, 201, {"Location": f"/models/{view.name}/{view.version}"})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """Model versions, optionally of one name and carrying given tags."""
+    s = services(request)
+    return reply(await call(s.registry.list_versions, request.query.get("name"), query_tags(request)))
+
+
+async def show_model(request: web.Request) -> web.Response:
+    """The latest version of a model, with its files and the deployments using it."""
+    s = services(request)
+    return reply(await call(s.registry.show, request.match_info["name"], None))
+
+
+async def show_model_version(request: web.Request) -> web.Response:
+    """One version (or ``latest``) with its files and the deployments using it."""
+    s = services(request)
+    return reply(await call(s.registry.show, request.match_info["name"], version_param(request)))
+
+
+async def delete_model(request: web.Request) -> web.Response:
+    """Delete every version of a model and its name; 409 while a deployment uses one."""
+    s = services(request)
+    return reply(await call(s.registry.delete, request.match_info["name"], None, all_versions=True))
+
+
+async def delete_model_version(request: web.Request) -> web.Response:
+    """Delete one version; 409 while a deployment uses it."""
+    s = services(request)
+    version = version_param(request)
+    if version is None:
+        raise ApiError(400, "give a version number to delete ('latest' is not accepted here)")
+    return reply(await call(s.registry.delete, request.match_info["name"], version))
+
+
+async def download_model_file(request: web.Request) -> web.StreamResponse:
+    """One file of a version, streamed from the blob store; ``X-Content-SHA256`` is its hash."""
+    s = services(request)
+    view = await call(s.registry.show, request.match_info["name"], version_param(request))
+    path = request.match_info["path"]
+    found = next((f for f in view.files if f.path == path), None)
+    if found is None:
+        raise ApiError(
+            404,
+            f"model {view.name}:{view.version} has no file {path!r}",
+            {"files": [f.path for f in view.files]},
+        )
+    blob = s.registry.blobs.path(found.sha256)
+    if not await call(blob.is_file):
+        raise ApiError(
+            500, f"blob {found.sha256} of {view.name}:{view.version}/{path} is missing from the store"
+        )
+    return web.FileResponse(
+        blob,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{PurePosixPath(path).name}"',
+            "X-Content-SHA256": found.sha256,
+        },
+    )
+
+
+_UPLOAD_BODY = Body(
+    {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "one part per file; its filename is the path inside the version",
+                    },
+                    "tag": {"type": "array", "items": {"type": "string"}, "description": "KEY=VALUE"},
+                    "description": {"type": "string"},
+                    "framework": {"type": "string", "enum": list(FRAMEWORKS)},
+                },
+            }
+        },
+    },
+    "a single file (with ?filename=) or several files as multipart parts",
+)
+
+ROUTES = (
+    Route(
+        "GET",
+        "/models",
+        list_models,
+        "List model versions",
+        "models",
+        response=list[VersionSummary],
+        query=(Param("name", "only versions of this model", {"type": "string"}), TAG_PARAM),
+        errors=(400,),
+    ),
+    Route(
+        "POST",
+        "/models/{name}",
+        register_model,
+        "Register uploaded files as the next version of a model",
+        "models",
+        response=VersionView,
+        status=201,
+        body=_UPLOAD_BODY,
+        query=(
+            Param("filename", "file name of a raw (application/octet-stream) upload", {"type": "string"}),
+            TAG_PARAM,
+            Param("description", "free text stored with the version", {"type": "string"}),
+            Param(
+                "framework",
+                "default: guessed from file suffixes",
+                {"type": "string", "enum": list(FRAMEWORKS)},
+            ),
+        ),
+        errors=(400, 413, 415, 507),
+    ),
+    Route(
+        "GET",
+        "/models/{name}",
+        show_model,
+        "Show the latest version of a model",
+        "models",
+        response=VersionView,
+        errors=(404,),
+    ),
+    Route(
+        "DELETE",
+        "/models/{name}",
+        delete_model,
+        "Delete every version of a model",
+        "models",
+        response=DeletedVersions,
+        errors=(404, 409),
+    ),
+    Route(
+        "GET",
+        "/models/{name}/{version}",
+        show_model_version,
+        "Show one model version (a number or 'latest')",
+        "models",
+        response=VersionView,
+        errors=(400, 404),
+    ),
+    Route(
+        "DELETE",
+        "/models/{name}/{version}",
+        delete_model_version,
+        "Delete one model version",
+        "models",
+        response=DeletedVersions,
+        errors=(400, 404, 409),
+    ),
+    Route(
+        "GET",
+        "/models/{name}/{version}/files/{path:.+}",
+        download_model_file,
+        "Download one file of a model version",
+        "models",
+        response_media="application/octet-stream",
+        errors=(400, 404),
+    ),
+)

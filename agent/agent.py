@@ -283,6 +283,8 @@ class Agent:
         self._evaluate(now, observed, availability)
         if self._dirty:
             await self._save()
+        if self.state.active is not desired:
+            return await self.reconcile_once()  # rolled back: plan and report the known good state now
         report = self._report(desired, observed, availability, planned, health, now)
         published = await self._publish(report, now)
         return PassResult(planned, ran, report, published, self._next_wake(planned, ran, observed, now))
@@ -301,10 +303,8 @@ class Agent:
                 leeway_s=self.expiry_leeway_s,
             )
         except Rejected as rejection:
-            if rejection.is_redelivery(self.state.last_generation):
-                log.debug(
-                    "generation %s received again (retained re-delivery): ignored", rejection.generation
-                )
+            if self._is_redelivery(rejection, raw):
+                log.debug("generation %s received again (retained): ignored", rejection.generation)
                 return
             log.warning("desired state rejected (%s): %s", rejection.code, rejection.reason)
             self.metrics.rejections[rejection.code] += 1
@@ -322,6 +322,15 @@ class Agent:
             desired.rollback,
             desired.health_deadline_s,
         )
+
+    def _is_redelivery(self, rejection: Rejected, raw: bytes) -> bool:
+        """The applied state arriving again (same generation and content): nothing to report."""
+        if not rejection.is_redelivery(self.state.last_generation):
+            return False
+        try:
+            return DesiredState.model_validate_json(raw) == self.state.last_applied
+        except ValueError:
+            return False
 
     async def _probe(
         self, desired: DesiredState | None, observed: Mapping[str, ObservedModule]

@@ -93,7 +93,7 @@ async def test_create_needs_the_image_and_a_free_name() -> None:
     clock = Clock()
     rt = runtime(clock)
     m = spec()
-    with pytest.raises(RuntimeActionError, match="module web: image .* is not present"):
+    with pytest.raises(RuntimeActionError, match=r"module web: image .* is not present"):
         await rt.create(Create(module="web", reason="test", spec=m, config_hash=config_hash(m)))
     await created(rt, clock)
     with pytest.raises(RuntimeActionError, match="already exists"):

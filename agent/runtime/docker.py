@@ -60,14 +60,17 @@ def parse_docker_time(value: str | None) -> datetime | None:
 
 
 def _repo_digest(image: str, repo_digests: list[str]) -> str | None:
-    """The ``sha256:`` digest the image has in ``image``'s own repository (else in any other), or None."""
+    """The ``sha256:`` manifest digest the image has in ``image``'s own repository, or None.
+
+    A digest from another repository is not used: a locally built or retagged image has none
+    of its own, and another registry may hold a differently encoded manifest of it.
+    """
     try:
         repo = lb.familiar_name(image)
     except ValueError:
-        repo = None
+        return None
     own = [r for r in repo_digests if r.split("@", 1)[0] == repo]
-    candidates = own or repo_digests
-    return candidates[0].split("@", 1)[1] if candidates else None
+    return own[0].split("@", 1)[1] if own else None
 
 
 def _error_text(exc: Exception) -> str:

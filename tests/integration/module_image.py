@@ -14,6 +14,7 @@ so later sessions reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -166,6 +167,11 @@ def _build_module_image(client: Any, work: Path, digits: DigitsBuild) -> str:
         client.images.build(path=str(context), tag=tag, rm=True, forcerm=True, pull=False)
     except Exception as exc:
         raise ServiceUnavailable(f"building the module image FROM {base} failed: {exc}") from exc
+    for old in client.images.list(IMAGE_REPOSITORY):  # images of earlier checkouts
+        for name in old.tags:
+            if name != tag:
+                with contextlib.suppress(Exception):
+                    client.images.remove(name)
     return tag
 
 

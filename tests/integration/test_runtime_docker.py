@@ -290,12 +290,18 @@ async def test_pull_from_the_registry_then_offline_start_skips_the_pull(
     assert offline.is_present(pinned) and not offline.failed  # skipped: the digest is here
 
     spec = served(pinned)
-    await create(runtime, "digits", spec)
-    await runtime.start(Start(module="digits", reason="test"))
-    async with HealthProber() as prober:
-        await until(lambda: ready(runtime, prober, "digits", spec), "the offline-started module to be ready")
-    running = await observed(runtime, "digits")
-    assert running is not None and running.image == pinned and running.image_id == digest
+    try:
+        await create(runtime, "digits", spec)
+        await runtime.start(Start(module="digits", reason="test"))
+        async with HealthProber() as prober:
+            await until(
+                lambda: ready(runtime, prober, "digits", spec), "the offline-started module to be ready"
+            )
+        running = await observed(runtime, "digits")
+        assert running is not None and running.image == pinned and running.image_id == digest
+    finally:
+        await runtime.remove(Remove(module="digits", reason="cleanup"))
+        docker_client.images.remove(f"{own_registry.address}/edge/digits@{digest}")
 
 
 async def test_a_registry_that_is_down_fails_one_pull_and_nothing_else(

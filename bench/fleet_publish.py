@@ -8,9 +8,13 @@ database with that many provisioned devices (cpu and cuda profiles, so two image
   every PUBACK;
 - **apply (changed)**: the same deployment with a new image: every device gets generation 2;
 - **apply (unchanged)**: the same manifest again: nothing is signed or published;
-- **ingest via broker**: a separate process (as devices would be) publishes one ReportedState
-  per device (QoS 1, retained) while the ingester, subscribed through ``$share/cloud/...``,
-  batches them into SQLite; the rate counts from the first publish until the last row is written;
+- **ingest via broker, live**: a separate process (as devices would be) publishes one
+  ReportedState per device (QoS 1, retained) while the ingester, subscribed through
+  ``$share/cloud/...``, batches them into SQLite; the rate counts from the first publish until
+  the last row is written, so it cannot exceed what that one publishing process manages;
+- **ingest via broker, queued backlog**: the same reports published while the ingester's
+  persistent session is away; the rate counts from its reconnect until the last row is written
+  (what the ingester takes in when the broker delivers as fast as it can);
 - **ingest store only**: the same reports handed straight to the ingester's batch writer
   (parse, newest per device, one executemany upsert per batch), without the broker.
 
@@ -191,12 +195,14 @@ class SizeResult:
     published_changed: int
     published_unchanged: int
     ingest_broker_per_s: float
+    ingest_backlog_per_s: float
     devices_publish_per_s: float
     ingest_store_per_s: float
 
 
-async def ingest_via_broker(fleet: Fleet, endpoint: Endpoint, n: int) -> tuple[float, float]:
-    """Reports per second ingested (first publish to last row written), and published by the devices."""
+async def ingest_live(fleet: Fleet, endpoint: Endpoint, n: int) -> tuple[float, float]:
+    """Reports per second ingested while one process of devices publishes (first publish to last row
+    written), and the rate that process published at."""
     async with Ingestor(fleet.db, endpoint, flush_interval_s=0.05) as ingest:
         ctx = multiprocessing.get_context("spawn")
         started = ctx.Value("d", 0.0)
@@ -209,6 +215,27 @@ async def ingest_via_broker(fleet: Fleet, endpoint: Endpoint, n: int) -> tuple[f
         if ingest.stats.written < n:
             raise SystemExit(f"only {ingest.stats.written} of {n} reports ingested within {WAIT_S:.0f} s")
     return n / (done - started.value), n / (finished.value - started.value)
+
+
+async def ingest_backlog(fleet: Fleet, endpoint: Endpoint, n: int) -> float:
+    """Reports per second ingested from a backlog the broker queued for the ingester's session."""
+    session = "bench-ingest"
+    async with Ingestor(fleet.db, endpoint, session=session):
+        pass
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(
+        target=publish_reports,
+        args=(endpoint.host, endpoint.port, n, ctx.Value("d", 0.0), ctx.Value("d", 0.0)),
+    )
+    child.start()
+    await asyncio.to_thread(child.join, WAIT_S)
+    start = time.time()
+    async with Ingestor(fleet.db, endpoint, session=session, flush_interval_s=0.05) as ingest:
+        await ingest.wait_received(n, WAIT_S)
+        done = time.time()
+    if ingest.stats.written < n:
+        raise SystemExit(f"only {ingest.stats.written} of {n} queued reports ingested within {WAIT_S:.0f} s")
+    return n / (done - start)
 
 
 def ingest_store_only(fleet: Fleet, endpoint: Endpoint, n: int) -> float:
@@ -246,7 +273,8 @@ def run_size(root: Path, endpoint: Endpoint, n: int) -> SizeResult:
         log(
             f"{n} devices: apply {timings[0]:.2f} s, changed {timings[1]:.2f} s, unchanged {timings[2]:.2f} s"
         )
-        broker_rate, devices_rate = asyncio.run(ingest_via_broker(fleet, endpoint, n))
+        broker_rate, devices_rate = asyncio.run(ingest_live(fleet, endpoint, n))
+        backlog_rate = asyncio.run(ingest_backlog(fleet, endpoint, n))
         store_rate = ingest_store_only(fleet, endpoint, n)
         log(
             f"{n} devices: ingest {broker_rate:,.0f}/s via broker (devices sent {devices_rate:,.0f}/s), "
@@ -266,6 +294,7 @@ def run_size(root: Path, endpoint: Endpoint, n: int) -> SizeResult:
         published_changed=results[1],
         published_unchanged=results[2],
         ingest_broker_per_s=broker_rate,
+        ingest_backlog_per_s=backlog_rate,
         devices_publish_per_s=devices_rate,
         ingest_store_per_s=store_rate,
     )
@@ -302,11 +331,19 @@ def render(results: list[SizeResult]) -> str:
             ),
             (
                 str(r.devices),
-                f"ingest via broker (devices sent {r.devices_publish_per_s:,.0f}/s)",
+                f"ingest via broker, live (devices sent {r.devices_publish_per_s:,.0f}/s)",
                 f"{r.ingest_broker_per_s:,.0f}/s",
                 "-",
                 f"≥ {INGEST_TARGET:,.0f}/s",
                 "yes" if r.ingest_broker_per_s >= INGEST_TARGET else "NO",
+            ),
+            (
+                str(r.devices),
+                "ingest via broker, queued backlog",
+                f"{r.ingest_backlog_per_s:,.0f}/s",
+                "-",
+                f"≥ {INGEST_TARGET:,.0f}/s",
+                "yes" if r.ingest_backlog_per_s >= INGEST_TARGET else "NO",
             ),
             (
                 str(r.devices),

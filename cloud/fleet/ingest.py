@@ -6,6 +6,9 @@ an inbox; every ``flush_interval_s`` the inbox is parsed and written with one ``
 upsert per table inside one transaction, keeping only the newest message per device. A message
 that does not parse, or whose device id differs from its topic's, is counted and logged, never
 written.
+
+With a ``session`` name the ingester's MQTT session outlives it (``SESSION_EXPIRY_S``): reports
+published while the cloud process is away are queued by the broker and ingested on its return.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 REPORTED_SUBSCRIPTION = "$share/cloud/edge/+/reported"
 ONLINE_SUBSCRIPTION = "edge/+/online"
 FLUSH_INTERVAL_S = 0.1
+SESSION_EXPIRY_S = 3600
 SUBSCRIBE_TIMEOUT_S = 10.0
 
 
@@ -65,10 +69,18 @@ class Ingestor:
     """``async with Ingestor(db, endpoint) as ingest``: writes reports until the block ends."""
 
     def __init__(
-        self, db: Database, endpoint: Endpoint, *, flush_interval_s: float = FLUSH_INTERVAL_S
+        self,
+        db: Database,
+        endpoint: Endpoint,
+        *,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+        session: str | None = None,
+        session_expiry_s: int = SESSION_EXPIRY_S,
     ) -> None:
         self.db = db
         self.endpoint = endpoint
+        self.session = session
+        self.session_expiry_s = session_expiry_s
         self.flush_interval_s = flush_interval_s
         self.stats = IngestStats()
         self._inbox: list[tuple[str, bytes, datetime]] = []
@@ -79,11 +91,17 @@ class Ingestor:
         self._flushed: asyncio.Condition | None = None
 
     async def __aenter__(self) -> Ingestor:
-        client = new_client(self.endpoint, "edgectl-ingest")
+        client = new_client(self.endpoint, "edgectl-ingest", client_id=self.session)
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         self._client = client
-        await asyncio.to_thread(connect, client, self.endpoint, on_connected=self._subscribe)
+        await asyncio.to_thread(
+            connect,
+            client,
+            self.endpoint,
+            on_connected=self._subscribe,
+            session_expiry_s=self.session_expiry_s if self.session else 0,
+        )
         if not await asyncio.to_thread(self._subscribed.wait, SUBSCRIBE_TIMEOUT_S):
             await asyncio.to_thread(disconnect, client)
             raise TimeoutError(

@@ -22,6 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from cloud import broker
 
@@ -85,12 +87,19 @@ def resolve_endpoint(data_dir: Path, url: str | None = None) -> Endpoint:
 
 
 def new_client(
-    endpoint: Endpoint, prefix: str, protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
+    endpoint: Endpoint,
+    prefix: str,
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
+    *,
+    client_id: str | None = None,
 ) -> mqtt.Client:
-    """A paho client (VERSION2 callbacks, MQTT 5 unless told) with the endpoint's credentials and TLS."""
+    """A paho client (VERSION2 callbacks, MQTT 5 unless told) with the endpoint's credentials and TLS.
+
+    The client id is ``client_id`` or ``prefix`` plus a random suffix.
+    """
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
+        client_id=client_id or f"{prefix}-{uuid.uuid4().hex[:12]}",
         protocol=protocol,
     )
     if endpoint.username is not None:
@@ -106,11 +115,14 @@ def connect(
     endpoint: Endpoint,
     timeout_s: float = CONNECT_TIMEOUT_S,
     on_connected: Callable[[mqtt.Client], object] | None = None,
+    session_expiry_s: int = 0,
 ) -> None:
     """Connect and start paho's network thread; BrokerUnavailable when refused or unreachable.
 
     ``on_connected`` runs on paho's thread after every successful connection, reconnects included
-    (the place to subscribe). paho reconnects by itself after a lost connection.
+    (the place to subscribe). paho reconnects by itself after a lost connection. With
+    ``session_expiry_s`` (MQTT 5) the broker keeps the session, and queues QoS 1 messages for it,
+    that long after a disconnect; a later client with the same id resumes it.
     """
     answered = threading.Event()
     outcome: list[str] = []
@@ -126,7 +138,14 @@ def connect(
 
     client.on_connect = on_connect
     try:
-        client.connect(endpoint.host, endpoint.port, keepalive=KEEPALIVE_S)
+        if session_expiry_s:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = session_expiry_s
+            client.connect(
+                endpoint.host, endpoint.port, keepalive=KEEPALIVE_S, clean_start=False, properties=properties
+            )
+        else:
+            client.connect(endpoint.host, endpoint.port, keepalive=KEEPALIVE_S)
     except (OSError, ssl.SSLError) as e:
         raise BrokerUnavailable(
             f"cannot reach the MQTT broker at {endpoint.url}: {e.strerror or e}"

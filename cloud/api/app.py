@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
 from sqlalchemy import text
 
 from cloud.api import routes_deployments, routes_devices, routes_models
@@ -121,7 +122,11 @@ ALL_ROUTES: tuple[Route, ...] = (
 def _error(
     request: web.Request, status: int, message: str, detail: Any = None, **headers: str
 ) -> web.Response:
-    body = {"error": message, "detail": detail, "request_id": request.get("request_id", "")}
+    body = {
+        "error": message,
+        "detail": to_jsonable_python(detail),
+        "request_id": request.get("request_id", ""),
+    }
     return web.json_response(body, status=status, headers=headers or None)
 
 

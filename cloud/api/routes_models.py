@@ -2,7 +2,9 @@
 
 Uploads are spooled into ``<data dir>/uploads`` (the blob store's file system) with a byte limit
 (413 beyond it), then registered with ``Registry.register`` exactly as ``edgectl model register``
-registers a local folder; the spool folder is removed afterwards either way.
+registers a local folder; the spool folder is removed afterwards either way. A multipart part's
+filename is the file's path inside the version (``ir/model.xml``); percent-escapes in it are
+decoded, since aiohttp's and some other clients escape the ``/``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
+from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, web
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
@@ -102,7 +105,7 @@ async def _spool_multipart(request: web.Request, spool: _Spool, fields: dict[str
                 raise ApiError(413, f"{where}: field is over 64 KiB")
             fields.setdefault(part.name, []).append(value.decode("utf-8", errors="replace"))
         else:
-            dst = await call(spool.target, _relative_path(part.filename, where), where)
+            dst = await call(spool.target, _relative_path(unquote(part.filename), where), where)
             with await call(_create, dst) as out:
                 while chunk := await part.read_chunk(CHUNK):
                     await spool.write(out, chunk)

@@ -1,0 +1,370 @@
+"""The operator REST API against a real aiohttp server on a free loopback port and a SQLite data dir.
+
+Routes call the same operations as ``edgectl``; these tests check the HTTP layer end to end: auth,
+each route, JSON errors with the right status, uploads and downloads, publishing to a real
+Mosquitto, the background controller ingesting what a real agent reports, and ``edgectl serve``
+itself as a subprocess (token generated once, mode 0600, ``$EDGE_API_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cloud.api import Services, create_app
+from cloud.api.auth import TOKEN_ENV, Tokens
+from cloud.broker import BrokerPaths
+from cloud.config import resolve_settings
+from cloud.fleet.mqtt import Endpoint
+from tests.services import REPO_ROOT, MosquittoBroker, free_port, http_status, wait_until
+
+TOKEN = "test-token-0123456789abcdef"
+WAIT_S = 30.0
+
+
+@dataclass
+class Api:
+    """A running API server, its client and token."""
+
+    client: TestClient
+    services: Services
+    data_dir: Path
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TOKEN}"}
+
+    async def call(self, method: str, path: str, expect: int, **kw: Any) -> Any:
+        """Send an authenticated request; assert the status; return the JSON body (or text)."""
+        headers = {**self.auth, **kw.pop("headers", {})}
+        async with self.client.request(method, path, headers=headers, **kw) as r:
+            body = await r.text()
+            assert r.status == expect, f"{method} {path}: {r.status} {body}"
+            return json.loads(body) if r.content_type == "application/json" else body
+
+    async def error(self, method: str, path: str, expect: int, **kw: Any) -> dict[str, Any]:
+        """Like ``call`` for an error: checks the JSON error shape and returns it."""
+        body = await self.call(method, path, expect, **kw)
+        assert isinstance(body, dict) and set(body) == {"error", "detail", "request_id"}, body
+        assert isinstance(body["error"], str) and body["error"]
+        return body
+
+
+async def _start(tmp_path: Path, endpoint: Endpoint, **app_options: Any) -> AsyncIterator[Api]:
+    data_dir = tmp_path / "data"
+    upload_max = app_options.pop("upload_max", 1024 * 1024)
+    services = Services.open(resolve_settings(data_dir, env={}), endpoint, upload_max=upload_max)
+    app = create_app(services, Tokens((TOKEN.encode(),), "test"), **app_options)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield Api(client, services, data_dir)
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    """The API with no broker listening (publishing fails; states stay pending)."""
+    async for started in _start(tmp_path, Endpoint.parse(f"mqtt://127.0.0.1:{free_port()}")):
+        yield started
+
+
+@pytest.fixture
+async def api_broker(tmp_path: Path, mosquitto: MosquittoBroker) -> AsyncIterator[Api]:
+    """The API publishing to a real Mosquitto, with the rollout controller running."""
+    endpoint = Endpoint.parse(f"mqtt://127.0.0.1:{mosquitto.port}")
+    async for started in _start(tmp_path, endpoint, controller_interval_s=0.2):
+        yield started
+
+
+def manifest(name: str = "vision", **fields: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "name": name,
+        "target": {"tags": {"site": "a"}},
+        "modules": {"detector": {"images": {"cpu": "127.0.0.1:5000/det:1-cpu"}}},
+    }
+    doc.update(fields)
+    return doc
+
+
+async def add_device(api: Api, device_id: str = "pump-1", **fields: Any) -> dict[str, Any]:
+    body = {"id": device_id, "tags": {"site": "a"}, **fields}
+    return await api.call("POST", "/devices", 201, json=body)
+
+
+async def upload(api: Api, name: str, data: bytes, filename: str = "model.onnx", query: str = "") -> Any:
+    return await api.call(
+        "POST",
+        f"/models/{name}?filename={filename}{query}",
+        201,
+        data=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+
+
+# ---- auth, health, errors -----------------------------------------------------------------------
+
+
+async def test_public_routes_and_token_required(api: Api) -> None:
+    async with api.client.get("/healthz") as r:
+        assert r.status == 200 and (await r.json())["status"] == "ok"
+    async with api.client.get("/openapi.json") as r:
+        assert r.status == 200 and (await r.json())["openapi"].startswith("3.")
+    for path in ("/models", "/devices", "/deployments", "/status", "/no-such-route"):
+        async with api.client.get(path) as r:
+            body = await r.json()
+            assert r.status == 401, path
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+            assert body["error"].startswith("authentication required")
+    for header in ("Bearer wrong-token-0123456789", f"Basic {TOKEN}", "Bearer", TOKEN):
+        async with api.client.get("/models", headers={"Authorization": header}) as r:
+            assert r.status == 401, header
+    async with api.client.get("/models", headers={"Authorization": f"bearer {TOKEN}"}) as r:
+        assert r.status == 200 and await r.json() == []
+
+
+async def test_request_id_is_echoed_and_in_errors(api: Api) -> None:
+    async with api.client.get("/models/nope", headers={**api.auth, "X-Request-Id": "abc-123"}) as r:
+        assert r.status == 404
+        assert r.headers["X-Request-Id"] == "abc-123"
+        assert (await r.json())["request_id"] == "abc-123"
+    async with api.client.get("/models", headers={**api.auth, "X-Request-Id": "bad id with spaces"}) as r:
+        assert r.status == 200 and len(r.headers["X-Request-Id"]) == 32
+
+
+async def test_unknown_route_and_method_are_json(api: Api) -> None:
+    body = await api.error("GET", "/nothing/here", 404)
+    assert body["error"] == "no route GET /nothing/here"
+    async with api.client.put("/models", headers=api.auth) as r:
+        assert r.status == 405 and "GET" in r.headers["Allow"]
+        assert set(await r.json()) == {"error", "detail", "request_id"}
+
+
+# ---- models --------------------------------------------------------------------------------------
+
+
+async def test_model_register_list_show_download_delete(api: Api) -> None:
+    view = await upload(api, "iris", b"onnx-bytes", query="&tag=stage=dev&description=first")
+    assert (view["name"], view["version"], view["framework"]) == ("iris", 1, "onnx")
+    assert view["tags"] == {"stage": "dev"} and view["description"] == "first"
+    assert [f["path"] for f in view["files"]] == ["model.onnx"]
+
+    form = aiohttp.FormData()
+    form.add_field("files", b"<xml/>", filename="ir/model.xml")
+    form.add_field("files", b"weights", filename="ir/model.bin")
+    form.add_field("tag", "stage=prod")
+    form.add_field("description", "openvino IR")
+    second = await api.call("POST", "/models/iris", 201, data=form)
+    assert second["version"] == 2 and second["framework"] == "openvino"
+    assert sorted(f["path"] for f in second["files"]) == ["ir/model.bin", "ir/model.xml"]
+
+    listed = await api.call("GET", "/models", 200)
+    assert [(v["name"], v["version"]) for v in listed] == [("iris", 1), ("iris", 2)]
+    prod = await api.call("GET", "/models?tag=stage=prod", 200)
+    assert [v["version"] for v in prod] == [2]
+    assert (await api.call("GET", "/models/iris", 200))["version"] == 2
+    assert (await api.call("GET", "/models/iris/latest", 200))["version"] == 2
+    assert (await api.call("GET", "/models/iris/1", 200))["files"][0]["size"] == len(b"onnx-bytes")
+
+    async with api.client.get("/models/iris/2/files/ir/model.bin", headers=api.auth) as r:
+        assert r.status == 200 and await r.read() == b"weights"
+        expected = next(f["sha256"] for f in second["files"] if f["path"] == "ir/model.bin")
+        assert r.headers["X-Content-SHA256"] == expected
+
+    deleted = await api.call("DELETE", "/models/iris/1", 200)
+    assert deleted["versions"] == [1] and deleted["blobs_removed"] == 1
+    await api.error("GET", "/models/iris/1", 404)
+    gone = await api.call("DELETE", "/models/iris", 200)
+    assert gone["versions"] == [2]
+    await api.error("GET", "/models/iris", 404)
+    assert await api.call("GET", "/models", 200) == []
+
+
+async def test_model_errors(api: Api) -> None:
+    raw = {"Content-Type": "application/octet-stream"}
+    body = await api.error(
+        "POST", "/models/iris?filename=m.onnx", 415, data=b"x", headers={"Content-Type": "text/plain"}
+    )
+    assert "application/octet-stream" in body["error"]
+    body = await api.error("POST", "/models/Bad Name?filename=m.onnx", 400, data=b"x", headers=raw)
+    assert body["error"].startswith("invalid model name")
+    body = await api.error("POST", "/models/iris", 400, data=b"x", headers=raw)
+    assert "file name is required" in body["error"]
+    body = await api.error("POST", "/models/iris?filename=../evil", 400, data=b"x", headers=raw)
+    assert "relative path" in body["error"]
+    body = await api.error(
+        "POST", "/models/iris?filename=m.onnx&framework=keras", 400, data=b"x", headers=raw
+    )
+    assert "unknown framework 'keras'" in body["error"]
+    body = await api.error("POST", "/models/iris?filename=m.onnx&tag=novalue", 400, data=b"x", headers=raw)
+    assert "KEY=VALUE" in body["error"]
+    body = await api.error(
+        "POST", "/models/iris?filename=big.bin", 413, data=b"x" * (1024 * 1024 + 1), headers=raw
+    )
+    assert "limit" in body["error"]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b"y" * 65536
+
+    body = await api.error("POST", "/models/iris?filename=big.bin", 413, data=chunks(), headers=raw)
+    assert body["error"] == "upload is over the limit of 1048576 bytes"
+    assert await api.call("GET", "/models", 200) == []
+    assert list((api.data_dir / "uploads").iterdir()) == []
+
+    await upload(api, "iris", b"v1")
+    body = await api.error("GET", "/models/iris/7", 404)
+    assert body["error"] == "model 'iris' has no version 7 (versions: 1)"
+    body = await api.error("GET", "/models/iris/seven", 400)
+    assert "expected a number from 1" in body["error"]
+    body = await api.error("GET", "/models/iris/1/files/other.onnx", 404)
+    assert body["detail"] == {"files": ["model.onnx"]}
+    await api.error("DELETE", "/models/iris/latest", 400)
+    await api.error("DELETE", "/models/nope/1", 404)
+
+
+async def test_model_in_use_cannot_be_deleted(api: Api) -> None:
+    await upload(api, "digits", b"onnx")
+    await add_device(api)
+    await api.call("POST", "/deployments?model=digits:1", 201, json=manifest())
+    assert (await api.call("GET", "/models/digits/1", 200))["deployments"] == ["vision"]
+    body = await api.error("DELETE", "/models/digits/1", 409)
+    assert "used by deployment 'vision'" in body["error"]
+    await api.error("DELETE", "/models/digits", 409)
+    await api.call("DELETE", "/deployments/vision", 200)
+    await api.call("DELETE", "/models/digits/1", 200)
+
+
+# ---- devices -------------------------------------------------------------------------------------
+
+
+async def test_device_add_list_show_tag_remove(api: Api) -> None:
+    added = await add_device(api, "pump-1", profile="cpu", show_password=True)
+    assert added["device"]["id"] == "pump-1" and added["device"]["tags"] == {"site": "a"}
+    password = added["password"]
+    assert isinstance(password, str) and len(password) >= 16
+    config = await api.call("GET", "/devices/pump-1/agent-config", 200)
+    parsed = yaml.safe_load(config)
+    assert parsed["device_id"] == "pump-1" and parsed["broker"]["password"] == password
+    quiet = await add_device(api, "pump-2", tags={"site": "b"})
+    assert quiet["password"] is None
+    passwords = BrokerPaths.of(api.data_dir).password_file.read_text()
+    assert "pump-1:" in passwords and password not in passwords
+
+    body = await api.error("POST", "/devices", 409, json={"id": "pump-1"})
+    assert "already exists" in body["error"]
+    assert [d["id"] for d in await api.call("GET", "/devices", 200)] == ["pump-1", "pump-2"]
+    assert [d["id"] for d in await api.call("GET", "/devices?tag=site=b", 200)] == ["pump-2"]
+    assert await api.call("GET", "/devices?profile=cuda", 200) == []
+    assert (await api.call("GET", "/devices/pump-1", 200))["profile"] == "cpu"
+
+    tagged = await api.call(
+        "PATCH", "/devices/pump-1", 200, json={"set": {"ring": "canary"}, "remove": ["site"]}
+    )
+    assert tagged["tags"] == {"ring": "canary"}
+    body = await api.error("PATCH", "/devices/pump-1", 400, json={"remove": ["site"]})
+    assert body["error"] == "device 'pump-1' has no tag 'site'"
+
+    removed = await api.call("DELETE", "/devices/pump-1", 200)
+    assert removed["removed"]["id"] == "pump-1" and "broker" in removed
+    await api.error("GET", "/devices/pump-1", 404)
+    await api.error("DELETE", "/devices/pump-1", 404)
+    assert "pump-1:" not in BrokerPaths.of(api.data_dir).password_file.read_text()
+
+
+async def test_device_input_errors(api: Api) -> None:
+    body = await api.error(
+        "POST", "/devices", 400, json={"id": "pump-1", "tags": {"site": 3}, "colour": "red"}
+    )
+    locs = {d["loc"] for d in body["detail"]}
+    assert locs == {"tags.site", "colour"}
+    body = await api.error("POST", "/devices", 400, json={"id": "Pump 1"})
+    assert body["error"].startswith("invalid device id")
+    body = await api.error("POST", "/devices", 400, json={"id": "pump-1", "profile": "jetson"})
+    assert "jetson" in body["error"]
+    body = await api.error(
+        "POST", "/devices", 400, data="{not json", headers={"Content-Type": "application/json"}
+    )
+    assert body["detail"][0]["loc"] == "(body)"
+    await api.error("POST", "/devices", 415, data="id: x", headers={"Content-Type": "application/yaml"})
+    await api.error("GET", "/devices/Not_Valid!", 400)
+    await api.error("GET", "/devices?tag=site", 400)
+    assert await api.call("GET", "/devices", 200) == []
+
+
+# ---- deployments ---------------------------------------------------------------------------------
+
+
+async def test_deployment_apply_list_show_status_delete(api: Api) -> None:
+    await add_device(api, "pump-1")
+    await add_device(api, "pump-2")
+    created = await api.call("POST", "/deployments", 201, json=manifest(rollout={"waves": [1, "100%"]}))
+    assert created["created"] and created["selected"] == 2 and created["waves"] == [1, 1]
+    assert created["publish"]["published"] == 0 and created["publish"]["pending"] == 1
+    assert "cannot reach the MQTT broker" in created["publish"]["error"]
+    again = await api.call("POST", "/deployments", 200, json=manifest(rollout={"waves": [1, "100%"]}))
+    assert not again["created"] and not again["manifest_changed"] and again["new_generations"] == 0
+
+    text = yaml.safe_dump(manifest("other", priority=-1, target={"device_ids": ["pump-2"]}))
+    other = await api.call(
+        "POST", "/deployments", 201, data=text, headers={"Content-Type": "application/yaml"}
+    )
+    assert other["winning"] == 0
+
+    listed = await api.call("GET", "/deployments", 200)
+    assert [(d["name"], d["devices"]) for d in listed] == [("other", 0), ("vision", 1)]
+    shown = await api.call("GET", "/deployments/vision", 200)
+    assert shown["manifest"]["name"] == "vision" and shown["models"] == []
+    status = await api.call("GET", "/deployments/vision/status", 200)
+    assert status["rollout_state"] == "rolling" and len(status["waves"]) == 2
+    assert {d["device"]: d["status"] for d in status["devices"]}["pump-2"] == "waiting"
+    server = await api.call("GET", "/status", 200)
+    assert server["pending_desired_states"] == 1 and server["controller"]["enabled"] is False
+    await api.error("POST", "/desired-states/publish", 503)
+
+    deleted = await api.call("DELETE", "/deployments/vision", 200)
+    assert deleted["deployment"] == "vision"
+    await api.error("GET", "/deployments/vision", 404)
+    await api.error("GET", "/deployments/vision/status", 404)
+    await api.error("DELETE", "/deployments/vision", 404)
+
+
+async def test_deployment_errors(api: Api) -> None:
+    await add_device(api)
+    body = await api.error("POST", "/deployments", 400, json=manifest(modules={}, priority=5000))
+    assert {d["loc"] for d in body["detail"]} == {"modules", "priority"}
+    body = await api.error("POST", "/deployments", 400, json=manifest(target={}))
+    assert "target selects nothing" in body["error"]
+    body = await api.error(
+        "POST", "/deployments", 400, json=manifest(modules={"m": {"images": {"jetson": "reg.local/m:1"}}})
+    )
+    assert "unknown device profile 'jetson'" in body["error"]
+    body = await api.error("POST", "/deployments", 400, json=manifest(target={"tags": {"site": "zzz"}}))
+    assert "selects no provisioned device" in body["error"]
+    dup = "name: a\nname: b\n"
+    body = await api.error(
+        "POST", "/deployments", 400, data=dup, headers={"Content-Type": "application/yaml"}
+    )
+    assert "duplicate key 'name'" in body["error"]
+    await api.error("POST", "/deployments", 400, data="[1, 2]", headers={"Content-Type": "application/json"})
+    await api.error("POST", "/deployments", 415, data="x", headers={"Content-Type": "text/plain"})
+    body = await api.error("POST", "/deployments?model=digits", 400, json=manifest())
+    assert "NAME:VERSION" in body["error"]
+    body = await api.error("POST", "/deployments?model=digits:1", 404, json=manifest())
+    assert "digits" in body["error"]
+    big = json.dumps({**manifest(), "pad": "x" * (1024 * 1024)})
+    await api.error("POST", "/deployments", 413, data=big, headers={"Content-Type": "application/json"})
+    assert await api.call("GET", "/deployments", 200) == []

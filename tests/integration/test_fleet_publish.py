@@ -9,6 +9,7 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from cloud.fleet.service import ApplyError, Fleet
 from cloud.keys import load_or_create_signing_key, public_key_path
 from cloud.store.db import open_database
 from cloud.store.devices import Device, DeviceTag
-from cloud.store.fleet import DesiredRecord
+from cloud.store.fleet import DesiredRecord, OnlineRecord
 from modules.contract import DeploymentManifest, DesiredState, ReportedState
 from modules.profiles import load_profiles
 from modules.signing import load_public_key_file, verify_desired
@@ -350,3 +351,50 @@ async def test_rollout_waves_advance_on_healthy_reports_and_halt_with_revert(
         "cam-2": (3, "reg.local/det:1-cuda"),
         "cam-3": (1, "reg.local/det:1-cuda"),
     }
+
+
+def test_cli_apply_status_and_offline_logs(
+    tmp_path: Path, mosquitto_factory: MosquittoFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cloud.cli import main
+
+    data = tmp_path / "data"
+    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
+    with db.transaction() as s:
+        s.add(Device(id="cam-1", profile="cpu", password_hash="unused"))
+        s.flush()
+        s.add(DeviceTag(device_id="cam-1", key="site", value="a"))
+    db.dispose()
+    (tmp_path / "vision.yaml").write_text(
+        "name: vision\ntarget: {tags: {site: a}}\nmodules:\n  detector:\n    images: {cpu: reg.local/det:1}\n"
+    )
+    broker = mosquitto_factory()
+    broker.stop()
+    common = ["--data-dir", str(data), "--broker-url", f"mqtt://127.0.0.1:{broker.port}"]
+
+    assert main(["deploy", "apply", "-f", str(tmp_path / "vision.yaml"), *common]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(
+        "deployment vision created: 1 device(s) selected, 1 run it (waves: 1); 1 new desired"
+    )
+    assert "1 desired state(s) are stored and pending" in err
+
+    broker.start()
+    assert main(["deploy", "publish", *common]) == 0
+    assert capsys.readouterr().out == "1 desired state(s) published, 0 pending\n"
+
+    assert main(["deploy", "status", "vision", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "cam-1   1     1           pending  no report yet for generation 1" in out
+
+    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
+    with db.transaction() as s:
+        since = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+        s.add(OnlineRecord(device_id="cam-1", online=False, since=since, received_at=since))
+    db.dispose()
+    assert main(["logs", "cam-1", "detector", *common]) == 1
+    assert capsys.readouterr().err == (
+        "edgectl: error: device cam-1 is offline since 2026-03-01T12:00:00Z; logs was not sent\n"
+    )
+    assert main(["deploy", "show", "nope", "--data-dir", str(data)]) == 2
+    assert capsys.readouterr().err == "edgectl: error: deployment 'nope' does not exist\n"

@@ -179,3 +179,17 @@ def test_silent_device_times_out_and_unknown_device_is_named(
     assert str(err.value) == "device cam-3 did not answer ping within 0.5 s (it never reported being online)"
     with pytest.raises(NotFoundError, match="device 'cam-9' is not provisioned"):
         run_command(db, endpoint(mosquitto), "cam-9", "ping")
+
+
+async def test_named_session_ingests_reports_sent_while_away(
+    db: Database, mosquitto_factory: MosquittoFactory
+) -> None:
+    broker = mosquitto_factory()
+    async with Ingestor(db, endpoint(broker), session="cloud-test"):
+        pass  # the broker now keeps the session and queues for it
+    await asyncio.to_thread(publish, broker, [("edge/cam-3/reported", reported("cam-3", 4))])
+    async with Ingestor(db, endpoint(broker), session="cloud-test", flush_interval_s=0.05) as ingest:
+        assert await ingest.wait_received(1, WAIT_S)
+    with db.transaction() as s:
+        row = s.get(ReportedRecord, "cam-3")
+        assert row is not None and row.generation_applied == 4

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cloud.fleet.rollout import evaluate, split_waves, wave_sizes
-from cloud.fleet.status import Status
+from cloud.fleet.status import Online, Reported, Status, device_status
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -82,3 +82,38 @@ def test_decision(current: int, statuses: dict[str, Status], minutes: int, kind:
         deadline_s=600,
     )
     assert (decision.kind, decision.reason) == (kind, reason)
+
+
+SINCE = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("published", "reported", "online", "expected"),
+    [
+        (False, None, None, ("pending", "generation 3 not published yet (broker unreachable)")),
+        (True, None, None, ("pending", "no report yet for generation 3")),
+        (True, Reported(2, 2, "healthy"), None, ("pending", "device reports generation 2, desired is 3")),
+        (
+            True,
+            Reported(2, 3, "healthy"),
+            None,
+            ("applying", "received generation 3, still running generation 2"),
+        ),
+        (True, Reported(3, 3, "applying"), Online(True, SINCE), ("applying", "")),
+        (True, Reported(3, 3, "healthy"), None, ("healthy", "")),
+        (True, Reported(3, 3, "failed", "det: exit 3"), None, ("failed", "det: exit 3")),
+        (True, Reported(2, 3, "rolled_back", "det unhealthy"), None, ("rolled back", "det unhealthy")),
+        (True, Reported(2, 3, "rejected", "signature: mismatch"), None, ("rejected", "signature: mismatch")),
+        (
+            True,
+            Reported(3, 3, "healthy"),
+            Online(False, SINCE),
+            ("offline", "offline since 2026-03-01T12:00:00+00:00"),
+        ),
+    ],
+)
+def test_device_status(
+    published: bool, reported: Reported | None, online: Online | None, expected: tuple[str, str]
+) -> None:
+    got = device_status(3, published, reported, online)
+    assert (got.status, got.detail) == expected

@@ -15,6 +15,9 @@ import stat
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +30,16 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.agent import Agent
+from agent.config import load_agent_config
+from agent.link import Link
+from agent.runtime.process import ProcessRuntime
 from cloud.api import Services, create_app
 from cloud.api.auth import TOKEN_ENV, Tokens
 from cloud.broker import BrokerPaths
 from cloud.config import resolve_settings
 from cloud.fleet.mqtt import Endpoint
+from modules.signing import load_public_key
 from tests.services import REPO_ROOT, MosquittoBroker, free_port, http_status, wait_until
 
 TOKEN = "test-token-0123456789abcdef"
@@ -368,3 +376,210 @@ async def test_deployment_errors(api: Api) -> None:
     big = json.dumps({**manifest(), "pad": "x" * (1024 * 1024)})
     await api.error("POST", "/deployments", 413, data=big, headers={"Content-Type": "application/json"})
     assert await api.call("GET", "/deployments", 200) == []
+
+
+# ---- with a real broker, the controller and a real agent ------------------------------------------
+
+
+def retained(port: int, topic: str) -> bytes | None:
+    """The retained message on ``topic`` (None when there is none), read with a fresh client."""
+    got: list[bytes] = []
+    done = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}")
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+    client.on_subscribe = lambda *_: threading.Timer(1.0, done.set).start()
+
+    def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        got.append(bytes(message.payload))
+        done.set()
+
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        done.wait(WAIT_S)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got[0] if got else None
+
+
+async def wait_for(api: Api, path: str, check: Any, what: str) -> Any:
+    """Poll ``GET path`` until ``check(body)`` holds; fail naming ``what`` after WAIT_S."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while True:
+        body = await api.call("GET", path, 200)
+        if check(body):
+            return body
+        if loop.time() > deadline:
+            pytest.fail(f"{what}: last {path} answer was {body}")
+        await asyncio.sleep(0.1)
+
+
+def device_status(body: dict[str, Any], device: str) -> str:
+    return next((d["status"] for d in body["devices"] if d["device"] == device), "missing")
+
+
+async def test_publish_controller_and_agent_round_trip(
+    api_broker: Api, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    api = api_broker
+    await wait_for(api, "/status", lambda b: b["controller"]["connected"], "controller connected")
+    added = await add_device(
+        api,
+        "pump-1",
+        broker_url=f"mqtt://127.0.0.1:{mosquitto.port}",
+        runtime="process",
+        state_dir=str(tmp_path / "agent-state"),
+    )
+    applied = await api.call("POST", "/deployments", 201, json=manifest())
+    assert applied["publish"] == {"published": 1, "pending": 0, "error": None}
+    desired = retained(mosquitto.port, "edge/pump-1/desired")
+    assert desired is not None and json.loads(desired)["device_id"] == "pump-1"
+    status = await api.call("GET", "/deployments/vision/status", 200)
+    assert device_status(status, "pump-1") == "pending"
+
+    config = load_agent_config(added["config_file"])
+    public_key = load_public_key(config.cloud_public_key.read_bytes())
+    runtime = ProcessRuntime(config.state_dir, tmp_path / "images", stop_timeout_s=5)
+    async with Link(config) as link:
+        agent = Agent(config, runtime, link, public_key=public_key, accelerators=[])
+        task = asyncio.create_task(agent.run())
+        try:
+            body = await wait_for(
+                api,
+                "/deployments/vision/status",
+                lambda b: device_status(b, "pump-1") not in ("pending", "offline"),
+                "the agent's report ingested by the controller",
+            )
+            assert device_status(body, "pump-1") in ("applying", "failed", "rolled back")
+            error = await api.error("GET", "/devices/pump-1/modules/nope/logs?tail=5", 502)
+            assert "not in the desired state" in error["error"] and error["detail"]["ok"] is False
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, WAIT_S)
+            await runtime.close()
+    await wait_for(
+        api, "/deployments/vision/status", lambda b: device_status(b, "pump-1") == "offline", "agent offline"
+    )
+    error = await api.error("POST", "/devices/pump-1/modules/detector/restart", 409)
+    assert "offline since" in error["error"]
+    server = await api.call("GET", "/status", 200)
+    assert server["controller"]["ingest"]["written"] >= 2 and server["controller"]["passes"] >= 1
+
+
+async def test_commands_without_an_answer(api_broker: Api) -> None:
+    api = api_broker
+    await api.error("GET", "/devices/ghost/modules/web/logs", 404)
+    await add_device(api, "quiet-1")
+    error = await api.error("POST", "/devices/quiet-1/modules/web/restart?timeout=0.5", 504)
+    assert "did not answer restart within 0.5 s" in error["error"]
+    await api.error("GET", "/devices/quiet-1/modules/web/logs?tail=0", 400)
+    await api.error("GET", "/devices/quiet-1/modules/web/logs?timeout=forever", 400)
+
+
+# ---- edgectl serve as a process -----------------------------------------------------------------
+
+
+class Served:
+    """``edgectl serve`` in a subprocess; ``lines`` is what it printed on stdout."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [
+            sys.executable,
+            "-m",
+            "cloud.cli",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(self.port),
+        ]
+        self.proc = subprocess.Popen(
+            [*argv, "--no-controller", *extra],
+            cwd=REPO_ROOT,
+            env={**os.environ, "EDGE_DB_URL": "", **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_ready(self) -> None:
+        if not wait_until(lambda: http_status(f"{self.url}/healthz") == 200, WAIT_S, self.alive):
+            out, err = self.stop()
+            pytest.fail(f"edgectl serve did not start: {out}\n{err}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> tuple[str, str]:
+        if self.alive():
+            self.proc.terminate()
+        out, err = self.proc.communicate(timeout=WAIT_S)
+        return out, err
+
+
+def get(url: str, token: str | None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT_S) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[list[Served]]:
+    started: list[Served] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+def test_serve_generates_a_token_once(tmp_path: Path, served: list[Served]) -> None:
+    data_dir = tmp_path / "data"
+    first = Served(data_dir, {TOKEN_ENV: ""})
+    served.append(first)
+    first.wait_ready()
+    token_file = data_dir / "api-tokens"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().splitlines()[-1]
+    assert get(f"{first.url}/models", None) == 401
+    assert get(f"{first.url}/models", token) == 200
+    assert get(f"{first.url}/openapi.json", None) == 200
+    out, _ = first.stop()
+    assert token in out and "shown once" in out and f"listening on {first.url}" in out
+
+    second = Served(data_dir, {TOKEN_ENV: ""})
+    served.append(second)
+    second.wait_ready()
+    assert get(f"{second.url}/devices", token) == 200
+    out, _ = second.stop()
+    assert token not in out
+
+
+def test_serve_token_from_environment_and_bad_tokens(tmp_path: Path, served: list[Served]) -> None:
+    env_token = "from-the-environment-0123456789"
+    s = Served(tmp_path / "data", {TOKEN_ENV: env_token})
+    served.append(s)
+    s.wait_ready()
+    assert get(f"{s.url}/deployments", env_token) == 200
+    assert get(f"{s.url}/deployments", "something-else-0123456789") == 401
+    assert not (tmp_path / "data" / "api-tokens").exists()
+    s.stop()
+
+    short = Served(tmp_path / "data", {TOKEN_ENV: "short"})
+    served.append(short)
+    _out, err = short.proc.communicate(timeout=WAIT_S)
+    assert short.proc.returncode == 1 and "at least 16" in err
+
+    open_file = tmp_path / "open-tokens"
+    open_file.write_text("a-token-for-an-operator-123456\n")
+    open_file.chmod(0o644)
+    loose = Served(tmp_path / "data", {TOKEN_ENV: ""}, "--token-file", str(open_file))
+    served.append(loose)
+    _out, err = loose.proc.communicate(timeout=WAIT_S)
+    assert loose.proc.returncode == 1 and "chmod 600" in err

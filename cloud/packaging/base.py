@@ -305,11 +305,12 @@ def _vendor_base(
             engine.pull(client, mirrored, progress)
             local = engine.find_image(client, mirrored)
     if local is None:
+        note = (profile.base.vendor_note or "").split(". ")[0].strip().rstrip(".")
         raise BaseImageUnavailable(
-            f"profile {profile.name}: base image {image} is not available here "
-            "and cannot be built from Debian "
-            f"({profile.base.vendor_note}); load it with 'docker load' or push it to the registry as {repo}, "
-            "or write a build context with --dockerfile and build it where the image exists"
+            f"profile {profile.name}: base image {image} is not available here and cannot be built from "
+            f"Debian ({note}; see base.vendor_note in the profile); load it with 'docker load' or push it "
+            f"to the registry as {repo}, or write a build context with --dockerfile and build it where "
+            "the image exists"
         )
     key = "vendor-" + local.id.removeprefix("sha256:")
     docs = cache.load_documents(key)

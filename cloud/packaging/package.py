@@ -236,37 +236,53 @@ def package(
     cache = BuildCache(cache_dir)
     if not writing_context:
         raise_for_disk(cache, request)
-    results = []
-    for profile in profiles:
-        try:
-            results.append(_one_profile(request, profile, registry, client, cache, out, profiles_dir))
-        except OSError as exc:
-            raise os_error(exc, f"packaging for profile {profile.name}") from None
+    try:
+        # Every base first, so that a missing vendor image stops the run before anything is pushed.
+        bases = [_base_or_none(request, p, registry, client, cache, out) for p in profiles]
+        results = []
+        for profile, base in zip(profiles, bases, strict=True):
+            results.append(_one_profile(request, profile, base, registry, client, cache, out, profiles_dir))
+    except OSError as exc:
+        raise os_error(exc, "packaging") from None
     return results
 
 
-def _one_profile(
+def _base_or_none(
     request: PackageRequest,
     profile: DeviceProfile,
     registry: RegistryClient | None,
     client: docker.DockerClient | None,
     cache: BuildCache,
     out: Progress,
-    profiles_dir: Path | None,
-) -> PackagedImage:
+) -> BaseImage | None:
+    """The profile's base, or None when only a build context FROM a vendor image is written."""
     effective = _with_base_override(profile, request.config.base_image)
     if request.dockerfile_dir is not None and effective.base.source == "vendor":
+        return None
+    return _base_for(effective, registry, engine.connect(client), cache, out)
+
+
+def _one_profile(
+    request: PackageRequest,
+    profile: DeviceProfile,
+    base: BaseImage | None,
+    registry: RegistryClient | None,
+    client: docker.DockerClient | None,
+    cache: BuildCache,
+    out: Progress,
+    profiles_dir: Path | None,
+) -> PackagedImage:
+    if base is None:
         # The vendor image need not be here: the context names it and carries every Python dep.
+        effective = _with_base_override(profile, request.config.base_image)
         base_from, python = effective.base.image, effective.base.python
         return _write_context(request, profile, base_from, {}, python, cache, out, profiles_dir)
-    docker_client = engine.connect(client)
-    base = _base_for(effective, registry, docker_client, cache, out)
     if request.dockerfile_dir is not None:
         base_from = base.registry_ref or base.local_ref
         return _write_context(
             request, profile, base_from, base.python, base.python_version, cache, out, profiles_dir
         )
-    return _build_and_push(request, profile, base, registry, docker_client, cache, out, profiles_dir)
+    return _build_and_push(request, profile, base, registry, engine.connect(client), cache, out, profiles_dir)
 
 
 def _context_dir(request: PackageRequest, profile: DeviceProfile) -> Path:

@@ -50,6 +50,7 @@ class LinePrinter:
         self.out = out or sys.stderr
         self.interval_s = interval_s
         self._last: dict[str, float] = {}
+        self._shown: dict[str, int] = {}
 
     def step(self, message: str) -> None:
         """Print ``message`` on its own line."""
@@ -59,9 +60,12 @@ class LinePrinter:
         """Print ``label: done / total`` when due, always when complete."""
         now = time.monotonic()
         finished = total is not None and done >= total
-        if not finished and now - self._last.get(label, 0.0) < self.interval_s:
+        if self._shown.get(label) == done or (
+            not finished and now - self._last.get(label, 0.0) < self.interval_s
+        ):
             return
         self._last[label] = now
+        self._shown[label] = done
         amount = human_bytes(done) if total is None else f"{human_bytes(done)} / {human_bytes(total)}"
         print(f"  {label}: {amount}", file=self.out, flush=True)
 

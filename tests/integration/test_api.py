@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -159,6 +160,19 @@ async def test_unknown_route_and_method_are_json(api: Api) -> None:
     async with api.client.put("/models", headers=api.auth) as r:
         assert r.status == 405 and "GET" in r.headers["Allow"]
         assert set(await r.json()) == {"error", "detail", "request_id"}
+
+
+async def test_openapi_document_matches_the_router(api: Api) -> None:
+    async with api.client.get("/openapi.json") as r:
+        doc = await r.json()
+    served = set()
+    for route in api.client.app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or re.sub(r"\{(\w+):[^}]+\}", r"{\1}", info.get("formatter", ""))
+        if route.method != "HEAD":
+            served.add((path, route.method.lower()))
+    documented = {(path, method) for path, item in doc["paths"].items() for method in item}
+    assert served == documented
 
 
 # ---- models --------------------------------------------------------------------------------------

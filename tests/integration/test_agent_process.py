@@ -17,10 +17,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
 from agent.actions import Remove
+from agent.metrics import MetricsServer
 from agent.runtime.process import ProcessRuntime, image_dir, proc_start_ticks
 from modules.contract import CommandRequest, ReportedState
 from tests.integration import module_image
@@ -322,3 +324,44 @@ async def test_sigkill_and_restart_keeps_modules(
     assert again.modules["web"].restart_count == 0
     assert {name: r["pid"] for name, r in device.records().items()} == pids, log.read_text()[-2000:]
     assert "restoring generation" in log.read_text()
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "agent", "status", "--config", str(config), "--json"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    )
+    shown = json.loads(status.stdout)
+    assert (shown["generation_applied"], shown["last_known_good"], shown["status"]) == (g1, g1, "healthy")
+    assert set(shown["last_report"]["modules"]) == {"web", "api"}
+    checked = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "agent", "check-config", "--config", str(config), "--json"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    )
+    assert json.loads(checked.stdout)["device_id"] == device.id
+
+
+async def test_metrics_endpoint(device: Device) -> None:
+    async with (
+        running_agent(device.config, device.runtime(), device.keys) as agent,
+        MetricsServer(agent.metrics, 0) as server,
+    ):
+        g1 = device.publish({"web": web()})
+        await device.cloud.report(status_is("healthy", g1), "gen 1 healthy")
+        device.cloud.publish_desired(b"garbage")
+        await device.cloud.report(status_is("rejected"), "the garbage rejected")
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{server.port}/metrics"
+            async with session.get(url) as response:
+                assert response.status == 200
+                text = await response.text()
+            async with session.get(f"http://127.0.0.1:{server.port}/other") as missing:
+                assert missing.status == 404
+    assert 'edge_agent_actions_total{kind="start",result="ok"} 1' in text
+    assert 'edge_agent_modules{status="running"} 1' in text
+    assert 'edge_agent_desired_rejections_total{code="not_json"} 1' in text
+    assert "edge_agent_mqtt_connected 1" in text
+    assert "edge_agent_generation_applied 1" in text

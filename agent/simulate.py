@@ -1,0 +1,390 @@
+"""Many agents in one process, for fleet tests and benchmarks (``edgectl simulate``).
+
+Every simulated device is a real agent: its own ``Link`` (its own MQTT connection, client id and
+credentials), the real admission, planner, runner, rollout/rollback and ``StateStore`` (one state
+folder per device, on tmpfs by default), driven by ``Agent.run``, the same reconcile loop as
+``edge-agent run``. Only the module runtime is simulated (``agent.runtime.simulated``), with the
+health prober and the system metrics that go with it. Simulated devices and real agents can share
+a broker: a simulated device is just another MQTT client with a device id.
+
+``Fleet.run`` starts the devices at ``connect_rate`` per second (the broker sees a ramp, not a
+stampede), reports progress every ``progress_s`` and, after ``duration_s`` (or ``stop``), stops
+every agent and disconnects cleanly. ``Fleet.snapshot`` counts devices by connection and by the
+deployment status of their last report at any time.
+
+One process holds thousands of devices because nothing here takes a thread: the MQTT clients run
+on the event loop (``agent.mqtt_bridge``) and simulated modules change state only when observed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import SecretStr
+
+from agent.agent import STATE_FILE, Agent
+from agent.config import AgentConfig, BrokerConfig
+from agent.link import Link
+from agent.metrics import AgentMetrics
+from agent.runtime.simulated import SimulatedProber, SimulatedRuntime, SimulationSettings
+from agent.state import StateStore
+from agent.sysmetrics import SystemSampler
+from modules.contract import Accelerator, DeviceProfile, ReportedState, SystemMetrics
+from modules.profiles import load_profiles
+
+log = logging.getLogger(__name__)
+
+DEVICE_PREFIX = "sim-"
+STATUSES = ("healthy", "applying", "failed", "rolled_back", "rejected")
+
+
+@dataclass(frozen=True)
+class SimDevice:
+    """One simulated device: id, device profile and MQTT credentials (``None``: anonymous)."""
+
+    device_id: str
+    profile: str = "cpu"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def device_ids(count: int, prefix: str = DEVICE_PREFIX) -> list[str]:
+    """``sim-00001`` … (at least five digits, more when ``count`` needs them)."""
+    width = max(5, len(str(count)))
+    return [f"{prefix}{i:0{width}d}" for i in range(1, count + 1)]
+
+
+def parse_profile_mix(text: str) -> dict[str, float]:
+    """``"cpu=80,cuda=15,openvino-myriad=5"`` as weights; ValueError naming the bad part."""
+    known = _profiles()
+    mix: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        name, sep, weight = part.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"profile mix {part!r}: expected PROFILE=WEIGHT (e.g. cpu=80,cuda=20)")
+        if name not in known:
+            raise ValueError(
+                f"profile mix {part!r}: no device profile {name!r} (known: {', '.join(sorted(known))})"
+            )
+        if name in mix:
+            raise ValueError(f"profile mix: {name!r} given twice")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"profile mix {part!r}: weight {weight!r} is not a number") from None
+        if not value >= 0:
+            raise ValueError(f"profile mix {part!r}: a weight cannot be negative")
+        mix[name] = value
+    if not mix or sum(mix.values()) <= 0:
+        raise ValueError(f"profile mix {text!r}: give at least one profile with a positive weight")
+    return mix
+
+
+def assign_profiles(count: int, mix: dict[str, float], seed: int = 0) -> list[str]:
+    """``count`` profiles in the proportions of ``mix`` (largest remainder), shuffled by ``seed``."""
+    total = sum(mix.values())
+    exact = {name: count * w / total for name, w in mix.items()}
+    counts = {name: int(x) for name, x in exact.items()}
+    by_remainder = sorted(mix, key=lambda n: (exact[n] - counts[n], mix[n]), reverse=True)
+    for name in by_remainder[: count - sum(counts.values())]:
+        counts[name] += 1
+    profiles = [name for name, n in counts.items() for _ in range(n)]
+    random.Random(seed).shuffle(profiles)
+    return profiles
+
+
+@functools.cache
+def _profiles() -> dict[str, DeviceProfile]:
+    return load_profiles()
+
+
+@functools.cache
+def simulated_accelerators(profile: str) -> tuple[Accelerator, ...]:
+    """The accelerators a device of ``profile`` would detect (one of each kind its rules name)."""
+    detect = _profiles()[profile].detect
+    kinds = dict.fromkeys(rule.accelerator for rule in [*detect.all_of, *detect.any_of])
+    return tuple(Accelerator(kind=kind, path=f"/dev/sim-{kind}0", detail="simulated") for kind in kinds)
+
+
+def raise_open_files_limit(wanted: int) -> int:
+    """Raise the soft limit of open files towards ``wanted`` (up to the hard limit); the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
+class SimulatedSampler(SystemSampler):
+    """System metrics drawn around a per-device baseline instead of read from ``/proc``."""
+
+    def __init__(self, state_dir: Path, rng: random.Random) -> None:
+        super().__init__(state_dir)
+        self._rng = rng
+        self._base_cpu = rng.uniform(5, 40)
+        self._total = rng.choice((2048.0, 4096.0, 8192.0))
+
+    def sample(self) -> SystemMetrics:
+        """Plausible numbers; no file is read."""
+        r = self._rng
+        return SystemMetrics(
+            cpu_percent=round(min(100.0, max(0.0, self._base_cpu + r.uniform(-5, 5))), 1),
+            memory_used_mb=round(self._total * r.uniform(0.3, 0.5), 1),
+            memory_total_mb=self._total,
+            disk_free_mb=round(r.uniform(2000, 20000), 1),
+            temperature_c=round(r.uniform(40, 65), 1),
+        )
+
+
+class RecordingLink(Link):
+    """A ``Link`` that remembers the last report the agent queued (for the fleet's counts)."""
+
+    last_report: ReportedState | None = None
+
+    async def publish_reported(self, state: ReportedState) -> None:
+        """Queue ``state`` like ``Link`` does and remember it."""
+        await super().publish_reported(state)
+        self.last_report = state
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """How the fleet connects and behaves."""
+
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    protocol: str = "mqttv5"
+    connect_rate: float = 500.0
+    """New devices started per second."""
+    heartbeat_s: float = 60.0
+    """Each device's heartbeat is drawn within ±10 % of this, so reports do not come in lockstep."""
+    keepalive_s: int = 60
+    reconnect_max_s: int = 30
+    settings: SimulationSettings = field(default_factory=SimulationSettings)
+    seed: int = 0
+    state_root: Path | None = None
+    """Where the per-device state folders go (default: a fresh folder on /dev/shm, removed at the end)."""
+
+
+@dataclass
+class Snapshot:
+    """Counts at one moment: started, connected, and devices by the status of their last report."""
+
+    devices: int
+    started: int
+    connected: int
+    statuses: Counter[str]
+    generations: Counter[int]
+    elapsed_s: float
+
+    def line(self) -> str:
+        """``connected 4000/10000, started 4200; healthy 3900, applying 100 (12.3 s)``."""
+        counts = ", ".join(f"{s} {self.statuses[s]}" for s in (*STATUSES, "none") if self.statuses[s])
+        return (
+            f"connected {self.connected}/{self.devices}, started {self.started}"
+            + (f"; {counts}" if counts else "")
+            + f" ({self.elapsed_s:.1f} s)"
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready counts."""
+        return {
+            "devices": self.devices,
+            "started": self.started,
+            "connected": self.connected,
+            "statuses": {s: self.statuses[s] for s in (*STATUSES, "none")},
+            "generations": {str(g): n for g, n in sorted(self.generations.items())},
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+@dataclass
+class _Member:
+    device: SimDevice
+    config: AgentConfig
+    runtime: SimulatedRuntime
+    link: RecordingLink | None = None
+    agent: Agent | None = None
+    task: asyncio.Task[None] | None = None
+    error: BaseException | None = None
+
+
+class Fleet:
+    """``devices`` as simulated agents on one event loop; ``public_key`` verifies their desired states."""
+
+    def __init__(
+        self, devices: Sequence[SimDevice], public_key: Ed25519PublicKey, options: FleetOptions | None = None
+    ) -> None:
+        if not devices:
+            raise ValueError("a fleet needs at least one device")
+        ids = [d.device_id for d in devices]
+        if len(set(ids)) != len(ids):
+            raise ValueError("device ids in a fleet must be unique")
+        self.options = options or FleetOptions()
+        if self.options.connect_rate <= 0:
+            raise ValueError(f"connect rate must be positive, got {self.options.connect_rate:g}")
+        self.public_key = public_key
+        self._own_root = self.options.state_root is None
+        root = self.options.state_root or Path(
+            tempfile.mkdtemp(prefix="edge-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        )
+        self.state_root = root
+        rng = random.Random(self.options.seed)
+        self.members = [self._member(d, rng) for d in devices]
+        self._stop = asyncio.Event()
+        self._started_at = time.monotonic()
+
+    def _member(self, device: SimDevice, rng: random.Random) -> _Member:
+        o = self.options
+        broker = BrokerConfig.model_validate(
+            {
+                "url": o.broker_url,
+                "protocol": o.protocol,
+                "username": device.username,
+                "password": SecretStr(device.password) if device.password is not None else None,
+                "keepalive_s": o.keepalive_s,
+                "reconnect_max_s": o.reconnect_max_s,
+            }
+        )
+        config = AgentConfig(
+            device_id=device.device_id,
+            broker=broker,
+            cloud_public_key=Path("/dev/null"),
+            state_dir=self.state_root / device.device_id,
+            runtime="process",
+            heartbeat_s=o.heartbeat_s * rng.uniform(0.9, 1.1),
+        )
+        runtime = SimulatedRuntime(device.device_id, o.settings, seed=o.seed, profile=device.profile)
+        return _Member(device, config, runtime)
+
+    # ---- running -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Make ``run`` stop every agent and return."""
+        self._stop.set()
+
+    async def run(
+        self,
+        duration_s: float | None = None,
+        progress: Callable[[Snapshot], None] | None = None,
+        progress_s: float = 2.0,
+    ) -> Snapshot:
+        """Start the devices at the connect rate, run until ``duration_s`` or ``stop``; the final counts."""
+        raise_open_files_limit(len(self.members) * 2 + 256)
+        self._started_at = time.monotonic()
+        reporter = asyncio.create_task(self._report(progress, progress_s)) if progress else None
+        ramp = asyncio.create_task(self._ramp(), name="fleet-ramp")
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), duration_s)
+            final = self.snapshot()
+        finally:
+            ramp.cancel()
+            await asyncio.gather(ramp, return_exceptions=True)
+            if reporter is not None:
+                reporter.cancel()
+                await asyncio.gather(reporter, return_exceptions=True)
+            await self._shutdown()
+        return final
+
+    async def _ramp(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = 1.0 / self.options.connect_rate
+        start = loop.time()
+        for i, member in enumerate(self.members):
+            delay = start + i * interval - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            member.task = asyncio.create_task(self._device(member), name=f"sim {member.device.device_id}")
+
+    async def _device(self, member: _Member) -> None:
+        config = member.config
+        try:
+            link = member.link = RecordingLink(config)
+            async with link:
+                member.agent = Agent(
+                    config,
+                    member.runtime,
+                    link,
+                    public_key=self.public_key,
+                    prober=SimulatedProber(member.runtime),
+                    store=StateStore(config.state_dir / STATE_FILE),
+                    metrics=AgentMetrics(),
+                    accelerators=simulated_accelerators(member.device.profile),
+                    sampler=SimulatedSampler(config.state_dir, member.runtime.rng),
+                )
+                await member.agent.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            member.error = exc
+            log.error("simulated device %s stopped: %s", member.device.device_id, exc)
+
+    async def _report(self, progress: Callable[[Snapshot], None], every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            progress(self.snapshot())
+
+    async def _shutdown(self) -> None:
+        for member in self.members:
+            if member.agent is not None:
+                member.agent.stop()
+        tasks = [m.task for m in self.members if m.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._own_root:
+            await asyncio.to_thread(shutil.rmtree, self.state_root, True)
+
+    # ---- looking -------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """How many devices are started, connected, and in which deployment status, now."""
+        statuses: Counter[str] = Counter()
+        generations: Counter[int] = Counter()
+        started = connected = 0
+        for member in self.members:
+            if member.task is not None:
+                started += 1
+            link = member.link
+            if link is not None and link.connected:
+                connected += 1
+            report = link.last_report if link is not None else None
+            if report is None:
+                statuses["none"] += 1
+            else:
+                statuses[report.deployment_status] += 1
+                generations[report.generation_applied] += 1
+        return Snapshot(
+            len(self.members), started, connected, statuses, generations, time.monotonic() - self._started_at
+        )
+
+    def errors(self) -> dict[str, str]:
+        """Devices whose agent stopped on an error, with the error."""
+        return {m.device.device_id: str(m.error) for m in self.members if m.error is not None}
+
+    async def wait_for(self, check: Callable[[Snapshot], bool], poll_s: float = 0.2) -> Snapshot:
+        """Wait until ``check(snapshot)`` holds; the snapshot that passed."""
+        while True:
+            snap = self.snapshot()
+            if check(snap):
+                return snap
+            await asyncio.sleep(poll_s)
+
+
+def anonymous_devices(ids: Iterable[str], profiles: Sequence[str]) -> list[SimDevice]:
+    """Devices without credentials (for a broker that allows anonymous clients)."""
+    return [SimDevice(d, p) for d, p in zip(ids, profiles, strict=True)]

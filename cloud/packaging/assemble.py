@@ -1,10 +1,13 @@
 """Build a plan's image without a Dockerfile builder: reproducible layers, config and manifest.
 
-Docker's classic builder stamps build times into every layer's parent folders and into the image
-config, so the same inputs never give the same digest (and this engine has no BuildKit). Here
-each layer is written by ``layers.build_layer`` (sorted, fixed times and owners, gzip without a
-timestamp) and the config carries ``SOURCE_DATE_EPOCH``: same inputs, same manifest digest.
-Layers already built from unchanged inputs are reused from the cache.
+Why not ``docker build``: this engine (Docker 20.10) has only the classic builder through the SDK,
+which stamps the build time into the parent folders of COPY'd files and into the config's
+``created`` field; two ``--no-cache`` builds of the same context gave different layer digests.
+BuildKit needs the buildx plugin (not installed here), and 20.10's BuildKit predates
+``SOURCE_DATE_EPOCH``. So each layer is written by ``layers.build_layer`` (sorted, fixed times and
+owners, gzip without a timestamp) and the config carries ``SOURCE_DATE_EPOCH``: same inputs, same
+manifest digest. The Dockerfile context (``context.write_context``) holds the same layers for
+anyone who wants ``docker build``. Layers built from unchanged inputs are reused from the cache.
 """
 
 from __future__ import annotations

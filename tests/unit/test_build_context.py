@@ -15,7 +15,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from cloud.inference_config import InferenceConfig
 from cloud.packaging.base import inputs_hash, repository_path
@@ -323,6 +322,7 @@ def test_good_entry_scripts_pass(tmp_path: Path, source: str) -> None:
 
 
 def test_runtime_requirements_match_pyproject() -> None:
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml with tomllib")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert sorted(RUNTIME_REQUIREMENTS) == sorted(project["dependencies"])
 

@@ -38,8 +38,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -165,7 +165,7 @@ def report(device: str) -> bytes:
     )
 
 
-def publish_reports(host: str, port: int, n: int, started: Any, finished: Any) -> None:
+def publish_reports(host: str, port: int, n: int, times: Connection) -> None:
     """Child process: publish one report per device as fast as QoS 1 allows."""
     payloads = [(d, report(d)) for d in device_ids(n)]
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
@@ -173,11 +173,11 @@ def publish_reports(host: str, port: int, n: int, started: Any, finished: Any) -
     client.max_queued_messages_set(0)
     client.connect(host, port)
     client.loop_start()
-    started.value = time.time()
+    started = time.time()
     infos = [client.publish(f"edge/{d}/reported", p, qos=1, retain=True) for d, p in payloads]
     for info in infos:
         info.wait_for_publish(WAIT_S)
-    finished.value = time.time()
+    times.send((started, time.time()))
     client.disconnect()
     client.loop_stop()
 
@@ -200,42 +200,66 @@ class SizeResult:
     ingest_store_per_s: float
 
 
+def start_devices(endpoint: Endpoint, n: int) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    """Start a process that publishes one report per device; it sends back (started, finished)."""
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=publish_reports, args=(endpoint.host, endpoint.port, n, sender))
+    child.start()
+    sender.close()
+    return child, receiver
+
+
+def finish_devices(child: multiprocessing.process.BaseProcess, times: Connection) -> tuple[float, float]:
+    """Wait for the publishing process; its (started, finished) wall-clock times."""
+    if not times.poll(WAIT_S):
+        raise SystemExit(f"the device process did not finish publishing within {WAIT_S:.0f} s")
+    started, finished = times.recv()
+    child.join(WAIT_S)
+    return started, finished
+
+
 async def ingest_live(fleet: Fleet, endpoint: Endpoint, n: int) -> tuple[float, float]:
     """Reports per second ingested while one process of devices publishes (first publish to last row
     written), and the rate that process published at."""
     async with Ingestor(fleet.db, endpoint, flush_interval_s=0.05) as ingest:
-        ctx = multiprocessing.get_context("spawn")
-        started = ctx.Value("d", 0.0)
-        finished = ctx.Value("d", 0.0)
-        child = ctx.Process(target=publish_reports, args=(endpoint.host, endpoint.port, n, started, finished))
-        child.start()
+        child, times = start_devices(endpoint, n)
         await ingest.wait_received(n, WAIT_S)
         done = time.time()
-        await asyncio.to_thread(child.join, WAIT_S)
-        if ingest.stats.written < n:
-            raise SystemExit(f"only {ingest.stats.written} of {n} reports ingested within {WAIT_S:.0f} s")
-    return n / (done - started.value), n / (finished.value - started.value)
+        started, finished = await asyncio.to_thread(finish_devices, child, times)
+    if ingest.stats.written < n:
+        raise SystemExit(f"only {ingest.stats.written} of {n} reports ingested within {WAIT_S:.0f} s")
+    return n / (done - started), n / (finished - started)
 
 
 async def ingest_backlog(fleet: Fleet, endpoint: Endpoint, n: int) -> float:
-    """Reports per second ingested from a backlog the broker queued for the ingester's session."""
-    session = "bench-ingest"
+    """Reports per second ingested from a backlog the broker queued for the ingester's session.
+
+    The session is ended afterwards: a persistent session stays in the shared subscription group
+    while away, and would take its share of later reports.
+    """
+    session = f"bench-ingest-{n}"
     async with Ingestor(fleet.db, endpoint, session=session):
         pass
-    ctx = multiprocessing.get_context("spawn")
-    child = ctx.Process(
-        target=publish_reports,
-        args=(endpoint.host, endpoint.port, n, ctx.Value("d", 0.0), ctx.Value("d", 0.0)),
-    )
-    child.start()
-    await asyncio.to_thread(child.join, WAIT_S)
+    child, times = start_devices(endpoint, n)
+    await asyncio.to_thread(finish_devices, child, times)
     start = time.time()
     async with Ingestor(fleet.db, endpoint, session=session, flush_interval_s=0.05) as ingest:
         await ingest.wait_received(n, WAIT_S)
         done = time.time()
+    end_session(endpoint, session)
     if ingest.stats.written < n:
         raise SystemExit(f"only {ingest.stats.written} of {n} queued reports ingested within {WAIT_S:.0f} s")
     return n / (done - start)
+
+
+def end_session(endpoint: Endpoint, session: str) -> None:
+    """Discard a persistent session: connect with its client id and a clean start."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=session, protocol=MQTTProtocolVersion.MQTTv5)
+    client.connect(endpoint.host, endpoint.port, clean_start=True)
+    client.loop_start()
+    client.disconnect()
+    client.loop_stop()
 
 
 def ingest_store_only(fleet: Fleet, endpoint: Endpoint, n: int) -> float:

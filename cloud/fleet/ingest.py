@@ -9,6 +9,8 @@ written.
 
 With a ``session`` name the ingester's MQTT session outlives it (``SESSION_EXPIRY_S``): reports
 published while the cloud process is away are queued by the broker and ingested on its return.
+While away, such a session stays in the shared subscription group, so the broker keeps queueing
+its share of the fleet's reports for it; give a session name only to a worker that comes back.
 """
 
 from __future__ import annotations

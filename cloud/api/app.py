@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 from sqlalchemy import text
 
-from cloud.api import routes_deployments, routes_devices, routes_models
+from cloud.api import routes_deployments, routes_devices, routes_models, routes_packages
 from cloud.api.auth import Tokens, bearer_token
 from cloud.api.context import ControllerState, Services, services_key
 from cloud.api.controller import controller_context
@@ -116,6 +116,7 @@ ALL_ROUTES: tuple[Route, ...] = (
     *routes_models.ROUTES,
     *routes_devices.ROUTES,
     *routes_deployments.ROUTES,
+    *routes_packages.ROUTES,
 )
 
 
@@ -203,6 +204,7 @@ def create_app(
     app[openapi_key] = build_document(ALL_ROUTES, title="edgedeploy operator API", version=_version())
     for route in ALL_ROUTES:
         app.router.add_route(route.method, route.path, route.handler, name=route.operation_id)
+    app.cleanup_ctx.append(routes_packages.package_jobs_context)
     if controller_interval_s is not None:
         app.cleanup_ctx.append(controller_context(controller_interval_s))
 

@@ -16,6 +16,7 @@ from cloud.broker import BrokerError
 from cloud.fleet.commands import CommandError, CommandTimeout, DeviceOffline
 from cloud.fleet.mqtt import BrokerUnavailable
 from cloud.keys import KeyFileError
+from cloud.packaging.errors import InputError, PackagingError
 from cloud.store.errors import (
     DiskFullError,
     InUseError,
@@ -60,6 +61,8 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (KeyFileError, 500),
     (BrokerError, 500),
     (SQLAlchemyError, 503),
+    (InputError, 400),
+    (PackagingError, 502),
 )
 
 

@@ -41,10 +41,13 @@ from cloud.broker import BrokerPaths
 from cloud.config import resolve_settings
 from cloud.fleet.mqtt import Endpoint
 from modules.signing import load_public_key
+from tests.integration.test_base_image import cpu_base_or_skip
+from tests.integration.test_packaging import train_digits
 from tests.services import REPO_ROOT, MosquittoBroker, free_port, http_status, wait_until
 
 TOKEN = "test-token-0123456789abcdef"
 WAIT_S = 30.0
+PACKAGE_WAIT_S = 600.0
 
 
 @dataclass
@@ -390,6 +393,65 @@ async def test_deployment_errors(api: Api) -> None:
     big = json.dumps({**manifest(), "pad": "x" * (1024 * 1024)})
     await api.error("POST", "/deployments", 413, data=big, headers={"Content-Type": "application/json"})
     assert await api.call("GET", "/deployments", 200) == []
+
+
+# ---- packages -----------------------------------------------------------------------------------
+
+
+async def wait_job(api: Api, job_id: str) -> dict[str, Any]:
+    """Poll a packaging job until it finished; fail with its log after PACKAGE_WAIT_S."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PACKAGE_WAIT_S
+    while True:
+        job = await api.call("GET", f"/packages/{job_id}", 200)
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        if loop.time() > deadline:
+            pytest.fail(f"packaging job {job_id} still {job['state']}; log:\n" + "\n".join(job["log"]))
+        await asyncio.sleep(0.5)
+
+
+async def test_package_request_errors(api: Api) -> None:
+    body = await api.error("POST", "/packages", 400, json={"models": ["Digits:x"], "profiles": []})
+    assert {d["loc"] for d in body["detail"]} == {"models.0", "profiles"}
+    body = await api.error("POST", "/packages", 404, json={"models": ["digits"], "profiles": ["cpu"]})
+    assert body["error"] == "model 'digits' is not registered"
+    await upload(api, "digits", b"not really onnx")
+    body = await api.error("POST", "/packages", 400, json={"models": ["digits:1"], "profiles": ["jetson"]})
+    assert "jetson" in body["error"]
+    await api.error("GET", "/packages/nope", 404)
+    assert await api.call("GET", "/packages", 200) == []
+
+
+async def test_package_job_failure_is_recorded(api: Api) -> None:
+    await upload(api, "digits", b"onnx bytes")
+    closed = f"127.0.0.1:{free_port()}"
+    job = await api.call(
+        "POST", "/packages", 202, json={"models": ["digits:1"], "profiles": ["cpu"], "registry": closed}
+    )
+    assert job["state"] in ("queued", "running") and job["request"]["registry"] == closed
+    done = await wait_job(api, job["id"])
+    assert done["state"] == "failed" and closed in done["error"], done
+    assert [j["id"] for j in await api.call("GET", "/packages", 200)] == [job["id"]]
+
+
+async def test_package_job_builds_and_pushes(
+    api: Api, registry: Any, docker_client: Any, tmp_path: Path
+) -> None:
+    base = await asyncio.to_thread(cpu_base_or_skip, registry, docker_client)
+    assert base.startswith(registry.address)
+    model = await asyncio.to_thread(train_digits, tmp_path / "digits", (32,), 0)
+    await upload(api, "digits", (model / "model.onnx").read_bytes())
+    sample = {"data": [[0.0] * 64]}
+    body = {"models": ["digits:1"], "profiles": ["cpu"], "registry": registry.address, "input_sample": sample}
+    job = await api.call("POST", "/packages", 202, json=body)
+    done = await wait_job(api, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    [image] = done["results"]
+    assert image["profile"] == "cpu" and image["module"] == "digits" and image["version"] == "1"
+    assert image["image"].startswith(f"{registry.address}/digits@sha256:")
+    assert [layer["name"] for layer in image["layers"]] == ["runtime", "models"]
+    assert done["log"], "the job kept no progress lines"
 
 
 # ---- with a real broker, the controller and a real agent ------------------------------------------

@@ -12,7 +12,18 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.api.errors import ApiError, ConflictError
-from cloud.api.routing import Body, Param, Route, call, json_body, query_number, query_tags, reply, services
+from cloud.api.routing import (
+    Body,
+    Param,
+    Route,
+    call,
+    json_body,
+    query_int,
+    query_number,
+    query_tags,
+    reply,
+    services,
+)
 from cloud.broker import BrokerError
 from cloud.devices import (
     AGENT_CONFIG_FILE,
@@ -172,7 +183,7 @@ async def _command(request: web.Request, command: CommandName, tail: int = 100) 
 
 async def module_logs(request: web.Request) -> web.Response:
     """The last lines of a module's log, asked of the device over MQTT."""
-    tail = int(query_number(request, "tail", 100, 1, MAX_TAIL))
+    tail = query_int(request, "tail", 100, 1, MAX_TAIL)
     return await _command(request, "logs", tail)
 
 

@@ -143,6 +143,16 @@ def query_number(request: web.Request, name: str, default: float, low: float, hi
     return value
 
 
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter within ``[low, high]``; 400 naming it otherwise."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, f"query parameter {name}={raw!r}: expected a whole number from {low} to {high}")
+    return int(raw)
+
+
 def version_param(request: web.Request) -> int | None:
     """The ``{version}`` path parameter: a number from 1, or ``latest`` (None)."""
     raw = request.match_info["version"]

@@ -552,6 +552,7 @@ async def test_commands_without_an_answer(api_broker: Api) -> None:
     error = await api.error("POST", "/devices/quiet-1/modules/web/restart?timeout=0.5", 504)
     assert "did not answer restart within 0.5 s" in error["error"]
     await api.error("GET", "/devices/quiet-1/modules/web/logs?tail=0", 400)
+    await api.error("GET", "/devices/quiet-1/modules/web/logs?tail=1.5", 400)
     await api.error("GET", "/devices/quiet-1/modules/web/logs?timeout=forever", 400)
 
 
@@ -627,6 +628,7 @@ def test_serve_generates_a_token_once(tmp_path: Path, served: list[Served]) -> N
     assert get(f"{first.url}/models", token) == 200
     assert get(f"{first.url}/openapi.json", None) == 200
     out, _ = first.stop()
+    assert first.proc.returncode == 0, "SIGTERM should end edgectl serve cleanly"
     assert token in out and "shown once" in out and f"listening on {first.url}" in out
 
     second = Served(data_dir, {TOKEN_ENV: ""})
@@ -645,6 +647,10 @@ def test_serve_token_from_environment_and_bad_tokens(tmp_path: Path, served: lis
     assert get(f"{s.url}/deployments", env_token) == 200
     assert get(f"{s.url}/deployments", "something-else-0123456789") == 401
     assert not (tmp_path / "data" / "api-tokens").exists()
+    busy = Served(tmp_path / "data", {TOKEN_ENV: env_token}, "--port", str(s.port))
+    served.append(busy)
+    _out, err = busy.proc.communicate(timeout=WAIT_S)
+    assert busy.proc.returncode == 1 and f"cannot listen on 127.0.0.1:{s.port}" in err
     s.stop()
 
     short = Served(tmp_path / "data", {TOKEN_ENV: "short"})

@@ -152,9 +152,9 @@ def run(root: Path, registry: str) -> PackagingFigures:
     assert first.ref and again.ref and update.push and first.local_tag
     image_bytes = int(client.images.get(first.local_tag).attrs["Size"])
     base_bytes = int(client.images.get(base_ref).attrs["Size"])
-    for result in (first, update):
-        if result.local_tag:
-            engine.remove_tag(client, result.local_tag)
+    for ref in (first.local_tag, update.local_tag, first.ref, update.ref, base_ref):
+        if ref:
+            engine.remove_tag(client, ref)
     return PackagingFigures(
         base_ref=base_ref,
         base_seconds=base_seconds,

@@ -276,12 +276,16 @@ def _publish_base(
     """Push the base to the registry unless it is there already; returns it with its registry ref."""
     ref = f"{registry.address}/{base.repository}@{base.docs.manifest_digest}"
     found = registry.get_manifest(base.repository, tags[0])
+    blobs = base.blobs
     if found is None or found[0] != base.docs.manifest:
+        if any(layer.digest not in blobs for layer in base.docs.layers()):
+            _, layers = engine.export_image(client, base.local_ref, cache.root / "blobs" / "sha256", progress)
+            for layer in layers:
+                cache.keep_blob(layer)
+            blobs = cache.known_blobs([layer.digest for layer in base.docs.layers()])
         progress.step(f"pushing base image {base.local_ref} to {registry.address}/{base.repository}")
-        push_image(registry, base.repository, base.docs, base.blobs, tags, progress)
-    if engine.find_image(client, ref) is None:
-        engine.pull(client, ref, progress)
-    return BaseImage(**{**base.__dict__, "registry_ref": ref})
+        push_image(registry, base.repository, base.docs, blobs, tags, progress)
+    return BaseImage(**{**base.__dict__, "blobs": blobs, "registry_ref": ref})
 
 
 def _vendor_base(

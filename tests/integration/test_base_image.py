@@ -7,9 +7,12 @@ cannot be built here (not root, no debootstrap, no Debian mirror), the tests ski
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import pytest
 
 from cloud.packaging.base import LABEL_INPUTS, ensure_base_image, inputs_hash, repository_path
@@ -47,10 +50,18 @@ def cpu_base_or_skip(registry: Any, docker_client: Any, progress: Any = None) ->
         pytest.skip(f"CPU BASE IMAGE CANNOT BE BUILT HERE: {exc}")
 
 
+def forget_reference(docker_client: Any, ref: str) -> None:
+    """Drop a ``registry/repo@digest`` reference from Docker Engine (the image stays while tagged)."""
+    with contextlib.suppress(docker.errors.APIError):
+        docker_client.images.remove(ref)
+
+
 @pytest.fixture(scope="session")
-def cpu_base(registry: Any, docker_client: Any) -> str:
+def cpu_base(registry: Any, docker_client: Any) -> Iterator[str]:
     """``registry/edgedeploy/base-cpu@sha256:…`` for this session's registry."""
-    return cpu_base_or_skip(registry, docker_client)
+    ref = cpu_base_or_skip(registry, docker_client)
+    yield ref
+    forget_reference(docker_client, ref)
 
 
 def test_second_build_is_cached(cpu_base: str, registry: Any, docker_client: Any) -> None:
@@ -91,6 +102,7 @@ def test_a_new_registry_gets_the_cached_base_without_a_rebuild(
         assert "debootstrap" not in progress.text()
         assert "pushing base image" in progress.text()
         assert ref.split("@")[1] == cpu_base.split("@")[1], "same inputs must give the same manifest digest"
+        forget_reference(docker_client, ref)
     finally:
         fresh.stop()
 

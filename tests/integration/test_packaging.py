@@ -41,7 +41,7 @@ from cloud.packaging.package import STAGING_REPO, PackagedImage, PackageRequest,
 from cloud.packaging.profiling import profile_image
 from cloud.packaging.registry_client import RegistryClient
 from cloud.store import Registry
-from tests.integration.test_base_image import Recorder, cpu_base_or_skip
+from tests.integration.test_base_image import Recorder, cpu_base_or_skip, forget_reference
 from tests.services import RegistryServer, free_port, start_or_skip
 
 pytestmark = pytest.mark.integration
@@ -104,13 +104,15 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Digits]:
 
 
 @pytest.fixture(scope="module")
-def base(registry: Any, docker_client: Any) -> str:
-    return cpu_base_or_skip(registry, docker_client)
+def base(registry: Any, docker_client: Any) -> Iterator[str]:
+    ref = cpu_base_or_skip(registry, docker_client)
+    yield ref
+    forget_reference(docker_client, ref)
 
 
 @pytest.fixture(scope="module")
 def tags(docker_client: Any) -> Iterator[list[str]]:
-    """Local tags the tests create; removed at the end (the images stay when others use them)."""
+    """Local tags and pulled digest references the tests create; removed at the end."""
     made: list[str] = []
     yield made
     for tag in made:
@@ -122,8 +124,7 @@ def _package(
     request: PackageRequest, client: Any, tags: list[str], progress: Recorder | None = None
 ) -> PackagedImage:
     [result] = package(request, client=client, progress=progress or Recorder())
-    if result.local_tag:
-        tags.append(result.local_tag)
+    tags.extend(ref for ref in (result.local_tag, result.ref) if ref)
     return result
 
 

@@ -1,8 +1,13 @@
 """``edgectl deploy``: apply, list, show, delete deployments; rollout status; publish; watch.
 
 Which model versions a deployment uses is recorded from ``--model NAME:VERSION`` on ``apply``
-(repeatable); a version in use cannot be deleted from the registry. Without ``--model`` an
-existing association is kept.
+(repeatable) and by ``set-model``; a version in use cannot be deleted from the registry. Without
+``--model`` an existing association is kept.
+
+``set-model NAME MODULE MODEL[:VERSION]`` packages the model version (through
+``cloud.packaging.package``) into one image per profile the module lists, pushes them, and applies
+the deployment with the new images: the rollout waves of the manifest apply. ``MODEL:latest``
+resolves to the newest version once; following later versions automatically is not implemented.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from cloud.commands.base import (
     store_errors,
 )
 from cloud.fleet.ingest import Ingestor
+from cloud.fleet.model_update import with_model, with_module_images
 from cloud.fleet.mqtt import BrokerUnavailable, Endpoint, resolve_endpoint
 from cloud.fleet.service import Fleet, PublishReport, parse_model_refs
 from cloud.keys import KeyFileError
@@ -247,6 +253,70 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set_model(args: argparse.Namespace) -> int:
+    """Package a model version into a deployment's module and roll the new images out."""
+    from cloud.inference_config import InferenceConfig, InferenceConfigError, load_inference_config
+    from cloud.packaging.commands import models_from_registry, packaging_errors
+    from cloud.packaging.package import PackageRequest, package
+    from cloud.packaging.progress import LinePrinter
+    from cloud.store import Registry
+
+    try:
+        config = load_inference_config(Path(args.config)) if args.config else InferenceConfig()
+    except InferenceConfigError as e:
+        raise CliError(str(e)) from e
+    endpoint = endpoint_from(args)
+    with open_fleet(args) as fleet, store_errors():
+        manifest, current = fleet.manifest(args.name)
+        spec = manifest.modules.get(args.module)
+        if spec is None:
+            raise CliError(
+                f"deployment {args.name!r} has no module {args.module!r} "
+                f"(modules: {', '.join(sorted(manifest.modules))})"
+            )
+        registry = Registry.open(settings_from(args))
+        try:
+            inputs = models_from_registry(registry, [args.model])
+        finally:
+            registry.close()
+        request = PackageRequest(
+            models=inputs,
+            config=config,
+            profiles=sorted(spec.images),
+            name=args.module,
+            registry=args.registry,
+            repository=args.repository,
+            smoke=not args.no_smoke,
+        )
+        with packaging_errors():
+            images = package(request, progress=LinePrinter(sys.stderr))
+        unpushed = [i.profile for i in images if i.ref is None]
+        if unpushed:
+            raise CliError(
+                f"no pushed image for profile(s) {', '.join(unpushed)}; nothing was applied", EXIT_FAILURE
+            )
+        model = inputs[0]
+        updated = with_module_images(manifest, args.module, {i.profile: str(i.ref) for i in images})
+        result = fleet.apply(
+            updated,
+            models=with_model(current, model.name, model.version),
+            endpoint=endpoint,
+            source=args.name,
+        )
+    if args.json:
+        print_json({"images": {i.profile: i.ref for i in images}, "apply": _jsonable(result)})
+    else:
+        for i in images:
+            print(f"{args.module} ({i.profile}): {i.ref}")
+        print(
+            f"deployment {result.deployment} now uses {model.label}: {result.new_generations} new desired "
+            f"state(s), {result.publish.published} published, {result.publish.pending} pending "
+            f"(waves: {', '.join(str(n) for n in result.waves) or 'none'})"
+        )
+    _tell_publish(result.publish)
+    return 0
+
+
 async def _watch(fleet: Fleet, endpoint: Endpoint, interval_s: float, until_settled: bool) -> None:
     async with Ingestor(fleet.db, endpoint) as ingest:
         print(
@@ -361,6 +431,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Publish the desired states the broker has not acknowledged (it was down at apply time).",
         examples="  edgectl deploy publish --broker-url mqtt://127.0.0.1:1883",
     )
+    add_broker_option(p)
+
+    p = add_command(
+        commands,
+        "set-model",
+        cmd_set_model,
+        help="package a model version into a module and roll it out",
+        description="Package MODEL[:VERSION] from the registry into MODULE's images (one per profile the "
+        "module lists, pushed to the image registry; only the model layer is new when nothing else "
+        "changed) and apply the deployment with them. Give the inference config the module was packaged "
+        "with.",
+        examples="  edgectl deploy set-model vision detector digits:4 --config inference.yaml\n"
+        "  edgectl deploy set-model vision detector digits:latest --registry 127.0.0.1:5000",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("module", metavar="MODULE")
+    p.add_argument("model", metavar="MODEL[:VERSION]", help="registered model (default version: the latest)")
+    p.add_argument("--config", metavar="FILE", help="inference config (default: no-code ONNX)")
+    p.add_argument("--registry", metavar="HOST:PORT", help="image registry (default: from the config)")
+    p.add_argument("--repository", metavar="REPO", help="repository in the registry (default: the module)")
+    p.add_argument("--no-smoke", action="store_true", help="skip starting each image before pushing")
     add_broker_option(p)
 
     p = add_command(

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from cloud.fleet.model_update import with_model, with_module_images
 from cloud.fleet.targeting import (
     DeploymentEntry,
     DeviceInfo,
@@ -15,6 +16,7 @@ from cloud.fleet.targeting import (
     device_modules,
     resolve,
 )
+from cloud.store.errors import InvalidInputError
 from modules.contract import DeploymentManifest, ModuleSpec
 from modules.profiles import fallback_chain, load_profiles
 
@@ -132,3 +134,19 @@ def test_unplaceable_profile_reported_once_per_deployment_and_profile() -> None:
         "deployment 'a': module 'web' has no image for profile 'fpga' (tried fpga → cpu; images given for: "
         "cuda) (7 device(s): fp-0, fp-1, fp-2, fp-3, fp-4 and 2 more)"
     ]
+
+
+def test_set_model_swaps_only_the_module_images_given() -> None:
+    e = entry("d", {"tags": {"site": "a"}}, images={"cpu": "r/a:1-cpu", "cuda": "r/a:1-cuda"})
+    updated = with_module_images(e.manifest, "web", {"cuda": "r/a@sha256:" + "a" * 64})
+    assert updated.modules["web"].images == {"cpu": "r/a:1-cpu", "cuda": "r/a@sha256:" + "a" * 64}
+    assert updated.model_copy(update={"modules": e.manifest.modules}) == e.manifest
+    with pytest.raises(InvalidInputError, match="deployment 'd' has no module 'nope' \\(modules: web\\)"):
+        with_module_images(e.manifest, "nope", {})
+    with pytest.raises(InvalidInputError, match="module 'web': no image is listed for profile\\(s\\) fpga"):
+        with_module_images(e.manifest, "web", {"fpga": "r/a:f"})
+
+
+def test_set_model_replaces_the_version_of_that_model_only() -> None:
+    assert with_model(["digits:3", "iris:1"], "digits", 4) == [("digits", 4), ("iris", 1)]
+    assert with_model([], "digits", 1) == [("digits", 1)]

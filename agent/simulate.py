@@ -49,7 +49,8 @@ from modules.profiles import load_profiles
 log = logging.getLogger(__name__)
 
 DEVICE_PREFIX = "sim-"
-STATUSES = ("healthy", "applying", "failed", "rolled_back", "rejected")
+STATUSES = ("healthy", "applying", "failed", "rolled_back", "rejected", "waiting", "none")
+"""Deployment statuses of last reports; ``waiting``: no desired state yet; ``none``: no report yet."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class Snapshot:
 
     def line(self) -> str:
         """``connected 4000/10000, started 4200; healthy 3900, applying 100 (12.3 s)``."""
-        counts = ", ".join(f"{s} {self.statuses[s]}" for s in (*STATUSES, "none") if self.statuses[s])
+        counts = ", ".join(f"{s} {self.statuses[s]}" for s in STATUSES if self.statuses[s])
         return (
             f"connected {self.connected}/{self.devices}, started {self.started}"
             + (f"; {counts}" if counts else "")
@@ -207,7 +208,7 @@ class Snapshot:
             "devices": self.devices,
             "started": self.started,
             "connected": self.connected,
-            "statuses": {s: self.statuses[s] for s in (*STATUSES, "none")},
+            "statuses": {s: self.statuses[s] for s in STATUSES},
             "generations": {str(g): n for g, n in sorted(self.generations.items())},
             "elapsed_s": round(self.elapsed_s, 3),
         }
@@ -365,6 +366,8 @@ class Fleet:
             report = link.last_report if link is not None else None
             if report is None:
                 statuses["none"] += 1
+            elif report.generation_applied == 0 and report.deployment_status == "healthy":
+                statuses["waiting"] += 1
             else:
                 statuses[report.deployment_status] += 1
                 generations[report.generation_applied] += 1

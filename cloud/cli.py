@@ -13,10 +13,10 @@ import traceback
 from collections.abc import Sequence
 from types import ModuleType
 
-from cloud.commands import broker, deploy, device, device_ops, model, serve
+from cloud.commands import broker, deploy, device, device_ops, model, serve, simulate
 from cloud.commands.base import EXIT_FAILURE, EXIT_USAGE, CliError, add_global_options
 
-GROUPS: tuple[ModuleType, ...] = (model, device, broker, deploy, device_ops, serve)
+GROUPS: tuple[ModuleType, ...] = (model, device, broker, deploy, device_ops, serve, simulate)
 
 EPILOG = """\
 examples:

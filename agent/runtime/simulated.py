@@ -223,7 +223,7 @@ class SimulatedRuntime:
             return False, False, f"module {module} is not running"
         if m.broken == "never-ready":
             return True, False, "model failed to load (simulated)"
-        if m.ready_at is not None and now < m.ready_at:
+        if m.broken == "crash-loop" or (m.ready_at is not None and now < m.ready_at):
             return True, False, "loading model"
         return True, True, None
 

@@ -6,6 +6,7 @@ Every wait is for a condition with a generous timeout; nothing asserts on timing
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy import select
 
+from cloud.config import resolve_settings
 from cloud.fleet.desired import EMPTY
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.mqtt import Endpoint
@@ -398,3 +400,55 @@ def test_cli_apply_status_and_offline_logs(
     )
     assert main(["deploy", "show", "nope", "--data-dir", str(data)]) == 2
     assert capsys.readouterr().err == "edgectl: error: deployment 'nope' does not exist\n"
+
+
+def test_set_model_packages_pushes_and_rolls_out(
+    tmp_path: Path,
+    mosquitto_factory: MosquittoFactory,
+    registry: Any,
+    docker_client: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Docker Engine, the image registry and the cpu base image are real; skipped loudly without them."""
+    from cloud.cli import main
+    from cloud.store import Registry
+    from tests.integration.test_base_image import cpu_base_or_skip
+    from tests.integration.test_packaging import train_digits
+
+    cpu_base_or_skip(registry, docker_client)
+    data = tmp_path / "data"
+    store = Registry.open(resolve_settings(data))
+    try:
+        store.register(train_digits(tmp_path / "v1", (32,), seed=0), "digits")
+    finally:
+        store.close()
+    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
+    with db.transaction() as s:
+        s.add(Device(id="cam-1", profile="cpu", password_hash="unused"))
+    db.dispose()
+    (tmp_path / "vision.yaml").write_text(
+        "name: vision\ntarget: {device_ids: [cam-1]}\n"
+        "modules:\n  digits:\n    images: {cpu: reg.local/digits:0}\n"
+    )
+    broker = mosquitto_factory()
+    common = ["--data-dir", str(data), "--broker-url", f"mqtt://127.0.0.1:{broker.port}"]
+    assert main(["deploy", "apply", "-f", str(tmp_path / "vision.yaml"), *common]) == 0
+
+    code = main(
+        ["deploy", "set-model", "vision", "digits", "digits:1", "--registry", registry.address, *common]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "deployment vision now uses digits:1: 1 new desired state(s), 1 published, 0 pending" in out
+
+    recorder = Recorder(broker)
+    try:
+        state = recorder.wait_for({"cam-1"}, generation=2)["cam-1"]
+    finally:
+        recorder.close()
+    image = state.modules["digits"].image
+    assert image.startswith(f"{registry.address}/digits@sha256:")
+    assert main(["deploy", "show", "vision", "--json", "--data-dir", str(data)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["models"] == ["digits:1"]
+    assert shown["manifest"]["modules"]["digits"]["images"] == {"cpu": image}

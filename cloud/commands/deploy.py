@@ -41,6 +41,7 @@ from modules.contract import DeploymentManifest
 from modules.documents import DocumentError, load_model_file
 
 WATCH_INTERVAL_S = 2.0
+RECOMPUTE_EVERY_S = 30.0
 
 
 @contextmanager
@@ -239,14 +240,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    """Publish the desired states the broker has not acknowledged yet."""
+    """Recompute desired states, then publish what the broker has not acknowledged yet."""
     endpoint = endpoint_from(args)
     with open_fleet(args) as fleet, store_errors():
+        new = fleet.recompute()
         report = fleet.publish_pending(endpoint)
     if args.json:
-        print_json(_jsonable(report))
+        print_json({"new_generations": new, **_jsonable(report)})
     else:
-        print(f"{report.published} desired state(s) published, {report.pending} pending")
+        recomputed = f"{new} new desired state(s); " if new else ""
+        print(f"{recomputed}{report.published} desired state(s) published, {report.pending} pending")
     if report.error:
         print(f"edgectl: error: {report.error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -323,7 +326,14 @@ async def _watch(fleet: Fleet, endpoint: Endpoint, interval_s: float, until_sett
             f"watching {endpoint.url}: ingesting reports, advancing rollouts every {interval_s:g} s",
             flush=True,
         )
+        recomputed_at = float("-inf")
         while True:
+            now = asyncio.get_running_loop().time()
+            if now - recomputed_at >= RECOMPUTE_EVERY_S:
+                recomputed_at = now
+                new = await asyncio.to_thread(fleet.recompute)
+                if new:
+                    print(f"{new} new desired state(s): new devices or re-signed states", flush=True)
             for line in await asyncio.to_thread(fleet.advance_rollouts, endpoint=endpoint):
                 print(line, flush=True)
             if await asyncio.to_thread(fleet.pending_count):
@@ -427,8 +437,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         commands,
         "publish",
         cmd_publish,
-        help="publish pending desired states",
-        description="Publish the desired states the broker has not acknowledged (it was down at apply time).",
+        help="recompute and publish pending desired states",
+        description="Recompute every device's desired state (devices provisioned since the last apply get "
+        "theirs; states past half their validity are re-signed), then publish every state the broker has "
+        "not acknowledged (it was down at apply time).",
         examples="  edgectl deploy publish --broker-url mqtt://127.0.0.1:1883",
     )
     add_broker_option(p)
@@ -459,7 +471,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "watch",
         cmd_watch,
         help="run the rollout controller",
-        description="Ingest reported states and online messages, advance rollout waves when the current wave "
+        description="Ingest reported states and online messages, recompute desired states every "
+        f"{RECOMPUTE_EVERY_S:g} s (new devices, re-signing), advance rollout waves when the current wave "
         "is healthy, halt (and revert, if the manifest says so) beyond max_failure_ratio, and publish "
         "pending desired states. Runs until interrupted, or with --until-settled until no rollout is "
         "rolling.",

@@ -7,6 +7,8 @@ new generation only when its content changed. Publishing happens after the commi
 broker did not acknowledge stays pending in the store and goes out with the next
 ``publish_pending``. Nothing is stored or published when a check fails.
 
+A signed state is valid for ``ttl`` (30 days); ``recompute`` re-issues the ones past half of it.
+
 ``Fleet.advance_rollouts`` is one pass of the rollout controller: it looks at the reports of each
 rolling deployment's current wave and releases the next wave, completes, or halts (and reverts).
 """
@@ -306,7 +308,11 @@ class Fleet:
     # ---- desired states ----------------------------------------------------------------------
 
     def recompute(self) -> int:
-        """Recompute every device's desired state; returns how many got a new generation."""
+        """Recompute every device's desired state; returns how many got a new generation.
+
+        Picks up devices provisioned since the last apply, and re-signs (with the next generation)
+        states past half their validity, so a retained state never expires while this runs.
+        """
         with self.db.transaction() as s:
             return self._recompute(s, self.clock())
 
@@ -321,18 +327,27 @@ class Fleet:
             devices = _load_devices(s)
         if resolution is None:
             resolution = resolve(devices, _load_deployments(s), self.chains)
-        stored = {
-            d: (g, h)
-            for d, g, h in s.connection().execute(
-                select(DesiredRecord.device_id, DesiredRecord.generation, DesiredRecord.content_hash)
+        stored: dict[str, tuple[int, str]] = {}
+        expiring: set[str] = set()
+        refresh_before = now + self.ttl / 2
+        for d, g, h, expires in s.connection().execute(
+            select(
+                DesiredRecord.device_id,
+                DesiredRecord.generation,
+                DesiredRecord.content_hash,
+                DesiredRecord.expires_at,
             )
-        }
+        ):
+            stored[d] = (g, h)
+            if expires is not None and aware(expires) < refresh_before:
+                expiring.add(d)
         gates = _load_gates(s)
         renderer = Renderer(self.key, now, self.ttl)
         contents: dict[tuple[str, str], tuple[DesiredContent, str]] = {}
         empty_hash = EMPTY.hash
         rows: list[dict[str, Any]] = []
         stamp = bind_value(s, DesiredRecord.__table__.c.updated_at, now)
+        expires_at = bind_value(s, DesiredRecord.__table__.c.expires_at, renderer.expires_at)
         for device in devices:
             assignment = resolution.assignments.get(device.id)
             if assignment is None:
@@ -355,6 +370,8 @@ class Fleet:
                         contents[key] = (c, c.hash)
                     content, digest = contents[key]
             generation = next_generation(stored.get(device.id), digest)
+            if generation is None and device.id in expiring:
+                generation = stored[device.id][0] + 1
             if generation is None:
                 continue
             payload = renderer.payload(device.id, generation, content, digest)
@@ -368,6 +385,7 @@ class Fleet:
                     "published": False,
                     "updated_at": stamp,
                     "published_at": None,
+                    "expires_at": expires_at,
                 }
             )
         upsert(s, DesiredRecord.__table__, rows, ["device_id"])  # type: ignore[arg-type]

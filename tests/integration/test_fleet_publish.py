@@ -10,7 +10,7 @@ import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -452,3 +452,29 @@ def test_set_model_packages_pushes_and_rolls_out(
     shown = json.loads(capsys.readouterr().out)
     assert shown["models"] == ["digits:1"]
     assert shown["manifest"]["modules"]["digits"]["images"] == {"cpu": image}
+
+
+def test_recompute_picks_up_new_devices_and_re_signs_before_expiry(tmp_path: Path) -> None:
+    now = [datetime(2026, 1, 1, tzinfo=timezone.utc)]
+    db = open_database(f"sqlite:///{tmp_path / 'edge.db'}")
+    with db.transaction() as s:
+        s.add(Device(id="cam-1", profile="cpu", password_hash="unused"))
+    fleet = Fleet(
+        db, load_or_create_signing_key(tmp_path), load_profiles(), clock=lambda: now[0], ttl=timedelta(days=2)
+    )
+    try:
+        fleet.apply(manifest(target={"profile": "cpu"}))
+        with db.transaction() as s:
+            s.add(Device(id="cam-9", profile="cpu", password_hash="unused"))
+        assert fleet.recompute() == 1  # the new device
+        assert generations(fleet) == {"cam-1": 1, "cam-9": 1}
+        now[0] += timedelta(hours=23)
+        assert fleet.recompute() == 0  # less than half the validity used
+        now[0] += timedelta(hours=2)
+        assert fleet.recompute() == 2  # past half: re-signed with the next generation
+        assert generations(fleet) == {"cam-1": 2, "cam-9": 2}
+        with db.transaction() as s:
+            state = DesiredState.model_validate_json(s.get(DesiredRecord, "cam-1").payload)  # type: ignore[union-attr]
+        assert state.expires_at == now[0] + timedelta(days=2)
+    finally:
+        fleet.close()

@@ -80,3 +80,12 @@ def test_tampered_payload_fails_verification() -> None:
 def test_naive_issue_time_refused() -> None:
     with pytest.raises(ValueError, match="timezone"):
         Renderer(KEY, datetime(2026, 1, 1))
+
+
+def test_the_agent_admits_what_the_cloud_renders() -> None:
+    from agent.admission import admit
+
+    c = content()
+    payload = Renderer(KEY, T0).payload("cam-1", 5, c, c.hash)
+    state = admit(payload, device_id="cam-1", last_generation=4, public_key=KEY.public_key(), now=T0)
+    assert (state.generation, state.modules["web"].image) == (5, "reg.local/web:1")

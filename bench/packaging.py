@@ -35,12 +35,13 @@ from pathlib import Path
 from cloud.config import resolve_settings
 from cloud.inference_config import InferenceConfig
 from cloud.packaging import engine
-from cloud.packaging.base import ensure_base_image
+from cloud.packaging.base import ensure_base_image, inputs_hash, repository_path
 from cloud.packaging.commands import models_from_registry
 from cloud.packaging.package import PackageRequest, package
 from cloud.packaging.progress import Silent
 from cloud.store import Registry
 from modules.examples.digits import build_digits_onnx
+from modules.profiles import get_profile
 
 AZURE_ML_IMAGE_BYTES = 1.43e9
 SIZE_TARGET_BYTES = 250e6
@@ -151,8 +152,10 @@ def run(root: Path, registry: str) -> PackagingFigures:
         store.close()
     assert first.ref and again.ref and update.push and first.local_tag
     image_bytes = int(client.images.get(first.local_tag).attrs["Size"])
-    base_bytes = int(client.images.get(base_ref).attrs["Size"])
-    for ref in (first.local_tag, update.local_tag, first.ref, update.ref, base_ref):
+    profile = get_profile("cpu")
+    base_local = f"{repository_path(profile.base.image)}:{inputs_hash(profile)[:16]}"
+    base_bytes = int(client.images.get(base_local).attrs["Size"])
+    for ref in (first.local_tag, update.local_tag):
         if ref:
             engine.remove_tag(client, ref)
     return PackagingFigures(

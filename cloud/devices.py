@@ -32,7 +32,7 @@ from cloud.config import Settings
 from cloud.keys import PUBLIC_KEY_FILE, public_key_bytes
 from cloud.store.db import Database, open_database
 from cloud.store.devices import Device, DeviceTag, find_devices, password_hashes
-from cloud.store.errors import InvalidInputError, NotFoundError
+from cloud.store.errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from cloud.store.registry import check_tags
 from modules.contract import Name, utcnow
 from modules.profiles import ProfileError, get_profile
@@ -119,8 +119,8 @@ def check_broker_url(url: str) -> str:
     return url
 
 
-def _exists(device_id: str) -> InvalidInputError:
-    return InvalidInputError(
+def _exists(device_id: str) -> AlreadyExistsError:
+    return AlreadyExistsError(
         f"device {device_id!r} already exists (edgectl device remove {device_id} first "
         "to provision it again with new credentials)"
     )

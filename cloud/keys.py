@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -38,8 +39,8 @@ def public_key_path(data_dir: Path) -> Path:
 def _create_private_key(path: Path) -> None:
     """Write a fresh key to ``path`` unless another process got there first."""
     private_pem, _ = generate_keypair()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = _temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(private_pem)
@@ -49,6 +50,11 @@ def _create_private_key(path: Path) -> None:
             os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temp_name(path: Path) -> Path:
+    """A temporary name beside ``path``, unique across processes and threads."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
 
 
 def _check_private(path: Path) -> None:
@@ -75,7 +81,7 @@ def load_or_create_signing_key(data_dir: Path) -> Ed25519PrivateKey:
         public = public_key_path(data_dir)
         pem = public_key_pem(key)
         if not public.is_file() or public.read_bytes() != pem:
-            tmp = public.with_name(f".{public.name}.{os.getpid()}.tmp")
+            tmp = _temp_name(public)
             tmp.write_bytes(pem)
             os.chmod(tmp, 0o644)
             os.replace(tmp, public)

@@ -36,7 +36,7 @@ from cloud.devices import (
     reload_if_configured,
 )
 from cloud.fleet.commands import DEFAULT_TIMEOUT_S, run_command
-from cloud.store.errors import InvalidInputError
+from cloud.store.errors import AlreadyExistsError
 from modules.contract import CommandName, CommandResponse
 
 MAX_TAIL = 10000
@@ -97,10 +97,8 @@ def _add(manager: DeviceManager, body: NewDevice) -> ProvisionedDevice:
     )
     try:
         result = manager.add(body.id, profile=body.profile, tags=body.tags, bundle=bundle)
-    except InvalidInputError as e:
-        if str(e).startswith(f"device {body.id!r} already exists"):
-            raise ConflictError(str(e)) from e
-        raise
+    except AlreadyExistsError as e:
+        raise ConflictError(str(e)) from e
     return ProvisionedDevice(
         device=result.device,
         config_file=str(result.config_file),

@@ -151,6 +151,7 @@ async def register_model(request: web.Request) -> web.Response:
             tags=tags,
             description=_one(fields, request, "description") or "",
             framework=_one(fields, request, "framework"),
+            source="upload:" + ",".join(sorted(str(f) for f in spool.files)),
         )
     finally:
         await call(shutil.rmtree, spool_dir, ignore_errors=True)

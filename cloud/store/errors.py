@@ -11,6 +11,10 @@ class InvalidInputError(StoreError):
     """The caller's input is wrong: a bad name, a missing file, an empty folder."""
 
 
+class AlreadyExistsError(InvalidInputError):
+    """Something with that name or id already exists."""
+
+
 class NotFoundError(StoreError):
     """A model or version that does not exist."""
 

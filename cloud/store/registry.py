@@ -172,8 +172,12 @@ class Registry:
         description: str = "",
         framework: str | None = None,
         progress: ProgressFn | None = None,
+        source: str | None = None,
     ) -> VersionView:
-        """Store the file or folder at ``path`` as the next version of ``name``."""
+        """Store the file or folder at ``path`` as the next version of ``name``.
+
+        ``source`` is recorded as where the files came from (default: ``path``, absolute).
+        """
         check_model_name(name)
         clean_tags = check_tags(tags or {})
         if framework is not None and framework not in FRAMEWORKS:
@@ -193,7 +197,8 @@ class Registry:
                         progress(done, total, rel)
 
                 staged.append((rel, self.blobs.stage(src, advance)))
-            return self._commit_version(name, path, clean_tags, description, chosen, staged)
+            origin = source if source is not None else str(path.absolute())
+            return self._commit_version(name, origin, clean_tags, description, chosen, staged)
         finally:
             for _, st in staged:
                 self.blobs.discard(st)
@@ -201,7 +206,7 @@ class Registry:
     def _commit_version(
         self,
         name: str,
-        source: Path,
+        source: str,
         tags: dict[str, str],
         description: str,
         framework: Framework,
@@ -222,7 +227,7 @@ class Registry:
                         version=model.last_version,
                         framework=framework,
                         description=description,
-                        source=str(source.absolute()),
+                        source=source,
                     )
                     version.tags = [ModelTag(key=k, value=v) for k, v in sorted(tags.items())]
                     s.add(version)

@@ -233,7 +233,7 @@ class Agent:
                     raise
                 except Exception:
                     errors += 1
-                    delay = min(IDLE_BASE_S * 2 ** min(errors, 16), ERROR_BACKOFF_MAX_S)
+                    delay = min(IDLE_BASE_S * 2 ** min(errors - 1, 16), ERROR_BACKOFF_MAX_S)
                     log.exception("reconcile pass failed (%d in a row); next try in %.0f s", errors, delay)
                 else:
                     errors = 0

@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,7 +25,7 @@ import yaml
 from agent.actions import Remove
 from agent.metrics import MetricsServer
 from agent.runtime.process import ProcessRuntime, image_dir, proc_start_ticks
-from modules.contract import CommandRequest, ReportedState
+from modules.contract import CommandRequest, DesiredState, ReportedState
 from tests.integration import module_image
 from tests.integration.agent_rig import (
     CloudSide,
@@ -70,7 +71,7 @@ class Device:
     def runtime(self) -> ProcessRuntime:
         return ProcessRuntime(self.config.state_dir, self.images, stop_timeout_s=5)
 
-    def publish(self, modules: dict[str, object], **fields: object) -> int:
+    def publish(self, modules: dict[str, object], **fields: Any) -> int:
         self.generation += 1
         state = desired_state(self.id, self.generation, modules, key=self.keys.private, **fields)
         self.cloud.publish_desired(state)
@@ -96,6 +97,10 @@ async def device(
     d = Device(tmp_path, mosquitto, digits_build)
     yield d
     await d.cleanup()
+
+
+def rejected_with(reason: str) -> Callable[[ReportedState], bool]:
+    return lambda r: r.deployment_status == "rejected" and reason in (r.reason or "")
 
 
 def alive(record: dict[str, object]) -> bool:
@@ -157,7 +162,7 @@ async def test_rollback_to_last_known_good(device: Device) -> None:
             lambda r: r.deployment_status == "rolled_back" and module_running("web")(r), "gen 1 running again"
         )
         assert back.modules["web"].restart_count == 0
-        assert "ENTRY_SCRIPT" not in device.records()["web"]["spec"]["env"]  # type: ignore[operator,index]
+        assert "ENTRY_SCRIPT" not in device.records()["web"]["spec"]["env"]  # type: ignore[index]
 
 
 async def test_rejected_desired_states_change_nothing(device: Device) -> None:
@@ -166,7 +171,7 @@ async def test_rejected_desired_states_change_nothing(device: Device) -> None:
         await device.cloud.report(status_is("healthy", g1), "gen 1 healthy")
         pid = device.records()["web"]["pid"]
         other = Keys(device.root / "other-keys")
-        cases = [
+        cases: list[tuple[DesiredState | bytes, str]] = [
             (desired_state(device.id, 2, {"web": web(IMAGE_B)}, key=None), "signature: missing"),
             (desired_state(device.id, 2, {"web": web(IMAGE_B)}, key=other.private), "signature: mismatch"),
             (desired_state(device.id, 1, {"web": web(IMAGE_B)}, key=device.keys.private), "not newer"),
@@ -179,9 +184,7 @@ async def test_rejected_desired_states_change_nothing(device: Device) -> None:
             since = device.cloud.mark()
             device.cloud.publish_desired(state)
             report = await device.cloud.next_report(
-                lambda r, reason=reason: r.deployment_status == "rejected" and reason in (r.reason or ""),
-                f"rejected with {reason!r}",
-                since=since,
+                rejected_with(reason), f"rejected with {reason!r}", since=since
             )
             assert report.generation_applied == g1
         assert device.records()["web"]["pid"] == pid and alive(device.records()["web"])

@@ -425,6 +425,28 @@ async def test_run_answers_commands_and_wakes_on_desired(rig: Rig) -> None:
     assert rig.agent.metrics.passes >= 2
 
 
+async def test_a_failing_pass_is_logged_and_retried(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    assert rig.link is not None
+    observe = rig.runtime.observe
+    failures: list[str] = []
+
+    async def engine_gone(images: Collection[str] = ()) -> Observation:
+        if not failures:
+            failures.append("once")
+            raise ConnectionError("Docker Engine is not answering")
+        return await observe(images)
+
+    rig.runtime.observe = engine_gone  # type: ignore[method-assign]
+    task = asyncio.create_task(rig.agent.run())
+    while not rig.link.reports:
+        await rig.link.changed.wait()
+        rig.link.changed.clear()
+    rig.agent.stop()
+    await task
+    assert failures == ["once"] and rig.report.reason == "no desired state received yet"
+    assert "reconcile pass failed (1 in a row); next try in 1 s" in caplog.text
+
+
 def test_metrics_render() -> None:
     m = AgentMetrics(connected=lambda: True)
     m.passes = 7

@@ -386,12 +386,23 @@ async def test_a_failing_action_is_retried_with_back_off_and_reported(rig: Rig) 
 
 
 async def test_idle_passes_back_off_and_publish_only_on_change(rig: Rig) -> None:
-    waits = []
-    for _ in range(4):
-        waits.append((await rig.agent.reconcile_once()).wake_in_s)
+    assert rig.link is not None
+    waits = [(await rig.agent.reconcile_once()).wake_in_s for _ in range(4)]
     assert waits == sorted(waits) and waits[-1] > waits[0] > 0
-    assert len(rig.link.reports) == 1 if rig.link else False
+    assert len(rig.link.reports) == 1
     assert rig.report.reason == "no desired state received yet"
+    rig.clock.advance(rig.config.heartbeat_s)
+    heartbeat = await rig.agent.reconcile_once()
+    assert heartbeat.published and len(rig.link.reports) == 2
+
+
+async def test_running_modules_are_looked_at_every_health_interval(rig: Rig) -> None:
+    rig.send(desired(1, {"web": module(WEB1, health={"interval_s": 2.5})}))
+    await rig.agent.reconcile_once()
+    passes = [await rig.agent.reconcile_once() for _ in range(5)]
+    assert rig.report.deployment_status == "healthy"
+    assert all(0 < p.wake_in_s <= 2.5 for p in passes)
+    assert not passes[-1].published
 
 
 async def test_commands_ping_logs_restart(rig: Rig) -> None:

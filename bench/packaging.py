@@ -36,7 +36,7 @@ from cloud.config import resolve_settings
 from cloud.inference_config import InferenceConfig
 from cloud.packaging import engine
 from cloud.packaging.base import ensure_base_image, inputs_hash, repository_path
-from cloud.packaging.commands import models_from_registry
+from cloud.packaging.models import models_from_registry
 from cloud.packaging.package import PackageRequest, package
 from cloud.packaging.progress import Silent
 from cloud.store import Registry

@@ -13,16 +13,20 @@ import traceback
 from collections.abc import Sequence
 from types import ModuleType
 
-from cloud.commands import broker, deploy, device, device_ops, model, serve, simulate
+from cloud.commands import broker, deploy, device, device_ops, model, package, serve, simulate
 from cloud.commands.base import EXIT_FAILURE, EXIT_USAGE, CliError, add_global_options
 
-GROUPS: tuple[ModuleType, ...] = (model, device, broker, deploy, device_ops, serve, simulate)
+GROUPS: tuple[ModuleType, ...] = (model, package, device, broker, deploy, device_ops, serve, simulate)
 
 EPILOG = """\
 examples:
   edgectl model register digits.onnx --name digits --tag stage=dev
-  edgectl model list --json
-  edgectl --db-url postgresql://edge@127.0.0.1/edge model show digits:1
+  edgectl base build --profile cpu
+  edgectl package --model digits:1 --config inference.yaml --profile cpu
+  edgectl broker config --out /etc/edgedeploy/broker && mosquitto -c /etc/edgedeploy/broker/mosquitto.conf
+  edgectl device add cam-1 --tag site=lab --profile cpu
+  edgectl deploy apply -f deployment.yaml && edgectl deploy status vision
+  edgectl --db-url postgresql://edge@127.0.0.1/edge model list --json
 
 environment:
   EDGE_DATA_DIR   data directory (default ~/.edgedeploy)

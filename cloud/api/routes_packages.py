@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from cloud.api.errors import ApiError
 from cloud.api.routing import Body, Route, call, json_body, reply, services
 from cloud.inference_config import InferenceConfig
-from cloud.packaging.commands import models_from_registry
 from cloud.packaging.errors import PackagingError
+from cloud.packaging.models import models_from_registry
 from cloud.packaging.package import PackagedImage, PackageRequest, check_request, package
 from modules.contract import Name, utcnow
 

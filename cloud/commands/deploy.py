@@ -258,8 +258,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_set_model(args: argparse.Namespace) -> int:
     """Package a model version into a deployment's module and roll the new images out."""
+    from cloud.commands.package import packaging_errors
     from cloud.inference_config import InferenceConfig, InferenceConfigError, load_inference_config
-    from cloud.packaging.commands import models_from_registry, packaging_errors
+    from cloud.packaging.models import models_from_registry
     from cloud.packaging.package import PackageRequest, package
     from cloud.packaging.progress import LinePrinter
     from cloud.store import Registry

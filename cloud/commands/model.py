@@ -18,6 +18,7 @@ from cloud.commands.base import (
     settings_from,
     store_errors,
 )
+from cloud.commands.package import register_model_profile
 from cloud.commands.progress import ByteProgress
 from cloud.store import Registry
 from cloud.store.views import FRAMEWORKS, VersionSummary
@@ -244,3 +245,4 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("ref", metavar="REF", help="NAME:VERSION, or NAME with --all")
     p.add_argument("--all", action="store_true", help="delete every version of the model and its name")
+    register_model_profile(commands)

@@ -48,6 +48,7 @@ from cloud.store.devices import Device, DeviceTag
 from cloud.store.errors import InvalidInputError, NotFoundError
 from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice, RolloutRecord
 from cloud.store.models import Deployment, DeploymentModel, Model, ModelVersion
+from cloud.store.refs import parse_model_ref
 from modules.contract import DeploymentManifest, DeviceProfile, utcnow
 from modules.profiles import fallback_chain, load_profiles
 
@@ -704,8 +705,7 @@ def parse_model_refs(refs: Iterable[str]) -> list[tuple[str, int]]:
     """``["digits:3", ...]`` → ``[("digits", 3), ...]``; InvalidInputError on a malformed one."""
     out = []
     for ref in refs:
-        name, sep, version = ref.partition(":")
-        if not sep or not name or not version.isdigit() or int(version) < 1:
-            raise InvalidInputError(f"--model {ref!r}: expected NAME:VERSION with VERSION a number from 1")
-        out.append((name, int(version)))
+        name, version = parse_model_ref(ref, require_version=True)
+        assert version is not None
+        out.append((name, version))
     return out

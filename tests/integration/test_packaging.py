@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 
 from cloud.commands.base import CliError, add_global_options
+from cloud.commands.package import register
 from cloud.config import resolve_settings
 from cloud.inference_config import InferenceConfig
-from cloud.packaging.commands import models_from_registry, register
 from cloud.packaging.context import ModelInput
 from cloud.packaging.errors import (
     BaseImageUnavailable,
@@ -37,6 +37,7 @@ from cloud.packaging.errors import (
     RegistryError,
     SmokeTestError,
 )
+from cloud.packaging.models import models_from_registry
 from cloud.packaging.package import STAGING_REPO, PackagedImage, PackageRequest, package
 from cloud.packaging.profiling import profile_image
 from cloud.packaging.registry_client import RegistryClient

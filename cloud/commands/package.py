@@ -1,4 +1,4 @@
-"""``edgectl`` commands for packaging: ``package``, ``base build`` and ``model profile``.
+"""``edgectl package``, ``edgectl base build`` and ``edgectl model profile``.
 
 ``register(groups)`` adds ``package`` and ``base`` to edgectl's top-level subparsers;
 ``register_model_profile(model_commands)`` adds ``profile`` to the ``model`` group's subparsers.
@@ -24,8 +24,8 @@ from cloud.commands.base import (
 )
 from cloud.inference_config import InferenceConfig, InferenceConfigError, load_inference_config
 from cloud.packaging.base import ensure_base_image
-from cloud.packaging.context import ModelInput
 from cloud.packaging.errors import InputError, PackagingError, SmokeTestError
+from cloud.packaging.models import models_from_registry
 from cloud.packaging.package import DEFAULT_REGISTRY, PackageRequest, package
 from cloud.packaging.profiling import profile_image
 from cloud.packaging.progress import LinePrinter, human_bytes
@@ -49,27 +49,6 @@ def packaging_errors() -> Iterator[None]:
         raise CliError(str(e), EXIT_USAGE) from e
     except PackagingError as e:
         raise CliError(str(e), EXIT_FAILURE) from e
-
-
-def parse_model_ref(ref: str) -> tuple[str, int | None]:
-    """``digits`` → ("digits", None); ``digits:3`` → ("digits", 3)."""
-    name, sep, version = ref.partition(":")
-    if not sep or version == "latest":
-        return name, None
-    if version.isdigit() and int(version) >= 1:
-        return name, int(version)
-    raise CliError(f"bad model reference {ref!r}: expected NAME or NAME:VERSION with VERSION a number from 1")
-
-
-def models_from_registry(registry: Registry, refs: list[str]) -> list[ModelInput]:
-    """Each ``NAME[:VERSION]`` as a ModelInput whose files are the registry's blobs."""
-    models = []
-    for ref in refs:
-        name, version = parse_model_ref(ref)
-        view = registry.show(name, version)
-        files = [(f.path, registry.blobs.path(f.sha256)) for f in view.files]
-        models.append(ModelInput(view.name, view.version, files, view.framework))
-    return models
 
 
 def _profiles(values: list[str]) -> list[str]:

@@ -4,14 +4,18 @@
 does: ``on_socket_open``/``on_socket_close`` add and remove the socket as a reader of the event
 loop (``loop_read``), ``on_socket_register_write``/``on_socket_unregister_write`` add and remove
 it as a writer (``loop_write``), and a timer calls ``loop_misc`` (keepalive pings, a broker that
-stopped answering) every second while a socket is open. Thousands of clients share one thread.
+stopped answering) every quarter keepalive (1 to 15 s) while a socket is open. Outgoing packets are
+written on the next loop iteration (several at once); the socket becomes a writer only when the
+kernel's buffer is full. Thousands of clients share one thread.
 
 paho reconnects by itself only under ``loop_start``/``loop_forever``, so ``_maintain`` (one task
 per bridge) does it: connect, wait until the socket closes, wait a back-off that doubles from
 ``reconnect_min_s`` up to ``reconnect_max_s`` (with jitter, so a fleet does not reconnect in
 lockstep after a broker restart; back to the minimum after a session was accepted), connect
-again. The TCP connect and TLS handshake block, so ``reconnect`` runs in the loop's default
-executor; the socket callbacks it fires there hop to the loop with ``call_soon_threadsafe``.
+again. The TCP connect and TLS handshake block, so ``reconnect`` runs on a small thread pool shared
+by every bridge of the process (not the loop's default executor, where file writes would queue
+in front of connects); the socket callbacks it fires there hop to the loop with
+``call_soon_threadsafe``.
 Everything else happens on the event loop. QoS 1 messages in flight are kept across reconnects.
 
 Callbacks hand plain events (``Connected``, ``ConnectFailed``, ``Disconnected``, ``Received``,
@@ -30,6 +34,7 @@ import random
 import ssl
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +47,19 @@ from agent.config import BrokerConfig
 log = logging.getLogger(__name__)
 paho_log = logging.getLogger(f"{__name__}.paho")
 
-MISC_INTERVAL_S = 1.0
-"""How often ``loop_misc`` runs while a socket is open (paho's own loop does it about as often)."""
+MISC_INTERVAL_S = (1.0, 15.0)
+"""Bounds of how often ``loop_misc`` runs while a socket is open (a quarter of the keepalive)."""
+CONNECT_THREADS = 4
+"""Blocking connects (TCP, TLS handshake) in flight at once, for all bridges of the process."""
+
+_connector: ThreadPoolExecutor | None = None
+
+
+def _connect_pool() -> ThreadPoolExecutor:
+    global _connector
+    if _connector is None:
+        _connector = ThreadPoolExecutor(CONNECT_THREADS, thread_name_prefix="mqtt-connect")
+    return _connector
 
 
 @dataclass(frozen=True)
@@ -148,6 +164,9 @@ class MqttBridge:
         self._closing = False
         self._fd: int | None = None
         self._misc: asyncio.TimerHandle | None = None
+        self._misc_s = min(max(broker.keepalive_s / 4, MISC_INTERVAL_S[0]), MISC_INTERVAL_S[1])
+        self._writer_on = False
+        self._flush_due = False
         v5 = broker.protocol == "mqttv5"
         options: dict[str, Any] = {} if v5 else {"clean_session": True}
         self._client = mqtt.Client(
@@ -260,7 +279,7 @@ class MqttBridge:
         while not self._closing:
             self._session_accepted = False
             self._down.clear()
-            self._connecting = self._loop.run_in_executor(None, self._client.reconnect)
+            self._connecting = self._loop.run_in_executor(_connect_pool(), self._client.reconnect)
             try:
                 await self._connecting
             except Exception as e:  # refused, unreachable, TLS: all retried the same way
@@ -289,7 +308,7 @@ class MqttBridge:
         self._forget_socket()
         self._fd = fd
         self._loop.add_reader(fd, self._readable)
-        self._misc = self._loop.call_later(MISC_INTERVAL_S, self._tick)
+        self._misc = self._loop.call_later(self._misc_s * random.random(), self._tick)
 
     def _forget_socket(self) -> None:
         if self._misc is not None:
@@ -297,8 +316,10 @@ class MqttBridge:
             self._misc = None
         if self._fd is not None and self._loop is not None:
             self._loop.remove_reader(self._fd)
-            self._loop.remove_writer(self._fd)
+            if self._writer_on:
+                self._loop.remove_writer(self._fd)
         self._fd = None
+        self._writer_on = False
 
     def _closed(self, fd: int) -> None:
         if fd == self._fd:
@@ -309,9 +330,23 @@ class MqttBridge:
         if fd != self._fd or self._loop is None:
             return
         if want:
-            self._loop.add_writer(fd, self._writable)
-        else:
+            if not self._writer_on and not self._flush_due:
+                self._flush_due = True
+                self._loop.call_soon(self._flush)
+        elif self._writer_on:
             self._loop.remove_writer(fd)
+            self._writer_on = False
+
+    def _flush(self) -> None:
+        """Write what paho queued; wait for the socket to become writable only if it is full."""
+        self._flush_due = False
+        if self._fd is None:
+            return
+        self._client.loop_write()
+        if self._fd is not None and not self._writer_on and self._client.want_write():
+            assert self._loop is not None
+            self._loop.add_writer(self._fd, self._writable)
+            self._writer_on = True
 
     def _readable(self) -> None:
         self._client.loop_read()
@@ -326,7 +361,7 @@ class MqttBridge:
 
     def _tick(self) -> None:
         assert self._loop is not None
-        self._misc = self._loop.call_later(MISC_INTERVAL_S, self._tick)
+        self._misc = self._loop.call_later(self._misc_s, self._tick)
         self._client.loop_misc()
 
     # ---- paho's callbacks (the loop, except the socket ones during reconnect) ----------------

@@ -2,16 +2,26 @@
 
 ``HealthProber.check`` is called on every agent tick with the modules that run now
 (``ProbeTarget``: where each answers, its ``HealthCheck`` and when it started). It probes those
-whose ``interval_s`` has passed, concurrently over one shared aiohttp session, and returns the
-latest ``HealthResult`` of every target: the contract's ``ModuleHealth``, the number of
-consecutive failed liveness probes (what ``ObservedModule.health_failures`` carries to the
-planner) and the execution provider the module reports. A new start (``started_at`` changed)
-resets the failure count and reads the provider again, once the module is ready: from the
-``scoring_execution_provider_info`` series of ``GET /metrics``, else from
-``GET /v2/models/{module}`` (``parameters.execution_provider``).
+whose ``interval_s`` has passed, concurrently, and returns the latest ``HealthResult`` of every
+target: the contract's ``ModuleHealth``, the number of consecutive failed liveness probes that
+count (what ``ObservedModule.health_failures`` carries to the planner) and the execution provider
+the module reports. A new start (``started_at`` changed) resets the count and reads the provider
+again, once the module is ready: from the ``scoring_execution_provider_info`` series of
+``GET /metrics``, else from ``GET /v2/models/{module}`` (``parameters.execution_provider``).
 
 A probe fails when the liveness path does not answer 2xx within ``timeout_s``; readiness is
 reported separately (503 with a reason while the model loads) and never counts as a failure.
+
+Start period (Docker's ``HEALTHCHECK --start-period``, Kubernetes' startup probe): after a start,
+failed liveness probes are not counted until the module has answered one once, or until
+``start_period_s`` has passed since it started, whichever comes first. A module whose process
+needs longer than ``failure_threshold * interval_s`` to listen (a large model, a slow import) is
+therefore not restarted while it starts; one that was live and stops answering is counted at
+once. A module whose initialisation fails exits by itself (the scoring server exits 3).
+
+Probes are plain HTTP/1.0 ``GET``s over asyncio streams, one fresh connection each (a kept-alive
+socket to a module that restarted would fail once and count as a failure), so the agent needs
+no HTTP client library for them.
 """
 
 from __future__ import annotations
@@ -25,10 +35,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from modules.contract import HealthCheck, ModuleHealth, utcnow
+
+DEFAULT_START_PERIOD_S = 120.0
+MAX_BODY_BYTES = 1024 * 1024
+"""The most of a response body a probe reads (readiness reasons, metrics, model metadata)."""
+USER_AGENT = "edge-agent"
 
 _PROVIDER_RE = re.compile(
     r'^scoring_execution_provider_info\{[^}]*provider="([^"]*)"[^}]*\}\s+1(?:\.0)?\s*$', re.M
@@ -50,18 +64,113 @@ class ProbeTarget:
 
 @dataclass(frozen=True)
 class HealthResult:
-    """The last probe of a module, its consecutive liveness failures and its execution provider."""
+    """The last probe of a module, its counted liveness failures and its execution provider.
+
+    ``failures``: consecutive failed liveness probes that count toward ``failure_threshold``;
+    ``starting``: the module is in its start period (never live since it started, and the start
+    period has not passed), so its failures are not counted yet.
+    """
 
     health: ModuleHealth
     failures: int = 0
     execution_provider: str | None = None
+    starting: bool = False
+
+
+@dataclass(frozen=True)
+class LivenessCount:
+    """Liveness bookkeeping of one start: counted failures, start period, seen live since the start."""
+
+    failures: int = 0
+    starting: bool = True
+    live_seen: bool = False
+
+
+def count_probe(
+    previous: LivenessCount, live: bool, since_start_s: float, start_period_s: float
+) -> LivenessCount:
+    """The count after one more liveness probe, ``since_start_s`` after the module started.
+
+    A success resets the failures and ends the start period for good; a failure counts once the
+    module was live since its start or ``start_period_s`` has passed, and is ignored before.
+    """
+    live_seen = previous.live_seen or live
+    starting = not live_seen and since_start_s < start_period_s
+    failures = 0 if live or starting else previous.failures + 1
+    return LivenessCount(failures=failures, starting=starting, live_seen=live_seen)
+
+
+class ProbeError(Exception):
+    """A probe URL or an answer that is not usable HTTP."""
+
+
+async def http_get(
+    url: str, timeout_s: float, *, max_body: int = MAX_BODY_BYTES, body_on_success: bool = True
+) -> tuple[int, bytes]:
+    """``GET url`` (``http://`` only) over HTTP/1.0 on a fresh connection: ``(status, body)``.
+
+    The body is cut at ``max_body`` bytes, and not read at all for a 2xx answer when
+    ``body_on_success`` is false (a liveness probe needs only the status). Raises
+    ``asyncio.TimeoutError`` past ``timeout_s`` (connecting included), ``OSError`` when the
+    connection fails and ``ProbeError`` when the URL or the answer is not usable.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ProbeError(f"not an http:// URL: {url!r}")
+    try:
+        port = parts.port or 80
+    except ValueError as exc:
+        raise ProbeError(f"bad port in {url!r}: {exc}") from None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    request = f"GET {target} HTTP/1.0\r\nHost: {parts.netloc}\r\nUser-Agent: {USER_AGENT}\r\n\r\n"
+    exchange = _exchange(parts.hostname, port, request.encode(), max_body, body_on_success)
+    return await asyncio.wait_for(exchange, timeout_s)
+
+
+async def _exchange(
+    host: str, port: int, request: bytes, max_body: int, body_on_success: bool
+) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            raise ProbeError(
+                f"the connection closed after {len(exc.partial)} bytes, before the headers ended"
+            ) from None
+        except asyncio.LimitOverrunError:
+            raise ProbeError("response headers over 64 KiB") from None
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = status_line.partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/") or not code.isdigit():
+            raise ProbeError(f"not an HTTP response: {status_line[:80]!r}")
+        status = int(code)
+        if 200 <= status < 300 and not body_on_success:
+            return status, b""
+        limit = max_body
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length" and value.strip().isdigit():
+                limit = min(int(value.strip()), max_body)
+        body = bytearray()
+        while len(body) < limit and (chunk := await reader.read(limit - len(body))):
+            body += chunk
+        return status, bytes(body)
+    finally:
+        writer.close()
 
 
 @dataclass
 class _Track:
     started_at: datetime | None
+    start: float
+    """When the module started, on the prober's clock."""
     probed_at: float | None = None
     result: HealthResult | None = None
+    count: LivenessCount = field(default_factory=LivenessCount)
     provider_read: bool = False
 
 
@@ -74,14 +183,19 @@ def _reason(body: Any) -> str | None:
 
 
 class HealthProber:
-    """Probes modules over one aiohttp session (``async with HealthProber() as prober``)."""
+    """Probes modules (``async with HealthProber() as prober``; ``close`` is kept for symmetry)."""
 
     def __init__(
-        self, session: aiohttp.ClientSession | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        start_period_s: float = DEFAULT_START_PERIOD_S,
+        clock: Callable[[], float] = time.monotonic,
     ):
-        """``session``: share one (the prober then leaves it open); ``clock``: monotonic seconds."""
-        self._session = session
-        self._own_session = session is None
+        """``start_period_s``: failures after a start count once the module was live, or after
+        this long (0: from the first probe); ``clock``: monotonic seconds (tests move one by hand)."""
+        if not start_period_s >= 0:
+            raise ValueError(f"start_period_s must not be negative, got {start_period_s}")
+        self.start_period_s = start_period_s
         self._clock = clock
         self._tracks: dict[str, _Track] = {}
 
@@ -93,24 +207,9 @@ class HealthProber:
     ) -> None:
         await self.close()
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # A fresh connection per probe: a kept-alive socket to a module that restarted would
-            # fail once and count as a failed probe.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=64))
-        return self._session
-
     async def close(self) -> None:
-        """Close the session when the prober created it."""
-        if self._own_session and self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
-        async with self._client().get(
-            url, timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
-        ) as response:
-            return response.status, await response.read()
+        """Forget every module (probes hold no connection between calls)."""
+        self._tracks.clear()
 
     async def probe(self, base_url: str, check: HealthCheck) -> ModuleHealth:
         """One liveness probe (``check.path``) and, when live, one readiness probe (``check.ready_path``)."""
@@ -132,10 +231,10 @@ class HealthProber:
     async def _probe_error(self, url: str, timeout_s: float, what: str) -> str | None:
         """None when ``GET url`` answers 2xx in time, else why not."""
         try:
-            status, body = await self._get(url, timeout_s)
+            status, body = await http_get(url, timeout_s, body_on_success=False)
         except asyncio.TimeoutError:
             return f"{what} GET {url}: no answer within {timeout_s:g} s"
-        except aiohttp.ClientError as exc:
+        except (OSError, ProbeError) as exc:
             return f"{what} GET {url}: {type(exc).__name__}: {exc}"
         if 200 <= status < 300:
             return None
@@ -148,13 +247,13 @@ class HealthProber:
     async def execution_provider(self, base_url: str, module: str, timeout_s: float = 2.0) -> str | None:
         """The execution provider(s) the module runs on (comma-separated when its models differ), or None."""
         try:
-            status, body = await self._get(base_url + "/metrics", timeout_s)
+            status, body = await http_get(base_url + "/metrics", timeout_s)
             if status == 200:
                 found = sorted(set(_PROVIDER_RE.findall(body.decode("utf-8", errors="replace"))) - _UNKNOWN)
                 if found:
                     return ",".join(found)
-            status, body = await self._get(f"{base_url}/v2/models/{module}", timeout_s)
-        except (asyncio.TimeoutError, aiohttp.ClientError):
+            status, body = await http_get(f"{base_url}/v2/models/{module}", timeout_s)
+        except (asyncio.TimeoutError, OSError, ProbeError):
             return None
         if status != 200:
             return None
@@ -163,6 +262,14 @@ class HealthProber:
         except (ValueError, AttributeError):
             return None
         return provider if isinstance(provider, str) and provider not in _UNKNOWN else None
+
+    def _new_track(self, target: ProbeTarget) -> _Track:
+        """A track for a new start, its start placed on the prober's clock (now when unknown)."""
+        now = self._clock()
+        if target.started_at is None:
+            return _Track(started_at=None, start=now)
+        ago_s = max(0.0, (utcnow() - target.started_at).total_seconds())
+        return _Track(started_at=target.started_at, start=now - ago_s)
 
     async def check(self, targets: Iterable[ProbeTarget]) -> dict[str, HealthResult]:
         """Probe the targets that are due; the latest result of every target probed at least once."""
@@ -174,7 +281,7 @@ class HealthProber:
         for name, target in by_name.items():
             track = self._tracks.get(name)
             if track is None or track.started_at != target.started_at:
-                track = self._tracks[name] = _Track(started_at=target.started_at)
+                track = self._tracks[name] = self._new_track(target)
             if track.probed_at is None or now - track.probed_at >= target.check.interval_s:
                 track.probed_at = now
                 due.append(target)
@@ -187,9 +294,16 @@ class HealthProber:
         track = self._tracks[target.module]
         previous = track.result
         health = await self.probe(target.base_url, target.check)
-        failures = 0 if health.live else (previous.failures if previous else 0) + 1
+        count = track.count = count_probe(
+            track.count, health.live, self._clock() - track.start, self.start_period_s
+        )
+        if count.starting and health.error is not None:
+            note = f" (starting: not counted until live or {self.start_period_s:g} s after the start)"
+            health = health.model_copy(update={"error": health.error + note})
         provider = previous.execution_provider if previous else None
         if health.ready and not track.provider_read:
             track.provider_read = True  # once per start: an entry script may never name one
             provider = await self.execution_provider(target.base_url, target.module, target.check.timeout_s)
-        return HealthResult(health=health, failures=failures, execution_provider=provider)
+        return HealthResult(
+            health=health, failures=count.failures, execution_provider=provider, starting=count.starting
+        )

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from agent.actions import Create, Remove, Start
 from agent.health import HealthProber, HealthResult, ProbeTarget
 from agent.observed import config_hash
 from agent.runtime.process import ProcessRuntime, image_dir
-from modules.contract import DesiredModule, HealthCheck, PortMapping
+from modules.contract import DesiredModule, HealthCheck, PortMapping, utcnow
 from tests.integration import module_image
 from tests.integration.module_image import DigitsBuild, until, write_module_dir
 from tests.services import free_port
@@ -120,6 +121,7 @@ async def test_loading_module_is_live_not_ready_and_no_failure(
 
 
 async def test_killed_module_counts_consecutive_failures(runtime: ProcessRuntime) -> None:
+    """Live once since its start, so failures count at once (inside the default 120 s start period)."""
     target = await start(runtime, "digits")
     clock = Clock()
     async with HealthProber(clock=clock) as prober:
@@ -156,8 +158,77 @@ async def test_probes_wait_for_the_interval_and_a_new_start_resets(runtime: Proc
         assert (await probed(prober, clock, dead)).failures == 1
         restarted = ProbeTarget(module="digits", base_url=dead.base_url, check=target.check, started_at=None)
         fresh = (await prober.check([restarted]))["digits"]  # a new start is probed at once
-        assert fresh.failures == 1 and fresh.execution_provider is None
+        assert fresh.starting and fresh.failures == 0  # in its start period: not counted
+        assert fresh.execution_provider is None
         assert await prober.check([]) == {}
+
+
+def silent(started_at: datetime | None, interval_s: float = 1.0) -> ProbeTarget:
+    """A module that started at ``started_at`` and does not listen (yet): nothing on its port."""
+    return ProbeTarget(
+        module="slow",
+        base_url=f"http://127.0.0.1:{free_port()}",
+        check=HealthCheck(interval_s=interval_s, failure_threshold=2),
+        started_at=started_at,
+    )
+
+
+async def test_failures_in_the_start_period_are_not_counted() -> None:
+    clock = Clock()
+    target = silent(utcnow())
+    async with HealthProber(start_period_s=30, clock=clock) as prober:
+        starting = [await probed(prober, clock, target) for _ in range(5)]  # 5 s of 30
+        assert [(r.failures, r.starting) for r in starting] == [(0, True)] * 5
+        error = starting[-1].health.error
+        assert error is not None and error.startswith(f"liveness GET {target.base_url}/:")
+        assert "starting: not counted until live or 30 s after the start" in error
+        clock.now += 30
+        after = [await probed(prober, clock, target) for _ in range(2)]
+    assert [(r.failures, r.starting) for r in after] == [(1, False), (2, False)]
+    assert after[-1].health.error is not None and "starting" not in after[-1].health.error
+
+
+async def test_a_module_started_long_ago_counts_at_once() -> None:
+    clock = Clock()
+    target = silent(utcnow() - timedelta(hours=1))  # e.g. adopted after an agent restart
+    async with HealthProber(start_period_s=120, clock=clock) as prober:
+        results = [await probed(prober, clock, target) for _ in range(2)]
+    assert [(r.failures, r.starting) for r in results] == [(1, False), (2, False)]
+
+
+async def test_no_start_period_counts_from_the_first_probe() -> None:
+    clock = Clock()
+    target = silent(utcnow())
+    async with HealthProber(start_period_s=0, clock=clock) as prober:
+        results = [await probed(prober, clock, target) for _ in range(2)]
+    assert [r.failures for r in results] == [1, 2]
+
+
+async def test_slow_start_is_not_counted_then_live_ends_the_start_period(
+    runtime: ProcessRuntime,
+) -> None:
+    """A real module probed from its first instant: the refused probes while Python and
+    onnxruntime load are not counted; once it answered, a kill counts at once."""
+    target = await start(runtime, "digits", health={"interval_s": 0.1, "failure_threshold": 1})
+    clock = Clock()
+    async with HealthProber(clock=clock) as prober:
+        seen: list[HealthResult] = []
+        live = await until(lambda: _live(prober, clock, target, seen), "the digits module to answer liveness")
+        assert live.failures == 0 and not live.starting
+        assert all(r.failures == 0 and r.starting for r in seen[:-1])  # refused while starting
+        pid = runtime.records()["digits"].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda: _exited(runtime), "the module to be gone")
+        killed = await probed(prober, clock, target)
+    assert killed.failures == 1 and not killed.starting
+
+
+async def _live(
+    prober: HealthProber, clock: Clock, target: ProbeTarget, seen: list[HealthResult]
+) -> HealthResult | None:
+    seen.append(await probed(prober, clock, target))
+    return seen[-1] if seen[-1].health.live else None
 
 
 async def test_a_server_that_never_answers_times_out() -> None:

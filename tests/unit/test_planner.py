@@ -243,6 +243,15 @@ ROWS = {
     "failures below threshold: leave it": Row(
         {"web": web}, [seen("web", web, **unhealthy(2))], {WEB1}, expect=[]
     ),
+    "not live while starting (the prober counts nothing in the start period): leave it": Row(
+        {"web": web}, [seen("web", web, started_at=NOW - timedelta(seconds=40), **unhealthy(0))], {WEB1}
+    ),
+    "not live past the start period, threshold reached: restart": Row(
+        {"web": web},
+        [seen("web", web, started_at=NOW - timedelta(seconds=140), **unhealthy(3))],
+        {WEB1},
+        expect=[("set_restart_book", "web"), ("restart", "web")],
+    ),
     "unhealthy right after a restart: wait for back-off": Row(
         {"web": web},
         [seen("web", web, started_at=NOW - timedelta(seconds=15), **unhealthy())],
@@ -453,6 +462,11 @@ STATUS = {
     "new, image present: create + start": ("web", "stopped", None),
     "running, same config, healthy": ("web", "running", None),
     "unhealthy, on-failure: leave it": ("web", "unhealthy", None),
+    "not live while starting (the prober counts nothing in the start period): leave it": (
+        "web",
+        "running",
+        None,
+    ),
     "created but never started: start": ("web", "created", None),
     "crashed 3 s ago, first back-off 10 s: wait": ("web", "backoff", "back-off 10 s after 0 restarts"),
     "crashed long ago, always: record + restart": ("web", "backoff", "restart #1 (policy 'always')"),

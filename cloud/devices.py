@@ -4,7 +4,9 @@
 password and ACL files and writes a ready agent configuration folder (``agent.yaml`` with the
 password, mode 0600; the cloud's public signing key; the broker's CA for TLS). The password exists
 in clear only in that file (and in the result, for ``--show-password``). ``remove`` deletes the row
-and rewrites the files, so after a reload the device can no longer connect.
+and rewrites the files, so after a reload the device can no longer connect; in the same transaction
+it deletes the device's fleet rows and records that its retained MQTT messages must be cleared
+(``clear_removed`` does it, or the next publisher run; see ``cloud.fleet.removal``).
 
 Changes and file rewrites happen under the broker folder's lock and inside one transaction: the
 files always match the committed table.
@@ -17,7 +19,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -29,6 +31,9 @@ from sqlalchemy.orm import Session, selectinload
 
 from cloud import broker
 from cloud.config import Settings
+from cloud.fleet.mqtt import Endpoint
+from cloud.fleet.removal import ClearReport, clear_pending, clear_removed, forget_device
+from cloud.fleet.sql import aware
 from cloud.keys import PUBLIC_KEY_FILE, public_key_bytes
 from cloud.store.db import Database, open_database
 from cloud.store.devices import Device, DeviceTag, find_devices, password_hashes
@@ -126,9 +131,12 @@ def _exists(device_id: str) -> AlreadyExistsError:
     )
 
 
-def _aware(dt: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+def _not_cleared(device_id: str) -> AlreadyExistsError:
+    return AlreadyExistsError(
+        f"device {device_id!r} was removed, but the broker has not yet cleared its retained messages "
+        "(it was unreachable); run 'edgectl deploy publish' (or let 'deploy watch' / 'edgectl serve' "
+        "do it), then add the device again"
+    )
 
 
 def _view(device: Device) -> DeviceView:
@@ -136,8 +144,8 @@ def _view(device: Device) -> DeviceView:
         id=device.id,
         profile=device.profile,
         tags=device.tag_dict,
-        created_at=_aware(device.created_at),
-        updated_at=_aware(device.updated_at),
+        created_at=aware(device.created_at),
+        updated_at=aware(device.updated_at),
     )
 
 
@@ -195,8 +203,13 @@ class DeviceManager:
         profile: str = DEFAULT_PROFILE,
         tags: Mapping[str, str] | None = None,
         bundle: AgentBundle | None = None,
+        endpoint: Endpoint | None = None,
     ) -> Provisioned:
-        """Provision a device: credentials, broker files, agent configuration folder."""
+        """Provision a device: credentials, broker files, agent configuration folder.
+
+        An id removed earlier whose retained messages are not cleared yet is refused, after one
+        more try at clearing them through ``endpoint`` (the cloud's broker) when given.
+        """
         check_device_id(device_id)
         check_profile(profile)
         tags = check_tags(tags or {})
@@ -204,6 +217,9 @@ class DeviceManager:
         with self.db.transaction() as session:
             if session.get(Device, device_id) is not None:
                 raise _exists(device_id)
+            pending = clear_pending(session, device_id)
+        if pending and (endpoint is None or device_id not in self.clear_removed(endpoint).cleared):
+            raise _not_cleared(device_id)
         recorded = broker.load_settings(self.paths)
         url = check_broker_url(
             bundle.broker_url
@@ -248,6 +264,8 @@ class DeviceManager:
         with self._change() as session:
             if session.get(Device, device_id) is not None:
                 raise _exists(device_id)
+            if clear_pending(session, device_id):
+                raise _not_cleared(device_id)
             device = Device(id=device_id, profile=profile, password_hash=broker.hash_password(password))
             device.tags = [DeviceTag(key=k, value=v) for k, v in sorted(tags.items())]
             session.add(device)
@@ -336,14 +354,22 @@ class DeviceManager:
             return _view(device)
 
     def remove(self, device_id: str) -> DeviceView:
-        """Delete a device and its credentials; its default agent configuration folder goes too."""
+        """Delete a device, its credentials and fleet rows; its default agent configuration folder goes too.
+
+        Its retained MQTT messages are left pending for ``clear_removed`` (see the module docstring).
+        """
         check_device_id(device_id)
         with self._change() as session:
             device = self._get(session, device_id)
             view = _view(device)
             session.delete(device)
+            forget_device(session, device_id)
         shutil.rmtree(self.default_bundle_dir(device_id), ignore_errors=True)
         return view
+
+    def clear_removed(self, endpoint: Endpoint) -> ClearReport:
+        """Clear the retained messages of removed devices on the broker (never raises for the broker)."""
+        return clear_removed(self.db, endpoint)
 
     def sync_broker_files(self) -> broker.BrokerPaths:
         """Rewrite the password and ACL files from the table (after a restore, or a deleted file)."""

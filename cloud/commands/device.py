@@ -19,7 +19,9 @@ from cloud.commands.base import (
     settings_from,
     store_errors,
 )
+from cloud.commands.deploy import add_broker_option, endpoint_from
 from cloud.devices import DEFAULT_PROFILE, DEFAULT_STATE_DIR, AgentBundle, DeviceManager, reload_if_configured
+from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.keys import KeyFileError
 
 
@@ -45,6 +47,14 @@ def _reload_note(manager: DeviceManager) -> str:
         return f"broker files updated, but the broker was not reloaded: {e}"
 
 
+def _cloud_endpoint(args: argparse.Namespace) -> Endpoint | None:
+    """The cloud's own broker endpoint (``add --broker-url`` is the agent's); None when unusable."""
+    try:
+        return resolve_endpoint(settings_from(args).data_dir)
+    except (ValueError, BrokerError):
+        return None
+
+
 def _tags(tags: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in tags.items())
 
@@ -61,7 +71,11 @@ def cmd_add(args: argparse.Namespace) -> int:
     )
     with _devices(args) as manager:
         result = manager.add(
-            args.id, profile=args.profile, tags=parse_key_values(args.tag, "--tag"), bundle=bundle
+            args.id,
+            profile=args.profile,
+            tags=parse_key_values(args.tag, "--tag"),
+            bundle=bundle,
+            endpoint=_cloud_endpoint(args),
         )
         note = _reload_note(manager)
     if args.json:
@@ -126,15 +140,32 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    """Remove a device and its credentials."""
+    """Remove a device, its credentials and fleet state, and clear its retained MQTT messages."""
+    endpoint = endpoint_from(args)
     with _devices(args) as manager:
         view = manager.remove(args.id)
         note = _reload_note(manager)
+        cleared = manager.clear_removed(endpoint)
     if args.json:
-        print_json({"removed": view.model_dump(mode="json"), "broker": note})
+        print_json(
+            {
+                "removed": view.model_dump(mode="json"),
+                "broker": note,
+                "retained_cleared": cleared.cleared,
+                "retained_pending": cleared.pending,
+                "error": cleared.error,
+            }
+        )
     else:
         print(f"removed device {view.id}; its MQTT credentials are gone from the password file")
     print(note, file=sys.stderr)
+    if cleared.pending:
+        print(
+            f"warning: {cleared.error}\nwarning: the retained messages of {', '.join(cleared.pending)} "
+            "are not cleared yet; 'edgectl deploy publish', 'deploy watch' or 'edgectl serve' clears "
+            "them once the broker is back (until then the id cannot be added again)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -220,9 +251,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "remove",
         cmd_remove,
         help="remove a device and its credentials",
-        description="Remove a device: its row, its password file entry and its default agent configuration "
-        "folder. On reload (SIGHUP, sent when broker config recorded a pid file) Mosquitto closes the "
-        "device's open session and refuses it from then on.",
-        examples="  edgectl device remove pump-17",
+        description="Remove a device: its row, its password file entry, its default agent configuration "
+        "folder and its fleet state (desired state, last report, rollout membership), and clear its "
+        "retained MQTT messages (desired, reported, online) so that nothing stale reaches a device added "
+        "later under the same id. When the broker is down the clearing is pending: 'deploy publish', "
+        "'deploy watch' or 'edgectl serve' does it later. On reload (SIGHUP, sent when broker config "
+        "recorded a pid file) Mosquitto closes the device's open session and refuses it from then on.",
+        examples="  edgectl device remove pump-17\n  edgectl device remove pump-17 --broker-url mqtt://127.0.0.1:1883",
     )
     p.add_argument("id", metavar="ID")
+    add_broker_option(p)

@@ -6,7 +6,7 @@ come from the URL (``mqtt://user:pass@host``) or, when the data directory holds 
 the cloud's own user (``_cloud`` and ``broker/cloud.password``).
 
 Clients use paho-mqtt 2.x with the VERSION2 callback API and MQTT 5 (shared subscriptions); the
-bulk publisher speaks MQTT 3.1.1, whose PUBACKs paho decodes several times faster.
+bulk publisher (``publisher.py``) writes its MQTT 3.1.1 packets itself.
 """
 
 from __future__ import annotations
@@ -105,9 +105,13 @@ def new_client(
     if endpoint.username is not None:
         client.username_pw_set(endpoint.username, endpoint.password)
     if endpoint.tls:
-        context = ssl.create_default_context(cafile=str(endpoint.ca_file) if endpoint.ca_file else None)
-        client.tls_set_context(context)
+        client.tls_set_context(tls_context(endpoint))
     return client
+
+
+def tls_context(endpoint: Endpoint) -> ssl.SSLContext:
+    """The TLS context for ``mqtts://``: the endpoint's CA file, else the system's trust store."""
+    return ssl.create_default_context(cafile=str(endpoint.ca_file) if endpoint.ca_file else None)
 
 
 def connect(

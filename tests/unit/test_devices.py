@@ -8,6 +8,7 @@ removal takes the credentials out, and bad input exits 2 with one line naming th
 from __future__ import annotations
 
 import json
+import socket
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -207,19 +208,36 @@ def test_show_and_tag(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_json(capsys, "device", "show", "pump-1")["tags"] == {"floor": "2", "site": "b"}
 
 
-def test_remove_takes_the_credentials_out(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_remove_takes_the_credentials_out(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No broker answers here: clearing the removed id's retained messages stays pending, and the id
+    cannot be provisioned again until it is done (tests/integration/test_fleet_publish.py does it)."""
+    monkeypatch.setenv("EDGE_BROKER_URL", f"mqtt://127.0.0.1:{closed_port()}")
     run_json(capsys, "device", "add", "pump-1")
     run_json(capsys, "device", "add", "pump-2")
     assert {"pump-1", "pump-2"} <= set(password_file(data_dir))
 
-    removed = run_json(capsys, "device", "remove", "pump-1")
+    code, out, err = run(capsys, "device", "remove", "pump-1", "--json")
+    assert code == 0, err
+    removed = json.loads(out)
     assert removed["removed"]["id"] == "pump-1"
+    assert removed["retained_pending"] == ["pump-1"] and removed["retained_cleared"] == []
+    assert "cannot reach the MQTT broker" in removed["error"]
+    assert "retained messages of pump-1 are not cleared yet" in err
     assert set(password_file(data_dir)) == {"pump-2", broker.CLOUD_USER}
     assert not (data_dir / "devices" / "pump-1").exists()
     assert [d["id"] for d in run_json(capsys, "device", "list")] == ["pump-2"]
 
-    again = run_json(capsys, "device", "add", "pump-1")
-    assert Path(again["config_file"]).is_file()
+    code, out, err = run(capsys, "device", "add", "pump-1")
+    assert code != 0 and out == ""
+    assert "device 'pump-1' was removed, but the broker has not yet cleared its retained messages" in err
 
 
 def test_sync_rewrites_a_lost_password_file(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:

@@ -1,0 +1,80 @@
+"""What removing a device leaves to the fleet: its rows go, its retained MQTT messages are cleared.
+
+``forget_device`` runs in the transaction that deletes the device: it deletes the device's
+desired state, last report, online status and rollout membership, and records a pending clear.
+``clear_removed`` publishes an empty retained message on ``edge/{d}/desired``, ``edge/{d}/reported``
+and ``edge/{d}/online`` of every pending device (as the cloud's MQTT user) and drops the pending
+rows the broker acknowledged. Until then a stale retained desired state could reach an agent
+that connects under the same id, so the id cannot be provisioned again while its clear is
+pending (``clear_pending``), and ``Fleet.publish_pending`` clears before it publishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import DateTime, String, delete, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from cloud.fleet.mqtt import Endpoint
+from cloud.fleet.publisher import Retained, publish_retained
+from cloud.store.db import Database
+from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice
+from cloud.store.models import NAME_LEN, Base
+from modules.contract import utcnow
+
+CLEARED_TOPICS = ("desired", "reported", "online")
+
+
+class PendingClear(Base):
+    """A removed device whose retained messages the broker has not yet acknowledged clearing."""
+
+    __tablename__ = "device_pending_clears"
+
+    device_id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    removed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+@dataclass(frozen=True)
+class ClearReport:
+    """Removed devices whose retained messages were cleared now, and those still pending."""
+
+    cleared: list[str]
+    pending: list[str]
+    error: str | None = None
+
+
+def forget_device(session: Session, device_id: str) -> None:
+    """Delete the device's fleet rows and record that its retained messages must be cleared."""
+    for table in (DesiredRecord, ReportedRecord, OnlineRecord, RolloutDevice):
+        session.execute(delete(table).where(table.device_id == device_id))
+    if session.get(PendingClear, device_id) is None:
+        session.add(PendingClear(device_id=device_id, removed_at=utcnow()))
+
+
+def clear_pending(session: Session, device_id: str) -> bool:
+    """Whether the retained messages of a removed device of this id still wait to be cleared."""
+    return session.get(PendingClear, device_id) is not None
+
+
+def pending_clears(session: Session) -> list[str]:
+    """Removed devices whose retained messages still wait to be cleared, by id."""
+    return list(session.scalars(select(PendingClear.device_id).order_by(PendingClear.device_id)))
+
+
+def clear_removed(db: Database, endpoint: Endpoint) -> ClearReport:
+    """Clear the retained messages of every removed device that is pending; forget those acknowledged."""
+    with db.transaction() as s:
+        devices = pending_clears(s)
+    if not devices:
+        return ClearReport([], [])
+    messages = [Retained(f"edge/{d}/{topic}", b"") for d in devices for topic in CLEARED_TOPICS]
+    outcome = publish_retained(endpoint, messages)
+    cleared = devices[: outcome.acknowledged // len(CLEARED_TOPICS)]
+    if cleared:
+        with db.transaction() as s:
+            for table in (ReportedRecord, OnlineRecord):
+                s.execute(delete(table).where(table.device_id.in_(cleared)))
+            s.execute(delete(PendingClear).where(PendingClear.device_id.in_(cleared)))
+    return ClearReport(cleared, devices[len(cleared) :], outcome.error)

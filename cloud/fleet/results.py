@@ -1,0 +1,84 @@
+"""What the fleet service answers: apply and publish results, rollout progress, deployment summaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cloud.store.errors import InvalidInputError
+
+
+class ApplyError(InvalidInputError):
+    """A manifest that cannot be applied; one line per problem, nothing was stored or published."""
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    """The result of publishing what the store owes the broker."""
+
+    published: int
+    pending: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What an apply changed."""
+
+    deployment: str
+    created: bool
+    manifest_changed: bool
+    selected: int
+    winning: int
+    new_generations: int
+    waves: list[int]
+    publish: PublishReport
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    """One device of a deployment, as ``deploy status`` shows it."""
+
+    device: str
+    wave: int | None
+    status: str
+    detail: str
+    generation: int | None
+
+
+@dataclass(frozen=True)
+class WaveProgress:
+    """One rollout wave: its size, whether it started, and its devices' statuses counted."""
+
+    index: int
+    devices: int
+    started: bool
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class DeploymentProgress:
+    """``deploy status``: the rollout, its waves and every device."""
+
+    name: str
+    rollout_state: str
+    rollout_message: str
+    current_wave: int
+    waves: list[WaveProgress]
+    devices: list[DeviceProgress]
+
+
+@dataclass(frozen=True)
+class DeploymentSummary:
+    """A row of ``deploy list``."""
+
+    name: str
+    priority: int
+    modules: list[str]
+    target: dict[str, Any]
+    rollout_state: str
+    devices: int
+    healthy: int
+    models: list[str] = field(default_factory=list)
+    updated_at: datetime | None = None

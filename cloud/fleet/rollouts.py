@@ -1,0 +1,129 @@
+"""The rollout tables: start a deployment revision's rollout, and move rollouts on what devices report.
+
+``start_rollout`` splits a revision's devices into waves (only the first released) and, when the
+manifest reverts on halt, keeps what each device ran before. ``advance_rollouts`` is one pass of
+the rollout controller over every rolling deployment: it asks ``rollout.evaluate`` about the
+current wave and releases the next wave, completes, or halts (and marks the released devices
+reverted). The caller recomputes desired states when something moved.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from cloud.fleet.desired import content_from_payload
+from cloud.fleet.queries import device_statuses, live_manifest, stored_waves
+from cloud.fleet.rollout import Decision, evaluate
+from cloud.fleet.sql import aware, bind_value, insert_many
+from cloud.store.fleet import DesiredRecord, RolloutDevice, RolloutRecord
+from modules.contract import DeploymentManifest
+
+
+def start_rollout(
+    s: Session, manifest: DeploymentManifest, revision: str, waves: list[list[str]], now: datetime
+) -> None:
+    """Replace the deployment's rollout with a new one over ``waves``; wave 1 is released."""
+    name = manifest.name
+    previous: dict[str, Any] = {}
+    if manifest.rollout.revert_on_halt:
+        wanted = {d for wave in waves for d in wave}
+        table = RolloutDevice.__table__
+        by_hash: dict[str, Any] = {}
+        for device, digest, payload in s.connection().execute(
+            select(DesiredRecord.device_id, DesiredRecord.content_hash, DesiredRecord.payload)
+        ):
+            if device in wanted:
+                if digest not in by_hash:
+                    by_hash[digest] = bind_value(s, table.c.previous, content_from_payload(payload).to_json())
+                previous[device] = by_hash[digest]
+    s.execute(delete(RolloutDevice).where(RolloutDevice.deployment == name))
+    s.execute(delete(RolloutRecord).where(RolloutRecord.deployment == name))
+    s.add(
+        RolloutRecord(
+            deployment=name,
+            revision=revision,
+            state="rolling" if waves else "complete",
+            current_wave=0,
+            wave_count=len(waves),
+            wave_started_at=now,
+            message="wave 1 started" if waves else "no device to roll out to",
+            updated_at=now,
+        )
+    )
+    s.flush()
+    rows = [
+        {
+            "deployment": name,
+            "device_id": device,
+            "wave": i,
+            "released": i == 0,
+            "reverted": False,
+            "previous": previous.get(device),
+        }
+        for i, wave in enumerate(waves)
+        for device in wave
+    ]
+    insert_many(s, RolloutDevice.__table__, rows)  # type: ignore[arg-type]
+
+
+def advance_rollouts(s: Session, now: datetime) -> list[str]:
+    """One controller pass over the rolling deployments; a line per rollout that moved."""
+    statuses = device_statuses(s)
+    lines: list[str] = []
+    for rollout in s.scalars(select(RolloutRecord).where(RolloutRecord.state == "rolling")).all():
+        found = live_manifest(s, rollout.deployment)
+        if found is None:
+            continue
+        manifest = found[1]
+        waves = stored_waves(s, rollout.deployment)
+        released = {d for w in waves[: rollout.current_wave + 1] for d in w}
+        decision = evaluate(
+            waves,
+            rollout.current_wave,
+            {
+                d: st.status
+                for d, (dep, st) in statuses.items()
+                if d in released and dep == rollout.deployment
+            },
+            max_failure_ratio=manifest.rollout.max_failure_ratio,
+            wave_started_at=aware(rollout.wave_started_at),
+            now=now,
+            deadline_s=manifest.health_deadline_s,
+        )
+        if decision.kind != "wait":
+            lines.append(f"{rollout.deployment}: {_act(s, rollout, manifest, decision, now)}")
+        rollout.message = decision.reason
+    return lines
+
+
+def _act(
+    s: Session, rollout: RolloutRecord, manifest: DeploymentManifest, decision: Decision, now: datetime
+) -> str:
+    name = rollout.deployment
+    rollout.updated_at = now
+    if decision.kind == "advance":
+        rollout.current_wave += 1
+        rollout.wave_started_at = now
+        s.execute(
+            update(RolloutDevice)
+            .where(RolloutDevice.deployment == name, RolloutDevice.wave == rollout.current_wave)
+            .values(released=True)
+        )
+        return decision.reason
+    if decision.kind == "complete":
+        rollout.state = "complete"
+        return decision.reason
+    if manifest.rollout.revert_on_halt:
+        s.execute(
+            update(RolloutDevice)
+            .where(RolloutDevice.deployment == name, RolloutDevice.released.is_(True))
+            .values(reverted=True)
+        )
+        rollout.state = "reverted"
+        return f"halted and reverted the released devices: {decision.reason}"
+    rollout.state = "halted"
+    return f"halted: {decision.reason}"

@@ -11,28 +11,33 @@ errors)::
     cloud_public_key: cloud-signing.pub
     state_dir: /var/lib/edge-agent
     runtime: docker
+    health_start_period_s: 120
     registry_secrets:
       site-registry: {username: puller, password_file: secrets/registry}
 
-Relative paths are resolved against the folder of the file. ``load_agent_config`` reports every
-problem as ``<file>: <field.path>: <message>``. Secrets are ``SecretStr`` (never printed) or
-read from files when the link or the runtime needs them.
+``images_dir`` (where the process runtime finds unpacked modules) defaults to
+``<state_dir>/images``. Relative paths are resolved against the folder of the file.
+``load_agent_config`` reports every problem as ``<file>: <field.path>: <message>``. Secrets are
+``SecretStr`` (never printed) or read from files when the link or the runtime needs them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from agent.health import DEFAULT_START_PERIOD_S
 from agent.planner import PlannerConfig
 from agent.restart import BackoffConfig, RestartPolicyConfig
-from modules.contract import Name, Port
+from modules.contract import Name
 from modules.documents import DocumentError, load_model_file, read_text
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+FOLDER_FIELDS = frozenset({"state_dir", "images_dir"})
+"""Path fields that name folders (checked to be folders when they exist, never required)."""
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -173,11 +178,33 @@ class AgentConfig(_Settings):
     cloud_public_key: Path = Field(description="PEM Ed25519 key that verifies desired states")
     state_dir: Path
     runtime: Literal["docker", "process"] = "docker"
+    images_dir: Path = Field(
+        description="process runtime: unpacked modules (<images_dir>/<repository>/<tag>/); "
+        "default <state_dir>/images"
+    )
     restart: RestartSettings = Field(default_factory=RestartSettings)
     pull_retry: BackoffSettings = Field(default_factory=BackoffSettings)
+    health_start_period_s: float = Field(
+        default=DEFAULT_START_PERIOD_S,
+        ge=0,
+        le=86400,
+        description="failed liveness probes after a start count once the module was live, or after this long",
+    )
     heartbeat_s: float = Field(default=60.0, gt=0, le=86400)
-    metrics_port: Port | None = Field(default=None, description="Prometheus metrics on 127.0.0.1")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Prometheus metrics on 127.0.0.1; 0 or absent = off"
+    )
     registry_secrets: dict[str, RegistrySecret] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_images_dir(cls, data: Any) -> Any:
+        """``images_dir`` defaults to ``<state_dir>/images`` (a bad ``state_dir`` is reported on its own)."""
+        if isinstance(data, dict) and data.get("images_dir") is None:
+            state_dir = data.get("state_dir")
+            base = Path(state_dir) if isinstance(state_dir, (str, Path)) else Path()
+            return {**data, "images_dir": base / "images"}
+        return data
 
     @property
     def mqtt_client_id(self) -> str:
@@ -218,12 +245,12 @@ def _resolve_paths(model: S, base: Path) -> S:
 
 
 def _input_files(model: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:
-    """``(field.path, path)`` of every file the configuration points at (``state_dir`` excluded)."""
+    """``(field.path, path)`` of every file the configuration points at (folders excluded)."""
     out: list[tuple[str, Path]] = []
     for name in type(model).model_fields:
         value = getattr(model, name)
         where = f"{prefix}{name}"
-        if isinstance(value, Path) and name != "state_dir":
+        if isinstance(value, Path) and name not in FOLDER_FIELDS:
             out.append((where, value))
         elif isinstance(value, BaseModel):
             out += _input_files(value, f"{where}.")
@@ -244,8 +271,10 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     problems = [
         f"{path}: {where}: no such file: {file}" for where, file in _input_files(config) if not file.is_file()
     ]
-    if config.state_dir.exists() and not config.state_dir.is_dir():
-        problems.append(f"{path}: state_dir: {config.state_dir} exists and is not a folder")
+    for name in sorted(FOLDER_FIELDS):
+        folder = getattr(config, name)
+        if folder.exists() and not folder.is_dir():
+            problems.append(f"{path}: {name}: {folder} exists and is not a folder")
     if problems:
         raise DocumentError(problems)
     return config

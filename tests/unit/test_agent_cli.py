@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from agent.agent import STATE_FILE
-from agent.cli import main
+from agent.cli import build_runtime, main
+from agent.config import load_agent_config
+from agent.runtime.process import ProcessRuntime
 from agent.state import AgentState, StateStore
 from modules.contract import DesiredState, utcnow
 from modules.signing import generate_keypair
@@ -36,6 +38,24 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     shown = json.loads(capsys.readouterr().out)
     assert shown["ok"] and shown["metrics"] == "http://127.0.0.1:9464/metrics"
     assert shown["state_dir"] == str(tmp_path / "state")
+    assert shown["images_dir"] == str(tmp_path / "state" / "images")
+    assert shown["health_start_period_s"] == 120.0
+
+
+def test_metrics_port_0_is_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, metrics_port="0")
+    assert main(["check-config", "--config", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] is None
+
+
+async def test_process_runtime_finds_modules_in_images_dir(tmp_path: Path) -> None:
+    config = load_agent_config(write_config(tmp_path, images_dir="unpacked"))
+    runtime = build_runtime(config)
+    assert isinstance(runtime, ProcessRuntime) and runtime.images_dir == tmp_path / "unpacked"
+    await runtime.close()
+    override = build_runtime(config, tmp_path / "elsewhere")
+    assert isinstance(override, ProcessRuntime) and override.images_dir == tmp_path / "elsewhere"
+    await override.close()
 
 
 def test_check_config_names_the_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -40,6 +40,8 @@ def test_minimal_config_gets_defaults_and_absolute_paths(tmp_path: Path) -> None
     assert config.runtime == "docker"
     assert config.heartbeat_s == 60.0
     assert config.metrics_port is None
+    assert config.images_dir == tmp_path / "state" / "images"
+    assert config.health_start_period_s == 120.0
     broker = config.broker
     assert (broker.host, broker.port, broker.tls, broker.protocol) == ("127.0.0.1", 1883, False, "mqttv5")
     assert (broker.reconnect_min_s, broker.reconnect_max_s) == (1, 60)
@@ -147,6 +149,8 @@ def test_inconsistent_broker_settings(tmp_path: Path, broker_extra: str, expecte
         ("restart: {base_s: 20, max_s: 10}\n", "restart: Value error, max_s (10.0) must be at least base_s"),
         ("heartbeat_s: 0\n", "heartbeat_s: Input should be greater than 0"),
         ("metrics_port: 70000\n", "metrics_port: Input should be less than or equal to 65535"),
+        ("metrics_port: -1\n", "metrics_port: Input should be greater than or equal to 0"),
+        ("health_start_period_s: -5\n", "health_start_period_s: Input should be greater than or equal to 0"),
         ("colour: blue\n", "colour: Extra inputs are not permitted"),
         ("registry_secrets: {site: {username: u}}\n", "registry_secrets.site: Value error, give exactly one"),
     ],
@@ -179,6 +183,27 @@ def test_missing_public_key_and_state_dir_that_is_a_file(tmp_path: Path) -> None
     assert f"state_dir: {tmp_path / 'state'} exists and is not a folder" in message
 
 
+def test_images_dir_and_start_period_are_configurable(tmp_path: Path) -> None:
+    text = MINIMAL + "images_dir: modules\nhealth_start_period_s: 300\nmetrics_port: 0\n"
+    config = load_agent_config(write(tmp_path, text))
+    assert config.images_dir == tmp_path / "modules"  # relative to the file, not to state_dir
+    assert config.health_start_period_s == 300.0
+    assert config.metrics_port == 0  # 0 = off, like leaving it out
+
+
+def test_images_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "modules").write_text("not a folder")
+    message = load_error(tmp_path, MINIMAL + "images_dir: modules\n")
+    assert (
+        message == f"{tmp_path / 'agent.yaml'}: images_dir: {tmp_path / 'modules'} exists and is not a folder"
+    )
+
+
+def test_a_missing_state_dir_is_the_only_error(tmp_path: Path) -> None:
+    message = load_error(tmp_path, MINIMAL.replace("state_dir: state\n", ""))
+    assert message.splitlines() == [f"{tmp_path / 'agent.yaml'}: state_dir: Field required"]
+
+
 def test_duplicate_key_and_unreadable_file(tmp_path: Path) -> None:
     message = load_error(tmp_path, MINIMAL + "device_id: other\n")
     assert message == f"{tmp_path / 'agent.yaml'}:6: duplicate key 'device_id' in mapping (first on line 1)"
@@ -200,3 +225,4 @@ def test_config_can_be_built_in_code() -> None:
         state_dir=Path("/tmp/s"),
     )
     assert (config.broker.host, config.broker.port) == ("::1", 1884)
+    assert config.images_dir == Path("/tmp/s/images")

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from agent.health import DEFAULT_START_PERIOD_S
 from agent.planner import PlannerConfig
@@ -179,8 +187,10 @@ class AgentConfig(_Settings):
     state_dir: Path
     runtime: Literal["docker", "process"] = "docker"
     images_dir: Path = Field(
+        default=None,
+        validate_default=True,
         description="process runtime: unpacked modules (<images_dir>/<repository>/<tag>/); "
-        "default <state_dir>/images"
+        "default <state_dir>/images",
     )
     restart: RestartSettings = Field(default_factory=RestartSettings)
     pull_retry: BackoffSettings = Field(default_factory=BackoffSettings)
@@ -196,15 +206,14 @@ class AgentConfig(_Settings):
     )
     registry_secrets: dict[str, RegistrySecret] = Field(default_factory=dict)
 
-    @model_validator(mode="before")
+    @field_validator("images_dir", mode="before")
     @classmethod
-    def _default_images_dir(cls, data: Any) -> Any:
-        """``images_dir`` defaults to ``<state_dir>/images`` (a bad ``state_dir`` is reported on its own)."""
-        if isinstance(data, dict) and data.get("images_dir") is None:
-            state_dir = data.get("state_dir")
-            base = Path(state_dir) if isinstance(state_dir, (str, Path)) else Path()
-            return {**data, "images_dir": base / "images"}
-        return data
+    def _default_images_dir(cls, value: Any, info: ValidationInfo) -> Any:
+        """``<state_dir>/images`` when not given (a bad ``state_dir`` is reported on its own)."""
+        if value is not None:
+            return value
+        state_dir = info.data.get("state_dir")
+        return state_dir / "images" if isinstance(state_dir, Path) else Path("images")
 
     @property
     def mqtt_client_id(self) -> str:

@@ -32,16 +32,13 @@ from cloud.commands.base import (
     settings_from,
     store_errors,
 )
-from cloud.fleet.ingest import Ingestor
+from cloud.fleet.controller import INTERVAL_S, RECOMPUTE_EVERY_S, Controller
 from cloud.fleet.model_update import with_model, with_module_images
-from cloud.fleet.mqtt import BrokerUnavailable, Endpoint, resolve_endpoint
+from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.fleet.service import Fleet, PublishReport, parse_model_refs
 from cloud.keys import KeyFileError
 from modules.contract import DeploymentManifest
 from modules.documents import DocumentError, load_model_file
-
-WATCH_INTERVAL_S = 2.0
-RECOMPUTE_EVERY_S = 30.0
 
 
 @contextmanager
@@ -321,44 +318,18 @@ def cmd_set_model(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _watch(fleet: Fleet, endpoint: Endpoint, interval_s: float, until_settled: bool) -> None:
-    async with Ingestor(fleet.db, endpoint) as ingest:
-        print(
-            f"watching {endpoint.url}: ingesting reports, advancing rollouts every {interval_s:g} s",
-            flush=True,
-        )
-        recomputed_at = float("-inf")
-        while True:
-            now = asyncio.get_running_loop().time()
-            if now - recomputed_at >= RECOMPUTE_EVERY_S:
-                recomputed_at = now
-                new = await asyncio.to_thread(fleet.recompute)
-                if new:
-                    print(f"{new} new desired state(s): new devices or re-signed states", flush=True)
-            for line in await asyncio.to_thread(fleet.advance_rollouts, endpoint=endpoint):
-                print(line, flush=True)
-            if await asyncio.to_thread(fleet.pending_count):
-                report = await asyncio.to_thread(fleet.publish_pending, endpoint)
-                if report.published:
-                    print(f"published {report.published} pending desired state(s)", flush=True)
-            if until_settled and not await asyncio.to_thread(_rolling, fleet):
-                print(f"no rollout in progress ({ingest.stats.written} report(s) ingested)", flush=True)
-                return
-            await asyncio.sleep(interval_s)
-
-
-def _rolling(fleet: Fleet) -> bool:
-    return any(d.rollout_state == "rolling" for d in fleet.list_deployments())
-
-
 def cmd_watch(args: argparse.Namespace) -> int:
     """Run the rollout controller: ingest reports, advance waves, publish what is pending."""
     endpoint = endpoint_from(args)
     with open_fleet(args) as fleet, store_errors():
-        try:
-            asyncio.run(_watch(fleet, endpoint, args.interval, args.until_settled))
-        except (BrokerUnavailable, TimeoutError) as e:
-            raise CliError(str(e), EXIT_FAILURE) from e
+        controller = Controller(
+            fleet,
+            endpoint,
+            interval_s=args.interval,
+            say=lambda line: print(line, flush=True),
+            warn=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True),
+        )
+        asyncio.run(controller.run(until_settled=args.until_settled))
     return 0
 
 
@@ -474,12 +445,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run the rollout controller",
         description="Ingest reported states and online messages, recompute desired states every "
         f"{RECOMPUTE_EVERY_S:g} s (new devices, re-signing), advance rollout waves when the current wave "
-        "is healthy, halt (and revert, if the manifest says so) beyond max_failure_ratio, and publish "
-        "pending desired states. Runs until interrupted, or with --until-settled until no rollout is "
-        "rolling.",
+        "is healthy, halt (and revert, if the manifest says so) beyond max_failure_ratio, clear the "
+        "retained messages of removed devices and publish pending desired states (what 'edgectl serve' "
+        "runs in the background). When the broker is unreachable it says so and connects again. Runs "
+        "until interrupted, or with --until-settled until no rollout is rolling.",
         examples="  edgectl deploy watch\n  edgectl deploy watch --until-settled --interval 1",
         json_output=False,
     )
-    p.add_argument("--interval", type=float, default=WATCH_INTERVAL_S, metavar="SECONDS")
+    p.add_argument("--interval", type=float, default=INTERVAL_S, metavar="SECONDS")
     p.add_argument("--until-settled", action="store_true", help="exit once no rollout is in progress")
     add_broker_option(p)

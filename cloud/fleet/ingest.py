@@ -5,7 +5,7 @@ fleet's reports between them) and ``edge/+/online``. paho's thread only appends 
 an inbox; every ``flush_interval_s`` the inbox is parsed and written with one ``executemany``
 upsert per table inside one transaction, keeping only the newest message per device. A message
 that does not parse, or whose device id differs from its topic's, is counted and logged, never
-written.
+written; an empty one (a removed device's retained message being cleared) is skipped.
 
 With a ``session`` name the ingester's MQTT session outlives it (``SESSION_EXPIRY_S``): reports
 published while the cloud process is away are queued by the broker and ingested on its return.
@@ -124,6 +124,11 @@ class Ingestor:
             await asyncio.to_thread(disconnect, self._client)
         await asyncio.to_thread(self.flush)
 
+    @property
+    def connected(self) -> bool:
+        """Whether the MQTT session is up now (paho reconnects a lost one by itself)."""
+        return self._client is not None and self._client.is_connected()
+
     async def _run(self) -> None:
         assert self._flushed is not None
         while True:
@@ -161,6 +166,8 @@ class Ingestor:
         self._subscribed.set()
 
     def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        if not message.payload:
+            return  # a cleared retained message (a removed device): nothing to ingest
         with self._lock:
             self._inbox.append((message.topic, bytes(message.payload), utcnow()))
 

@@ -31,6 +31,7 @@ from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.progress import progress, summaries
 from cloud.fleet.queries import live_manifest, load_deployments, load_devices, models_of, stored_waves
 from cloud.fleet.recompute import recompute_desired
+from cloud.fleet.removal import ClearReport, clear_removed
 from cloud.fleet.results import (
     ApplyError,
     ApplyResult,
@@ -244,6 +245,10 @@ class Fleet:
     def publish_pending(self, endpoint: Endpoint) -> PublishReport:
         """Clear removed devices' retained messages, then publish every unacknowledged desired state."""
         return outbox.publish_pending(self.db, endpoint, self.clock)
+
+    def clear_removed(self, endpoint: Endpoint) -> ClearReport:
+        """Clear the retained messages of removed devices (``removal.py``); never raises for the broker."""
+        return clear_removed(self.db, endpoint)
 
     def _publish_or_count(self, endpoint: Endpoint | None) -> PublishReport:
         if endpoint is None:

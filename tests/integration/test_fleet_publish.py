@@ -6,6 +6,7 @@ Every wait is for a condition with a generous timeout; nothing asserts on timing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import uuid
@@ -20,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy import select
 
 from cloud.config import resolve_settings
+from cloud.fleet.controller import Controller, Status
 from cloud.fleet.desired import EMPTY
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.mqtt import Endpoint
@@ -27,7 +29,7 @@ from cloud.fleet.service import ApplyError, Fleet
 from cloud.keys import load_or_create_signing_key, public_key_path
 from cloud.store.db import open_database
 from cloud.store.devices import Device, DeviceTag
-from cloud.store.fleet import DesiredRecord, OnlineRecord
+from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice
 from modules.contract import DeploymentManifest, DesiredState, ReportedState
 from modules.profiles import load_profiles
 from modules.signing import load_public_key_file, verify_desired
@@ -478,3 +480,169 @@ def test_recompute_picks_up_new_devices_and_re_signs_before_expiry(tmp_path: Pat
         assert state.expires_at == now[0] + timedelta(days=2)
     finally:
         fleet.close()
+
+
+# ---- the controller ------------------------------------------------------------------------------
+
+
+async def test_controller_connects_when_the_broker_comes_up_and_publishes_what_is_owed(
+    fleet: Fleet, mosquitto_factory: MosquittoFactory
+) -> None:
+    """``deploy watch`` and ``edgectl serve`` run this: retry until the broker answers, then catch up."""
+    broker = mosquitto_factory()
+    broker.stop()
+    fleet.apply(manifest())  # stored, nothing published
+    warnings: list[str] = []
+    status = Status()
+    controller = Controller(
+        fleet,
+        endpoint(broker),
+        interval_s=0.05,
+        recompute_every_s=0.05,
+        retry_s=0.1,
+        status=status,
+        warn=warnings.append,
+    )
+    task = asyncio.create_task(controller.run())
+    try:
+        assert await until(lambda: bool(warnings))
+        assert not status.connected and status.error is not None
+        assert f"cannot reach the MQTT broker at {endpoint(broker).url}" in warnings[0]
+
+        await asyncio.to_thread(broker.start)
+        assert await until(lambda: status.connected and fleet.pending_count() == 0)
+        with fleet.db.transaction() as s:  # provisioned after the apply: the next recompute covers it
+            s.add(Device(id="cam-4", profile="cpu", password_hash="unused"))
+            s.flush()
+            s.add(DeviceTag(device_id="cam-4", key="site", value="a"))
+        publish_reports(broker, {"cam-1": report("cam-1", 1, "healthy")})
+        assert await until(lambda: status.ingest.written >= 1 and "cam-4" in generations(fleet))
+        assert await until(lambda: fleet.pending_count() == 0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    recorder = Recorder(broker)
+    try:
+        states = recorder.wait_for({"cam-1", "cam-2", "cam-3", "cam-4"}, generation=1)
+    finally:
+        recorder.close()
+    assert states["cam-4"].modules["detector"].image == "reg.local/det:1-cpu"
+    assert status.passes > 0 and status.error is None
+
+
+async def test_watch_until_settled_exits_when_the_rollout_completes(
+    fleet: Fleet, mosquitto_factory: MosquittoFactory
+) -> None:
+    broker = mosquitto_factory()
+    fleet.apply(manifest(), endpoint=endpoint(broker))
+    publish_reports(broker, {d: report(d, 1, "healthy") for d in ("cam-1", "cam-2", "cam-3")})
+    lines: list[str] = []
+    controller = Controller(fleet, endpoint(broker), interval_s=0.05, say=lines.append)
+    await asyncio.wait_for(controller.run(until_settled=True), WAIT_S)
+    assert "vision: all 1 wave(s) done" in lines
+    assert lines[-1] == "no rollout in progress (3 report(s) ingested)"
+
+
+# ---- removing a device ---------------------------------------------------------------------------
+
+
+def retained(broker: MosquittoBroker, device: str) -> dict[str, bytes]:
+    """The retained messages under ``edge/{device}/``: Mosquitto sends them on subscribe, before a
+    marker published after the SUBACK, so the marker's arrival means all of them are in."""
+    got: dict[str, bytes] = {}
+    marker = f"test/marker/{uuid.uuid4().hex}"
+    subscribed, done = threading.Event(), threading.Event()
+
+    def on_message(_c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        if m.topic == marker:
+            done.set()
+        else:
+            got[m.topic] = bytes(m.payload)
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.on_message = on_message
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        client.subscribe([(f"edge/{device}/#", 1), (marker, 1)])
+        assert subscribed.wait(WAIT_S), "no SUBACK"
+        client.publish(marker, b"x", qos=1)
+        assert done.wait(WAIT_S), "the marker did not come back"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got
+
+
+def fleet_rows(data: Path, device: str) -> list[str]:
+    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
+    try:
+        with db.transaction() as s:
+            return [
+                table.__tablename__
+                for table in (DesiredRecord, ReportedRecord, OnlineRecord, RolloutDevice)
+                if s.scalars(select(table).where(table.device_id == device)).first() is not None
+            ]
+    finally:
+        db.dispose()
+
+
+async def test_device_remove_deletes_fleet_rows_and_clears_retained_messages(
+    tmp_path: Path,
+    mosquitto_factory: MosquittoFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through ``edgectl``; the broker is up for cam-8 and down when cam-9 is removed."""
+    from cloud.cli import main
+
+    broker = mosquitto_factory()
+    data = tmp_path / "data"
+    monkeypatch.setenv("EDGE_BROKER_URL", f"mqtt://{broker.host}:{broker.port}")
+    common = ["--data-dir", str(data)]
+    (tmp_path / "vision.yaml").write_text(
+        "name: vision\ntarget: {tags: {site: a}}\nmodules:\n  detector:\n    images: {cpu: reg.local/det:1}\n"
+    )
+    for device in ("cam-8", "cam-9"):
+        assert main(["device", "add", device, "--tag", "site=a", *common]) == 0
+    assert main(["deploy", "apply", "-f", str(tmp_path / "vision.yaml"), *common]) == 0
+    publish_reports(broker, {d: report(d, 1, "healthy") for d in ("cam-8", "cam-9")})
+    fleet = Fleet.open(resolve_settings(data))
+    try:
+        async with Ingestor(fleet.db, endpoint(broker), flush_interval_s=0.05) as ingest:
+            assert await until(lambda: ingest.stats.written >= 2)
+    finally:
+        fleet.close()
+    capsys.readouterr()
+    assert fleet_rows(data, "cam-8") == ["device_desired", "device_reported", "rollout_devices"]
+    assert set(retained(broker, "cam-8")) == {"edge/cam-8/desired", "edge/cam-8/reported"}
+
+    assert main(["device", "remove", "cam-8", "--json", *common]) == 0
+    removed = json.loads(capsys.readouterr().out)
+    assert (removed["retained_cleared"], removed["retained_pending"]) == (["cam-8"], [])
+    assert fleet_rows(data, "cam-8") == []
+    assert retained(broker, "cam-8") == {}
+    assert set(retained(broker, "cam-9")) == {"edge/cam-9/desired", "edge/cam-9/reported"}
+
+    broker.stop()
+    assert main(["device", "remove", "cam-9", *common]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the retained messages of cam-9 are not cleared yet" in err
+    assert fleet_rows(data, "cam-9") == []
+    assert main(["device", "add", "cam-9", *common]) == 2
+    assert "has not yet cleared its retained messages" in capsys.readouterr().err
+
+    broker.start()
+    assert set(retained(broker, "cam-9")) == {"edge/cam-9/desired", "edge/cam-9/reported"}
+    assert main(["deploy", "publish", *common]) == 0
+    assert retained(broker, "cam-9") == {}
+    assert main(["device", "add", "cam-9", "--tag", "site=a", *common]) == 0
+    assert main(["deploy", "publish", *common]) == 0
+    assert "1 new desired state(s)" in capsys.readouterr().out
+    recorder = Recorder(broker)
+    try:
+        assert recorder.wait_for({"cam-9"})["cam-9"].generation == 1
+    finally:
+        recorder.close()

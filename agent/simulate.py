@@ -14,6 +14,8 @@ deployment status of their last report at any time.
 
 One process holds thousands of devices because nothing here takes a thread: the MQTT clients run
 on the event loop (``agent.mqtt_bridge``) and simulated modules change state only when observed.
+``run_in_processes`` splits a fleet over a few worker processes (one event loop per CPU core) and
+adds up their counts.
 """
 
 from __future__ import annotations
@@ -22,16 +24,20 @@ import asyncio
 import contextlib
 import functools
 import logging
+import multiprocessing
 import os
+import queue
 import random
 import resource
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import SecretStr
@@ -200,6 +206,19 @@ class Snapshot:
             f"connected {self.connected}/{self.devices}, started {self.started}"
             + (f"; {counts}" if counts else "")
             + f" ({self.elapsed_s:.1f} s)"
+        )
+
+    @classmethod
+    def merge(cls, parts: Iterable[Snapshot]) -> Snapshot:
+        """The counts of several fleets (worker processes) added up; the longest elapsed time."""
+        parts = list(parts)
+        return cls(
+            sum(p.devices for p in parts),
+            sum(p.started for p in parts),
+            sum(p.connected for p in parts),
+            sum((p.statuses for p in parts), Counter()),
+            sum((p.generations for p in parts), Counter()),
+            max((p.elapsed_s for p in parts), default=0.0),
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -391,3 +410,102 @@ class Fleet:
 def anonymous_devices(ids: Iterable[str], profiles: Sequence[str]) -> list[SimDevice]:
     """Devices without credentials (for a broker that allows anonymous clients)."""
     return [SimDevice(d, p) for d, p in zip(ids, profiles, strict=True)]
+
+
+def _worker(
+    index: int,
+    devices: list[SimDevice],
+    public_pem: bytes,
+    options: FleetOptions,
+    duration_s: float | None,
+    progress_s: float,
+    out: Any,
+) -> None:
+    """One worker process: run a fleet, send ``("progress"|"final"|"error", index, payload)`` to ``out``."""
+    from modules.signing import load_public_key
+
+    async def main() -> None:
+        fleet = Fleet(devices, load_public_key(public_pem), options)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, fleet.stop)
+        final = await fleet.run(duration_s, lambda snap: out.put(("progress", index, snap)), progress_s)
+        out.put(("final", index, (final, fleet.errors())))
+
+    try:
+        event_loop_runner()(main())
+    except Exception as exc:
+        out.put(("error", index, f"{type(exc).__name__}: {exc}"))
+
+
+def event_loop_runner() -> Callable[[Any], Any]:
+    """``uvloop.run`` when uvloop is installed (faster with thousands of sockets), else ``asyncio.run``."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+def run_in_processes(
+    devices: Sequence[SimDevice],
+    public_pem: bytes,
+    options: FleetOptions,
+    processes: int,
+    duration_s: float | None = None,
+    progress: Callable[[Snapshot], None] | None = None,
+    progress_s: float = 2.0,
+) -> tuple[Snapshot, dict[str, str]]:
+    """Run ``devices`` split over ``processes`` worker processes; the summed final counts and errors.
+
+    Each worker connects at ``connect_rate / processes`` so the broker sees the configured rate.
+    SIGINT/SIGTERM (or Ctrl-C) stop every worker cleanly; the call returns when all have reported.
+    """
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    processes = min(processes, len(devices))
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    share = replace(options, connect_rate=options.connect_rate / processes)
+    workers = [
+        ctx.Process(
+            target=_worker,
+            args=(i, list(devices[i::processes]), public_pem, share, duration_s, progress_s, out),
+            name=f"edge-sim-{i}",
+        )
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    latest: dict[int, Snapshot] = {}
+    finals: dict[int, Snapshot] = {}
+    errors: dict[str, str] = {}
+    last_print = time.monotonic()
+    while len(finals) < processes:
+        try:
+            kind, index, payload = out.get(timeout=0.5)
+        except queue.Empty:
+            for i, worker in enumerate(workers):
+                if i not in finals and not worker.is_alive():
+                    errors[f"worker {i}"] = f"exited with code {worker.exitcode} before its summary"
+                    finals[i] = latest.get(i) or Snapshot(0, 0, 0, Counter(), Counter(), 0.0)
+            continue
+        except KeyboardInterrupt:
+            for worker in workers:
+                if worker.pid is not None and worker.is_alive():
+                    os.kill(worker.pid, signal.SIGTERM)
+            continue
+        if kind == "progress":
+            latest[index] = payload
+            if progress is not None and time.monotonic() - last_print >= progress_s * 0.9:
+                last_print = time.monotonic()
+                progress(Snapshot.merge(latest.values()))
+        elif kind == "final":
+            finals[index], worker_errors = payload
+            errors.update(worker_errors)
+        else:
+            errors[f"worker {index}"] = payload
+            finals[index] = latest.get(index) or Snapshot(0, 0, 0, Counter(), Counter(), 0.0)
+    for worker in workers:
+        worker.join(timeout=30)
+    return Snapshot.merge(finals.values()), errors

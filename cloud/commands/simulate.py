@@ -169,11 +169,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise CliError(f"--rate {args.rate:g}: expected a positive number of connections per second")
     if args.duration is not None and args.duration <= 0:
         raise CliError(f"--duration {args.duration:g}: expected a positive number of seconds")
+    if args.processes < 1:
+        raise CliError(f"--processes {args.processes}: expected at least 1")
     if args.credentials and args.provision:
         raise CliError("give --credentials FILE or --provision, not both")
     from agent.runtime.simulated import SimulationSettings
-    from agent.simulate import Fleet, FleetOptions
-    from modules.signing import KeyFormatError, load_public_key, load_public_key_file
+    from agent.simulate import Fleet, FleetOptions, run_in_processes
+    from modules.signing import KeyFormatError, load_public_key, load_public_key_file, public_key_pem
 
     settings = settings_from(args)
     try:
@@ -216,9 +218,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"failure rate {sim.failure_rate:g}",
         file=sys.stderr,
     )
-    fleet = Fleet(devices, key, options)
-    final = _run(fleet, args.duration, None if args.quiet else _progress, args.progress)
-    errors = fleet.errors()
+    progress = None if args.quiet else _progress
+    if args.processes > 1:
+        final, errors = run_in_processes(
+            devices, public_key_pem(key), options, args.processes, args.duration, progress, args.progress
+        )
+    else:
+        fleet = Fleet(devices, key, options)
+        final = _run(fleet, args.duration, progress, args.progress)
+        errors = fleet.errors()
     if args.json:
         print_json({**final.as_dict(), "broker_url": url, "errors": errors})
     else:
@@ -241,11 +249,10 @@ def _run(fleet: Any, duration: float | None, progress: Any, every: float) -> Sna
         result: Snapshot = await fleet.run(duration, progress, every)
         return result
 
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main())
-    return uvloop.run(main())
+    from agent.simulate import event_loop_runner
+
+    result: Snapshot = event_loop_runner()(main())
+    return result
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -299,6 +306,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--prefix", default="sim-", help="device id prefix (default sim-)")
     p.add_argument(
         "--rate", type=float, default=500.0, metavar="N", help="new connections per second (default 500)"
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the devices over N worker processes, one per core (default 1)",
     )
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument(

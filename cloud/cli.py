@@ -13,10 +13,10 @@ import traceback
 from collections.abc import Sequence
 from types import ModuleType
 
-from cloud.commands import broker, deploy, device, device_ops, model, package, serve, simulate
+from cloud.commands import broker, demo, deploy, device, device_ops, model, package, serve, simulate
 from cloud.commands.base import EXIT_FAILURE, EXIT_USAGE, CliError, add_global_options
 
-GROUPS: tuple[ModuleType, ...] = (model, package, device, broker, deploy, device_ops, serve, simulate)
+GROUPS: tuple[ModuleType, ...] = (model, package, device, broker, deploy, device_ops, serve, simulate, demo)
 
 EPILOG = """\
 examples:

@@ -41,10 +41,12 @@ class Pull(_Step):
 
 @dataclass(frozen=True, kw_only=True)
 class Create(_Step):
-    """Create the module from ``spec`` (not started), labelled with ``config_hash``."""
+    """Create the module from ``spec`` (not started), labelled with ``config_hash`` and the
+    ``generation`` of the desired state it comes from (``None`` when not known)."""
 
     spec: DesiredModule
     config_hash: str
+    generation: int | None = None
     kind: Literal["create"] = field(default="create", init=False)
 
 

@@ -89,6 +89,7 @@ def credentials_for(image: str, credentials: list[RegistryCredentialRef]) -> Reg
 class _Builder:
     """Collects actions by phase while modules are visited; ``build`` orders them."""
 
+    generation: int | None = None
     pulls: dict[str, Action] = field(default_factory=dict)
     removals: list[Action] = field(default_factory=list)
     teardown: dict[tuple[int, str], list[Action]] = field(default_factory=dict)
@@ -120,7 +121,7 @@ def plan(
     if desired is None:
         return Plan()
     cfg = cfg or PlannerConfig()
-    out = _Builder()
+    out = _Builder(generation=desired.generation)
     ordered = sorted(desired.modules.items(), key=lambda kv: (kv[1].startup_order, kv[0]))
     for name, module in ordered:
         _plan_module(
@@ -239,7 +240,7 @@ def _recreate(
         teardown.append(Remove(module=name, reason=why))
         if book != NO_BOOK:
             steps.append(SetRestartBook(module=name, book=NO_BOOK, reason=f"fresh start: {why}"))
-    steps.append(Create(module=name, spec=m, config_hash=want_hash, reason=why))
+    steps.append(Create(module=name, spec=m, config_hash=want_hash, generation=out.generation, reason=why))
     if m.desired_status == "running":
         steps.append(Start(module=name, reason=why))
 
@@ -306,7 +307,7 @@ def _start_again(
     if o.status == "dead":
         out.teardown.setdefault(key, []).append(Remove(module=name, reason=why))
         return [
-            Create(module=name, spec=m, config_hash=want_hash, reason=why),
+            Create(module=name, spec=m, config_hash=want_hash, generation=out.generation, reason=why),
             Start(module=name, reason=why),
         ]
     return [Start(module=name, reason=why)] if resume else [Restart(module=name, reason=why)]

@@ -261,9 +261,13 @@ class DockerRuntime:
 
     async def create(self, action: Create) -> None:
         """Create the module's container (not started) from its spec and profile."""
-        await asyncio.to_thread(self._create_blocking, action.module, action.spec, action.config_hash)
+        await asyncio.to_thread(
+            self._create_blocking, action.module, action.spec, action.config_hash, action.generation
+        )
 
-    def _create_options(self, module: str, spec: DesiredModule, config_hash: str) -> dict[str, Any]:
+    def _create_options(
+        self, module: str, spec: DesiredModule, config_hash: str, generation: int | None = None
+    ) -> dict[str, Any]:
         profile = self.profiles.get(spec.profile)
         if profile is None:
             raise RuntimeActionError(
@@ -283,6 +287,8 @@ class DockerRuntime:
         }
         if spec.version is not None:
             labels[lb.VERSION] = spec.version
+        if generation is not None:
+            labels[lb.GENERATION] = str(generation)
         if self.device_id is not None:
             labels[lb.DEVICE] = self.device_id
         ports: dict[str, list[tuple[str, int | None]]] = {}
@@ -305,8 +311,10 @@ class DockerRuntime:
             options["mem_limit"] = f"{spec.resources.memory_mb}m"
         return options
 
-    def _create_blocking(self, module: str, spec: DesiredModule, config_hash: str) -> None:
-        options = self._create_options(module, spec, config_hash)
+    def _create_blocking(
+        self, module: str, spec: DesiredModule, config_hash: str, generation: int | None
+    ) -> None:
+        options = self._create_options(module, spec, config_hash, generation)
         image = lb.local_reference(spec.image)
         try:
             self.client.containers.create(image, **options)

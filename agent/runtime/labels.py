@@ -1,6 +1,7 @@
 """Names the runtimes put on what they create, and image reference spellings Docker Engine uses.
 
-Every container the agent creates carries ``io.edgedeploy.managed=true`` and its module name; the
+Every container the agent creates carries ``io.edgedeploy.managed=true`` and its module name (plus
+its config hash, image reference, profile, version and the desired state's generation); the
 Docker runtime lists, touches and removes nothing without them (and, when the runtime has a
 ``device_id``, nothing without ``io.edgedeploy.device=<id>`` either, so several agents can share
 one engine in simulations and tests).
@@ -17,6 +18,8 @@ DEVICE = PREFIX + "device"
 CONFIG_HASH = PREFIX + "config-hash"
 IMAGE = PREFIX + "image"
 VERSION = PREFIX + "version"
+GENERATION = PREFIX + "generation"
+"""The generation of the desired state the container was created from."""
 PROFILE = PREFIX + "profile"
 
 DEFAULT_NAME_PREFIX = "edge-"

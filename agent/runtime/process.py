@@ -78,6 +78,8 @@ class ProcessRecord:
     started_at: str | None = None
     finished_at: str | None = None
     exit_code: int | None = None
+    generation: int | None = None
+    """The generation of the desired state the module was created from."""
 
     @property
     def desired(self) -> DesiredModule:
@@ -306,6 +308,7 @@ class ProcessRuntime:
                 spec=spec.model_dump(mode="json"),
                 host=mapping.host_ip,
                 port=mapping.host,
+                generation=action.generation,
             )
         )
 

@@ -136,19 +136,22 @@ async def test_lifecycle_of_a_served_module(
 ) -> None:
     spec = served(module_image_fixture, resources={"cpus": 1.5, "memory_mb": 512}, version="7")
     table = executors(runtime)
-    await table["create"](Create(module="digits", spec=spec, config_hash=config_hash(spec), reason="test"))
+    create = Create(module="digits", spec=spec, config_hash=config_hash(spec), generation=12, reason="test")
+    await table["create"](create)
     created = await observed(runtime, "digits")
     assert created is not None and created.status == "created" and created.exit_code is None
     assert created.config_hash == config_hash(spec) and created.image == module_image_fixture
 
     info = docker_client.api.inspect_container(f"edge-{device_id}-digits")
     labels = info["Config"]["Labels"]
-    assert {k: labels[k] for k in (lb.MANAGED, lb.MODULE, lb.DEVICE, lb.CONFIG_HASH, lb.VERSION)} == {
+    names = (lb.MANAGED, lb.MODULE, lb.DEVICE, lb.CONFIG_HASH, lb.VERSION, lb.GENERATION)
+    assert {k: labels[k] for k in names} == {
         lb.MANAGED: "true",
         lb.MODULE: "digits",
         lb.DEVICE: device_id,
         lb.CONFIG_HASH: config_hash(spec),
         lb.VERSION: "7",
+        lb.GENERATION: "12",
     }
     host = info["HostConfig"]
     assert host["RestartPolicy"]["Name"] == "no" and host["Init"] is True

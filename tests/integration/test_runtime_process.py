@@ -84,10 +84,14 @@ async def test_lifecycle_serves_the_model_and_reports_exit(
     _, images = await runtime.observe([IMAGE])
     assert images.is_present(IMAGE) and not images.failed
 
-    await table["create"](Create(module="digits", spec=desired, config_hash=config_hash(desired), reason="t"))
+    create = Create(
+        module="digits", spec=desired, config_hash=config_hash(desired), generation=12, reason="t"
+    )
+    await table["create"](create)
     created = await observed(runtime, "digits")
     assert created is not None and created.status == "created"
     assert created.config_hash == config_hash(desired) and created.image == IMAGE
+    assert runtime.records()["digits"].generation == 12
 
     await table["start"](Start(module="digits", reason="test"))
     running = await observed(runtime, "digits")

@@ -26,13 +26,9 @@ def mod(image: str = WEB1, **kw: Any) -> DesiredModule:
 
 
 def desired(modules: dict[str, DesiredModule], **kw: Any) -> DesiredState:
+    fields: dict[str, Any] = {"generation": 1, **kw}
     return DesiredState(
-        device_id="dev1",
-        generation=1,
-        issued_at=OLD,
-        expires_at=NOW + timedelta(days=1),
-        modules=modules,
-        **kw,
+        device_id="dev1", issued_at=OLD, expires_at=NOW + timedelta(days=1), modules=modules, **fields
     )
 
 
@@ -355,6 +351,16 @@ def test_create_carries_spec_and_config_hash() -> None:
     assert isinstance(create, Create)
     assert create.spec == m
     assert create.config_hash == config_hash(m)
+    assert create.generation == 1  # the desired state's, for the runtime's label
+
+
+def test_recreating_a_dead_container_carries_the_generation() -> None:
+    o = seen("web", web, "dead")
+    actions = plan(
+        desired({"web": web}, generation=7), {"web": o}, ImageAvailability(present={WEB1}), {}, NOW
+    )
+    creates = [a for a in actions if isinstance(a, Create)]
+    assert [c.generation for c in creates] == [7]
 
 
 def test_pull_carries_the_credentials_of_its_registry() -> None:

@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.agent import Agent
 from agent.config import AgentConfig, BackoffSettings, BrokerConfig, RestartSettings
+from agent.health import HealthProber
 from agent.link import Link
 from agent.runtime import ModuleRuntime
 from modules.contract import CommandRequest, CommandResponse, DesiredState, ReportedState, utcnow
@@ -84,8 +85,12 @@ def desired_state(
 
 
 def fast_health(**kw: Any) -> dict[str, Any]:
-    """A health check that probes every 0.5 s and gives a starting module 5 s to listen."""
-    return {"interval_s": 0.5, "timeout_s": 2.0, "failure_threshold": 10, **kw}
+    """A health check that probes every 0.5 s with the default threshold (3 failures in a row).
+
+    A starting module is not restarted while it loads: failures count only once it answered
+    (or after the agent's ``health_start_period_s``), so no threshold has to cover start-up.
+    """
+    return {"interval_s": 0.5, "timeout_s": 2.0, "failure_threshold": 3, **kw}
 
 
 class CloudSide:
@@ -223,7 +228,8 @@ async def running_agent(
 ) -> AsyncIterator[Agent]:
     """Run an agent (real link, real runtime) as a task of the current loop until the block ends."""
     async with Link(config) as link:
-        agent = Agent(config, runtime, link, public_key=keys.public, accelerators=[])
+        prober = HealthProber(start_period_s=config.health_start_period_s)
+        agent = Agent(config, runtime, link, public_key=keys.public, accelerators=[], prober=prober)
         task = asyncio.create_task(agent.run(), name=f"agent {config.device_id}")
         try:
             yield agent

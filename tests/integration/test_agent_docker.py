@@ -43,7 +43,7 @@ module_image = images.module_image
 
 
 def spec(image: str, **kw: Any) -> dict[str, Any]:
-    return {"image": image, "ports": [{"container": 5001}], "health": fast_health(failure_threshold=30), **kw}
+    return {"image": image, "ports": [{"container": 5001}], "health": fast_health(), **kw}
 
 
 class DockerDevice:

@@ -24,7 +24,7 @@ import yaml
 
 from agent.actions import Remove
 from agent.metrics import MetricsServer
-from agent.runtime.process import ProcessRuntime, image_dir, proc_start_ticks
+from agent.runtime.process import CODE_ROOT, ProcessRuntime, image_dir, proc_start_ticks
 from modules.contract import CommandRequest, DesiredState, ReportedState
 from tests.integration import module_image
 from tests.integration.agent_rig import (
@@ -42,6 +42,13 @@ from tests.services import REPO_ROOT, MosquittoBroker, MosquittoFactory
 
 pytestmark = pytest.mark.integration
 digits_build = module_image.digits_build
+
+SLOW_SITE = """\
+import os, time
+
+time.sleep(float(os.environ.get("SLOW_START_S", "0")))
+"""
+"""``sitecustomize`` that holds a module's Python for ``SLOW_START_S`` before it can listen."""
 
 IMAGE = "localhost:5000/edge/digits:1"
 IMAGE_B = "localhost:5000/edge/digits:2"
@@ -129,6 +136,35 @@ async def test_apply_update_stop_remove(device: Device) -> None:
         g4 = device.publish({"api": web(IMAGE_B)})
         removed = await device.cloud.report(status_is("healthy", g4), "gen 4 (web removed) healthy")
         assert set(removed.modules) == {"api"} and set(device.records()) == {"api"}
+
+
+def slow_web(device: Device, start_s: float) -> dict[str, object]:
+    """A module whose process listens only ``start_s`` after it started (a slow import), probed
+    every 0.2 s with 2 failures allowed: far less than its start-up."""
+    site = device.root / "slow-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SLOW_SITE)
+    return web(
+        env={"PYTHONPATH": f"{site}{os.pathsep}{CODE_ROOT}", "SLOW_START_S": str(start_s)},
+        health=fast_health(interval_s=0.2, timeout_s=0.5, failure_threshold=2),
+    )
+
+
+async def test_slow_start_is_not_restarted_a_hang_is(device: Device) -> None:
+    config = device.config.model_copy(update={"health_start_period_s": 600})
+    async with running_agent(config, device.runtime(), device.keys):
+        g1 = device.publish({"web": slow_web(device, 3.0)})
+        first = await device.cloud.report(status_is("healthy", g1), "the slow module healthy")
+        assert first.modules["web"].restart_count == 0  # refused probes while starting: not counted
+        pid = device.records()["web"]["pid"]
+        assert isinstance(pid, int)
+        os.kill(pid, signal.SIGSTOP)  # live once: now its failed probes count at once
+        hung = await device.cloud.next_report(
+            lambda r: module_running("web")(r) and r.modules["web"].restart_count == 1,
+            "the hung module restarted and running again",
+        )
+        assert hung.modules["web"].runtime_status == "running"
+        assert device.records()["web"]["pid"] != pid
 
 
 async def test_crash_loop_backs_off(device: Device) -> None:
@@ -263,6 +299,7 @@ def write_config_file(device: Device) -> Path:
         "cloud_public_key": str(c.cloud_public_key),
         "state_dir": str(c.state_dir),
         "runtime": "process",
+        "images_dir": str(device.images),
         "restart": {"base_s": 0.5, "max_s": 2.0},
         "heartbeat_s": 2.0,
     }
@@ -292,8 +329,6 @@ def spawn_agent(device: Device, config: Path, log: Path) -> subprocess.Popen[byt
                 "run",
                 "--config",
                 str(config),
-                "--images-dir",
-                str(device.images),
             ],
             cwd=REPO_ROOT,
             env=env,

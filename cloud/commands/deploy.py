@@ -35,7 +35,7 @@ from cloud.commands.base import (
 from cloud.fleet.controller import INTERVAL_S, RECOMPUTE_EVERY_S, Controller
 from cloud.fleet.model_update import with_model, with_module_images
 from cloud.fleet.mqtt import Endpoint, resolve_endpoint
-from cloud.fleet.service import Fleet, PublishReport, parse_model_refs
+from cloud.fleet.service import ApplyResult, Fleet, PublishReport, parse_model_refs
 from cloud.keys import KeyFileError
 from modules.contract import DeploymentManifest
 from modules.documents import DocumentError, load_model_file
@@ -98,6 +98,14 @@ def _tell_publish(report: PublishReport) -> None:
         )
 
 
+def _counts(new_generations: int, report: PublishReport) -> str:
+    return f"{new_generations} new desired state(s), {report.published} published, {report.pending} pending"
+
+
+def _waves(result: ApplyResult) -> str:
+    return ", ".join(str(n) for n in result.waves) or "none"
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     """Apply a deployment manifest."""
     path = Path(args.file)
@@ -114,11 +122,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print_json(_jsonable(result))
     else:
         verb = "created" if result.created else "updated" if result.manifest_changed else "unchanged"
-        waves = ", ".join(str(n) for n in result.waves) or "none"
         print(
             f"deployment {result.deployment} {verb}: {result.selected} device(s) selected, {result.winning} "
-            f"run it (waves: {waves}); {result.new_generations} new desired state(s), "
-            f"{result.publish.published} published, {result.publish.pending} pending"
+            f"run it (waves: {_waves(result)}); {_counts(result.new_generations, result.publish)}"
         )
     _tell_publish(result.publish)
     return 0
@@ -186,10 +192,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"deployment": args.name, "new_generations": changed, "publish": _jsonable(report)})
     else:
-        print(
-            f"deleted deployment {args.name}: {changed} new desired state(s), {report.published} published, "
-            f"{report.pending} pending"
-        )
+        print(f"deleted deployment {args.name}: {_counts(changed, report)}")
     _tell_publish(report)
     return 0
 
@@ -310,9 +313,8 @@ def cmd_set_model(args: argparse.Namespace) -> int:
         for i in images:
             print(f"{args.module} ({i.profile}): {i.ref}")
         print(
-            f"deployment {result.deployment} now uses {model.label}: {result.new_generations} new desired "
-            f"state(s), {result.publish.published} published, {result.publish.pending} pending "
-            f"(waves: {', '.join(str(n) for n in result.waves) or 'none'})"
+            f"deployment {result.deployment} now uses {model.label}: "
+            f"{_counts(result.new_generations, result.publish)} (waves: {_waves(result)})"
         )
     _tell_publish(result.publish)
     return 0

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from modules.contract import DesiredModule, DesiredState, RegistryCredentialRef, canonical_json
@@ -124,17 +124,16 @@ class Renderer:
         """The signed DesiredState of one device as canonical JSON; ``content_key`` is ``content.hash``.
 
         The canonical JSON of the content's template is rendered once with placeholder id and
-        generation and split around them; per device only the pieces are joined and signed. The
-        result is byte for byte ``canonical_json`` of the state (the signature sorts last).
+        generation and split around them; per device only the pieces are joined (the id encoded by
+        orjson, which escapes a string exactly as ``canonical_json`` does) and signed. The result
+        is byte for byte ``canonical_json`` of the state (the signature sorts last).
         """
         pieces = self._templates.get(content_key)
         if pieces is None:
             pieces = self._template(content)
             self._templates[content_key] = pieces
         head, middle, tail = pieces
-        unsigned = b"".join(
-            (head, json.dumps(device_id, ensure_ascii=False).encode(), middle, b"%d" % generation, tail)
-        )
+        unsigned = b"".join((head, orjson.dumps(device_id), middle, b"%d" % generation, tail))
         signature = base64.b64encode(self.key.sign(unsigned))
         return b"".join((unsigned[:-1], b',"signature":"', signature, b'"}'))
 

@@ -56,7 +56,8 @@ class IngestStats:
 
 def _stamper(session: Session) -> Callable[[datetime], Any]:
     """Converts a datetime the way the store's DateTime columns hand it to the driver."""
-    processor = DateTime(timezone=True).bind_processor(session.get_bind().dialect)
+    dialect = session.get_bind().dialect
+    processor = DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
     return processor if processor is not None else lambda value: value
 
 
@@ -198,8 +199,11 @@ class Ingestor:
             for row in online.values():
                 row["since"] = stamp(row["since"])
                 row["received_at"] = stamp(row["received_at"])
-            upsert(s, ReportedRecord.__table__, list(reported.values()), ["device_id"])  # type: ignore[arg-type]
-            upsert(s, OnlineRecord.__table__, list(online.values()), ["device_id"])  # type: ignore[arg-type]
+            for table, rows in ((ReportedRecord.__table__, reported), (OnlineRecord.__table__, online)):
+                if rows:
+                    columns = list(next(iter(rows.values())))
+                    values = [tuple(row[c] for c in columns) for row in rows.values()]
+                    upsert(s, table, columns, values, ["device_id"])  # type: ignore[arg-type]
         written = len(batch) - invalid
         self.stats.received += len(batch)
         self.stats.written += written

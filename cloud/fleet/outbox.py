@@ -56,7 +56,6 @@ def publish_pending(db: Database, endpoint: Endpoint, now: Callable[[], datetime
         )
         with db.transaction() as s:
             at = bind_value(s, table.c.published_at, now())
-            executemany(
-                s, stmt, [{"d": d, "g": g, "p": True, "at": at} for d, g, _ in owed[: outcome.acknowledged]]
-            )
+            rows = [(True, at, d, g) for d, g, _ in owed[: outcome.acknowledged]]
+            executemany(s, stmt, ("p", "at", "d", "g"), rows)
     return PublishReport(outcome.acknowledged, pending_count(db), outcome.error or cleared.error)

@@ -7,7 +7,7 @@ from collections import defaultdict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud.fleet.queries import device_statuses, live_manifest, load_gates, models_of
+from cloud.fleet.queries import device_statuses, fetch, live_manifest, load_gates, models_of
 from cloud.fleet.results import DeploymentProgress, DeploymentSummary, DeviceProgress, WaveProgress
 from cloud.fleet.sql import aware
 from cloud.fleet.status import DeviceStatus
@@ -55,7 +55,7 @@ def progress(s: Session, name: str) -> DeploymentProgress:
     rollout = s.get(RolloutRecord, name)
     statuses = device_statuses(s)
     generations: dict[str, int] = {
-        d: g for d, g in s.connection().execute(select(DesiredRecord.device_id, DesiredRecord.generation))
+        d: g for d, g in fetch(s, select(DesiredRecord.device_id, DesiredRecord.generation))
     }
     gates = {d: g for (dep, d), g in load_gates(s).items() if dep == name}
     devices = set(gates) | {d for d, (dep, _) in statuses.items() if dep == name}

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cloud.fleet.mqtt import CONNECT_TIMEOUT_S, KEEPALIVE_S, BrokerUnavailable, Endpoint, tls_context
 
@@ -35,12 +36,12 @@ _CONNACK_REASONS = {
     4: "bad user name or password",
     5: "not authorized",
 }
-_PUBLISH_QOS1_RETAIN = 0x33
+_PUBLISH_HEADER = b"\x33"  # PUBLISH, QoS 1, retain
+_U16 = struct.Struct("!H").pack
 _DISCONNECT = b"\xe0\x00"
 
 
-@dataclass(frozen=True)
-class Retained:
+class Retained(NamedTuple):
     """A message to publish retained with QoS 1; an empty payload clears the topic's retained message."""
 
     topic: str
@@ -74,7 +75,7 @@ def publish_retained(
             if sent < len(messages) and sent - acked < WINDOW:
                 end = min(len(messages), acked + WINDOW)
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                sock.sendall(b"".join(_publish_packet(messages[i], i) for i in range(sent, end)))
+                sock.sendall(_publish_packets(messages, sent, end))
                 sent = end
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -107,12 +108,15 @@ def publish_retained(
     )
 
 
-def _publish_packet(message: Retained, index: int) -> bytes:
-    topic = message.topic.encode()
-    body = b"".join(
-        (struct.pack("!H", len(topic)), topic, struct.pack("!H", index % 0xFFFF + 1), message.payload)
-    )
-    return b"".join((bytes((_PUBLISH_QOS1_RETAIN,)), _varint(len(body)), body))
+def _publish_packets(messages: Sequence[Retained], start: int, end: int) -> bytes:
+    """PUBLISH packets (QoS 1, retained) for ``messages[start:end]``, packet ids from the index."""
+    parts: list[bytes] = []
+    for i in range(start, end):
+        topic, payload = messages[i]
+        name = topic.encode()
+        size = len(name) + len(payload) + 4
+        parts += (_PUBLISH_HEADER, _varint(size), _U16(len(name)), name, _U16(i % 0xFFFF + 1), payload)
+    return b"".join(parts)
 
 
 def _pubacks(buffer: bytes) -> tuple[int, bytes, str | None]:
@@ -125,6 +129,10 @@ def _pubacks(buffer: bytes) -> tuple[int, bytes, str | None]:
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
     out = bytearray()
     while True:
         n, digit = divmod(n, 128)
@@ -135,7 +143,7 @@ def _varint(n: int) -> bytes:
 
 def _string(value: str) -> bytes:
     data = value.encode()
-    return struct.pack("!H", len(data)) + data
+    return _U16(len(data)) + data
 
 
 def _connect(endpoint: Endpoint) -> socket.socket:
@@ -148,7 +156,7 @@ def _connect(endpoint: Endpoint) -> socket.socket:
         if endpoint.password is not None:
             flags |= 0x40
             payload += _string(endpoint.password)
-    body = b"\x00\x04MQTT\x04" + bytes((flags,)) + struct.pack("!H", KEEPALIVE_S) + payload
+    body = b"\x00\x04MQTT\x04" + bytes((flags,)) + _U16(KEEPALIVE_S) + payload
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=CONNECT_TIMEOUT_S)
     except OSError as e:

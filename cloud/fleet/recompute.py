@@ -19,8 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud.fleet.desired import EMPTY, DesiredContent, Renderer, content_hash, next_generation
-from cloud.fleet.queries import load_deployments, load_devices, load_gates
-from cloud.fleet.sql import aware, bind_value, upsert
+from cloud.fleet.queries import fetch, load_deployments, load_devices, load_gates
+from cloud.fleet.sql import bind_value, upsert
 from cloud.fleet.targeting import DeviceInfo, Resolution, resolve
 from cloud.store.fleet import DesiredRecord
 
@@ -39,26 +39,22 @@ def recompute_desired(
         devices = load_devices(s)
     if resolution is None:
         resolution = resolve(devices, load_deployments(s), chains)
-    stored: dict[str, tuple[int, str]] = {}
-    expiring: set[str] = set()
-    refresh_before = now + ttl / 2
-    for d, g, h, expires in s.connection().execute(
-        select(
-            DesiredRecord.device_id,
-            DesiredRecord.generation,
-            DesiredRecord.content_hash,
-            DesiredRecord.expires_at,
+    stored: dict[str, tuple[int, str]] = {
+        d: (g, h)
+        for d, g, h in fetch(
+            s, select(DesiredRecord.device_id, DesiredRecord.generation, DesiredRecord.content_hash)
         )
-    ):
-        stored[d] = (g, h)
-        if expires is not None and aware(expires) < refresh_before:
-            expiring.add(d)
+    }
+    expiring = {
+        d
+        for (d,) in fetch(s, select(DesiredRecord.device_id).where(DesiredRecord.expires_at < now + ttl / 2))
+    }
     gates = load_gates(s)
     renderer = Renderer(key, now, ttl)
     contents: dict[tuple[str, str], tuple[DesiredContent, str]] = {}
     reverted: dict[str, tuple[DesiredContent, str]] = {}
     empty = (EMPTY, EMPTY.hash)
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []
     stamp = bind_value(s, DesiredRecord.__table__.c.updated_at, now)
     expires_at = bind_value(s, DesiredRecord.__table__.c.expires_at, renderer.expires_at)
     for device in devices:
@@ -86,21 +82,25 @@ def recompute_desired(
             generation = stored[device.id][0] + 1
         if generation is None:
             continue
+        payload = renderer.payload(device.id, generation, content, digest).decode()
         rows.append(
-            {
-                "device_id": device.id,
-                "generation": generation,
-                "content_hash": digest,
-                "deployment": content.deployment,
-                "payload": renderer.payload(device.id, generation, content, digest).decode(),
-                "published": False,
-                "updated_at": stamp,
-                "published_at": None,
-                "expires_at": expires_at,
-            }
+            (device.id, generation, digest, content.deployment, payload, False, stamp, None, expires_at)
         )
-    upsert(s, DesiredRecord.__table__, rows, ["device_id"])  # type: ignore[arg-type]
+    upsert(s, DesiredRecord.__table__, _COLUMNS, rows, ["device_id"])  # type: ignore[arg-type]
     return len(rows)
+
+
+_COLUMNS = (
+    "device_id",
+    "generation",
+    "content_hash",
+    "deployment",
+    "payload",
+    "published",
+    "updated_at",
+    "published_at",
+    "expires_at",
+)
 
 
 def _previous(

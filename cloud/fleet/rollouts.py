@@ -16,7 +16,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from cloud.fleet.desired import content_from_payload
-from cloud.fleet.queries import device_statuses, live_manifest, stored_waves
+from cloud.fleet.queries import device_statuses, fetch, live_manifest, stored_waves
 from cloud.fleet.rollout import Decision, evaluate
 from cloud.fleet.sql import aware, bind_value, insert_many
 from cloud.store.fleet import DesiredRecord, RolloutDevice, RolloutRecord
@@ -33,8 +33,8 @@ def start_rollout(
         wanted = {d for wave in waves for d in wave}
         table = RolloutDevice.__table__
         by_hash: dict[str, Any] = {}
-        for device, digest, payload in s.connection().execute(
-            select(DesiredRecord.device_id, DesiredRecord.content_hash, DesiredRecord.payload)
+        for device, digest, payload in fetch(
+            s, select(DesiredRecord.device_id, DesiredRecord.content_hash, DesiredRecord.payload)
         ):
             if device in wanted:
                 if digest not in by_hash:
@@ -56,18 +56,12 @@ def start_rollout(
     )
     s.flush()
     rows = [
-        {
-            "deployment": name,
-            "device_id": device,
-            "wave": i,
-            "released": i == 0,
-            "reverted": False,
-            "previous": previous.get(device),
-        }
+        (name, device, i, i == 0, False, previous.get(device))
         for i, wave in enumerate(waves)
         for device in wave
     ]
-    insert_many(s, RolloutDevice.__table__, rows)  # type: ignore[arg-type]
+    columns = ("deployment", "device_id", "wave", "released", "reverted", "previous")
+    insert_many(s, RolloutDevice.__table__, columns, rows)  # type: ignore[arg-type]
 
 
 def advance_rollouts(s: Session, now: datetime) -> list[str]:

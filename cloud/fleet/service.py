@@ -44,7 +44,7 @@ from cloud.fleet.results import (
 from cloud.fleet.rollout import split_waves
 from cloud.fleet.rollouts import advance_rollouts, start_rollout
 from cloud.fleet.sql import aware
-from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, Resolution, resolve, selected
+from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, Resolution, resolve, selected_ids
 from cloud.keys import load_or_create_signing_key
 from cloud.store.db import Database, open_database
 from cloud.store.deployments import set_deployment_models
@@ -147,7 +147,7 @@ class Fleet:
             entries = [e for e in load_deployments(s) if e.name != name]
             entry = DeploymentEntry(manifest, applied_at)
             resolution = resolve(devices, [*entries, entry], self.chains)
-            chosen = [d.id for d in devices if selected(entry, d)]
+            chosen = selected_ids(entry, devices)
             winning = sorted(d for d, a in resolution.assignments.items() if a.deployment.name == name)
             problems = [p for p in resolution.problems if p.startswith(f"deployment {name!r}")]
             problems += resolution.conflict_messages(name)

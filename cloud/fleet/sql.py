@@ -18,38 +18,52 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import Executable
 
 
-def executemany(session: Session, stmt: Executable, rows: Sequence[dict[str, Any]]) -> None:
-    """Run ``stmt`` once per row in one driver ``executemany``, inside the session's transaction."""
+def executemany(
+    session: Session, stmt: Executable, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Run ``stmt`` once per row in one driver ``executemany``, inside the session's transaction.
+
+    ``rows`` are tuples of driver-ready values in the order of ``columns`` (the statement's bind
+    names); on a positional driver (SQLite) they go to it as they are when that order matches.
+    """
     if not rows:
         return
     connection = session.connection()
     compiled = stmt.compile(dialect=connection.dialect)  # type: ignore[attr-defined]
+    params: Sequence[Any]
     if compiled.positional:
-        order = compiled.positiontup
-        params: list[Any] = [tuple(row[key] for key in order) for row in rows]
+        order = [columns.index(name) for name in compiled.positiontup]
+        params = rows if order == list(range(len(columns))) else [tuple(r[i] for i in order) for r in rows]
     else:
-        params = list(rows)
+        params = [dict(zip(columns, r, strict=True)) for r in rows]
     connection.exec_driver_sql(str(compiled), params)
 
 
-def insert_many(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert ``rows`` (all with the same columns, driver-ready values)."""
+def insert_many(
+    session: Session, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Insert ``rows`` (tuples of driver-ready values in the order of ``columns``)."""
     if rows:
-        executemany(session, table.insert().values(_binds(table, list(rows[0]))), rows)
+        executemany(session, table.insert().values(_binds(table, columns)), columns, rows)
 
 
-def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
-    """Insert ``rows`` (driver-ready values), replacing the other columns on a key conflict."""
+def upsert(
+    session: Session,
+    table: Table,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    keys: Sequence[str],
+) -> None:
+    """Insert ``rows`` (as for ``insert_many``), replacing the other columns on a conflict of ``keys``."""
     if not rows:
         return
-    columns = list(rows[0])
     insert = sqlite.insert if session.get_bind().dialect.name == "sqlite" else postgresql.insert
     stmt = insert(table).values(_binds(table, columns))
     stmt = stmt.on_conflict_do_update(
         index_elements=list(keys),
         set_={column: stmt.excluded[column] for column in columns if column not in keys},
     )
-    executemany(session, stmt, rows)
+    executemany(session, stmt, columns, rows)
 
 
 def _binds(table: Table, columns: Sequence[str]) -> dict[str, Any]:
@@ -58,7 +72,8 @@ def _binds(table: Table, columns: Sequence[str]) -> dict[str, Any]:
 
 def bind_value(session: Session, column: ColumnElement[Any], value: Any) -> Any:
     """``value`` as the driver must receive it for ``column`` (e.g. a datetime as text on SQLite)."""
-    processor = column.type.bind_processor(session.get_bind().dialect)
+    dialect = session.get_bind().dialect
+    processor = column.type.dialect_impl(dialect).bind_processor(dialect)
     return processor(value) if processor is not None and value is not None else value
 
 

@@ -122,8 +122,34 @@ def selected(entry: DeploymentEntry, device: DeviceInfo) -> bool:
     return entry.manifest.target.matches(device.id, dict(device.tags), device.profile)
 
 
+def selected_ids(entry: DeploymentEntry, devices: Iterable[DeviceInfo]) -> list[str]:
+    """The ids of the ``devices`` that ``entry`` targets, decided once per profile and tags."""
+    listed = frozenset(entry.manifest.target.device_ids)
+    decided: dict[tuple[str, tuple[tuple[str, str], ...]], bool] = {}
+    out = []
+    for device in devices:
+        if listed and device.id not in listed:
+            continue
+        alike = (device.profile, tuple(sorted(device.tags.items())))
+        if alike not in decided:
+            decided[alike] = selected(entry, device)
+        if decided[alike]:
+            out.append(device.id)
+    return out
+
+
 def _rank(entry: DeploymentEntry) -> tuple[int, datetime, str]:
     return (entry.manifest.priority, entry.applied_at, entry.name)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """What resolve decides for every device alike (same profile, tags and id-target memberships)."""
+
+    winner: DeploymentEntry
+    modules: dict[str, DesiredModule] | None
+    conflicts: list[tuple[str, str]]
+    unplaced: list[tuple[str, str]]
 
 
 def resolve(
@@ -133,45 +159,69 @@ def resolve(
 ) -> Resolution:
     """The winning deployment and its modules for every selected device.
 
-    ``chains`` maps a profile to its fallback chain (itself first). Modules are computed once per
-    (deployment, profile), so large fleets with few profiles resolve quickly.
+    ``chains`` maps a profile to its fallback chain (itself first). Devices that no target tells
+    apart (same profile and tags, listed by the same ``device_ids`` targets) are decided once, and
+    modules are computed once per (deployment, profile), so large fleets resolve quickly.
     """
     result = Resolution()
     ranked = sorted(deployments, key=_rank, reverse=True)
+    by_id = [
+        (e.name, frozenset(e.manifest.target.device_ids)) for e in ranked if e.manifest.target.device_ids
+    ]
     cache: dict[tuple[str, str], dict[str, DesiredModule] | TargetingError] = {}
+    placements: dict[tuple[object, ...], _Placement | None] = {}
     unplaced: dict[tuple[str, str], list[str]] = {}
 
-    def modules_of(entry: DeploymentEntry, device: DeviceInfo) -> dict[str, DesiredModule] | None:
-        key = (entry.name, device.profile)
+    def modules_of(entry: DeploymentEntry, profile: str) -> dict[str, DesiredModule] | None:
+        key = (entry.name, profile)
         if key not in cache:
             try:
-                cache[key] = device_modules(entry.manifest, device.profile, chains.get(device.profile, ()))
+                cache[key] = device_modules(entry.manifest, profile, chains.get(profile, ()))
             except TargetingError as e:
                 cache[key] = e
         found = cache[key]
-        if isinstance(found, TargetingError):
-            unplaced.setdefault(key, []).append(device.id)
-            return None
-        return found
+        return None if isinstance(found, TargetingError) else found
 
-    for device in devices:
+    def place(device: DeviceInfo) -> _Placement | None:
         matching = [e for e in ranked if selected(e, device)]
         if not matching:
-            continue
+            return None
         winner = matching[0]
-        modules = modules_of(winner, device)
+        modules = modules_of(winner, device.profile)
         if modules is None:
-            continue
+            return _Placement(winner, None, [], [(winner.name, device.profile)])
+        conflicts: list[tuple[str, str]] = []
+        missing: list[tuple[str, str]] = []
         for other in matching[1:]:
             if other.manifest.priority != winner.manifest.priority:
                 break
-            theirs = modules_of(other, device)
-            if theirs is not None and not same_content(winner, modules, other, theirs):
+            theirs = modules_of(other, device.profile)
+            if theirs is None:
+                missing.append((other.name, device.profile))
+            elif not same_content(winner, modules, other, theirs):
                 a, b = sorted((winner.name, other.name))
-                result.conflicts.append((device.id, a, b))
-        result.assignments[device.id] = Assignment(winner, modules)
-    for key, ids in sorted(unplaced.items()):
-        error = cache[key]
+                conflicts.append((a, b))
+        return _Placement(winner, modules, conflicts, missing)
+
+    for device in devices:
+        alike = (
+            device.profile,
+            tuple(sorted(device.tags.items())),
+            tuple(name for name, ids in by_id if device.id in ids),
+        )
+        if alike not in placements:
+            placements[alike] = place(device)
+        placement = placements[alike]
+        if placement is None:
+            continue
+        for missing in placement.unplaced:
+            unplaced.setdefault(missing, []).append(device.id)
+        if placement.modules is None:
+            continue
+        result.conflicts.extend((device.id, a, b) for a, b in placement.conflicts)
+        result.assignments[device.id] = Assignment(placement.winner, placement.modules)
+    for where, ids in sorted(unplaced.items()):
+        error = cache[where]
         assert isinstance(error, TargetingError)
         affected = f"{len(ids)} device(s): {_some(ids)}"
         result.problems.extend(f"{p} ({affected})" for p in error.problems)

@@ -10,7 +10,7 @@ import contextlib
 import json
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from cloud.fleet.controller import Controller, Status
 from cloud.fleet.desired import EMPTY
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.mqtt import Endpoint
+from cloud.fleet.publisher import PublishOutcome, Retained, publish_retained
 from cloud.fleet.service import ApplyError, Fleet
 from cloud.keys import load_or_create_signing_key, public_key_path
 from cloud.store.db import open_database
@@ -33,6 +34,7 @@ from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, Rollo
 from modules.contract import DeploymentManifest, DesiredState, ReportedState
 from modules.profiles import load_profiles
 from modules.signing import load_public_key_file, verify_desired
+from tests.integration.test_ingest import publish, until
 from tests.services import MosquittoBroker, MosquittoFactory, wait_until
 
 pytestmark = pytest.mark.integration
@@ -284,25 +286,7 @@ def report(device: str, generation: int, status: str) -> bytes:
 
 
 def publish_reports(broker: MosquittoBroker, reports: dict[str, bytes]) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    infos = [client.publish(f"edge/{d}/reported", p, qos=1, retain=True) for d, p in reports.items()]
-    for info in infos:
-        info.wait_for_publish(WAIT_S)
-    client.disconnect()
-    client.loop_stop()
-
-
-async def until(check: Callable[[], bool]) -> bool:
-    """Wait (without blocking the event loop) until ``check`` holds or WAIT_S passes."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while not check():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
+    publish(broker, [(f"edge/{d}/reported", p) for d, p in reports.items()])
 
 
 async def test_rollout_waves_advance_on_healthy_reports_and_halt_with_revert(
@@ -646,3 +630,27 @@ async def test_device_remove_deletes_fleet_rows_and_clears_retained_messages(
         assert recorder.wait_for({"cam-9"})["cam-9"].generation == 1
     finally:
         recorder.close()
+
+
+def test_bulk_publisher_frames_every_payload_size_and_refuses_bad_credentials(
+    mosquitto_factory: MosquittoFactory, tmp_path: Path
+) -> None:
+    """Remaining lengths of one to four bytes, an empty payload (clears), a non-ASCII topic."""
+    broker = mosquitto_factory()
+    sizes = [0, 1, 120, 200, 16_000, 17_000, 2_200_000]
+    messages = [
+        Retained(f"edge/sz-{n}/desired", bytes(range(256)) * (n // 256) + b"x" * (n % 256)) for n in sizes
+    ]
+    messages.append(Retained("edge/gerät-ü/desired", b"{}"))
+    assert publish_retained(endpoint(broker), messages) == PublishOutcome(len(messages))
+    for message in messages:
+        device = message.topic.split("/")[1]
+        assert retained(broker, device) == ({message.topic: message.payload} if message.payload else {})
+
+    (tmp_path / "passwd").write_text("")
+    locked = mosquitto_factory(password_file=tmp_path / "passwd")
+    refused = publish_retained(endpoint(locked), messages[:1])
+    assert refused.acknowledged == 0
+    assert refused.error == (
+        f"the MQTT broker at {endpoint(locked).url} refused the connection: not authorized"
+    )

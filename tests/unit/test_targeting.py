@@ -136,6 +136,28 @@ def test_unplaceable_profile_reported_once_per_deployment_and_profile() -> None:
     ]
 
 
+def test_devices_alike_but_for_their_id_are_decided_one_by_one() -> None:
+    """resolve decides once per (profile, tags, id-target memberships): ids listed by a target must
+    still be told apart from their look-alikes, conflicts included."""
+    devices = [DeviceInfo(f"cam-{i}", "cpu", {"site": "a"}) for i in range(6)]
+    deployments = [
+        entry("all", {"tags": {"site": "a"}}, age=10),
+        entry("pinned", {"device_ids": ["cam-2", "cam-4"]}, priority=5),
+        entry("rival", {"device_ids": ["cam-5"]}, images={"cpu": "r/rival:1"}),
+    ]
+    result = resolve(devices, deployments, CHAINS)
+    assert {d: a.deployment.name for d, a in result.assignments.items()} == {
+        "cam-0": "all",
+        "cam-1": "all",
+        "cam-2": "pinned",
+        "cam-3": "all",
+        "cam-4": "pinned",
+        "cam-5": "rival",  # equal priority, newer
+    }
+    assert result.conflicts == [("cam-5", "all", "rival")]
+    assert result.assignments["cam-0"].modules["web"].image == "reg.local/all:1"
+
+
 def test_set_model_swaps_only_the_module_images_given() -> None:
     e = entry("d", {"tags": {"site": "a"}}, images={"cpu": "r/a:1-cpu", "cuda": "r/a:1-cuda"})
     updated = with_module_images(e.manifest, "web", {"cuda": "r/a@sha256:" + "a" * 64})

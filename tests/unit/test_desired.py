@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import orjson
 import pytest
 
 from cloud.fleet.desired import EMPTY, DesiredContent, Renderer, content_from_payload, next_generation
-from modules.contract import DesiredModule, DesiredState, PortMapping, canonical_json
+from modules.contract import (
+    DesiredModule,
+    DesiredState,
+    HealthCheck,
+    PortMapping,
+    Resources,
+    canonical_json,
+)
 from modules.signing import SignatureError, generate_keypair, load_private_key, verify_desired
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -89,3 +97,37 @@ def test_the_agent_admits_what_the_cloud_renders() -> None:
     payload = Renderer(KEY, T0).payload("cam-1", 5, c, c.hash)
     state = admit(payload, device_id="cam-1", last_generation=4, public_key=KEY.public_key(), now=T0)
     assert (state.generation, state.modules["web"].image) == (5, "reg.local/web:1")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cam-1",
+        "grüße ✓ 日本",
+        'quote " back \\ slash',
+        "ctl \x00\x1f\x7f tab\t nl\n",
+        "sep \u2028\u2029 emoji 🚀",
+    ],
+)
+def test_orjson_escapes_a_string_as_canonical_json_does(text: str) -> None:
+    """The renderer encodes the device id with orjson inside otherwise canonical_json bytes."""
+    assert orjson.dumps(text) == canonical_json(text)
+
+
+def test_tricky_content_renders_byte_for_byte_canonical_and_the_agent_admits_it() -> None:
+    from agent.admission import admit
+
+    issued = datetime(2026, 1, 1, 12, 30, 5, 123456, tzinfo=timezone.utc)
+    module = DesiredModule(
+        image="reg.local/web:1",
+        env={"GREETING": "grüße ✓ 日本 \u2028", "QUOTE": 'say "hi"\\n', "EMPTY": ""},
+        resources=Resources(cpus=0.1, memory_mb=64),
+        health=HealthCheck(interval_s=1e-3, timeout_s=0.3),
+    )
+    c = DesiredContent("depl", {"web": module}, health_deadline_s=12.75)
+    payload = Renderer(KEY, issued, ttl=timedelta(hours=1, microseconds=7)).payload("cam-1", 9, c, c.hash)
+    state = admit(payload, device_id="cam-1", last_generation=8, public_key=KEY.public_key(), now=issued)
+    assert payload == canonical_json(state.model_dump(mode="json"))
+    assert state.modules["web"].env["GREETING"] == "grüße ✓ 日本 \u2028"
+    assert state.modules["web"].health.interval_s == 1e-3
+    assert state.expires_at == issued + timedelta(hours=1, microseconds=7)

@@ -183,11 +183,16 @@ class Demo:
         )
         assert process.stderr is not None and process.stdout is not None
         errors: list[str] = []
-        for line in process.stderr:
-            errors.append(line.rstrip())
-            if not quiet:
-                print("      " + line.rstrip(), file=self.options.out, flush=True)
-        out = process.stdout.read()
+        try:
+            for line in process.stderr:
+                errors.append(line.rstrip())
+                if not quiet:
+                    print("      " + line.rstrip(), file=self.options.out, flush=True)
+            out = process.stdout.read()
+        except BaseException:
+            process.terminate()
+            process.wait(STOP_TIMEOUT_S)
+            raise
         if process.wait() != 0:
             shown = "" if not quiet else "\n" + "\n".join(errors[-10:])
             raise DemoError(f"edgectl {' '.join(args)} failed (exit {process.returncode}){shown}")
@@ -421,6 +426,7 @@ class DemoRun(Demo):
         self.edgectl("model", "register", str(model), "--name", MODEL, "--tag", "demo=v1")
         packaged = self.package(1)
         image = self._image_of(packaged)
+        self._forget_local_build(packaged, 1)
         self.images[1] = image
         self.say(f"module image: {image}")
         return folder
@@ -505,8 +511,10 @@ class DemoRun(Demo):
         }
         path = self.work / "deployment.json"
         path.write_text(json.dumps(manifest, indent=2) + "\n")
+        mark = self._registry_log_size()
         self.edgectl("deploy", "apply", "-f", str(path), "--model", f"{MODEL}:1")
         self.follow(generation=None)
+        self.say_pulled(mark, self.images[1], "version 1")
 
     def follow(self, generation: int | None) -> None:
         """Print the rollout's progress until it completes (DemoError when it halts or stalls)."""
@@ -616,7 +624,7 @@ class DemoRun(Demo):
             f"version 2 image: {len(new)} layers, {len(new) - len(moved)} shared with version 1; "
             f"new: {len(moved)} layer(s), {_human(sum(moved.values()))} of {_human(sum(new.values()))}"
         )
-        self._forget_local_build(packaged)
+        self._forget_local_build(packaged, 2)
         mark = self._registry_log_size()
         manifest = json.loads((self.work / "deployment.json").read_text())
         manifest["modules"][MODULE]["images"]["cpu"] = self.images[2]
@@ -626,15 +634,23 @@ class DemoRun(Demo):
         self.follow(generation=2)
         self.score(folder, expect_version=2)
         self.fleet_table()
+        self.say_pulled(mark, self.images[2], "version 2")
+
+    def say_pulled(self, mark: int, image: str, what: str) -> None:
+        """What the real device's Docker Engine downloaded from the registry since ``mark``."""
         blobs, manifests = self._pulled_since(mark)
+        layers = _layers(self.registry, image)
+        pulled = {d: n for d, n in blobs.items() if d in layers}
+        config = sum(n for d, n in blobs.items() if d not in layers)
+        names = ", ".join(f"{d[7:19]} {_human(n)}" for d, n in pulled.items()) or "none"
         self.say(
-            f"the real device pulled {_human(sum(blobs.values()))} of layers from the registry "
-            f"({len(blobs)} blob(s){': ' + ', '.join(d[7:19] for d in blobs) if blobs else ''}; "
-            f"model layer {', '.join(d[7:19] for d in moved)}) and {manifests} manifest(s); "
-            "the base and runtime layers stayed where they were"
+            f"the real device pulled {what}: {len(pulled)} of {len(layers)} layers, "
+            f"{_human(sum(pulled.values()))} ({names}), plus {manifests} manifest(s) and "
+            f"{_human(config)} of image config (the registry's access log; layers Docker Engine already "
+            "holds are not fetched again)"
         )
 
-    def _forget_local_build(self, packaged: Any) -> None:
+    def _forget_local_build(self, packaged: Any, version: int) -> None:
         """Drop the build's local copy of version 2: the build host and the real device share this
         machine's Docker Engine, and a remote device would not have it either."""
         import docker
@@ -648,8 +664,8 @@ class DemoRun(Demo):
         finally:
             client.close()
         self.say(
-            "removed the build's local copy of version 2 from Docker Engine (shared by the build and "
-            "the real device here), so the device pulls it from the registry as a remote device would"
+            f"removed the build's local copy of version {version} from Docker Engine (the build and the "
+            "real device share it here), so the device pulls from the registry as a remote one would"
         )
 
     def _registry_log_size(self) -> int:
@@ -687,7 +703,7 @@ def run_demo(options: DemoOptions) -> int:
     def terminate(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
         demo.run()
@@ -700,7 +716,9 @@ def run_demo(options: DemoOptions) -> int:
         demo.say("interrupted: stopping what the demo started")
         code = 130
     finally:
-        with contextlib.suppress(KeyboardInterrupt):
-            demo.stop_all()
-        signal.signal(signal.SIGTERM, previous)
+        for sig in previous:  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        demo.stop_all()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return code

@@ -23,12 +23,11 @@ _Columns = TypeVarTuple("_Columns")
 
 @dataclass(frozen=True)
 class Gate:
-    """A device in a rollout: its wave, whether released or reverted, and what it ran before."""
+    """A device in a rollout: its wave, and whether it was released or reverted."""
 
     wave: int
     released: bool
     reverted: bool
-    previous: dict[str, Any] | None
 
 
 def fetch(s: Session, stmt: Select[Unpack[_Columns]]) -> Sequence[Row[Unpack[_Columns]]]:
@@ -66,8 +65,8 @@ def live_manifest(s: Session, name: str) -> tuple[Deployment, DeploymentManifest
 def load_gates(s: Session) -> dict[tuple[str, str], Gate]:
     """Every device's rollout gate, keyed by ``(deployment, device)``."""
     return {
-        (dep, d): Gate(w, rel, rev, prev)
-        for dep, d, w, rel, rev, prev in fetch(
+        (dep, d): Gate(w, rel, rev)
+        for dep, d, w, rel, rev in fetch(
             s,
             select(
                 RolloutDevice.deployment,
@@ -75,7 +74,19 @@ def load_gates(s: Session) -> dict[tuple[str, str], Gate]:
                 RolloutDevice.wave,
                 RolloutDevice.released,
                 RolloutDevice.reverted,
-                RolloutDevice.previous,
+            ),
+        )
+    }
+
+
+def reverted_to(s: Session) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """What each reverted device of a rollout ran before it (None: nothing), by ``(deployment, device)``."""
+    return {
+        (dep, d): previous
+        for dep, d, previous in fetch(
+            s,
+            select(RolloutDevice.deployment, RolloutDevice.device_id, RolloutDevice.previous).where(
+                RolloutDevice.reverted.is_(True)
             ),
         )
     }

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud.fleet.desired import EMPTY, DesiredContent, Renderer, content_hash, next_generation
-from cloud.fleet.queries import fetch, load_deployments, load_devices, load_gates
+from cloud.fleet.queries import fetch, load_deployments, load_devices, load_gates, reverted_to
 from cloud.fleet.sql import bind_value, upsert
 from cloud.fleet.targeting import DeviceInfo, Resolution, resolve
 from cloud.store.fleet import DesiredRecord
@@ -50,6 +50,7 @@ def recompute_desired(
         for (d,) in fetch(s, select(DesiredRecord.device_id).where(DesiredRecord.expires_at < now + ttl / 2))
     }
     gates = load_gates(s)
+    before = reverted_to(s)
     renderer = Renderer(key, now, ttl)
     contents: dict[tuple[str, str], tuple[DesiredContent, str]] = {}
     reverted: dict[str, tuple[DesiredContent, str]] = {}
@@ -67,7 +68,8 @@ def recompute_desired(
             entry = assignment.deployment
             gate = gates.get((entry.name, device.id))
             if gate is not None and gate.reverted:
-                content, digest = _previous(gate.previous, reverted) if gate.previous else empty
+                previous = before.get((entry.name, device.id))
+                content, digest = _previous(previous, reverted) if previous else empty
             elif gate is not None and not gate.released:
                 continue
             else:

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -27,11 +26,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
-from sqlalchemy import DateTime
-from sqlalchemy.orm import Session
 
 from cloud.fleet.mqtt import Endpoint, connect, disconnect, new_client
-from cloud.fleet.sql import upsert
+from cloud.fleet.sql import binder, upsert
 from cloud.store.db import Database
 from cloud.store.fleet import OnlineRecord, ReportedRecord
 from modules.contract import OnlineStatus, ReportedState, format_validation_error, utcnow
@@ -52,13 +49,6 @@ class IngestStats:
     received: int = 0
     written: int = 0
     invalid: int = 0
-
-
-def _stamper(session: Session) -> Callable[[datetime], Any]:
-    """Converts a datetime the way the store's DateTime columns hand it to the driver."""
-    dialect = session.get_bind().dialect
-    processor = DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
-    return processor if processor is not None else lambda value: value
 
 
 def _topic_device(topic: str, kind: str) -> str | None:
@@ -192,7 +182,7 @@ class Ingestor:
             else:
                 reported[row["device_id"]] = row
         with self.db.transaction() as s:
-            stamp = _stamper(s)
+            stamp = binder(s, ReportedRecord.__table__.c.reported_at)
             for row in reported.values():
                 row["reported_at"] = stamp(row["reported_at"])
                 row["received_at"] = stamp(row["received_at"])

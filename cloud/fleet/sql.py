@@ -8,7 +8,7 @@ value the way the column's type would (datetimes on SQLite, JSON).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -70,11 +70,18 @@ def _binds(table: Table, columns: Sequence[str]) -> dict[str, Any]:
     return {c: bindparam(c, type_=table.c[c].type) for c in columns}
 
 
-def bind_value(session: Session, column: ColumnElement[Any], value: Any) -> Any:
-    """``value`` as the driver must receive it for ``column`` (e.g. a datetime as text on SQLite)."""
+def binder(session: Session, column: ColumnElement[Any]) -> Callable[[Any], Any]:
+    """Converts values the way the driver must receive them for ``column`` (a datetime as text on SQLite)."""
     dialect = session.get_bind().dialect
     processor = column.type.dialect_impl(dialect).bind_processor(dialect)
-    return processor(value) if processor is not None and value is not None else value
+    if processor is None:
+        return lambda value: value
+    return lambda value: None if value is None else processor(value)
+
+
+def bind_value(session: Session, column: ColumnElement[Any], value: Any) -> Any:
+    """``value`` as the driver must receive it for ``column``."""
+    return binder(session, column)(value)
 
 
 def aware(dt: datetime) -> datetime:

@@ -11,6 +11,11 @@ Pulls run in the background (``PullTracker``) and are skipped when the image is 
 by digest for pinned references, so a device boots offline from what it has. Registry
 credentials are looked up by ``RegistryCredentialRef.secret`` in the mapping given at
 construction (``{secret: (username, password)}``). All SDK calls run in worker threads.
+
+Memory: the SDK's ``requests`` would import ``charset_normalizer`` (about 4 MB resident with the
+codecs it loads) only to guess the encoding of responses that declare none. Docker Engine's
+answers all do (JSON is UTF-8), and ``requests`` falls back to UTF-8 without it, so it is kept
+out when ``requests`` is first imported here (``_requests_without_charset_detection``).
 """
 
 from __future__ import annotations
@@ -18,14 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sys
+import warnings
 from collections.abc import Collection, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import docker
-import docker.errors
-from docker.types import LogConfig
 
 from agent.actions import Create, Pull, Remove, Restart, Start, Stop
 from agent.observed import ObservedModule, ObservedStatus
@@ -34,6 +37,26 @@ from agent.runtime import labels as lb
 from agent.runtime.access import AccessError, docker_access
 from agent.runtime.pulls import PullTracker
 from modules.contract import DesiredModule, DeviceProfile, HealthCheck
+
+
+def _requests_without_charset_detection() -> None:
+    """Import ``requests`` with ``charset_normalizer`` hidden (a no-op once either is loaded)."""
+    if "requests" in sys.modules or "charset_normalizer" in sys.modules:
+        return
+    sys.modules["charset_normalizer"] = None  # type: ignore[assignment]  # import fails: not used
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Unable to find acceptable character detection")
+            import requests  # noqa: F401
+    finally:
+        del sys.modules["charset_normalizer"]  # later imports elsewhere in the process work again
+
+
+_requests_without_charset_detection()
+
+import docker  # noqa: E402  (after the function above)
+import docker.errors  # noqa: E402
+from docker.types import LogConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ image); the rest use a tiny ``FROM scratch`` image and need no base.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -32,13 +34,37 @@ from tests.integration.module_image import (
     scratch_image,
     until,
 )
-from tests.services import RegistryServer, free_port, start_or_skip
+from tests.services import REPO_ROOT, RegistryServer, free_port, start_or_skip
 
 pytestmark = pytest.mark.integration
 digits_build = module_image.digits_build
 module_image_fixture = module_image.module_image
 
 SCRATCH = "edgedeploy-test/scratch:1"
+
+
+LEAN_SDK = """\
+import sys
+import agent.runtime.docker
+import requests.compat
+from agent.runtime.docker import DockerRuntime
+
+rt = DockerRuntime(device_id="lean-sdk-check")
+print(requests.compat.chardet is None, "charset_normalizer" in sys.modules)
+print(rt.client.version()["ApiVersion"])
+"""
+
+
+def test_the_sdk_runs_without_charset_detection(docker_client: Any) -> None:
+    """A fresh agent process loads the SDK without charset_normalizer (no warning) and talks to
+    the engine all the same."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", LEAN_SDK], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    first, api_version = done.stdout.splitlines()
+    assert first == "True False"
+    assert api_version == docker_client.version()["ApiVersion"]
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,8 @@ ONLINE_SUBSCRIPTION = "edge/+/online"
 FLUSH_INTERVAL_S = 0.1
 SESSION_EXPIRY_S = 3600
 SUBSCRIBE_TIMEOUT_S = 10.0
+RECONNECT_MAX_S = 30
+"""paho retries a lost connection after 1 s, doubling the wait up to this."""
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Ingestor:
         client = new_client(self.endpoint, "edgectl-ingest", client_id=self.session)
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.reconnect_delay_set(1, RECONNECT_MAX_S)
         self._client = client
         await asyncio.to_thread(
             connect,

@@ -469,10 +469,11 @@ def test_recompute_picks_up_new_devices_and_re_signs_before_expiry(tmp_path: Pat
 # ---- the controller ------------------------------------------------------------------------------
 
 
-async def test_controller_connects_when_the_broker_comes_up_and_publishes_what_is_owed(
+async def test_controller_rides_out_the_broker_being_down_and_publishes_what_is_owed(
     fleet: Fleet, mosquitto_factory: MosquittoFactory
 ) -> None:
-    """``deploy watch`` and ``edgectl serve`` run this: retry until the broker answers, then catch up."""
+    """``deploy watch`` and ``edgectl serve`` run this: retry until the broker answers, then catch up;
+    the same when the broker goes away while it runs."""
     broker = mosquitto_factory()
     broker.stop()
     fleet.apply(manifest())  # stored, nothing published
@@ -502,16 +503,25 @@ async def test_controller_connects_when_the_broker_comes_up_and_publishes_what_i
         publish_reports(broker, {"cam-1": report("cam-1", 1, "healthy")})
         assert await until(lambda: status.ingest.written >= 1 and "cam-4" in generations(fleet))
         assert await until(lambda: fleet.pending_count() == 0)
+
+        await asyncio.to_thread(broker.stop)  # lost while running: stored states wait for it
+        assert await until(lambda: not status.connected)
+        fleet.apply(manifest(modules={"detector": {"images": {"cpu": "reg.local/det:2-cpu"}}}))
+        assert await until(lambda: "cannot reach the MQTT broker" in (status.error or ""))
+        await asyncio.to_thread(broker.start)
+        assert await until(lambda: status.connected and fleet.pending_count() == 0)
+        publish_reports(broker, {"cam-4": report("cam-4", 2, "healthy")})
+        assert await until(lambda: status.ingest.written >= 2)  # the ingester is back as well
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
     recorder = Recorder(broker)
     try:
-        states = recorder.wait_for({"cam-1", "cam-2", "cam-3", "cam-4"}, generation=1)
+        states = recorder.wait_for({"cam-1", "cam-2", "cam-3", "cam-4"}, generation=2)
     finally:
         recorder.close()
-    assert states["cam-4"].modules["detector"].image == "reg.local/det:1-cpu"
+    assert states["cam-4"].modules["detector"].image == "reg.local/det:2-cpu"
     assert status.passes > 0 and status.error is None
 
 

@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = uvloop.run(serve(config))
     logging.shutdown()
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        # A run() that timed out may still hold a worker thread; do not wait for it at exit.
+        # A thread the entry script started may still run; do not wait for it at exit.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -5,18 +5,24 @@ for a thread, beyond that callers get ``PoolBusy`` straight away. A call that ha
 ``timeout_s`` after it was submitted raises ``PoolTimeout`` to its caller; its thread runs on (a
 Python thread cannot be stopped) and keeps its slot until it returns, so timed-out work never
 lets more than ``threads`` calls run at once.
+
+The worker threads are the pool's own: each waits on one shared ``SimpleQueue`` and hands its
+result back with a single ``call_soon_threadsafe``, so a call costs one queue put and one loop
+wake-up (no ``concurrent.futures`` future, lock or condition per call).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from queue import SimpleQueue
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+_Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, asyncio.Future[Any]]
 
 
 class PoolBusy(Exception):
@@ -40,7 +46,9 @@ class InferencePool:
         self.threads = threads
         self.max_queued = max_queued
         self.timeout_s = timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="score")
+        self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._closed = False
         self._free = threads
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._pending: set[asyncio.Future[Any]] = set()
@@ -60,35 +68,56 @@ class InferencePool:
             self._free -= 1
         else:
             await self._wait_for_thread(loop, deadline)
+        if self._closed:
+            self._hand_over()
+            raise PoolClosed()
+        if not self._workers:
+            self._start_workers()
         self.running += 1
         result: asyncio.Future[T] = loop.create_future()
-        try:
-            work = self._executor.submit(func, *args)
-        except RuntimeError:  # shut down
-            self.running -= 1
-            self._hand_over()
-            raise PoolClosed() from None
-        work.add_done_callback(lambda done: _call_soon(loop, self._finished, done, result))
         timer = loop.call_at(deadline, _expire, result)
         self._pending.add(result)
+        self._jobs.put((func, args, loop, result))
         try:
             return await result
         finally:
             timer.cancel()
             self._pending.discard(result)
 
-    def _finished(self, work: Future[T], result: asyncio.Future[T]) -> None:
+    def _start_workers(self) -> None:
+        for n in range(self.threads):
+            worker = threading.Thread(target=self._work, name=f"score_{n}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+
+    def _work(self) -> None:
+        """A worker thread: run jobs until the ``None`` that ``shutdown`` sends."""
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            func, args, loop, result = job
+            del job
+            value: Any = None
+            error: BaseException | None = None
+            if self._closed:
+                error = PoolClosed()
+            else:
+                try:
+                    value = func(*args)
+                except BaseException as exc:
+                    error = exc
+            _call_soon(loop, self._finished, result, value, error)
+            del func, args, loop, result, value, error
+
+    def _finished(self, result: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
         """On the loop, when a worker returns: hand its thread on and settle the caller's future."""
         self.running -= 1
         self._hand_over()
         if result.done():  # timed out (or the caller went away) before the work finished
             return
-        if work.cancelled():
-            result.set_exception(PoolClosed())
-        elif (error := work.exception()) is not None:
+        if error is not None:
             result.set_exception(error)
         else:
-            result.set_result(work.result())
+            result.set_result(value)
 
     async def _wait_for_thread(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         if len(self._waiters) >= self.max_queued:
@@ -123,8 +152,12 @@ class InferencePool:
                 future.set_exception(PoolClosed())
 
     def shutdown(self) -> None:
-        """Stop accepting work; running calls finish in the background."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop accepting work; running calls finish in the background, queued ones get PoolClosed."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._workers:
+            self._jobs.put(None)
 
 
 def _expire(future: asyncio.Future[Any]) -> None:

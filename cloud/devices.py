@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, selectinload
 from cloud import broker
 from cloud.config import Settings
 from cloud.fleet.mqtt import Endpoint
-from cloud.fleet.removal import ClearReport, clear_pending, clear_removed, forget_device
+from cloud.fleet.removal import ClearReport, clear_removed, forget_device, is_clear_pending
 from cloud.fleet.sql import aware
 from cloud.keys import PUBLIC_KEY_FILE, public_key_bytes
 from cloud.store.db import Database, open_database
@@ -217,7 +217,7 @@ class DeviceManager:
         with self.db.transaction() as session:
             if session.get(Device, device_id) is not None:
                 raise _exists(device_id)
-            pending = clear_pending(session, device_id)
+            pending = is_clear_pending(session, device_id)
         if pending and (endpoint is None or device_id not in self.clear_removed(endpoint).cleared):
             raise _not_cleared(device_id)
         recorded = broker.load_settings(self.paths)
@@ -264,7 +264,7 @@ class DeviceManager:
         with self._change() as session:
             if session.get(Device, device_id) is not None:
                 raise _exists(device_id)
-            if clear_pending(session, device_id):
+            if is_clear_pending(session, device_id):
                 raise _not_cleared(device_id)
             device = Device(id=device_id, profile=profile, password_hash=broker.hash_password(password))
             device.tags = [DeviceTag(key=k, value=v) for k, v in sorted(tags.items())]

@@ -6,7 +6,7 @@ desired state, last report, online status and rollout membership, and records a 
 and ``edge/{d}/online`` of every pending device (as the cloud's MQTT user) and drops the pending
 rows the broker acknowledged. Until then a stale retained desired state could reach an agent
 that connects under the same id, so the id cannot be provisioned again while its clear is
-pending (``clear_pending``), and ``Fleet.publish_pending`` clears before it publishes.
+pending (``is_clear_pending``), and ``Fleet.publish_pending`` clears before it publishes.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def forget_device(session: Session, device_id: str) -> None:
         session.add(PendingClear(device_id=device_id, removed_at=utcnow()))
 
 
-def clear_pending(session: Session, device_id: str) -> bool:
+def is_clear_pending(session: Session, device_id: str) -> bool:
     """Whether the retained messages of a removed device of this id still wait to be cleared."""
     return session.get(PendingClear, device_id) is not None
 

@@ -14,7 +14,7 @@ from cloud.fleet.sql import aware
 from cloud.fleet.status import DeviceStatus, Online, Reported, device_status
 from cloud.fleet.targeting import DeploymentEntry, DeviceInfo
 from cloud.store.devices import Device, DeviceTag
-from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice
+from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice, RolloutRecord
 from cloud.store.models import Deployment, DeploymentModel, Model, ModelVersion
 from modules.contract import DeploymentManifest
 
@@ -93,7 +93,11 @@ def reverted_to(s: Session) -> dict[tuple[str, str], dict[str, Any] | None]:
 
 
 def stored_waves(s: Session, name: str) -> list[list[str]]:
-    """The device ids of each rollout wave of a deployment, in wave order."""
+    """The device ids of each rollout wave of a deployment, by wave number.
+
+    A wave whose devices were all removed is kept, empty, so that wave numbers stay those the
+    rollout record and the rollout rows use.
+    """
     waves: dict[int, list[str]] = defaultdict(list)
     for device, wave in fetch(
         s,
@@ -102,7 +106,9 @@ def stored_waves(s: Session, name: str) -> list[list[str]]:
         .order_by(RolloutDevice.device_id),
     ):
         waves[wave].append(device)
-    return [waves[i] for i in sorted(waves)]
+    rollout = s.get(RolloutRecord, name)
+    count = max(rollout.wave_count if rollout else 0, max(waves, default=-1) + 1)
+    return [waves.get(i, []) for i in range(count)]
 
 
 def models_of(s: Session) -> dict[str, list[str]]:

@@ -26,6 +26,7 @@ from cloud.fleet.desired import EMPTY
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.publisher import PublishOutcome, Retained, publish_retained
+from cloud.fleet.removal import forget_device
 from cloud.fleet.service import ApplyError, Fleet
 from cloud.keys import load_or_create_signing_key, public_key_path
 from cloud.store.db import open_database
@@ -339,6 +340,26 @@ async def test_rollout_waves_advance_on_healthy_reports_and_halt_with_revert(
         "cam-2": (3, "reg.local/det:1-cuda"),
         "cam-3": (1, "reg.local/det:1-cuda"),
     }
+
+
+async def test_a_wave_emptied_by_removed_devices_keeps_the_wave_numbers(
+    fleet: Fleet, mosquitto_factory: MosquittoFactory
+) -> None:
+    broker = mosquitto_factory()
+    ep = endpoint(broker)
+    assert fleet.apply(manifest(rollout={"waves": [1, 2]}), endpoint=ep).waves == [1, 1, 1]
+    with fleet.db.transaction() as s:  # what DeviceManager.remove does to the fleet
+        s.delete(s.get(Device, "cam-2"))
+        forget_device(s, "cam-2")
+    async with Ingestor(fleet.db, ep, flush_interval_s=0.05) as ingest:
+        publish_reports(broker, {"cam-1": report("cam-1", 1, "healthy")})
+        assert await until(lambda: ingest.stats.written >= 1)
+    assert fleet.advance_rollouts(endpoint=ep) == ["vision: wave 1 done; starting wave 2"]
+    assert fleet.advance_rollouts(endpoint=ep) == ["vision: wave 2 done; starting wave 3"]
+    assert generations(fleet) == {"cam-1": 1, "cam-3": 1}
+    progress = fleet.progress("vision")
+    assert [(w.devices, w.started) for w in progress.waves] == [(1, True), (0, True), (1, True)]
+    assert [(d.device, d.wave) for d in progress.devices] == [("cam-1", 0), ("cam-3", 2)]
 
 
 def test_cli_apply_status_and_offline_logs(

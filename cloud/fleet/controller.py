@@ -111,8 +111,8 @@ class Controller:
             await self._step()
         except Exception as e:
             self.status.error = f"controller pass failed: {type(e).__name__}: {e}"
-            log.exception("controller pass failed; trying again next interval")
-            self.warn(self.status.error)
+            log.debug("controller pass failed", exc_info=True)
+            self.warn(f"{self.status.error}; trying again in {self.interval_s:g} s")
         self.status.passes += 1
 
     async def _step(self) -> None:

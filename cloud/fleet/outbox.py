@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, func, select, update
 
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.publisher import Retained, publish_retained
+from cloud.fleet.queries import fetch
 from cloud.fleet.removal import PendingClear, clear_removed
 from cloud.fleet.results import PublishReport
 from cloud.fleet.sql import bind_value, executemany
@@ -32,17 +33,14 @@ def publish_pending(db: Database, endpoint: Endpoint, now: Callable[[], datetime
     """Clear removed devices, then publish every unacknowledged desired state; never raises for the broker."""
     cleared = clear_removed(db, endpoint)
     with db.transaction() as s:
-        owed = (
-            s.connection()
-            .execute(
-                select(DesiredRecord.device_id, DesiredRecord.generation, DesiredRecord.payload)
-                .where(
-                    DesiredRecord.published.is_(False),
-                    DesiredRecord.device_id.not_in(select(PendingClear.device_id)),
-                )
-                .order_by(DesiredRecord.device_id)
+        owed = fetch(
+            s,
+            select(DesiredRecord.device_id, DesiredRecord.generation, DesiredRecord.payload)
+            .where(
+                DesiredRecord.published.is_(False),
+                DesiredRecord.device_id.not_in(select(PendingClear.device_id)),
             )
-            .all()
+            .order_by(DesiredRecord.device_id),
         )
     if not owed:
         return PublishReport(0, pending_count(db), cleared.error)

@@ -15,7 +15,6 @@ publish``, ``deploy watch``, ``edgectl serve`` or any later apply).
 from __future__ import annotations
 
 import socket
-import ssl
 import struct
 import time
 import uuid
@@ -96,8 +95,8 @@ def publish_retained(
             sock.sendall(_DISCONNECT)
     except TimeoutError:
         reason = f"no acknowledgement within {timeout_s:g} s"
-    except (OSError, ssl.SSLError) as e:
-        reason = f"connection lost: {e.strerror or e}" if isinstance(e, OSError) else f"TLS error: {e}"
+    except OSError as e:  # ssl.SSLError included
+        reason = f"connection lost: {e.strerror or e}"
     finally:
         sock.close()
     if acked == len(messages):
@@ -179,9 +178,11 @@ def _connect(endpoint: Endpoint) -> socket.socket:
         raise BrokerUnavailable(
             f"the MQTT broker at {endpoint.url} did not answer within {CONNECT_TIMEOUT_S:.0f} s"
         ) from None
-    except (OSError, ssl.SSLError) as e:
+    except OSError as e:  # ssl.SSLError included
         sock.close()
-        raise BrokerUnavailable(f"cannot reach the MQTT broker at {endpoint.url}: {e}") from None
+        raise BrokerUnavailable(
+            f"cannot reach the MQTT broker at {endpoint.url}: {e.strerror or e}"
+        ) from None
     if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
         sock.close()
         why = _CONNACK_REASONS.get(connack[3], f"code {connack[3]}") if len(connack) == 4 else "no CONNACK"

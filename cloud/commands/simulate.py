@@ -209,6 +209,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat,
         settings=sim,
         seed=args.seed,
+        inline_file_io=True,
     )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s"

@@ -1,7 +1,8 @@
 """What removing a device leaves to the fleet: its rows go, its retained MQTT messages are cleared.
 
 ``forget_device`` runs in the transaction that deletes the device: it deletes the device's
-desired state, last report, online status and rollout membership, and records a pending clear.
+desired state, last report, online status and rollout membership, and records a pending clear
+when the device could have left retained messages (it had a desired state, or reported).
 ``clear_removed`` publishes an empty retained message on ``edge/{d}/desired``, ``edge/{d}/reported``
 and ``edge/{d}/online`` of every pending device (as the cloud's MQTT user) and drops the pending
 rows the broker acknowledged. Until then a stale retained desired state could reach an agent
@@ -45,12 +46,22 @@ class ClearReport:
     error: str | None = None
 
 
-def forget_device(session: Session, device_id: str) -> None:
-    """Delete the device's fleet rows and record that its retained messages must be cleared."""
+def forget_device(session: Session, device_id: str) -> bool:
+    """Delete the device's fleet rows; True when its retained messages must be cleared (recorded).
+
+    That is when it had a desired state (it may have been published) or the device reported or
+    went online: a device that was never deployed to and never connected left nothing retained.
+    """
+    seen = any(
+        session.scalar(select(table.device_id).where(table.device_id == device_id)) is not None
+        for table in (DesiredRecord, ReportedRecord, OnlineRecord)
+    )
     for table in (DesiredRecord, ReportedRecord, OnlineRecord, RolloutDevice):
         session.execute(delete(table).where(table.device_id == device_id))
-    if session.get(PendingClear, device_id) is None:
+    pending = is_clear_pending(session, device_id)
+    if seen and not pending:
         session.add(PendingClear(device_id=device_id, removed_at=utcnow()))
+    return seen or pending
 
 
 def is_clear_pending(session: Session, device_id: str) -> bool:

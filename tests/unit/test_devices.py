@@ -22,8 +22,10 @@ from cloud.cli import main
 from cloud.config import resolve_settings
 from cloud.devices import AgentBundle, DeviceManager
 from cloud.keys import KeyFileError, load_or_create_signing_key, private_key_path, public_key_path
+from cloud.store.db import open_database
 from cloud.store.devices import Device
 from cloud.store.errors import InvalidInputError, NotFoundError
+from cloud.store.fleet import DesiredRecord
 from modules.signing import load_public_key_file, public_key_pem
 
 
@@ -217,8 +219,8 @@ def closed_port() -> int:
 def test_remove_takes_the_credentials_out(
     capsys: pytest.CaptureFixture[str], data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No broker answers here: clearing the removed id's retained messages stays pending, and the id
-    cannot be provisioned again until it is done (tests/integration/test_fleet_publish.py does it)."""
+    """pump-1 was never deployed to and never reported: nothing retained to clear, so no broker is
+    needed (none answers here) and the id can be provisioned again at once."""
     monkeypatch.setenv("EDGE_BROKER_URL", f"mqtt://127.0.0.1:{closed_port()}")
     run_json(capsys, "device", "add", "pump-1")
     run_json(capsys, "device", "add", "pump-2")
@@ -228,15 +230,43 @@ def test_remove_takes_the_credentials_out(
     assert code == 0, err
     removed = json.loads(out)
     assert removed["removed"]["id"] == "pump-1"
-    assert removed["retained_pending"] == ["pump-1"] and removed["retained_cleared"] == []
-    assert "cannot reach the MQTT broker" in removed["error"]
-    assert "retained messages of pump-1 are not cleared yet" in err
+    assert (removed["retained_cleared"], removed["retained_pending"], removed["error"]) == ([], [], None)
+    assert "warning" not in err
     assert set(password_file(data_dir)) == {"pump-2", broker.CLOUD_USER}
     assert not (data_dir / "devices" / "pump-1").exists()
     assert [d["id"] for d in run_json(capsys, "device", "list")] == ["pump-2"]
 
+    again = run_json(capsys, "device", "add", "pump-1")
+    assert Path(again["config_file"]).is_file()
+
+
+def test_a_deployed_device_cannot_come_back_before_its_retained_state_is_cleared(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pump-1 had a desired state, so its retained one must be cleared first; no broker answers here
+    (tests/integration/test_fleet_publish.py clears it through a real one)."""
+    monkeypatch.setenv("EDGE_BROKER_URL", f"mqtt://127.0.0.1:{closed_port()}")
+    run_json(capsys, "device", "add", "pump-1")
+    db = open_database(resolve_settings(data_dir).db_url)
+    try:
+        with db.transaction() as s:
+            s.add(
+                DesiredRecord(
+                    device_id="pump-1", generation=4, content_hash="h", payload="{}", published=True
+                )
+            )
+    finally:
+        db.dispose()
+
+    code, out, err = run(capsys, "device", "remove", "pump-1", "--json")
+    assert code == 0, err
+    removed = json.loads(out)
+    assert removed["retained_pending"] == ["pump-1"] and removed["retained_cleared"] == []
+    assert "cannot reach the MQTT broker" in removed["error"]
+    assert "warning: the retained messages of pump-1 are not cleared yet" in err
+
     code, out, err = run(capsys, "device", "add", "pump-1")
-    assert code != 0 and out == ""
+    assert code == 2 and out == ""
     assert "device 'pump-1' was removed, but the broker has not yet cleared its retained messages" in err
 
 

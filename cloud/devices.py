@@ -5,8 +5,9 @@ password and ACL files and writes a ready agent configuration folder (``agent.ya
 password, mode 0600; the cloud's public signing key; the broker's CA for TLS). The password exists
 in clear only in that file (and in the result, for ``--show-password``). ``remove`` deletes the row
 and rewrites the files, so after a reload the device can no longer connect; in the same transaction
-it deletes the device's fleet rows and records that its retained MQTT messages must be cleared
-(``clear_removed`` does it, or the next publisher run; see ``cloud.fleet.removal``).
+it deletes the device's fleet rows and, when the device could have left retained MQTT messages,
+records that they must be cleared (``clear_removed`` does it, or the next publisher run; see
+``cloud.fleet.removal``).
 
 Changes and file rewrites happen under the broker folder's lock and inside one transaction: the
 files always match the committed table.

@@ -88,6 +88,7 @@ async def test_reports_and_online_messages_are_stored(
 ) -> None:
     mosquitto = mosquitto_factory()  # its own broker: no retained messages from other tests
     since = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+    cleared = [("edge/cam-3/reported", b""), ("edge/cam-3/online", b"")]  # a removed device's clear
     messages = [
         ("edge/cam-1/reported", reported("cam-1", 1, "applying")),
         ("edge/cam-1/reported", reported("cam-1", 2, "failed", "det: exited with code 3")),  # newest wins
@@ -98,9 +99,9 @@ async def test_reports_and_online_messages_are_stored(
         ("edge/cam-2/online", OnlineStatus(online=False, ts=since).model_dump_json().encode()),
     ]
     async with Ingestor(db, endpoint(mosquitto), flush_interval_s=0.05) as ingest:
-        await asyncio.to_thread(publish, mosquitto, messages)
+        await asyncio.to_thread(publish, mosquitto, cleared + messages)
         assert await until(lambda: ingest.stats.received >= len(messages))
-    assert (ingest.stats.written, ingest.stats.invalid) == (5, 2)
+    assert (ingest.stats.received, ingest.stats.written, ingest.stats.invalid) == (7, 5, 2)
     with db.transaction() as s:
         rows = {r.device_id: r for r in s.query(ReportedRecord)}
         online = {

@@ -2,8 +2,10 @@
 
 ``publish_pending`` first clears the retained messages of removed devices (``removal.py``), then
 publishes every unacknowledged desired state, in device order, and marks those the broker
-acknowledged. A desired state whose generation changed while it was being published stays
-unpublished (the newer one is owed).
+acknowledged. A device whose clear is still pending is left out until the clear is done, so a
+clear can never wipe a newer state. A desired
+state whose generation changed while it was being published stays unpublished (the newer one is
+owed).
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ from modules.profiles import load_profiles
 log = logging.getLogger(__name__)
 
 DEVICE_PREFIX = "sim-"
+SHUTDOWN_BATCH = 500
 STATUSES = ("healthy", "applying", "failed", "rolled_back", "rejected", "waiting", "none")
 """Deployment statuses of last reports; ``waiting``: no desired state yet; ``none``: no report yet."""
 
@@ -384,11 +385,16 @@ class Fleet:
             progress(self.snapshot())
 
     async def _shutdown(self) -> None:
-        for member in self.members:
-            if member.agent is not None:
-                member.agent.stop()
-        tasks = [m.task for m in self.members if m.task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # In batches: thousands of clean disconnects at once would time out waiting for acks.
+        started = [m for m in self.members if m.task is not None]
+        for first in range(0, len(started), SHUTDOWN_BATCH):
+            batch = started[first : first + SHUTDOWN_BATCH]
+            for member in batch:
+                if member.agent is not None:
+                    member.agent.stop()
+                elif member.task is not None:
+                    member.task.cancel()  # still opening its link: nothing to stop cleanly yet
+            await asyncio.gather(*(m.task for m in batch if m.task is not None), return_exceptions=True)
         if self._own_root:
             await asyncio.to_thread(shutil.rmtree, self.state_root, True)
 

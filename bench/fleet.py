@@ -332,7 +332,11 @@ async def _real_rounds(fleet: Fleet, endpoint: Endpoint, image: str, rounds: int
         await _wait(lambda: _count_online(fleet.db), 1, 60, "the real agent online")
         for generation in range(1, rounds + 1):
             manifest = _manifest(
-                "bench-real", {"device_ids": [REAL_DEVICE]}, image, env={"ROUND": str(generation)}
+                "bench-real",
+                {"device_ids": [REAL_DEVICE]},
+                image,
+                env={"ROUND": str(generation)},
+                ports=[{"container": 5001}],
             )
             t0 = time.perf_counter()
             await asyncio.to_thread(fleet.apply, manifest, endpoint=endpoint)

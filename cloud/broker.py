@@ -56,9 +56,10 @@ DEVICE_ACL = (
 CLOUD_ACL = (
     ("write", "edge/+/desired"),
     ("write", "edge/+/cmd/req/#"),
-    ("read", "edge/+/reported"),
+    # The cloud writes a removed device's reported/online only to clear their retained messages.
+    ("readwrite", "edge/+/reported"),
     ("read", f"$share/{SHARE_GROUP}/edge/+/reported"),
-    ("read", "edge/+/online"),
+    ("readwrite", "edge/+/online"),
     ("read", "edge/+/cmd/res/#"),
 )
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -39,8 +39,9 @@ from cloud.keys import PUBLIC_KEY_FILE, public_key_bytes
 from cloud.store.db import Database, open_database
 from cloud.store.devices import Device, DeviceTag, find_devices, password_hashes
 from cloud.store.errors import AlreadyExistsError, InvalidInputError, NotFoundError
+from cloud.store.refs import check_name
 from cloud.store.registry import check_tags
-from modules.contract import Name, utcnow
+from modules.contract import utcnow
 from modules.profiles import ProfileError, get_profile
 
 DEVICES_DIR = "devices"
@@ -49,8 +50,6 @@ CA_FILE = "ca.pem"
 DEFAULT_PROFILE = "cpu"
 DEFAULT_STATE_DIR = "/var/lib/edge-agent"
 Runtime = Literal["docker", "process"]
-
-_NAME = TypeAdapter(Name)
 
 
 class DeviceView(BaseModel):
@@ -94,12 +93,7 @@ class AgentBundle:
 
 def check_device_id(device_id: str) -> str:
     """``device_id`` if it follows the contract's Name rules (so it is a safe MQTT username)."""
-    try:
-        return _NAME.validate_python(device_id)
-    except ValidationError as e:
-        raise InvalidInputError(
-            f"invalid device id: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
-        ) from None
+    return check_name(device_id, "device id")
 
 
 def check_profile(profile: str) -> str:

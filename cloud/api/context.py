@@ -12,7 +12,7 @@ from aiohttp import web
 
 from cloud.config import Settings
 from cloud.devices import DeviceManager
-from cloud.fleet.ingest import IngestStats
+from cloud.fleet.controller import Status as ControllerState
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.service import Fleet
 from cloud.keys import load_or_create_signing_key
@@ -24,17 +24,6 @@ from modules.profiles import load_profiles
 DEFAULT_UPLOAD_MAX = 4 * 1024**3
 """Largest model upload accepted (bytes) unless ``edgectl serve --max-upload`` says otherwise."""
 UPLOADS_DIR = "uploads"
-
-
-@dataclass
-class ControllerState:
-    """What the background rollout controller is doing, for ``GET /status``."""
-
-    enabled: bool = False
-    connected: bool = False
-    error: str | None = None
-    passes: int = 0
-    ingest: IngestStats = field(default_factory=IngestStats)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from cloud.devices import (
     reload_if_configured,
 )
 from cloud.fleet.commands import DEFAULT_TIMEOUT_S, run_command
+from cloud.fleet.mqtt import Endpoint
 from cloud.store.errors import AlreadyExistsError
 from modules.contract import CommandName, CommandResponse
 
@@ -82,6 +83,9 @@ class RemovedDevice(BaseModel):
 
     removed: DeviceView
     broker: str
+    retained_cleared: list[str]
+    retained_pending: list[str]
+    error: str | None = None
 
 
 def _reload_note(manager: DeviceManager) -> str:
@@ -108,9 +112,17 @@ def _add(manager: DeviceManager, body: NewDevice) -> ProvisionedDevice:
     )
 
 
-def _remove(manager: DeviceManager, device_id: str) -> RemovedDevice:
+def _remove(manager: DeviceManager, device_id: str, endpoint: Endpoint) -> RemovedDevice:
     view = manager.remove(device_id)
-    return RemovedDevice(removed=view, broker=_reload_note(manager))
+    note = _reload_note(manager)
+    cleared = manager.clear_removed(endpoint)
+    return RemovedDevice(
+        removed=view,
+        broker=note,
+        retained_cleared=cleared.cleared,
+        retained_pending=cleared.pending,
+        error=cleared.error,
+    )
 
 
 async def add_device(request: web.Request) -> web.Response:
@@ -141,7 +153,8 @@ async def tag_device(request: web.Request) -> web.Response:
 
 async def remove_device(request: web.Request) -> web.Response:
     """Remove a device and its credentials."""
-    return reply(await call(_remove, services(request).devices, request.match_info["id"]))
+    s = services(request)
+    return reply(await call(_remove, s.devices, request.match_info["id"], s.endpoint))
 
 
 async def device_agent_config(request: web.Request) -> web.Response:

@@ -13,28 +13,17 @@ pending (``is_clear_pending``), and ``Fleet.publish_pending`` clears before it p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
-from sqlalchemy import DateTime, String, delete, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.publisher import Retained, publish_retained
 from cloud.store.db import Database
-from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice
-from cloud.store.models import NAME_LEN, Base
+from cloud.store.fleet import DesiredRecord, OnlineRecord, PendingClear, ReportedRecord, RolloutDevice
 from modules.contract import utcnow
 
 CLEARED_TOPICS = ("desired", "reported", "online")
-
-
-class PendingClear(Base):
-    """A removed device whose retained messages the broker has not yet acknowledged clearing."""
-
-    __tablename__ = "device_pending_clears"
-
-    device_id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
-    removed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 @dataclass(frozen=True)

@@ -99,3 +99,12 @@ class RolloutDevice(Base):
     previous: Mapped[dict[str, Any] | None] = mapped_column(
         JSON(none_as_null=True), nullable=True, doc="the desired content the device had before (null: none)"
     )
+
+
+class PendingClear(Base):
+    """A removed device whose retained messages the broker has not yet acknowledged clearing."""
+
+    __tablename__ = "device_pending_clears"
+
+    device_id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    removed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

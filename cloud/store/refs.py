@@ -1,8 +1,23 @@
-"""Model references as operators write them: ``NAME``, ``NAME:latest`` or ``NAME:VERSION``."""
+"""Names and model references as operators write them: ``NAME``, ``NAME:latest``, ``NAME:VERSION``."""
 
 from __future__ import annotations
 
+from pydantic import TypeAdapter, ValidationError
+
 from cloud.store.errors import InvalidInputError
+from modules.contract import Name
+
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` if it follows the contract's Name rules, else InvalidInputError ("invalid <what>: ...")."""
+    try:
+        return _NAME.validate_python(value)
+    except ValidationError as e:
+        raise InvalidInputError(
+            f"invalid {what}: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
+        ) from None
 
 
 def parse_model_ref(ref: str, *, require_version: bool = False) -> tuple[str, int | None]:

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Select, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
@@ -26,6 +25,7 @@ from cloud.store.db import Database, open_database
 from cloud.store.deployments import deployments_using
 from cloud.store.errors import DiskFullError, InUseError, InvalidInputError, NotFoundError, StoreError
 from cloud.store.models import Blob, Model, ModelFile, ModelTag, ModelVersion
+from cloud.store.refs import check_name
 from cloud.store.views import (
     FRAMEWORKS,
     DeletedVersions,
@@ -35,12 +35,10 @@ from cloud.store.views import (
     VersionSummary,
     VersionView,
 )
-from modules.contract import Name
 
 ProgressFn = Callable[[int, int, str], None]
 """Called as ``progress(bytes_done, bytes_total, current_file)`` while hashing or copying."""
 
-_NAME = TypeAdapter(Name)
 _TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
 _TAG_VALUE_MAX = 256
 _SUFFIX_FRAMEWORKS: tuple[tuple[tuple[str, ...], Framework], ...] = (
@@ -54,12 +52,7 @@ _SUFFIX_FRAMEWORKS: tuple[tuple[tuple[str, ...], Framework], ...] = (
 
 def check_model_name(name: str) -> str:
     """Return ``name`` if it follows the contract's Name rules, else raise InvalidInputError."""
-    try:
-        return _NAME.validate_python(name)
-    except ValidationError as e:
-        raise InvalidInputError(
-            f"invalid model name: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
-        ) from None
+    return check_name(name, "model name")
 
 
 def check_tags(tags: Mapping[str, str]) -> dict[str, str]:

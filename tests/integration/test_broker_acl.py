@@ -262,6 +262,23 @@ def test_provisioned_devices_and_the_cloud_connect_and_exchange_state(fleet: Fle
     assert (seen.topic, seen.payload) == ("edge/alpha/reported", b'{"generation_applied": 1}')
 
 
+def test_cloud_can_clear_a_removed_devices_retained_messages(fleet: Fleet) -> None:
+    alpha = fleet.device("alpha")
+    assert alpha.publish("edge/alpha/reported", '{"generation_applied": 1}', retain=True) in ACCEPTED
+    assert alpha.publish("edge/alpha/online", '{"online": true}', retain=True) in ACCEPTED
+    cloud = fleet.cloud()
+    for topic in ("edge/alpha/reported", "edge/alpha/online"):
+        assert cloud.publish(topic, "", retain=True) in ACCEPTED, f"the cloud may not clear {topic}"
+    late = fleet.cloud()
+    for topic in ("edge/alpha/reported", "edge/alpha/online", "edge/alpha/cmd/res/#"):
+        assert late.subscribe(topic) == 1
+    # Retained messages arrive right after their SUBACK: once a live fence arrives, none came.
+    assert alpha.publish("edge/alpha/cmd/res/fence", "{}") in ACCEPTED
+    arrived = [late.next()]
+    arrived += late.received_nothing_more()
+    assert [m.topic for m in arrived] == ["edge/alpha/cmd/res/fence"], arrived
+
+
 def test_wrong_password_and_unknown_user_are_refused(fleet: Fleet) -> None:
     assert fleet.client("alpha", "not-the-password").connect() in REFUSED
     assert fleet.client("alpha", fleet.passwords["beta"]).connect() in REFUSED

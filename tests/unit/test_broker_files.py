@@ -88,9 +88,9 @@ def test_acl_gives_devices_only_their_own_topics_and_the_cloud_its_own() -> None
         "user _cloud",
         "topic write edge/+/desired",
         "topic write edge/+/cmd/req/#",
-        "topic read edge/+/reported",
+        "topic readwrite edge/+/reported",
         "topic read $share/cloud/edge/+/reported",
-        "topic read edge/+/online",
+        "topic readwrite edge/+/online",
         "topic read edge/+/cmd/res/#",
     ]
 

@@ -253,7 +253,10 @@ async def test_provisioned_devices_connect_with_their_own_credentials_and_acls(
         cloud.close()
 
 
-def test_edgectl_simulate_runs_and_summarises(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_edgectl_simulate_runs_and_summarises(
+    mosquitto: MosquittoBroker, tmp_path: Path, processes: int
+) -> None:
     command = [
         sys.executable,
         "-m",
@@ -271,6 +274,8 @@ def test_edgectl_simulate_runs_and_summarises(mosquitto: MosquittoBroker, tmp_pa
         "4",
         "--progress",
         "1",
+        "--processes",
+        str(processes),
         "--json",
     ]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

@@ -198,12 +198,14 @@ def _fleet(data: Path, ids: list[str]) -> Fleet:
     return Fleet(db, load_or_create_signing_key(data), load_profiles())
 
 
-def _manifest(name: str, target: dict[str, Any], image: str, **module: Any) -> DeploymentManifest:
+def _manifest(
+    name: str, target: dict[str, Any], image: str, interval_s: float = 1.0, **module: Any
+) -> DeploymentManifest:
     return DeploymentManifest.model_validate(
         {
             "name": name,
             "target": target,
-            "modules": {"digits": {"images": {"cpu": image}, "health": {"interval_s": 1.0}, **module}},
+            "modules": {"digits": {"images": {"cpu": image}, "health": {"interval_s": interval_s}, **module}},
             "health_deadline_s": 300,
         }
     )
@@ -227,7 +229,10 @@ def measure_size(n: int, args: argparse.Namespace, work: Path) -> SizeResult:
         with (work / "simulator.log").open("wb") as log:
             simulator = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
         try:
-            return asyncio.run(_converge(n, processes, fleet, Endpoint.parse(url), broker_pid, simulator.pid))
+            endpoint = Endpoint.parse(url)
+            return asyncio.run(
+                _converge(n, processes, fleet, endpoint, broker_pid, simulator.pid, args.health_interval)
+            )
         finally:
             simulator.send_signal(signal.SIGINT)
             try:
@@ -238,7 +243,13 @@ def measure_size(n: int, args: argparse.Namespace, work: Path) -> SizeResult:
 
 
 async def _converge(
-    n: int, processes: int, fleet: Fleet, endpoint: Endpoint, broker_pid: int, simulator_pid: int
+    n: int,
+    processes: int,
+    fleet: Fleet,
+    endpoint: Endpoint,
+    broker_pid: int,
+    simulator_pid: int,
+    interval: float,
 ) -> SizeResult:
     started = time.monotonic()
     async with Ingestor(fleet.db, endpoint) as ingest:
@@ -248,7 +259,9 @@ async def _converge(
         broker, me = [psutil.Process(broker_pid)], [psutil.Process()]
         before = (_cpu(broker), _cpu(me), _cpu(_tree(simulator_pid)), ingest.stats.written)
         t0 = time.perf_counter()
-        await asyncio.to_thread(fleet.apply, _manifest("bench", {"profile": "cpu"}, IMAGE), endpoint=endpoint)
+        await asyncio.to_thread(
+            fleet.apply, _manifest("bench", {"profile": "cpu"}, IMAGE, interval), endpoint=endpoint
+        )
         publish_s = time.perf_counter() - t0
         marks = await _follow(lambda: _count_healthy(fleet.db, 1), n, t0)
         converge_s = marks[n]
@@ -365,7 +378,10 @@ def show(results: list[SizeResult], real: dict[str, Any] | None, args: argparse.
         f"machine: {platform.processor() or platform.machine()}, {cpus} CPUs, "
         f"Python {platform.python_version()}"
     )
-    print(f"simulated modules: pull {args.pull_s} s, start to ready {args.ready_s} s; health probe every 1 s")
+    print(
+        f"simulated modules: pull {args.pull_s} s, start to ready {args.ready_s} s; "
+        f"health probe every {args.health_interval:g} s"
+    )
     print()
     print(
         "| devices | sim processes | all online | publish | first healthy | half | all healthy | target "
@@ -409,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pull-s", default="0.1-0.5", help="simulated pull time (default 0.1-0.5)")
     parser.add_argument("--ready-s", default="0.1-0.5", help="simulated start to ready (default 0.1-0.5)")
+    parser.add_argument(
+        "--health-interval", type=float, default=5.0, help="module health probe period (default 5 s)"
+    )
     parser.add_argument("--real", action="store_true", help="also time one real Docker device")
     parser.add_argument("--rounds", type=int, default=5, help="rounds for the real device (default 5)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import os
@@ -76,6 +77,7 @@ MIN_WAKE_S = 0.05
 ERROR_BACKOFF_MAX_S = 60.0
 
 
+@functools.cache
 def agent_version() -> str:
     """The installed ``edgedeploy`` version (``dev`` when running from a source tree)."""
     try:
@@ -160,7 +162,7 @@ class Agent:
         self.runtime = runtime
         self.link = link
         self.public_key = public_key
-        self.prober: Prober = prober or HealthProber()
+        self.prober: Prober = prober or HealthProber(start_period_s=config.health_start_period_s)
         self.store = store or StateStore(Path(config.state_dir) / STATE_FILE)
         self.metrics = metrics or AgentMetrics()
         self.metrics.connected = lambda: bool(link is not None and link.connected)
@@ -217,10 +219,13 @@ class Agent:
     def stop(self) -> None:
         """Make ``run`` return after the current pass; modules keep running."""
         self._stop.set()
+        self._kick.set()
 
     async def run(self) -> None:
         """Reconcile until ``stop`` (or cancellation); never returns because of a failed pass."""
         await self.load()
+        if self.link is not None:
+            self.link.desired.also_wake(self._kick)
         command_task = (
             asyncio.create_task(self._serve_commands(), name="agent-commands") if self.link else None
         )
@@ -248,16 +253,12 @@ class Agent:
                 await close()
 
     async def _sleep(self, seconds: float) -> None:
-        waits = [self._kick.wait(), self._stop.wait()]
-        if self.link is not None:
-            waits.append(self.link.desired.ready.wait())
-        tasks = [asyncio.ensure_future(w) for w in waits]
+        """Wait ``seconds`` or until woken (a desired state, a command, ``stop``): one event, no tasks."""
+        timer = asyncio.get_running_loop().call_later(max(seconds, MIN_WAKE_S), self._kick.set)
         try:
-            await asyncio.wait(tasks, timeout=max(seconds, MIN_WAKE_S), return_when=asyncio.FIRST_COMPLETED)
+            await self._kick.wait()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            timer.cancel()
         self._kick.clear()
 
     # ---- one pass ------------------------------------------------------------------------------
@@ -450,10 +451,12 @@ class Agent:
         report = report.model_copy(update={"system": system})
         if self.link is not None:
             await self.link.publish_reported(report)
+        changed = fingerprint != self._last_fingerprint
         self._last_fingerprint = fingerprint
         self._last_published = now
         self.metrics.last_report_ts = time.time()
-        await asyncio.to_thread(_write_report, Path(self.config.state_dir) / REPORT_FILE, report)
+        if changed:  # heartbeats repeat the same report: the local copy for `edge-agent status` stands
+            await asyncio.to_thread(_write_report, Path(self.config.state_dir) / REPORT_FILE, report)
         log.debug("report queued: generation %d, %s", report.generation_applied, report.deployment_status)
         return True
 

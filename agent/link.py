@@ -1,6 +1,6 @@
 """The agent's MQTT session: desired state in, reported state out, last will, commands.
 
-``Link`` is an async context manager around one ``MqttBridge`` (paho on its own thread)::
+``Link`` is an async context manager around one ``MqttBridge`` (paho driven from the event loop)::
 
     async with Link(config) as link:
         raw = await link.desired.wait()           # newest desired-state payload (bytes)
@@ -69,11 +69,20 @@ class DesiredSlot:
     def __init__(self) -> None:
         self.ready = asyncio.Event()
         self._payload: bytes | None = None
+        self._wakers: list[asyncio.Event] = []
+
+    def also_wake(self, event: asyncio.Event) -> None:
+        """Set ``event`` too whenever a payload arrives (and now, if one is waiting)."""
+        self._wakers.append(event)
+        if self._payload is not None:
+            event.set()
 
     def put(self, payload: bytes) -> None:
-        """Store ``payload`` in place of any untaken one and wake the waiter."""
+        """Store ``payload`` in place of any untaken one and wake the waiters."""
         self._payload = payload
         self.ready.set()
+        for event in self._wakers:
+            event.set()
 
     def take(self) -> bytes | None:
         """The untaken payload, if any; the slot is empty afterwards."""

@@ -701,6 +701,8 @@ def run_demo(options: DemoOptions) -> int:
     demo = DemoRun(options)
 
     def terminate(signum: int, _frame: object) -> None:
+        for sig in previous:  # Ctrl-C reaches demo.sh too, which then sends SIGTERM: stop once
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -236,10 +236,11 @@ class Agent:
                     result = await self.reconcile_once()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception as exc:
                     errors += 1
                     delay = min(IDLE_BASE_S * 2 ** min(errors - 1, 16), ERROR_BACKOFF_MAX_S)
                     log.exception("reconcile pass failed (%d in a row); next try in %.0f s", errors, delay)
+                    await self._report_failed_pass(exc, errors)
                 else:
                     errors = 0
                     delay = result.wake_in_s
@@ -384,6 +385,36 @@ class Agent:
         self._dirty = True
 
     # ---- reporting -----------------------------------------------------------------------------
+
+    async def _report_failed_pass(self, exc: Exception, in_a_row: int) -> None:
+        """Tell the cloud that this device cannot reconcile (e.g. Docker Engine is down) and why.
+
+        Without this the last report, perhaps "healthy", would stand while nothing is observed.
+        A desired state rejected in the failed pass is still reported as rejected.
+        """
+        now = self.clock()
+        reason = f"reconcile pass failed ({in_a_row} in a row): {type(exc).__name__}: {exc}"
+        desired = self.state.active
+        modules = {
+            name: ModuleStatus(runtime_status="failed", image=m.image, message=f"not observed: {reason}")
+            for name, m in (desired.modules if desired else {}).items()
+        }
+        rejected = self._rejection
+        report = ReportedState(
+            device_id=self.config.device_id,
+            generation_applied=desired.generation if desired else 0,
+            generation_received=rejected.generation if rejected else None,
+            deployment_status="rejected" if rejected else "failed",
+            reason=f"{rejected.reason}; {reason}" if rejected else reason,
+            modules=modules,
+            accelerators=self.accelerators or [],
+            agent_version=self.version,
+            reported_at=now,
+        )
+        try:
+            await self._publish(report, now)
+        except Exception:
+            log.exception("could not report the failed pass either")
 
     def _report(
         self,

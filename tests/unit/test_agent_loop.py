@@ -449,13 +449,40 @@ async def test_a_failing_pass_is_logged_and_retried(rig: Rig, caplog: pytest.Log
 
     rig.runtime.observe = engine_gone  # type: ignore[method-assign]
     task = asyncio.create_task(rig.agent.run())
-    while not rig.link.reports:
+    while len(rig.link.reports) < 2:
         await rig.link.changed.wait()
         rig.link.changed.clear()
     rig.agent.stop()
     await task
+    first = rig.link.reports[0]
+    assert first.deployment_status == "failed"
+    assert first.reason == (
+        "reconcile pass failed (1 in a row): ConnectionError: Docker Engine is not answering"
+    )
     assert failures == ["once"] and rig.report.reason == "no desired state received yet"
     assert "reconcile pass failed (1 in a row); next try in 1 s" in caplog.text
+
+
+async def test_a_failing_pass_after_apply_reports_every_module_as_not_observed(rig: Rig) -> None:
+    assert rig.link is not None
+    rig.link.desired.put(desired(1, {"web": module("localhost:5000/web:1")}))
+    await rig.agent.reconcile_once()
+
+    async def engine_gone(images: Collection[str] = ()) -> Observation:
+        raise ConnectionError("Docker Engine is not answering")
+
+    rig.runtime.observe = engine_gone  # type: ignore[method-assign]
+    before = len(rig.link.reports)
+    task = asyncio.create_task(rig.agent.run())
+    while len(rig.link.reports) == before:
+        await rig.link.changed.wait()
+        rig.link.changed.clear()
+    rig.agent.stop()
+    await task
+    report = rig.link.reports[-1]
+    assert report.deployment_status == "failed" and report.generation_applied == 1
+    assert report.modules["web"].runtime_status == "failed"
+    assert "not observed: reconcile pass failed" in (report.modules["web"].message or "")
 
 
 def test_metrics_render() -> None:

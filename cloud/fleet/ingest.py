@@ -3,7 +3,9 @@
 The ingester subscribes to ``$share/cloud/edge/+/reported`` (several cloud processes split the
 fleet's reports between them) and ``edge/+/online``. paho's thread only appends raw messages to
 an inbox; every ``flush_interval_s`` the inbox is parsed and written with one ``executemany``
-upsert per table inside one transaction, keeping only the newest message per device. A message
+upsert per table inside one transaction, keeping only the newest message per device. A stored
+row is replaced only by a newer one (by ``reported_at`` / ``ts``): one device's reports may be
+split between cloud workers, and a late, older report must not undo a newer one. A message
 that does not parse, or whose device id differs from its topic's, is counted and logged, never
 written; an empty one (a removed device's retained message being cleared) is skipped.
 
@@ -20,7 +22,7 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
@@ -28,7 +30,7 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from cloud.fleet.mqtt import Endpoint, connect, disconnect, new_client
-from cloud.fleet.sql import binder, upsert
+from cloud.fleet.sql import aware, binder, upsert
 from cloud.store.db import Database
 from cloud.store.fleet import OnlineRecord, ReportedRecord
 from modules.contract import OnlineStatus, ReportedState, format_validation_error, utcnow
@@ -51,6 +53,11 @@ class IngestStats:
     received: int = 0
     written: int = 0
     invalid: int = 0
+
+
+def _utc(dt: datetime) -> datetime:
+    """``dt`` in UTC (a naive one is taken as UTC), so stored times compare in order on SQLite too."""
+    return aware(dt).astimezone(timezone.utc)
 
 
 def _topic_device(topic: str, kind: str) -> str | None:
@@ -192,11 +199,14 @@ class Ingestor:
             for row in online.values():
                 row["since"] = stamp(row["since"])
                 row["received_at"] = stamp(row["received_at"])
-            for table, rows in ((ReportedRecord.__table__, reported), (OnlineRecord.__table__, online)):
+            for table, rows, time in (
+                (ReportedRecord.__table__, reported, "reported_at"),
+                (OnlineRecord.__table__, online, "since"),
+            ):
                 if rows:
                     columns = list(next(iter(rows.values())))
                     values = [tuple(row[c] for c in columns) for row in rows.values()]
-                    upsert(s, table, columns, values, ["device_id"])  # type: ignore[arg-type]
+                    upsert(s, table, columns, values, ["device_id"], unless_newer=time)  # type: ignore[arg-type]
         written = len(batch) - invalid
         self.stats.received += len(batch)
         self.stats.written += written
@@ -218,7 +228,7 @@ class Ingestor:
                     "deployment_status": state.deployment_status,
                     "reason": state.reason,
                     "payload": payload.decode(),
-                    "reported_at": state.reported_at,
+                    "reported_at": _utc(state.reported_at),
                     "received_at": received_at,
                 }
             device = _topic_device(topic, "online")
@@ -229,7 +239,7 @@ class Ingestor:
             return {
                 "device_id": device,
                 "online": status.online,
-                "since": status.ts,
+                "since": _utc(status.ts),
                 "received_at": received_at,
             }
         except ValidationError as e:

@@ -53,8 +53,14 @@ def upsert(
     columns: Sequence[str],
     rows: Sequence[Sequence[Any]],
     keys: Sequence[str],
+    *,
+    unless_newer: str | None = None,
 ) -> None:
-    """Insert ``rows`` (as for ``insert_many``), replacing the other columns on a conflict of ``keys``."""
+    """Insert ``rows`` (as for ``insert_many``), replacing the other columns on a conflict of ``keys``.
+
+    With ``unless_newer`` (a time column) a stored row is replaced only when its time is not newer
+    than the incoming row's: a late, older row never overwrites a newer one.
+    """
     if not rows:
         return
     insert = sqlite.insert if session.get_bind().dialect.name == "sqlite" else postgresql.insert
@@ -62,6 +68,7 @@ def upsert(
     stmt = stmt.on_conflict_do_update(
         index_elements=list(keys),
         set_={column: stmt.excluded[column] for column in columns if column not in keys},
+        where=None if unless_newer is None else table.c[unless_newer] <= stmt.excluded[unless_newer],
     )
     executemany(session, stmt, columns, rows)
 

@@ -1,0 +1,85 @@
+"""The ingester's batching and writing, without a broker: messages handed to it as paho would.
+
+The store is a real SQLite file; only the MQTT side is skipped (``flush`` never touches it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from cloud.fleet.ingest import Ingestor
+from cloud.fleet.mqtt import Endpoint
+from cloud.store.db import Database, open_database
+from cloud.store.devices import Device
+from cloud.store.fleet import OnlineRecord, ReportedRecord
+from modules.contract import OnlineStatus, ReportedState
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = open_database(f"sqlite:///{tmp_path / 'edge.db'}")
+    with database.transaction() as s:
+        s.add_all(Device(id=d, profile="cpu", password_hash="unused") for d in ("cam-1", "cam-2"))
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def ingest(db: Database) -> Ingestor:
+    return Ingestor(db, Endpoint.parse("mqtt://127.0.0.1:1883"))
+
+
+def deliver(ingest: Ingestor, topic: str, payload: bytes) -> None:
+    """Hand ``payload`` to the ingester the way paho's thread does."""
+    message = mqtt.MQTTMessage(topic=topic.encode())
+    message.payload = payload
+    ingest._on_message(None, None, message)  # type: ignore[arg-type]
+
+
+def report(device: str, status: str, at: datetime, generation: int = 1) -> bytes:
+    state = ReportedState(
+        device_id=device,
+        generation_applied=generation,
+        deployment_status=status,
+        agent_version="1.0",
+        reported_at=at,
+    )
+    return state.model_dump_json().encode()
+
+
+def online(up: bool, at: datetime) -> bytes:
+    return OnlineStatus(online=up, ts=at).model_dump_json().encode()
+
+
+def stored(db: Database) -> tuple[dict[str, str], dict[str, bool]]:
+    with db.transaction() as s:
+        return (
+            {r.device_id: r.deployment_status for r in s.query(ReportedRecord)},
+            {r.device_id: r.online for r in s.query(OnlineRecord)},
+        )
+
+
+def test_an_older_report_or_online_status_never_overwrites_a_newer_one(
+    db: Database, ingest: Ingestor
+) -> None:
+    # Another cloud worker wrote the newer state first; this one's late, older messages lose.
+    deliver(ingest, "edge/cam-1/reported", report("cam-1", "healthy", T0 + timedelta(seconds=5), 2))
+    deliver(ingest, "edge/cam-1/online", online(False, T0 + timedelta(seconds=5)))
+    assert ingest.flush() == 2
+    deliver(ingest, "edge/cam-1/reported", report("cam-1", "applying", T0, 2))
+    deliver(ingest, "edge/cam-1/online", online(True, T0))
+    ingest.flush()
+    assert stored(db) == ({"cam-1": "healthy"}, {"cam-1": False})
+    # A newer one still replaces it, even when its timestamp is written in another timezone.
+    later = (T0 + timedelta(seconds=6)).astimezone(timezone(timedelta(hours=-5)))
+    deliver(ingest, "edge/cam-1/reported", report("cam-1", "failed", later, 3))
+    deliver(ingest, "edge/cam-1/online", online(True, later))
+    ingest.flush()
+    assert stored(db) == ({"cam-1": "failed"}, {"cam-1": True})

@@ -1,13 +1,14 @@
 """Ingest what devices report: ``ReportedState`` and ``OnlineStatus`` into the store, in batches.
 
 The ingester subscribes to ``$share/cloud/edge/+/reported`` (several cloud processes split the
-fleet's reports between them) and ``edge/+/online``. paho's thread only appends raw messages to
-an inbox; every ``flush_interval_s`` the inbox is parsed and written with one ``executemany``
-upsert per table inside one transaction, keeping only the newest message per device. A stored
-row is replaced only by a newer one (by ``reported_at`` / ``ts``): one device's reports may be
-split between cloud workers, and a late, older report must not undo a newer one. A message
-that does not parse, or whose device id differs from its topic's, is counted and logged, never
-written; an empty one (a removed device's retained message being cleared) is skipped.
+fleet's reports between them) and ``edge/+/online``. paho's thread only keeps the newest raw
+message per topic (so what waits is bounded by the fleet's size, however slow the store); every
+``flush_interval_s`` those are parsed and written with one ``executemany`` upsert per table inside
+one transaction. A batch whose write fails is kept for the next flush. A stored row is replaced
+only by a newer one (by ``reported_at`` / ``ts``): one device's reports may be split between
+cloud workers, and a late, older report must not undo a newer one. A message that does not parse,
+or whose device id differs from its topic's, is counted and logged, never written; an empty one
+(a removed device's retained message being cleared) is skipped.
 
 With a ``session`` name the ingester's MQTT session outlives it (``SESSION_EXPIRY_S``): reports
 published while the cloud process is away are queued by the broker and ingested on its return.
@@ -28,6 +29,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from cloud.fleet.mqtt import Endpoint, connect, disconnect, new_client
 from cloud.fleet.sql import aware, binder, upsert
@@ -48,11 +50,24 @@ RECONNECT_MAX_S = 30
 
 @dataclass
 class IngestStats:
-    """Counters since start: messages received, written, and rejected as malformed."""
+    """Counters since start: messages received, written, and rejected as malformed.
+
+    A message is counted once its batch was written or rejected; one replaced by a newer message
+    on its topic before that counts as its successor does.
+    """
 
     received: int = 0
     written: int = 0
     invalid: int = 0
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """The newest message on one topic not written yet, and how many messages it stands for."""
+
+    payload: bytes
+    received_at: datetime
+    count: int
 
 
 def _utc(dt: datetime) -> datetime:
@@ -85,7 +100,7 @@ class Ingestor:
         self.session_expiry_s = session_expiry_s
         self.flush_interval_s = flush_interval_s
         self.stats = IngestStats()
-        self._inbox: list[tuple[str, bytes, datetime]] = []
+        self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._client: mqtt.Client | None = None
@@ -134,7 +149,9 @@ class Ingestor:
         assert self._flushed is not None
         while True:
             await asyncio.sleep(self.flush_interval_s)
-            if await asyncio.to_thread(self.flush):
+            received = self.stats.received
+            await asyncio.to_thread(self.flush)
+            if self.stats.received != received:
                 async with self._flushed:
                     self._flushed.notify_all()
 
@@ -170,48 +187,87 @@ class Ingestor:
         if not message.payload:
             return  # a cleared retained message (a removed device): nothing to ingest
         with self._lock:
-            self._inbox.append((message.topic, bytes(message.payload), utcnow()))
+            older = self._pending.get(message.topic)
+            count = 1 if older is None else older.count + 1
+            self._pending[message.topic] = _Pending(bytes(message.payload), utcnow(), count)
 
     # ---- writing -----------------------------------------------------------------------------
 
-    def flush(self) -> int:
-        """Write what arrived since the last flush; returns how many messages were written."""
+    @property
+    def backlog(self) -> int:
+        """How many topics hold a message not written yet (at most two per device)."""
         with self._lock:
-            batch, self._inbox = self._inbox, []
+            return len(self._pending)
+
+    def flush(self) -> int:
+        """Write what arrived since the last flush; returns how many messages were written.
+
+        When the write fails the batch is put back (behind anything newer that arrived meanwhile)
+        for the next flush, and the failure is logged.
+        """
+        with self._lock:
+            batch, self._pending = self._pending, {}
         if not batch:
             return 0
         reported: dict[str, dict[str, Any]] = {}
         online: dict[str, dict[str, Any]] = {}
+        valid: dict[str, _Pending] = {}
         invalid = 0
-        for topic, payload, received_at in batch:
-            row = self._parse(topic, payload, received_at)
+        for topic, entry in batch.items():
+            row = self._parse(topic, entry.payload, entry.received_at)
             if row is None:
-                invalid += 1
-            elif "online" in row:
-                online[row["device_id"]] = row
-            else:
-                reported[row["device_id"]] = row
+                invalid += entry.count
+                continue
+            valid[topic] = entry
+            (online if "online" in row else reported)[row["device_id"]] = row
+        self.stats.received += invalid
+        self.stats.invalid += invalid
+        if not valid:
+            return 0
+        try:
+            self._write(reported, online)
+        except (SQLAlchemyError, OSError) as e:
+            self._put_back(valid)
+            log.error(
+                "writing %d report(s) to the store failed (kept for the next attempt): %s",
+                len(valid),
+                str(e).splitlines()[0] if str(e) else type(e).__name__,
+            )
+            return 0
+        written = sum(entry.count for entry in valid.values())
+        self.stats.received += written
+        self.stats.written += written
+        return written
+
+    def _write(self, reported: dict[str, dict[str, Any]], online: dict[str, dict[str, Any]]) -> None:
         with self.db.transaction() as s:
             stamp = binder(s, ReportedRecord.__table__.c.reported_at)
-            for row in reported.values():
-                row["reported_at"] = stamp(row["reported_at"])
-                row["received_at"] = stamp(row["received_at"])
-            for row in online.values():
-                row["since"] = stamp(row["since"])
-                row["received_at"] = stamp(row["received_at"])
+            reported_rows = [
+                {**row, "reported_at": stamp(row["reported_at"]), "received_at": stamp(row["received_at"])}
+                for row in reported.values()
+            ]
+            online_rows = [
+                {**row, "since": stamp(row["since"]), "received_at": stamp(row["received_at"])}
+                for row in online.values()
+            ]
             for table, rows, time in (
-                (ReportedRecord.__table__, reported, "reported_at"),
-                (OnlineRecord.__table__, online, "since"),
+                (ReportedRecord.__table__, reported_rows, "reported_at"),
+                (OnlineRecord.__table__, online_rows, "since"),
             ):
                 if rows:
-                    columns = list(next(iter(rows.values())))
-                    values = [tuple(row[c] for c in columns) for row in rows.values()]
+                    columns = list(rows[0])
+                    values = [tuple(row[c] for c in columns) for row in rows]
                     upsert(s, table, columns, values, ["device_id"], unless_newer=time)  # type: ignore[arg-type]
-        written = len(batch) - invalid
-        self.stats.received += len(batch)
-        self.stats.written += written
-        self.stats.invalid += invalid
-        return written
+
+    def _put_back(self, batch: dict[str, _Pending]) -> None:
+        with self._lock:
+            for topic, entry in batch.items():
+                newer = self._pending.get(topic)
+                self._pending[topic] = (
+                    entry
+                    if newer is None
+                    else _Pending(newer.payload, newer.received_at, newer.count + entry.count)
+                )
 
     def _parse(self, topic: str, payload: bytes, received_at: datetime) -> dict[str, Any] | None:
         device = _topic_device(topic, "reported")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from sqlalchemy import MetaData, Table
 
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.mqtt import Endpoint
@@ -83,3 +84,37 @@ def test_an_older_report_or_online_status_never_overwrites_a_newer_one(
     deliver(ingest, "edge/cam-1/online", online(True, later))
     ingest.flush()
     assert stored(db) == ({"cam-1": "failed"}, {"cam-1": True})
+
+
+def test_what_waits_is_the_newest_message_per_topic(db: Database, ingest: Ingestor) -> None:
+    for i in range(500):  # a store too slow to keep up: messages keep coming between flushes
+        deliver(ingest, "edge/cam-1/reported", report("cam-1", "applying", T0 + timedelta(seconds=i), i))
+        deliver(ingest, "edge/cam-1/online", online(i % 2 == 0, T0 + timedelta(seconds=i)))
+    assert ingest.backlog == 2
+    assert ingest.flush() == 1000
+    assert (ingest.stats.received, ingest.stats.written, ingest.stats.invalid) == (1000, 1000, 0)
+    with db.transaction() as s:
+        row = s.get(ReportedRecord, "cam-1")
+        assert row is not None and row.generation_applied == 499
+    assert stored(db)[1] == {"cam-1": False}
+
+
+def test_a_failed_write_keeps_the_batch_behind_newer_messages(
+    db: Database, ingest: Ingestor, caplog: pytest.LogCaptureFixture
+) -> None:
+    online_table = Table(OnlineRecord.__tablename__, MetaData(), autoload_with=db.engine)
+    online_table.drop(db.engine)  # the store refuses the write
+    deliver(ingest, "edge/cam-1/online", online(True, T0))
+    deliver(ingest, "edge/cam-2/online", online(True, T0))
+    deliver(ingest, "edge/cam-2/reported", report("cam-2", "healthy", T0))
+    deliver(ingest, "edge/cam-2/reported", b"{not json")  # rejected, not retried
+    assert ingest.flush() == 0
+    assert "writing 2 report(s) to the store failed (kept for the next attempt)" in caplog.text
+    assert (ingest.stats.received, ingest.stats.written, ingest.stats.invalid) == (2, 0, 2)
+    assert ingest.backlog == 2
+    deliver(ingest, "edge/cam-1/online", online(False, T0 + timedelta(seconds=1)))  # newer: kept
+    online_table.create(db.engine)
+    assert ingest.flush() == 3
+    assert (ingest.stats.received, ingest.stats.written, ingest.stats.invalid) == (5, 3, 2)
+    assert ingest.backlog == 0
+    assert stored(db) == ({}, {"cam-1": False, "cam-2": True})

@@ -2,8 +2,9 @@
 
 Only what pushing a prepared image needs: check, mount and upload blobs, put and get manifests.
 Loopback registries are spoken to over plain HTTP (as Docker does), others over HTTPS. Basic and
-bearer-token authentication are handled. Every failure becomes one ``RegistryError`` line naming
-the registry and what it refused.
+bearer-token authentication are handled; credentials go to a token endpoint only over HTTPS, or
+over plain HTTP to a loopback host or to an insecure registry's own host. Every failure becomes
+one ``RegistryError`` line naming the registry and what it refused.
 """
 
 from __future__ import annotations
@@ -43,6 +44,33 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def check_token_realm(realm: str, registry: str, *, secure: bool) -> None:
+    """Refuse a token endpoint (``realm``) that credentials must not be sent to.
+
+    An ``https`` realm is fine on any host (registries often delegate to an auth service). A plain
+    ``http`` one only on a loopback host, or on the registry's own host when the registry itself
+    is spoken to over plain HTTP (an insecure local registry): anywhere else the password would
+    cross the network readable.
+    """
+    parts = urllib.parse.urlsplit(realm)
+    try:
+        host = parts.hostname
+    except ValueError:
+        host = None
+    where = f"registry {registry} names the token endpoint {parts.scheme}://{host or '?'}"
+    if parts.scheme not in ("http", "https") or not host:
+        raise RegistryError(f"{where}, which is not an http(s) URL; no credentials were sent")
+    if parts.scheme == "https":
+        return
+    registry_host = urllib.parse.urlsplit("//" + registry).hostname
+    if _is_loopback(host) or (not secure and host == registry_host):
+        return
+    raise RegistryError(
+        f"{where} over plain HTTP on another host; refusing to send credentials there "
+        "(the registry's auth service must use https)"
+    )
 
 
 class Readable(Protocol):
@@ -155,6 +183,7 @@ class RegistryClient:
         realm = params.get("realm")
         if not realm:
             return None
+        check_token_realm(realm, self.address, secure=self.secure)
         query = {"service": params.get("service", ""), "scope": params.get("scope", scope)}
         url = (
             realm

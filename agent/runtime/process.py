@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -59,6 +60,9 @@ LOG_ROTATE_BYTES = 10 * 1024 * 1024
 _TAIL_CHUNK = 64 * 1024
 
 ProcessStatus = Literal["created", "running", "exited"]
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -316,28 +320,37 @@ class ProcessRuntime:
         spec = record.desired
         root = Path(record.image_dir)
         info = ModuleInfo.model_validate_json((root / "module.json").read_bytes())
-        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-        env.update(
-            PYTHONPATH=str(CODE_ROOT),
-            PYTHONUNBUFFERED="1",
-            MODULE_JSON=str(root / "module.json"),
-            HOST=record.host,
-            PORT=str(port),
-            PROFILE=spec.profile,
-        )
+        placement = {
+            "PYTHONPATH": str(CODE_ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "MODULE_JSON": str(root / "module.json"),
+            "HOST": record.host,
+            "PORT": str(port),
+            "PROFILE": spec.profile,
+        }
         if len(info.models) == 1:
-            env["MODEL_DIR"] = str(root / "models" / info.models[0].name / str(info.models[0].version))
+            model = info.models[0]
+            placement["MODEL_DIR"] = str(root / "models" / model.name / str(model.version))
         elif info.models:
-            env["MODEL_DIR"] = str(root / "models")
-        if "MODEL_DIR" in env:
-            env["AZUREML_MODEL_DIR"] = env["MODEL_DIR"]
+            placement["MODEL_DIR"] = str(root / "models")
+        if "MODEL_DIR" in placement:
+            placement["AZUREML_MODEL_DIR"] = placement["MODEL_DIR"]
         if info.entry_script:
             script = Path(info.entry_script)
             candidates = [script] if script.is_absolute() else [root / "src" / script, root / script]
-            env["ENTRY_SCRIPT"] = str(next((c for c in candidates if c.is_file()), candidates[0]))
+            placement["ENTRY_SCRIPT"] = str(next((c for c in candidates if c.is_file()), candidates[0]))
+        ignored = sorted(set(spec.env) & set(placement))
+        if ignored:
+            log.warning(
+                "module %s: env %s ignored: the process runtime sets these itself (where the module "
+                "lives and which port it answers on)",
+                record.module,
+                ", ".join(ignored),
+            )
+        # The module's env may tune the server (SCORING_THREADS, LOG_LEVEL, ...) but never move it.
+        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ} | dict(spec.env) | placement
         if spec.resources.cpus is not None:
-            env["SCORING_THREADS"] = str(max(1, math.ceil(spec.resources.cpus)))
-        env.update(spec.env)
+            env.setdefault("SCORING_THREADS", str(max(1, math.ceil(spec.resources.cpus))))
         return env
 
     async def start(self, action: Start) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -114,6 +115,25 @@ async def test_lifecycle_serves_the_model_and_reports_exit(
 
     await table["remove"](Remove(module="digits", reason="test"))
     assert await observed(runtime, "digits") is None
+
+
+async def test_module_env_tunes_the_server_but_cannot_move_it(
+    runtime: ProcessRuntime, digits_build: DigitsBuild, caplog: pytest.LogCaptureFixture
+) -> None:
+    desired = spec(env={"PORT": "1", "HOST": "0.0.0.0", "MODEL_DIR": "/nowhere", "LOG_LEVEL": "DEBUG"})
+    await create_and_start(runtime, "digits", desired)
+    pid = runtime.records()["digits"].pid
+    assert pid is not None
+    raw = await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_text)
+    environ = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+    assert environ["PORT"] == str(desired.ports[0].host) and environ["HOST"] == "127.0.0.1"
+    assert environ["MODEL_DIR"] != "/nowhere" and environ["LOG_LEVEL"] == "DEBUG"
+    assert "env HOST, MODEL_DIR, PORT ignored" in caplog.text
+    url = runtime.health_url("digits", desired.health)
+    assert url is not None
+    async with HealthProber() as prober:
+        await until(lambda: ready(prober, url, desired), "the digits module to be ready")
+    assert await scored_label(url, digits_build.sample) == digits_build.expected_label
 
 
 async def test_crash_in_init_is_observed_with_its_exit_code(runtime: ProcessRuntime, images: Path) -> None:

@@ -157,8 +157,16 @@ def _read_state(state_dir: Path) -> AgentState | None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    state = _read_state(config.state_dir)
-    report = read_report(config.state_dir)
+    try:
+        state = _read_state(config.state_dir)
+        report = read_report(config.state_dir)
+    except OSError as exc:
+        print(
+            f"edge-agent: cannot read the state in {config.state_dir}: {exc.strerror or exc} "
+            "(run as root or as the agent's user)",
+            file=sys.stderr,
+        )
+        return 1
     data: dict[str, Any] = {
         "device_id": config.device_id,
         "state_dir": str(config.state_dir),

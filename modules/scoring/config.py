@@ -10,7 +10,7 @@ import argparse
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -67,7 +67,7 @@ class ServerConfig:
     profiles_dir: Path | None
     module: ModuleInfo | None
     model_name: str | None
-    scoring_key: str | None
+    scoring_key: str | None = field(repr=False)
     timeout_s: float
     max_request_bytes: int
     threads: int

@@ -99,3 +99,9 @@ def test_help_lists_every_variable() -> None:
     text = parser().format_help()
     for name in VARIABLES:
         assert name in text
+
+
+def test_the_scoring_key_never_shows_in_the_config_repr(tmp_path: Path) -> None:
+    config = load_config({"MODEL_DIR": str(tmp_path), "SCORING_KEY": "s3cret-key"}, [])
+    assert config.scoring_key == "s3cret-key"
+    assert "s3cret-key" not in repr(config)

@@ -7,8 +7,10 @@ image's layers (for vendor base images). Engine failures become one-line ``Engin
 from __future__ import annotations
 
 import json
+import posixpath
 import tarfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -100,32 +102,114 @@ def export_image(
         stream = client.api.get_image(ref)
     except docker.errors.APIError as exc:
         raise EngineError(f"docker save {ref} failed: {exc.explanation or exc}") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    by_member: dict[str, Layer] = {}
-    small: dict[str, bytes] = {}
     progress.step(f"exporting the layers of {ref} from Docker Engine")
-    with tarfile.open(fileobj=_IterReader(stream), mode="r|") as tar:  # type: ignore[call-overload]
+    return read_saved_image(stream, ref, out_dir, progress)
+
+
+def read_saved_image(
+    chunks: Iterable[bytes], ref: str, out_dir: Path, progress: Progress
+) -> tuple[bytes, list[Layer]]:
+    """Read a ``docker save`` archive streamed as ``chunks``: the config bytes and the gzip layers.
+
+    Both layouts are read: the legacy one (``<id>/layer.tar``, ``<id>.json``) and the OCI one of
+    Docker Engine 25 and later (``blobs/sha256/<hex>``, layers possibly gzip-compressed already).
+    Either way ``manifest.json`` names the config and the layers by their paths in the archive.
+    Layer-like members are compressed into ``out_dir`` as they stream past (the manifest comes
+    last); the others are kept in memory when small.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers: dict[str, Layer] = {}
+    small: dict[str, bytes] = {}
+    links: dict[str, str] = {}
+    with tarfile.open(fileobj=_IterReader(iter(chunks)), mode="r|") as tar:  # type: ignore[call-overload]
         for member in tar:
+            name = posixpath.normpath(member.name)
+            if member.issym() or member.islnk():
+                base = posixpath.dirname(name) if member.issym() else ""
+                links[name] = posixpath.normpath(posixpath.join(base, member.linkname))
+                continue
             if not member.isfile():
                 continue
             fh = tar.extractfile(member)
             assert fh is not None
-            if member.name.endswith("layer.tar"):
-                tmp = out_dir / f".export-{len(by_member)}.tar.gz"
-                layer = gzip_tar_stream(_chunks(fh), tmp)
-                final = out_dir / (layer.digest.removeprefix("sha256:") + ".tar.gz")
-                tmp.replace(final)
-                by_member[member.name] = Layer(final, layer.digest, layer.diff_id, layer.size)
-                progress.step(f"  layer {layer.diff_id[:19]}: {layer.size} bytes compressed")
-            elif member.name.endswith(".json"):
-                small[member.name] = fh.read()
+            head = fh.read(_TAR_BLOCK)
+            kind = _layer_kind(name, head)
+            if kind is not None:
+                try:
+                    layers[name] = _store_layer(_rejoin(head, fh), kind, out_dir, len(layers))
+                except zlib.error as exc:
+                    raise EngineError(f"docker save {ref}: layer {name} is not valid gzip: {exc}") from None
+                progress.step(f"  layer {layers[name].diff_id[:19]}: {layers[name].size} bytes compressed")
+            elif member.size <= _SMALL_MAX:
+                small[name] = head + fh.read()
+
+    def resolve(path: str) -> str:
+        path = posixpath.normpath(path)
+        for _ in range(len(links) + 1):
+            if path not in links:
+                return path
+            path = links[path]
+        raise EngineError(f"docker save {ref} returned an archive with a symlink loop at {path}")
+
     try:
         index = json.loads(small["manifest.json"])[0]
-        config = small[index["Config"]]
-        layers = [by_member[name] for name in index["Layers"]]
-    except (KeyError, IndexError, ValueError) as exc:
+        config = small[resolve(index["Config"])]
+        found = [layers.get(resolve(name)) for name in index["Layers"]]
+    except KeyError as exc:
         raise EngineError(f"docker save {ref} returned an archive without {exc}") from None
-    return config, layers
+    except (IndexError, TypeError, ValueError) as exc:
+        raise EngineError(f"docker save {ref} returned an unreadable manifest.json: {exc}") from None
+    missing = [name for name, layer in zip(index["Layers"], found, strict=True) if layer is None]
+    if missing:
+        raise EngineError(
+            f"docker save {ref} returned an archive whose layer {missing[0]} is missing "
+            "or not a tar (only uncompressed and gzip-compressed layers are supported)"
+        )
+    return config, [layer for layer in found if layer is not None]
+
+
+_TAR_BLOCK = 512
+_SMALL_MAX = 16 << 20
+"""Non-layer members up to this size are kept (configs, manifests); larger ones are skipped."""
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _layer_kind(name: str, head: bytes) -> str | None:
+    """``"tar"`` or ``"gzip"`` for a member holding a layer, else None (configs, manifests...)."""
+    if name.endswith("/layer.tar") or name == "layer.tar":
+        return "gzip" if head.startswith(_GZIP_MAGIC) else "tar"
+    if not name.startswith("blobs/"):
+        return None
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if len(head) == _TAR_BLOCK and (head[257:262] == b"ustar" or head == bytes(_TAR_BLOCK)):
+        return "tar"  # a tar header, or the end-of-archive block of an empty layer
+    return None
+
+
+def _store_layer(chunks: Iterator[bytes], kind: str, out_dir: Path, number: int) -> Layer:
+    tmp = out_dir / f".export-{number}.tar.gz"
+    layer = gzip_tar_stream(_gunzip(chunks) if kind == "gzip" else chunks, tmp)
+    final = out_dir / (layer.digest.removeprefix("sha256:") + ".tar.gz")
+    tmp.replace(final)
+    return Layer(final, layer.digest, layer.diff_id, layer.size)
+
+
+def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    inflate = zlib.decompressobj(wbits=31)
+    for chunk in chunks:
+        while chunk:
+            yield inflate.decompress(chunk)
+            if not inflate.eof:
+                break
+            chunk = inflate.unused_data  # a further gzip member
+            inflate = zlib.decompressobj(wbits=31)
+    yield inflate.flush()
+
+
+def _rejoin(head: bytes, fh: IO[bytes]) -> Iterator[bytes]:
+    yield head
+    yield from _chunks(fh)
 
 
 def _chunks(fh: IO[bytes]) -> Iterator[bytes]:

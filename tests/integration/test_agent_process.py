@@ -37,7 +37,7 @@ from tests.integration.agent_rig import (
     running_agent,
     status_is,
 )
-from tests.integration.module_image import CRASH_MESSAGE, CRASH_SCRIPT, DigitsBuild, write_module_dir
+from tests.integration.module_image import CRASH_MESSAGE, CRASH_SCRIPT, DigitsBuild, until, write_module_dir
 from tests.services import REPO_ROOT, MosquittoBroker, MosquittoFactory
 
 pytestmark = pytest.mark.integration
@@ -275,8 +275,11 @@ async def test_broker_restart_mid_run(
             pid = device.records()["web"]["pid"]
             await asyncio.to_thread(broker.stop)
             passes = agent.metrics.passes
-            await asyncio.sleep(2.0)  # the broker stays down for a few passes
-            assert agent.metrics.passes > passes and not agent.metrics.connected()
+
+            async def passes_while_down() -> bool:
+                return agent.metrics.passes >= passes + 2 and not agent.metrics.connected()
+
+            await until(passes_while_down, "two reconcile passes with the broker down")
             assert alive(device.records()["web"]) and device.records()["web"]["pid"] == pid
             await asyncio.to_thread(broker.start)
             resumed = await device.cloud.next_report(

@@ -67,6 +67,8 @@ DEPLOYMENT = "e2e-vision"
 MODULE = "digits"
 REPOSITORY = "e2e-digits"
 SIMULATED = 200
+SIM_IMAGE = "registry.local/digits@sha256:" + "0" * 64
+"""Simulated devices pull nothing; any pinned reference does."""
 WAIT_S = 180.0
 """The bound on every wait (a failure message, never a timing assertion)."""
 
@@ -353,6 +355,8 @@ def _runs(report: dict[str, Any], image: str) -> bool:
 
 
 def test_broker_restart_changes_nothing_for_the_running_module(rig: Rig) -> None:
+    if "2" not in rig.images:
+        pytest.skip("runs on the module test_package_deploy_update_and_roll_back leaves running")
     rig.wait(lambda: rig.score()[1] == ["2"], "the module serving version 2")
     before = _container(rig.docker)
     started_at = before.attrs["State"]["StartedAt"]
@@ -393,7 +397,7 @@ def test_simulated_fleet_converges(rig: Rig, tmp_path: Path) -> None:
         manifest = {
             "name": "e2e-sim-fleet",
             "target": {"tags": {"simulated": "true"}},
-            "modules": {MODULE: {"images": {"cpu": rig.images["1"]}, "health": {"interval_s": 1}}},
+            "modules": {MODULE: {"images": {"cpu": SIM_IMAGE}, "health": {"interval_s": 1}}},
             "rollout": {"waves": ["10%", "100%"]},
         }
         (tmp_path / "fleet.json").write_text(json.dumps(manifest))

@@ -21,6 +21,7 @@ from docker.models.images import Image
 from cloud.packaging.errors import EngineError
 from cloud.packaging.layers import Layer, gzip_tar_stream
 from cloud.packaging.progress import Progress, follow_engine_stream
+from modules.contract import ImageParts, split_image_ref
 
 
 def connect(client: docker.DockerClient | None = None) -> docker.DockerClient:
@@ -58,27 +59,36 @@ def load_archive(client: docker.DockerClient, archive: Path, progress: Progress)
 
 
 def pull(client: docker.DockerClient, ref: str, progress: Progress) -> None:
-    """Pull ``ref`` (``repo:tag`` or ``repo@digest``), relaying layer progress."""
-    repo, sep, tag = ref.rpartition("@") if "@" in ref else ref.rpartition(":")
-    if not sep or "/" in tag:
-        repo, tag = ref, "latest"
+    """Pull ``ref`` (``repo:tag`` or ``repo@digest``; the digest wins over a tag), relaying layer progress."""
+    parts = _split(ref)
     try:
         follow_engine_stream(
-            client.api.pull(repo, tag=tag, stream=True, decode=True), progress, f"pull {ref}"
+            client.api.pull(
+                parts.repository, tag=parts.digest or parts.tag or "latest", stream=True, decode=True
+            ),
+            progress,
+            f"pull {ref}",
         )
     except docker.errors.APIError as exc:
         raise EngineError(f"docker pull {ref} failed: {exc.explanation or exc}") from None
 
 
 def tag(client: docker.DockerClient, image_id: str, ref: str) -> None:
-    """Give a local image the name ``ref`` (``repo:tag``)."""
-    repo, _, tag_name = ref.rpartition(":")
-    if "/" in tag_name or not repo:
-        repo, tag_name = ref, "latest"
+    """Give a local image the name ``ref`` (``repo:tag``, ``latest`` when it has no tag)."""
+    parts = _split(ref)
+    if parts.digest is not None:
+        raise EngineError(f"docker tag {ref}: a tag cannot name a digest; give repo:tag")
     try:
-        client.api.tag(image_id, repo, tag_name, force=True)
+        client.api.tag(image_id, parts.repository, parts.tag or "latest", force=True)
     except docker.errors.APIError as exc:
         raise EngineError(f"docker tag {ref} failed: {exc.explanation or exc}") from None
+
+
+def _split(ref: str) -> ImageParts:
+    try:
+        return split_image_ref(ref)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
 
 
 def remove_tag(client: docker.DockerClient, ref: str) -> None:

@@ -34,7 +34,7 @@ from cloud.packaging.image import (
     source_date_epoch,
     write_load_archive,
 )
-from cloud.packaging.layers import rootfs_layer
+from cloud.packaging.layers import Layer, rootfs_layer
 from cloud.packaging.progress import LinePrinter, Progress, human_bytes
 from cloud.packaging.push import push_image
 from cloud.packaging.pydeps import profile_requirements
@@ -178,15 +178,7 @@ def _cached_documents(
         return docs
     if local is not None:
         progress.step(f"recovering the layers of {local_ref} from Docker Engine")
-        config, layers = engine.export_image(client, local_ref, cache.root / "blobs" / "sha256", progress)
-        for layer in layers:
-            cache.keep_blob(layer)
-        manifest = manifest_for(
-            config, [BlobRef(layer.digest, layer.size, layer.diff_id) for layer in layers]
-        )
-        docs = ImageDocuments(config=config, manifest=manifest)
-        cache.store_documents(key, docs)
-        return docs
+        return _export_documents(client, local_ref, key, cache, progress)
     if registry is None:
         return None
     found = registry.get_manifest(repo, key[:16])
@@ -201,6 +193,27 @@ def _cached_documents(
     progress.step(f"base image {repo}:{key[:16]} found in {registry.address}: pulling it into Docker Engine")
     engine.pull(client, f"{registry.address}/{repo}@{docs.manifest_digest}", progress)
     engine.tag(client, docs.config_digest, local_ref)
+    cache.store_documents(key, docs)
+    return docs
+
+
+def _export_blobs(
+    client: docker.DockerClient, ref: str, cache: BuildCache, progress: Progress
+) -> tuple[bytes, list[Layer]]:
+    """Export ``ref`` from Docker Engine, keeping its layers as cached blobs; its config and layers."""
+    config, layers = engine.export_image(client, ref, cache.root / "blobs" / "sha256", progress)
+    for layer in layers:
+        cache.keep_blob(layer)
+    return config, layers
+
+
+def _export_documents(
+    client: docker.DockerClient, ref: str, key: str, cache: BuildCache, progress: Progress
+) -> ImageDocuments:
+    """Export ``ref`` from Docker Engine into the cache: its layers as blobs, its documents under ``key``."""
+    config, layers = _export_blobs(client, ref, cache, progress)
+    manifest = manifest_for(config, [BlobRef(layer.digest, layer.size, layer.diff_id) for layer in layers])
+    docs = ImageDocuments(config=config, manifest=manifest)
     cache.store_documents(key, docs)
     return docs
 
@@ -279,9 +292,7 @@ def _publish_base(
     blobs = base.blobs
     if found is None or found[0] != base.docs.manifest:
         if any(layer.digest not in blobs for layer in base.docs.layers()):
-            _, layers = engine.export_image(client, base.local_ref, cache.root / "blobs" / "sha256", progress)
-            for layer in layers:
-                cache.keep_blob(layer)
+            _export_blobs(client, base.local_ref, cache, progress)
             blobs = cache.known_blobs([layer.digest for layer in base.docs.layers()])
         progress.step(f"pushing base image {base.local_ref} to {registry.address}/{base.repository}")
         push_image(registry, base.repository, base.docs, blobs, tags, progress)
@@ -319,14 +330,7 @@ def _vendor_base(
     key = "vendor-" + local.id.removeprefix("sha256:")
     docs = cache.load_documents(key)
     if docs is None or not cache.known_blobs([layer.digest for layer in docs.layers()]):
-        config, layers = engine.export_image(client, local.id, cache.root / "blobs" / "sha256", progress)
-        for layer in layers:
-            cache.keep_blob(layer)
-        manifest = manifest_for(
-            config, [BlobRef(layer.digest, layer.size, layer.diff_id) for layer in layers]
-        )
-        docs = ImageDocuments(config=config, manifest=manifest)
-        cache.store_documents(key, docs)
+        docs = _export_documents(client, local.id, key, cache, progress)
     return BaseImage(
         profile=profile.name,
         source="vendor",

@@ -3,7 +3,7 @@
 ``add`` creates a random MQTT password, stores only its Mosquitto hash, rewrites the broker's
 password and ACL files and writes a ready agent configuration folder (``agent.yaml`` with the
 password, mode 0600; the cloud's public signing key; the broker's CA for TLS). The password exists
-in clear only in that file (and in the result, for ``--show-password``). ``remove`` deletes the row
+in clear only in that file (and in the result, shown only for ``--show-password``). ``remove`` deletes the row
 and rewrites the files, so after a reload the device can no longer connect; in the same transaction
 it deletes the device's fleet rows and, when the device could have left retained MQTT messages,
 records that they must be cleared (``clear_removed`` does it, or the next publisher run; see
@@ -65,14 +65,25 @@ class DeviceView(BaseModel):
 
 
 class Provisioned(BaseModel):
-    """The result of ``add``: the device, its agent configuration and (in clear) its password."""
+    """A provisioned device, as ``add`` returns it and ``device add --json`` and the API show it.
+
+    ``add`` fills in the MQTT password in clear; show it only when asked (``without_password``
+    otherwise). ``broker`` says what became of the broker afterwards (reloaded, or how to).
+    """
 
     model_config = ConfigDict(frozen=True)
 
     device: DeviceView
     config_file: Path
     broker_url: str
-    password: str = Field(repr=False, exclude=True)
+    password: str | None = Field(
+        default=None, repr=False, description="the device's MQTT password, only when asked for (shown once)"
+    )
+    broker: str = Field(default="", description="whether the broker was reloaded, or how to reload it")
+
+    def without_password(self) -> Provisioned:
+        """This result with the password left out."""
+        return self.model_copy(update={"password": None})
 
 
 @dataclass(frozen=True)

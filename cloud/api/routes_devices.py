@@ -32,6 +32,7 @@ from cloud.devices import (
     AgentBundle,
     DeviceManager,
     DeviceView,
+    Provisioned,
     check_device_id,
     reload_if_configured,
 )
@@ -57,16 +58,6 @@ class NewDevice(BaseModel):
     state_dir: str = DEFAULT_STATE_DIR
     force: bool = Field(default=False, description="overwrite an existing agent.yaml")
     show_password: bool = Field(default=False, description="return the MQTT password (shown once)")
-
-
-class ProvisionedDevice(BaseModel):
-    """What ``edgectl device add --json`` prints."""
-
-    device: DeviceView
-    config_file: str
-    broker_url: str
-    password: str | None = None
-    broker: str
 
 
 class TagChange(BaseModel):
@@ -95,7 +86,7 @@ def _reload_note(manager: DeviceManager) -> str:
         return f"broker files updated, but the broker was not reloaded: {e}"
 
 
-def _add(manager: DeviceManager, body: NewDevice) -> ProvisionedDevice:
+def _add(manager: DeviceManager, body: NewDevice) -> Provisioned:
     bundle = AgentBundle(
         broker_url=body.broker_url, state_dir=body.state_dir, runtime=body.runtime, force=body.force
     )
@@ -103,13 +94,8 @@ def _add(manager: DeviceManager, body: NewDevice) -> ProvisionedDevice:
         result = manager.add(body.id, profile=body.profile, tags=body.tags, bundle=bundle)
     except AlreadyExistsError as e:
         raise ConflictError(str(e)) from e
-    return ProvisionedDevice(
-        device=result.device,
-        config_file=str(result.config_file),
-        broker_url=result.broker_url,
-        password=result.password if body.show_password else None,
-        broker=_reload_note(manager),
-    )
+    shown = result if body.show_password else result.without_password()
+    return shown.model_copy(update={"broker": _reload_note(manager)})
 
 
 def _remove(manager: DeviceManager, device_id: str, endpoint: Endpoint) -> RemovedDevice:
@@ -230,7 +216,7 @@ ROUTES = (
         add_device,
         "Provision a device",
         "devices",
-        response=ProvisionedDevice,
+        response=Provisioned,
         status=201,
         body=Body({"application/json": {"schema": NewDevice}}),
         errors=(400, 409, 415),

@@ -79,11 +79,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         )
         note = _reload_note(manager)
     if args.json:
-        data = result.model_dump(mode="json")
-        if args.show_password:
-            data["password"] = result.password
-        data["broker"] = note
-        print_json(data)
+        shown = result if args.show_password else result.without_password()
+        print_json(shown.model_copy(update={"broker": note}).model_dump(mode="json"))
     else:
         print(f"added device {result.device.id} (profile {result.device.profile})")
         print(f"agent configuration: {result.config_file} (holds the MQTT password; copy it to the device)")

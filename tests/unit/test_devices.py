@@ -18,9 +18,10 @@ import pytest
 
 from agent.config import load_agent_config
 from cloud import broker
+from cloud.api.routes_devices import ROUTES, add_device
 from cloud.cli import main
 from cloud.config import resolve_settings
-from cloud.devices import AgentBundle, DeviceManager
+from cloud.devices import AgentBundle, DeviceManager, Provisioned
 from cloud.keys import KeyFileError, load_or_create_signing_key, private_key_path, public_key_path
 from cloud.store.db import open_database
 from cloud.store.devices import Device
@@ -80,7 +81,7 @@ def test_add_writes_an_agent_config_that_loads_and_matches_the_stored_hash(
     )
     assert result["device"]["id"] == "pump-17"
     assert result["device"]["tags"] == {"site": "plant-a"}
-    assert "password" not in result
+    assert result["password"] is None
 
     config_file = Path(result["config_file"])
     assert config_file == data_dir / "devices" / "pump-17" / "agent.yaml"
@@ -113,6 +114,20 @@ def test_the_password_is_stored_only_in_the_agent_config(
         if p.is_file() and password in p.read_bytes()
     )
     assert holders == ["devices/pump-1/agent.yaml"]
+
+
+def test_cli_and_api_show_one_provisioned_document_with_the_password_only_when_asked(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    quiet = run_json(capsys, "device", "add", "pump-1")
+    shown = run_json(capsys, "device", "add", "pump-2", "--show-password")
+    (route,) = [r for r in ROUTES if r.handler is add_device]
+    assert route.response is Provisioned
+    assert Provisioned.model_validate(quiet).password is None
+    assert shown["password"] and Provisioned.model_validate(shown).password == shown["password"]
+    assert set(quiet) == set(shown) == set(Provisioned.model_fields)
+    assert "reload the broker" in quiet["broker"]
+    assert "s3cret" not in repr(Provisioned.model_validate({**shown, "password": "s3cret"}))
 
 
 def test_add_prints_where_the_config_is_and_the_password_only_when_asked(

@@ -154,10 +154,12 @@ class Agent:
         sampler: SystemSampler | None = None,
         clock: Callable[[], datetime] = utcnow,
         expiry_leeway_s: float = 30.0,
+        local_report: bool = True,
     ) -> None:
         """``accelerators``: detected at start-up from the device profiles when not given;
         ``clock``: aware UTC time (tests inject one); ``expiry_leeway_s``: clock skew tolerated
-        when checking ``expires_at``."""
+        when checking ``expires_at``; ``local_report``: keep the last report in ``reported.json``
+        for ``edge-agent status`` (a simulator, which has no such command, turns it off)."""
         self.config = config
         self.runtime = runtime
         self.link = link
@@ -170,6 +172,7 @@ class Agent:
         self.sampler = sampler or SystemSampler(Path(config.state_dir))
         self.clock = clock
         self.expiry_leeway_s = expiry_leeway_s
+        self.local_report = local_report
         self.version = agent_version()
         self.planner_config = config.planner_config()
         table: dict[Any, Any] = dict(executors(runtime))
@@ -226,6 +229,9 @@ class Agent:
         await self.load()
         if self.link is not None:
             self.link.desired.also_wake(self._kick)
+        also_wake = getattr(getattr(self.runtime, "pulls", None), "also_wake", None)
+        if also_wake is not None:  # a tracker that says when a pull ends: no need to wait for the poll
+            also_wake(self._kick)
         command_task = (
             asyncio.create_task(self._serve_commands(), name="agent-commands") if self.link else None
         )
@@ -486,7 +492,8 @@ class Agent:
         self._last_fingerprint = fingerprint
         self._last_published = now
         self.metrics.last_report_ts = time.time()
-        if changed:  # heartbeats repeat the same report: the local copy for `edge-agent status` stands
+        # Heartbeats repeat the same report: the local copy for `edge-agent status` stands.
+        if changed and self.local_report:
             await asyncio.to_thread(_write_report, Path(self.config.state_dir) / REPORT_FILE, report)
         log.debug("report queued: generation %d, %s", report.generation_applied, report.deployment_status)
         return True
@@ -557,9 +564,13 @@ def _detect_accelerators() -> list[Accelerator]:
 
 def _write_report(path: Path, report: ReportedState) -> None:
     """The last report, for ``edge-agent status`` (replaced atomically, not fsynced: it is a copy)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(report.model_dump_json(indent=1).encode())
+    data = report.model_dump_json(indent=1).encode()
+    try:
+        tmp.write_bytes(data)
+    except FileNotFoundError:  # no state saved yet: the folder is made once
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
     os.replace(tmp, path)
 
 

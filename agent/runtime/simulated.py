@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from typing import Literal, overload
 
 from agent.actions import Create, Pull, Remove, Restart, Start, Stop
-from agent.health import HealthResult, ProbeTarget
+from agent.health import DEFAULT_START_PERIOD_S, HealthResult, LivenessCount, ProbeTarget, count_probe
 from agent.observed import ImageAvailability, ObservedModule, ObservedStatus, PullFailure
 from agent.runtime import Observation, RuntimeActionError
 from modules.contract import DesiredModule, HealthCheck, ModuleHealth
@@ -122,9 +122,28 @@ class _Image:
 
 @dataclass
 class _Pulls:
-    """The part of ``PullTracker`` the agent looks at (``pulling``), computed from the clock."""
+    """The part of ``PullTracker`` the agent looks at (``pulling``), computed from the clock.
+
+    ``also_wake`` events are set when a simulated download finishes, so the agent need not poll.
+    """
 
     runtime: SimulatedRuntime
+    wakers: list[asyncio.Event] = field(default_factory=list)
+
+    def also_wake(self, event: asyncio.Event) -> None:
+        """Set ``event`` whenever a pull finishes."""
+        self.wakers.append(event)
+
+    def finish_at(self, done_at: float) -> None:
+        """Set the wakers when the pull finishing at ``done_at`` (runtime clock) is done."""
+        if not self.wakers:
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(done_at - self.runtime.clock(), 0.0), self._wake)
+
+    def _wake(self) -> None:
+        for event in self.wakers:
+            event.set()
 
     @property
     def pulling(self) -> frozenset[str]:
@@ -247,6 +266,7 @@ class SimulatedRuntime:
         if previous is not None:
             image.attempts_failed = previous.attempts_failed
         self.images[action.image] = image
+        self.pulls.finish_at(done_at)
 
     async def create(self, action: Create) -> None:
         """Create the module (not started) from an image that is present."""
@@ -317,28 +337,47 @@ class SimulatedRuntime:
 
 
 class SimulatedProber:
-    """Answers the agent's health probes from a ``SimulatedRuntime``, on each module's interval."""
+    """Answers the agent's health probes from a ``SimulatedRuntime``, on each module's interval.
 
-    def __init__(self, runtime: SimulatedRuntime) -> None:
+    Failed liveness probes count as ``HealthProber`` counts them (``count_probe``): not during the
+    start period (``start_period_s`` after a start, until the module was live once).
+    """
+
+    def __init__(self, runtime: SimulatedRuntime, start_period_s: float = DEFAULT_START_PERIOD_S) -> None:
+        if not start_period_s >= 0:
+            raise ValueError(f"start_period_s must not be negative, got {start_period_s}")
         self.runtime = runtime
-        self._tracks: dict[str, tuple[float | None, float, HealthResult]] = {}
+        self.start_period_s = start_period_s
+        self._tracks: dict[str, _Track] = {}
 
     async def check(self, targets: Iterable[ProbeTarget]) -> dict[str, HealthResult]:
         """Probe the targets that are due; the latest result of every target probed at least once."""
         rt = self.runtime
         now = rt.clock()
-        by_name = {t.module: t for t in targets}
-        for gone in self._tracks.keys() - by_name.keys():
-            del self._tracks[gone]
-        for name, target in by_name.items():
+        tracks = self._tracks
+        targets = list(targets)
+        names = {t.module for t in targets}
+        for gone in [name for name in tracks if name not in names]:
+            del tracks[gone]
+        for target in targets:
+            name = target.module
             started = target.started_at.timestamp() if target.started_at else None
-            track = self._tracks.get(name)
-            if track is not None and track[0] == started and now - track[1] < target.check.interval_s:
-                continue
-            previous = track[2] if track is not None and track[0] == started else None
+            track = tracks.get(name)
+            if track is not None and track.started == started:
+                if now - track.probed_at < target.check.interval_s:
+                    continue
+            else:
+                track = None
             live, ready, error = rt.health(name, now)
             if live and rt.rng.random() < rt.settings.health_failure_probability:
                 live, ready, error = False, False, f"liveness GET {target.base_url}/: simulated timeout"
+            previous = track.result if track is not None else None
+            since_start = now - started if started is not None else 0.0
+            count = count_probe(
+                track.count if track is not None else LivenessCount(), live, since_start, self.start_period_s
+            )
+            if count.starting and error is not None:
+                error += f" (starting: not counted until live or {self.start_period_s:g} s after the start)"
             health = ModuleHealth(
                 live=live,
                 ready=ready,
@@ -346,10 +385,18 @@ class SimulatedProber:
                 checked_at=_utc(now),
                 error=error,
             )
-            failures = 0 if live else (previous.failures if previous else 0) + 1
             provider = rt.provider if ready else (previous.execution_provider if previous else None)
-            self._tracks[name] = (started, now, HealthResult(health, failures, provider))
-        return {name: track[2] for name, track in self._tracks.items()}
+            result = HealthResult(health, count.failures, provider, count.starting)
+            tracks[name] = _Track(started, now, result, count)
+        return {name: track.result for name, track in tracks.items()}
+
+
+@dataclass
+class _Track:
+    started: float | None
+    probed_at: float
+    result: HealthResult
+    count: LivenessCount
 
 
 @overload

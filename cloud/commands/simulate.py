@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 CREDENTIALS_FILE = Path("simulate") / "credentials.json"
 SIM_TAG = ("simulated", "true")
 MAX_DEVICES = 100_000
+AUTO_SPLIT = 2_000
+"""From this many devices on, ``--processes`` defaults to one worker per core."""
 
 
 def _range(text: str, option: str) -> tuple[float, float]:
@@ -161,6 +164,14 @@ def _devices(args: argparse.Namespace, settings: Settings) -> tuple[list[SimDevi
     return devices, url, "provisioned"
 
 
+def auto_processes(devices: int) -> int:
+    """Worker processes when ``--processes`` is not given: one per core from ``AUTO_SPLIT`` devices on."""
+    if devices < AUTO_SPLIT:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, devices // (AUTO_SPLIT // 2)))
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run the simulated fleet until ``--duration`` passes or it is interrupted."""
     if not 1 <= args.devices <= MAX_DEVICES:
@@ -169,6 +180,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise CliError(f"--rate {args.rate:g}: expected a positive number of connections per second")
     if args.duration is not None and args.duration <= 0:
         raise CliError(f"--duration {args.duration:g}: expected a positive number of seconds")
+    if args.processes is None:
+        args.processes = auto_processes(args.devices)
     if args.processes < 1:
         raise CliError(f"--processes {args.processes}: expected at least 1")
     if args.credentials and args.provision:
@@ -311,9 +324,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--processes",
         type=int,
-        default=1,
         metavar="N",
-        help="split the devices over N worker processes, one per core (default 1)",
+        help="split the devices over N worker processes, one per core (default: 1 below "
+        f"{AUTO_SPLIT:,} devices, else one per core)",
     )
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -169,7 +170,7 @@ async def _error(awaitable: Any) -> BaseException | None:
 async def test_failing_liveness_probes_count_up_and_reset_on_a_new_start() -> None:
     clock = Clock()
     rt = runtime(clock, health_failure_probability=1.0)
-    prober = SimulatedProber(rt)
+    prober = SimulatedProber(rt, start_period_s=0.0)
     await created(rt, clock)
     await rt.start(Start(module="web", reason="test"))
     check = HealthCheck(interval_s=1.0)
@@ -181,6 +182,44 @@ async def test_failing_liveness_probes_count_up_and_reset_on_a_new_start() -> No
     await rt.restart(Restart(module="web", reason="test"))
     restarted = (await rt.observe())[0]["web"].started_at
     assert (await prober.check([ProbeTarget("web", "sim://x", check, restarted)]))["web"].failures == 1
+
+
+async def test_failures_count_only_after_the_start_period_or_once_the_module_was_live() -> None:
+    clock = Clock()
+    rt = runtime(clock, health_failure_probability=1.0)
+    prober = SimulatedProber(rt, start_period_s=5.0)
+    await created(rt, clock)
+    await rt.start(Start(module="web", reason="test"))
+    check = HealthCheck(interval_s=2.0)
+    started = (await rt.observe())[0]["web"].started_at
+    seen = []
+    for _ in range(5):
+        result = (await prober.check([ProbeTarget("web", "sim://x", check, started)]))["web"]
+        seen.append((result.failures, result.starting))
+        clock.now += 2.0
+    assert seen == [(0, True), (0, True), (0, True), (1, False), (2, False)]
+    assert "starting: not counted" not in (result.health.error or "")
+
+    rt.settings = SimulationSettings(**{**rt.settings.__dict__, "health_failure_probability": 0.0})
+    await rt.restart(Restart(module="web", reason="test"))
+    restarted = (await rt.observe())[0]["web"].started_at
+    clock.now += 3.0  # ready
+    live = (await prober.check([ProbeTarget("web", "sim://x", check, restarted)]))["web"]
+    assert live.health.live and live.failures == 0 and not live.starting
+    rt.settings = SimulationSettings(**{**rt.settings.__dict__, "health_failure_probability": 1.0})
+    clock.now += 2.0
+    failed = (await prober.check([ProbeTarget("web", "sim://x", check, restarted)]))["web"]
+    assert failed.failures == 1, "a module that was live since its start counts at once"
+
+
+async def test_the_end_of_a_pull_sets_the_wake_events() -> None:
+    rt = SimulatedRuntime("sim-1", SimulationSettings(pull_s=(0.01, 0.01)))
+    woken = asyncio.Event()
+    rt.pulls.also_wake(woken)
+    await rt.pull(Pull(module="web", reason="test", image=IMAGE))
+    assert IMAGE in rt.pulls.pulling
+    await asyncio.wait_for(woken.wait(), 10)
+    assert not rt.pulls.pulling
 
 
 def test_breakage_is_a_fixed_property_of_seed_device_module_and_configuration() -> None:

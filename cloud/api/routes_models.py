@@ -9,11 +9,13 @@ decoded, since aiohttp's and some other clients escape the ``/``.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import tempfile
+import unicodedata
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from aiohttp import BodyPartReader, web
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
@@ -35,23 +37,42 @@ from cloud.store.views import FRAMEWORKS, DeletedVersions, VersionSummary, Versi
 
 CHUNK = 256 * 1024
 UPLOAD_TYPES = ("application/octet-stream", "multipart/form-data")
+MAX_PATH_CHARS = 1024
+MAX_NAME_BYTES = 255
 TAG_PARAM = Param(
     "tag", "KEY=VALUE; repeatable; versions must carry every tag", {"type": "string"}, repeated=True
 )
 
 
 def _relative_path(raw: str | None, where: str) -> PurePosixPath:
-    """A safe relative path for an uploaded file; 400 naming ``where`` otherwise."""
+    """A safe relative path for an uploaded file; 400 naming ``where`` otherwise.
+
+    Refused: absolute paths, empty, ``.`` and ``..`` parts, backslashes and double quotes, control
+    and other non-printing characters, parts over ``MAX_NAME_BYTES`` and paths over ``MAX_PATH_CHARS``.
+    """
     if not raw:
         raise ApiError(400, f"{where}: a file name is required")
     path = PurePosixPath(raw)
     if "\\" in raw or path.is_absolute() or any(p in ("", ".", "..") for p in raw.split("/")):
         raise ApiError(400, f"{where}: file name {raw!r} must be a relative path without '.' or '..'")
+    bad = next((c for c in raw if c == '"' or unicodedata.category(c)[0] == "C"), None)
+    if bad is not None:
+        raise ApiError(
+            400, f"{where}: file name {raw!r} holds {bad!r}: control characters and '\"' are not allowed"
+        )
+    if len(raw) > MAX_PATH_CHARS or any(len(p.encode()) > MAX_NAME_BYTES for p in path.parts):
+        raise ApiError(
+            400,
+            f"{where}: file name {raw[:80]!r}... is too long "
+            f"({MAX_PATH_CHARS} characters in all, {MAX_NAME_BYTES} bytes per folder or file name)",
+        )
     return path
 
 
-def _create(path: Path) -> BinaryIO:
-    return path.open("xb")
+def _content_disposition(name: str) -> str:
+    """``attachment`` naming ``name``: RFC 6266 ``filename*`` in UTF-8, with an ASCII fallback."""
+    fallback = "".join(c if c.isascii() and (c.isalnum() or c in "._-+") else "_" for c in name) or "file"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 class _Spool:
@@ -63,13 +84,21 @@ class _Spool:
         self.total = 0
         self.files: set[PurePosixPath] = set()
 
-    def target(self, rel: PurePosixPath, where: str) -> Path:
-        if rel in self.files or any(parent in self.files for parent in rel.parents):
+    def create(self, rel: PurePosixPath, where: str) -> BinaryIO:
+        """Open the new file ``rel`` for writing; 400 when it clashes with another (or is a folder of one)."""
+        clash = rel in self.files or any(p in self.files for p in rel.parents)
+        if clash or any(rel in f.parents for f in self.files):
             raise ApiError(400, f"{where}: file {str(rel)!r} given twice or clashes with another file")
-        self.files.add(rel)
         dst = self.root.joinpath(*rel.parts)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        return dst
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            out = dst.open("xb")
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ApiError(507, f"{where}: no space left to store {str(rel)!r}") from None
+            raise ApiError(400, f"{where}: cannot store file {str(rel)!r}: {e.strerror or e}") from None
+        self.files.add(rel)
+        return out
 
     async def write(self, out: BinaryIO, chunk: bytes) -> None:
         self.total += len(chunk)
@@ -84,8 +113,7 @@ async def _spool_raw(request: web.Request, spool: _Spool) -> None:
         _kind, params = parse_content_disposition(request.headers["Content-Disposition"])
         name = content_disposition_filename(params, "filename")
     rel = _relative_path(name, "query parameter filename (or Content-Disposition)")
-    dst = await call(spool.target, rel, "filename")
-    with await call(_create, dst) as out:
+    with await call(spool.create, rel, "filename") as out:
         async for chunk in request.content.iter_chunked(CHUNK):
             await spool.write(out, chunk)
 
@@ -105,8 +133,7 @@ async def _spool_multipart(request: web.Request, spool: _Spool, fields: dict[str
                 raise ApiError(413, f"{where}: field is over 64 KiB")
             fields.setdefault(part.name, []).append(value.decode("utf-8", errors="replace"))
         else:
-            dst = await call(spool.target, _relative_path(unquote(part.filename), where), where)
-            with await call(_create, dst) as out:
+            with await call(spool.create, _relative_path(unquote(part.filename), where), where) as out:
                 while chunk := await part.read_chunk(CHUNK):
                     await spool.write(out, chunk)
         index += 1
@@ -212,7 +239,7 @@ async def download_model_file(request: web.Request) -> web.StreamResponse:
         blob,
         headers={
             "Content-Type": "application/octet-stream",
-            "Content-Disposition": f'attachment; filename="{PurePosixPath(path).name}"',
+            "Content-Disposition": _content_disposition(PurePosixPath(path).name),
             "X-Content-SHA256": found.sha256,
         },
     )

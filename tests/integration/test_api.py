@@ -23,11 +23,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from aiohttp.test_utils import TestClient, TestServer
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -259,6 +261,42 @@ async def test_model_errors(api: Api) -> None:
     assert body["detail"] == {"files": ["model.onnx"]}
     await api.error("DELETE", "/models/iris/latest", 400)
     await api.error("DELETE", "/models/nope/1", 404)
+
+
+async def test_upload_names_that_clash_or_could_break_headers_are_refused(api: Api) -> None:
+    for first, second in (("a/b.bin", "a"), ("a", "a/b.bin")):  # a file and a folder of the same name
+        form = aiohttp.FormData()
+        form.add_field("files", b"1", filename=first)
+        form.add_field("files", b"2", filename=second)
+        body = await api.error("POST", "/models/iris", 400, data=form)
+        assert "clashes with another file" in body["error"], body
+    raw = {"Content-Type": "application/octet-stream"}
+    for name, why in (
+        ("m\r\nX-Evil: 1.onnx", "'\\r': control characters"),
+        ('m".onnx', "'\"': control characters"),
+        ("m\x00.onnx", "'\\x00': control characters"),
+        ("x" * 256, "is too long"),
+    ):
+        body = await api.error("POST", f"/models/iris?filename={quote(name)}", 400, data=b"x", headers=raw)
+        assert why in body["error"], body
+    assert await api.call("GET", "/models", 200) == []
+    assert list((api.data_dir / "uploads").iterdir()) == []
+
+
+async def test_download_names_the_file_in_a_header_that_survives_its_name(api: Api, tmp_path: Path) -> None:
+    name = 'café "v2"; x=1.onnx'  # registered from a folder, where no upload rule applied
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / name).write_bytes(b"weights")
+    await asyncio.to_thread(api.services.registry.register, folder, "odd")
+    async with api.client.get(f"/models/odd/1/files/{quote(name)}", headers=api.auth) as r:
+        assert r.status == 200 and await r.read() == b"weights", await r.text()
+        header = r.headers["Content-Disposition"]
+    assert header == (
+        "attachment; filename=\"caf___v2___x_1.onnx\"; filename*=UTF-8''caf%C3%A9%20%22v2%22%3B%20x%3D1.onnx"
+    )
+    kind, params = parse_content_disposition(header)
+    assert (kind, content_disposition_filename(params, "filename")) == ("attachment", name)
 
 
 async def test_model_in_use_cannot_be_deleted(api: Api) -> None:

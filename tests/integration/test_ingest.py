@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -23,7 +23,9 @@ from cloud.store.devices import Device
 from cloud.store.errors import NotFoundError
 from cloud.store.fleet import OnlineRecord, ReportedRecord
 from modules.contract import CommandRequest, CommandResponse, ModuleStatus, OnlineStatus, ReportedState
+from tests.integration.test_store_postgres import db_url, postgres  # noqa: F401 (fixtures)
 from tests.services import MosquittoBroker, MosquittoFactory
+from tests.unit.test_ingest_batch import deliver, online, report, stored
 
 pytestmark = pytest.mark.integration
 
@@ -194,3 +196,24 @@ async def test_named_session_ingests_reports_sent_while_away(
     with db.transaction() as s:
         row = s.get(ReportedRecord, "cam-3")
         assert row is not None and row.generation_applied == 4
+
+
+def test_an_older_report_never_overwrites_a_newer_one_on_postgresql(db_url: str) -> None:  # noqa: F811
+    database = open_database(db_url)
+    try:
+        with database.transaction() as s:
+            s.add(Device(id="cam-1", profile="cpu", password_hash="unused"))
+        ingest = Ingestor(database, Endpoint.parse("mqtt://127.0.0.1:1883"))
+        t0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+        deliver(ingest, "edge/cam-1/reported", report("cam-1", "healthy", t0 + timedelta(seconds=5)))
+        deliver(ingest, "edge/cam-1/online", online(False, t0 + timedelta(seconds=5)))
+        assert ingest.flush() == 2
+        deliver(ingest, "edge/cam-1/reported", report("cam-1", "applying", t0))
+        deliver(ingest, "edge/cam-1/online", online(True, t0))
+        assert ingest.flush() == 2
+        assert stored(database) == ({"cam-1": "healthy"}, {"cam-1": False})
+        deliver(ingest, "edge/cam-1/reported", report("cam-1", "failed", t0 + timedelta(seconds=6)))
+        ingest.flush()
+        assert stored(database)[0] == {"cam-1": "failed"}
+    finally:
+        database.dispose()

@@ -64,7 +64,9 @@ pytestmark = pytest.mark.integration
 
 DEVICE = "e2e-cam-1"
 DEPLOYMENT = "e2e-vision"
-MODULE = "digits"
+MODULE = "e2e-digits"
+"""The module (and so the container, ``edge-e2e-digits``): apart from other tests' ``digits``."""
+MODEL = "digits"
 REPOSITORY = "e2e-digits"
 SIMULATED = 200
 SIM_IMAGE = "registry.local/digits@sha256:" + "0" * 64
@@ -143,7 +145,7 @@ class Rig:
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             answer = json.loads(response.read())
-        with urllib.request.urlopen(f"{base}/v2/models/{MODULE}", timeout=10) as response:
+        with urllib.request.urlopen(f"{base}/v2/models/{MODEL}", timeout=10) as response:
             info = json.loads(response.read())
         return int(answer["outputs"]["label"][0]), [str(v) for v in info["versions"]]
 
@@ -281,6 +283,7 @@ def _package(rig: Rig, store: Registry, ref: str) -> str:
                 config=InferenceConfig(),
                 profiles=["cpu"],
                 registry=rig.registry.address,
+                name=MODULE,
                 repository=REPOSITORY,
                 smoke=False,
             ),

@@ -1,6 +1,6 @@
 """``DockerRuntime``: modules as Docker Engine containers, through the ``docker`` SDK (7.x).
 
-Each module runs in a container named ``<prefix><module>`` (``edge-<module>`` by default), labelled
+Each module runs in a container named ``<prefix><module>`` (``edge-<device>-<module>`` by default), labelled
 as this agent's (``agent/runtime/labels.py``); containers without those labels are never listed,
 started, stopped or removed. Containers get restart policy ``no``: the agent restarts modules
 itself (back-off, health, rollback). Ports are published on the mapping's ``host_ip``, loopback
@@ -112,14 +112,15 @@ class DockerRuntime:
         profiles: Mapping[str, DeviceProfile] | None = None,
         credentials: Credentials | None = None,
         device_id: str | None = None,
-        name_prefix: str = lb.DEFAULT_NAME_PREFIX,
+        name_prefix: str | None = None,
         stop_timeout_s: int = 10,
         host_root: Path = Path("/"),
         log_max_size: str = "10m",
         log_max_files: int = 3,
         init: bool = True,
     ) -> None:
-        """``device_id`` labels (and filters) containers so several agents may share one engine;
+        """``device_id`` labels (and filters) containers so several agents may share one engine, and
+        names them ``edge-<device>-<module>`` unless ``name_prefix`` says otherwise;
         ``host_root`` is where the profile's device nodes are looked up; logs rotate at
         ``log_max_size`` keeping ``log_max_files`` files; ``init`` runs Docker's init (tini) as
         PID 1, so SIGTERM reaches a server that has not installed its handler yet."""
@@ -131,6 +132,8 @@ class DockerRuntime:
         self.profiles = profiles
         self.credentials: Credentials = credentials or {}
         self.device_id = device_id
+        if name_prefix is None:
+            name_prefix = f"{lb.DEFAULT_NAME_PREFIX}{device_id}-" if device_id else lb.DEFAULT_NAME_PREFIX
         self.name_prefix = name_prefix
         self.stop_timeout_s = stop_timeout_s
         self.host_root = host_root

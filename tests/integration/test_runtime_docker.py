@@ -80,7 +80,9 @@ def device_id() -> str:
 @pytest.fixture
 async def runtime(docker_client: Any, device_id: str) -> AsyncIterator[DockerRuntime]:
     rt = DockerRuntime(
-        docker_client, device_id=device_id, name_prefix=f"edge-{device_id}-", stop_timeout_s=10
+        docker_client,
+        device_id=device_id,
+        stop_timeout_s=10,  # containers: edge-<device>-<module>
     )
     yield rt
     await rt.pulls.close()

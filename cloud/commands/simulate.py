@@ -223,6 +223,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         settings=sim,
         seed=args.seed,
         inline_file_io=True,
+        tune_gc=True,
     )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s"

@@ -32,6 +32,8 @@ from modules.contract import DesiredModule, HealthCheck, ModuleHealth
 from modules.profiles import load_profiles
 
 Range = tuple[float, float]
+WAKE_MARGIN_S = 0.005
+"""Wake the agent this long after a pull's end (the loop's timers may fire a little early)."""
 Breakage = Literal["crash-loop", "never-ready"]
 
 
@@ -139,7 +141,7 @@ class _Pulls:
         if not self.wakers:
             return
         loop = asyncio.get_running_loop()
-        loop.call_later(max(done_at - self.runtime.clock(), 0.0), self._wake)
+        loop.call_later(max(done_at - self.runtime.clock(), 0.0) + WAKE_MARGIN_S, self._wake)
 
     def _wake(self) -> None:
         for event in self.wakers:

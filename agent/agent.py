@@ -358,7 +358,10 @@ class Agent:
         self._dirty = True
 
     async def _save(self) -> None:
-        await asyncio.to_thread(self.store.save, self.state)
+        if getattr(self.store, "inline", False):  # a store in memory (simulated devices): no thread hop
+            self.store.save(self.state)
+        else:
+            await asyncio.to_thread(self.store.save, self.state)
         self._dirty = False
 
     def _evaluate(

@@ -188,9 +188,13 @@ class TmpfsStateStore(StateStore):
     folder anyway, and for thousands of devices those system calls cost more than the write.
     """
 
+    inline = True
+    """A save is a memory copy: the agent calls ``save`` on the event loop, not on a thread."""
+
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
-        self._tmp = self.path.with_name(f"{self._temp_prefix}save.tmp")
+        self._target = str(self.path)
+        self._tmp = str(self.path.with_name(f"{self._temp_prefix}save.tmp"))
         self._made = False
 
     def save(self, state: AgentState) -> None:
@@ -198,8 +202,9 @@ class TmpfsStateStore(StateStore):
         if not self._made:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._made = True
-        self._tmp.write_bytes(state.model_dump_json().encode())
-        os.replace(self._tmp, self.path)
+        with open(self._tmp, "wb") as f:
+            f.write(state.model_dump_json().encode())
+        os.replace(self._tmp, self._target)
 
 
 class RecordingLink(Link):

@@ -181,6 +181,8 @@ class SimulatedRuntime:
 
     def breakage(self, module: str, config_hash: str) -> Breakage | None:
         """Whether this configuration of ``module`` is broken on this device, and how (always the same)."""
+        if self.settings.failure_rate <= 0:
+            return None
         fate = random.Random(f"{self.seed}:{self.device_id}:{module}:{config_hash}")
         if fate.random() >= self.settings.failure_rate:
             return None

@@ -18,7 +18,8 @@ from agent.link import DesiredSlot
 from agent.observed import config_hash
 from agent.runtime import RuntimeActionError
 from agent.runtime.simulated import SimulatedProber, SimulatedRuntime, SimulationSettings, execution_provider
-from agent.state import StateStore
+from agent.simulate import TmpfsStateStore
+from agent.state import AgentState, StateStore
 from modules.contract import (
     CommandRequest,
     CommandResponse,
@@ -334,3 +335,14 @@ async def test_a_broken_update_is_rolled_back_to_the_configuration_that_worked(t
     report = await converge(agent, clock, link, {"failed", "rolled_back"})
     assert (report.deployment_status, report.generation_applied) == ("rolled_back", 1)
     assert "generation 2 not healthy within 30 s: web:" in (report.reason or "")
+
+
+def test_the_tmpfs_store_writes_what_the_real_store_reads(tmp_path: Path) -> None:
+    path = tmp_path / "sim-1" / "state.json"
+    store = TmpfsStateStore(path)
+    first = AgentState(status="healthy", reason="first")
+    store.save(first)
+    second = AgentState(status="failed", reason="second")
+    store.save(second)
+    assert StateStore(path).load() == second
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]

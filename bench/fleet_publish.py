@@ -268,8 +268,8 @@ def ingest_store_only(fleet: Fleet, endpoint: Endpoint, n: int) -> float:
     batch = 2_000
     start = time.perf_counter()
     for i in range(0, n, batch):
-        now = utcnow()
-        ingest._inbox.extend((t, p, now) for t, p in payloads[i : i + batch])
+        for topic, payload in payloads[i : i + batch]:
+            ingest.accept(topic, payload)
         ingest.flush()
     elapsed = time.perf_counter() - start
     assert ingest.stats.written == n

@@ -184,12 +184,16 @@ class Ingestor:
         self._subscribed.set()
 
     def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
-        if not message.payload:
+        self.accept(message.topic, bytes(message.payload))
+
+    def accept(self, topic: str, payload: bytes) -> None:
+        """Queue one received message for the next flush; a newer one on the same topic replaces it."""
+        if not payload:
             return  # a cleared retained message (a removed device): nothing to ingest
         with self._lock:
-            older = self._pending.get(message.topic)
+            older = self._pending.get(topic)
             count = 1 if older is None else older.count + 1
-            self._pending[message.topic] = _Pending(bytes(message.payload), utcnow(), count)
+            self._pending[topic] = _Pending(payload, utcnow(), count)
 
     # ---- writing -----------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from agent.actions import Plan, SetRestartBook
 from agent.admission import Rejected, admit
 from agent.commands import CommandHandler
 from agent.config import AgentConfig
-from agent.health import HealthProber, HealthResult, ProbeTarget
+from agent.health import HealthProber, HealthResult, ProbeTarget, probe_interval
 from agent.link import DesiredSlot
 from agent.metrics import AgentMetrics
 from agent.observed import ImageAvailability, ObservedModule
@@ -518,9 +518,9 @@ class Agent:
         desired = self.state.active
         if desired is not None:
             intervals = [
-                m.health.interval_s
+                probe_interval(m.health, ready_seen=bool(o.health and o.health.ready))
                 for name, m in desired.modules.items()
-                if name in observed and observed[name].status == "running"
+                if (o := observed.get(name)) is not None and o.status == "running"
             ]
             if intervals:
                 candidates.append(min(intervals))

@@ -62,6 +62,11 @@ class ProbeTarget:
     started_at: datetime | None = None
 
 
+def probe_interval(check: HealthCheck, ready_seen: bool) -> float:
+    """Seconds between probes: ``start_interval_s`` until the module was ready once since its start."""
+    return check.interval_s if ready_seen else min(check.start_interval_s, check.interval_s)
+
+
 @dataclass(frozen=True)
 class HealthResult:
     """The last probe of a module, its counted liveness failures and its execution provider.
@@ -170,6 +175,8 @@ class _Track:
     """When the module started, on the prober's clock."""
     probed_at: float | None = None
     result: HealthResult | None = None
+    ready_seen: bool = False
+    """Ready at least once since this start (then ``interval_s`` applies, before ``start_interval_s``)."""
     count: LivenessCount = field(default_factory=LivenessCount)
     provider_read: bool = False
 
@@ -282,12 +289,16 @@ class HealthProber:
             track = self._tracks.get(name)
             if track is None or track.started_at != target.started_at:
                 track = self._tracks[name] = self._new_track(target)
-            if track.probed_at is None or now - track.probed_at >= target.check.interval_s:
+            if track.probed_at is None or now - track.probed_at >= probe_interval(
+                target.check, track.ready_seen
+            ):
                 track.probed_at = now
                 due.append(target)
         results = await asyncio.gather(*(self._check_one(t) for t in due))
         for target, result in zip(due, results, strict=True):
-            self._tracks[target.module].result = result
+            track = self._tracks[target.module]
+            track.result = result
+            track.ready_seen = track.ready_seen or result.health.ready
         return {name: track.result for name, track in self._tracks.items() if track.result is not None}
 
     async def _check_one(self, target: ProbeTarget) -> HealthResult:

@@ -152,12 +152,17 @@ class Resources(Frozen):
 
 
 class HealthCheck(Frozen):
-    """How the agent probes a module: liveness on ``path``, readiness on ``ready_path``."""
+    """How the agent probes a module: liveness on ``path``, readiness on ``ready_path``.
+
+    Until a module has been ready once since its start it is probed every ``start_interval_s``
+    (like Docker's ``--start-interval``), afterwards every ``interval_s``.
+    """
 
     path: str = "/"
     ready_path: str = "/v2/health/ready"
     port: Port = 5001
     interval_s: float = Field(default=5.0, gt=0, le=3600)
+    start_interval_s: float = Field(default=1.0, gt=0, le=3600)
     timeout_s: float = Field(default=2.0, gt=0, le=600)
     failure_threshold: int = Field(default=3, ge=1, le=100)
 

@@ -25,7 +25,14 @@ from datetime import datetime, timezone
 from typing import Literal, overload
 
 from agent.actions import Create, Pull, Remove, Restart, Start, Stop
-from agent.health import DEFAULT_START_PERIOD_S, HealthResult, LivenessCount, ProbeTarget, count_probe
+from agent.health import (
+    DEFAULT_START_PERIOD_S,
+    HealthResult,
+    LivenessCount,
+    ProbeTarget,
+    count_probe,
+    probe_interval,
+)
 from agent.observed import ImageAvailability, ObservedModule, ObservedStatus, PullFailure
 from agent.runtime import Observation, RuntimeActionError
 from modules.contract import DesiredModule, HealthCheck, ModuleHealth
@@ -368,7 +375,7 @@ class SimulatedProber:
             started = target.started_at.timestamp() if target.started_at else None
             track = tracks.get(name)
             if track is not None and track.started == started:
-                if now - track.probed_at < target.check.interval_s:
+                if now - track.probed_at < probe_interval(target.check, track.ready_seen):
                     continue
             else:
                 track = None
@@ -391,7 +398,8 @@ class SimulatedProber:
             )
             provider = rt.provider if ready else (previous.execution_provider if previous else None)
             result = HealthResult(health, count.failures, provider, count.starting)
-            tracks[name] = _Track(started, now, result, count)
+            ready_seen = ready or (track is not None and track.ready_seen)
+            tracks[name] = _Track(started, now, result, count, ready_seen)
         return {name: track.result for name, track in tracks.items()}
 
 
@@ -401,6 +409,7 @@ class _Track:
     probed_at: float
     result: HealthResult
     count: LivenessCount
+    ready_seen: bool = False
 
 
 @overload

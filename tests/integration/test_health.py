@@ -163,6 +163,25 @@ async def test_probes_wait_for_the_interval_and_a_new_start_resets(runtime: Proc
         assert await prober.check([]) == {}
 
 
+async def test_start_interval_until_first_ready_then_the_interval(runtime: ProcessRuntime) -> None:
+    target = await start(runtime, "digits", health={"interval_s": 5.0, "start_interval_s": 1.0})
+    clock = Clock()
+    async with HealthProber(clock=clock) as prober:
+        result = (await prober.check([target]))["digits"]
+        loading = 0
+        while not result.health.ready:  # loading the model: probed every start_interval_s
+            clock.now += 1.0
+            again = (await prober.check([target]))["digits"]
+            assert again is not result, "not ready yet: due again after start_interval_s"
+            result, loading = again, loading + 1
+            assert loading < 600, "the digits module never became ready"
+            await asyncio.sleep(0.05)
+        clock.now += 1.0
+        assert (await prober.check([target]))["digits"] is result  # ready once: interval_s now
+        clock.now += 4.0
+        assert (await prober.check([target]))["digits"] is not result
+
+
 def silent(started_at: datetime | None, interval_s: float = 1.0) -> ProbeTarget:
     """A module that started at ``started_at`` and does not listen (yet): nothing on its port."""
     return ProbeTarget(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,6 +58,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A running Mosquitto: its loopback port and process id (for CPU accounting)."""
+
+    port: int
+    pid: int
+
+
+@contextlib.contextmanager
+def mosquitto(work: Path, *settings: str) -> Iterator[Broker]:
+    """Mosquitto on a free 127.0.0.1 port (anonymous, no persistence, plus ``settings`` lines)."""
+    binary = shutil.which("mosquitto", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin")
+    if binary is None:
+        raise SystemExit("mosquitto is not installed: apt-get install mosquitto")
+    port = free_port()
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false", *settings]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    conf = work / "mosquitto.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    log_path = work / "mosquitto.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as probe:
+                probe.settimeout(0.2)
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"mosquitto did not start; see {log_path}")
+            time.sleep(0.05)
+        yield Broker(port, proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def ours(key: str, label: str, model_dir: Path, entry_script: Path | None = None) -> ServerSpec:

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ import psutil
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from bench._servers import mosquitto
 from modules.contract import DesiredState, ReportedState, utcnow
 from modules.signing import generate_keypair, load_private_key, sign_desired
 
@@ -56,37 +55,6 @@ TARGET_RSS_MB = 40.0
 TARGET_IDLE_CPU = 0.5
 TARGET_HEALTHY_S = 3.0
 WAIT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def mosquitto(work: Path) -> Iterator[int]:
-    """A Mosquitto broker on a free loopback port (the Debian package's binary)."""
-    binary = shutil.which("mosquitto", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    if binary is None:
-        raise SystemExit("mosquitto is not installed: apt-get install mosquitto")
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false"]
-    conf.write_text("\n".join(lines + (["user root"] if os.geteuid() == 0 else [])) + "\n")
-    with (work / "mosquitto.log").open("wb") as log:
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 class Cloud:
@@ -215,7 +183,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [f"{device_id}-m{i}" for i in range(1, MODULES + 1)]
     base = {"image": image, "ports": [{"container": 5001}]}
     agent: subprocess.Popen[bytes] | None = None
-    with mosquitto(work) as port:
+    with mosquitto(work) as broker:
+        port = broker.port
         cloud = Cloud(port, device_id)
         (work / "cloud.pub").write_bytes(cloud.public_pem)
         config = {

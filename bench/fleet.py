@@ -29,15 +29,13 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ import yaml
 from sqlalchemy import func, select
 
 from agent.simulate import device_ids
+from bench._servers import mosquitto
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.service import Fleet
@@ -62,6 +61,9 @@ REAL_DEVICE = "bench-real-1"
 TEST_IMAGE_REPOSITORY = "edgedeploy-test/module-digits"
 IMAGE = "registry.local/digits@sha256:" + "0" * 64
 WAIT_S = 600.0
+
+FLEET_BROKER = ("log_type error", "log_dest stderr", "max_queued_messages 100000")
+"""Broker settings for thousands of devices: errors only, deep queues for offline bursts."""
 
 
 @dataclass
@@ -88,14 +90,6 @@ class SizeResult:
         return 100 * self.broker_cpu_s / self.converge_s if self.converge_s else 0.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _cpu(processes: list[psutil.Process]) -> float:
     total = 0.0
     for p in processes:
@@ -113,45 +107,6 @@ def _tree(pid: int) -> list[psutil.Process]:
         return [root, *root.children(recursive=True)]
     except psutil.Error:
         return []
-
-
-@contextmanager
-def mosquitto(work: Path) -> Iterator[tuple[int, int]]:
-    """``(port, pid)`` of a Mosquitto on 127.0.0.1 for one measurement."""
-    binary = shutil.which("mosquitto")
-    if binary is None:
-        raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
-    port = _free_port()
-    conf = work / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false", "log_type error"]
-    lines += ["max_queued_messages 100000", "log_dest stderr"]
-    if os.geteuid() == 0:
-        lines.append("user root")
-    conf.write_text("\n".join(lines) + "\n")
-    with (work / "mosquitto.log").open("wb") as log:
-        process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_sync(lambda: _port_open(port), 10, "mosquitto to listen")
-        yield port, process.pid
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def _port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _wait_sync(check: Callable[[], bool], limit_s: float, what: str) -> None:
-    deadline = time.monotonic() + limit_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"gave up waiting for {what} after {limit_s:g} s")
-        time.sleep(0.05)
 
 
 async def _wait(check: Callable[[], int], goal: int, limit_s: float, what: str) -> None:
@@ -218,7 +173,8 @@ def measure_size(n: int, args: argparse.Namespace, work: Path) -> SizeResult:
     data.mkdir(parents=True)
     ids = device_ids(n)
     fleet = _fleet(data, ids)
-    with mosquitto(work) as (port, broker_pid):
+    with mosquitto(work, *FLEET_BROKER) as broker:
+        port, broker_pid = broker.port, broker.pid
         url = f"mqtt://127.0.0.1:{port}"
         argv = [
             sys.executable, "-m", "cloud.cli", "simulate", "--devices", str(n), "--broker", url,
@@ -310,7 +266,8 @@ def measure_real(rounds: int, work: Path) -> dict[str, Any]:
     fleet = _fleet(data, [REAL_DEVICE])
     times: list[float] = []
     try:
-        with mosquitto(work) as (port, _pid):
+        with mosquitto(work, *FLEET_BROKER) as broker:
+            port = broker.port
             config = {
                 "device_id": REAL_DEVICE,
                 "broker": {"url": f"mqtt://127.0.0.1:{port}"},

@@ -29,14 +29,9 @@ import json
 import multiprocessing
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -44,6 +39,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from bench._servers import mosquitto
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.service import Fleet
@@ -60,43 +56,6 @@ WAIT_S = 120.0
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def mosquitto(workdir: Path) -> Iterator[Endpoint]:
-    """A Mosquitto on a free 127.0.0.1 port, stopped on exit."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(binary).exists():
-        raise SystemExit("mosquitto is not installed: apt-get install mosquitto")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = workdir / "mosquitto.conf"
-    lines = [
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
-        "persistence false",
-        "max_queued_messages 0",
-    ]
-    if os.geteuid() == 0:
-        lines.append("user root")
-    conf.write_text("\n".join(lines) + "\n")
-    with (workdir / "mosquitto.log").open("wb") as out:
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"mosquitto did not start; see {workdir / 'mosquitto.log'}") from None
-                time.sleep(0.05)
-        yield Endpoint("127.0.0.1", port)
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def manifest(image_tag: str) -> DeploymentManifest:
@@ -397,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--sizes: every size must be at least 1")
     with tempfile.TemporaryDirectory(prefix="edge-fleet-bench-") as tmp:
         root = Path(tmp)
-        with mosquitto(root) as endpoint:
+        with mosquitto(root, "max_queued_messages 0") as broker:
+            endpoint = Endpoint("127.0.0.1", broker.port)
             log(
                 f"mosquitto on {endpoint.url}; {os.cpu_count()} CPUs, {platform.python_implementation()} "
                 f"{platform.python_version()}"

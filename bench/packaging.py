@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench._servers import free_port
 from cloud.config import resolve_settings
 from cloud.inference_config import InferenceConfig
 from cloud.packaging import engine
@@ -71,19 +71,13 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def docker_registry(root: Path) -> Iterator[str]:
     """A CNCF registry on 127.0.0.1 with storage under ``root``; yields ``host:port``."""
     binary = shutil.which("docker-registry")
     if binary is None:
         raise SystemExit("docker-registry is not installed (apt-get install docker-registry)")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     config = root / "registry.yml"
     config.write_text(
         f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root / 'storage'}\n"

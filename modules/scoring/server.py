@@ -26,8 +26,9 @@ SHUTDOWN_GRACE_S = 5.0
 """On SIGTERM, requests in flight get this long to finish, then 503 (container engines SIGKILL after 10 s)."""
 
 
-def create_service(config: ServerConfig) -> ScoringService:
-    """The service for the configured mode."""
+def create_service(config: ServerConfig, *, script_module: str = "entry_module") -> ScoringService:
+    """The service for the configured mode; ``script_module`` names the entry script's module
+    (tests load many scripts into one process)."""
     if config.mode == "entry-script":
         assert config.entry_script is not None
         return EntryScriptService(
@@ -36,6 +37,7 @@ def create_service(config: ServerConfig) -> ScoringService:
             name=config.module_name,
             version=config.module_version,
             module=config.module,
+            module_name=script_module,
         )
     from modules.scoring.onnx_service import OnnxService
 

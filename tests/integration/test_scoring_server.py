@@ -21,8 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from modules.scoring.app import ScoringApp
 from modules.scoring.config import ServerConfig, load_config
-from modules.scoring.entry_service import EntryScriptService
-from modules.scoring.onnx_service import OnnxService
+from modules.scoring.server import create_service
 from modules.scoring.tensors import INFERENCE_HEADER, decode_oip_response, encode_binary_request
 from tests.integration.scoring_helpers import digits_linear_model, digits_model, write_script
 
@@ -48,22 +47,10 @@ def _config(tmp_path: Path, **env: str) -> ServerConfig:
     return load_config({"MODULE_JSON": str(tmp_path / "no-module.json"), **env}, [])
 
 
-def _entry_service(config: ServerConfig) -> EntryScriptService:
-    assert config.entry_script is not None
-    return EntryScriptService(
-        config.entry_script,
-        model_dir=config.model_dir,
-        name=config.module_name,
-        version=config.module_version,
-        module=config.module,
-        module_name=f"scoring_test_entry_{next(_ids)}",
-    )
-
-
 @asynccontextmanager
 async def serving(config: ServerConfig, *, load: bool = True) -> AsyncIterator[tuple[TestClient, ScoringApp]]:
     """The app for ``config`` on a loopback port, loaded unless ``load`` is False."""
-    service = _entry_service(config) if config.mode == "entry-script" else OnnxService(config)
+    service = create_service(config, script_module=f"scoring_test_entry_{next(_ids)}")
     scoring = ScoringApp(config, service)
     client = TestClient(TestServer(scoring.application(), host="127.0.0.1"))
     await client.start_server()

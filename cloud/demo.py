@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -106,14 +107,17 @@ class Service:
         return "\n".join("      " + line for line in text[-lines:])
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``."""
+        """SIGTERM to the service's process group (it runs in its own session), then SIGKILL after
+        ``STOP_TIMEOUT_S``: children it started go too."""
         if not self.alive():
             return
-        self.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
 
@@ -178,22 +182,29 @@ class Demo:
         with ``want_json``). DemoError naming the command when it fails."""
         argv = [sys.executable, "-m", "cloud.cli", *args, *(["--json"] if want_json else [])]
         self.say("$ edgectl " + " ".join(args))
-        process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env(), text=True
-        )
-        assert process.stderr is not None and process.stdout is not None
-        errors: list[str] = []
-        try:
-            for line in process.stderr:
-                errors.append(line.rstrip())
-                if not quiet:
-                    print("      " + line.rstrip(), file=self.options.out, flush=True)
-            out = process.stdout.read()
-        except BaseException:
-            process.terminate()
-            process.wait(STOP_TIMEOUT_S)
-            raise
-        if process.wait() != 0:
+        # stdout goes to a file, not a pipe: only stderr is read live, so a large result cannot
+        # fill a pipe nobody reads and stall the command.
+        with tempfile.TemporaryFile(mode="w+") as stdout:
+            process = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, env=self.env(), text=True)
+            assert process.stderr is not None
+            errors: list[str] = []
+            try:
+                for line in process.stderr:
+                    errors.append(line.rstrip())
+                    if not quiet:
+                        print("      " + line.rstrip(), file=self.options.out, flush=True)
+                process.wait()
+            except BaseException:
+                process.terminate()
+                try:
+                    process.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+                raise
+            stdout.seek(0)
+            out = stdout.read()
+        if process.returncode != 0:
             shown = "" if not quiet else "\n" + "\n".join(errors[-10:])
             raise DemoError(f"edgectl {' '.join(args)} failed (exit {process.returncode}){shown}")
         if want_json:

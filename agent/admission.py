@@ -16,17 +16,16 @@ A rejection raises ``Rejected``; the agent reports its reason and changes nothin
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
-from modules.contract import DesiredState, format_validation_error
+from modules.contract import DesiredState, RejectionCode, format_validation_error
 from modules.signing import SignatureError, verify_desired
 
 MAX_BYTES = 1 << 20
-RejectionCode = Literal["too_large", "not_json", "schema", "device", "signature", "generation", "expired"]
 
 
 class Rejected(Exception):

@@ -39,6 +39,7 @@ DeploymentStatus = Literal["applying", "healthy", "failed", "rolled_back", "reje
 Backend = Literal["onnxruntime", "openvino"]
 AcceleratorKind = Literal["nvidia-gpu", "movidius-myriad", "hddl", "xilinx-fpga", "intel-npu"]
 CommandName = Literal["logs", "restart", "ping"]
+RejectionCode = Literal["too_large", "not_json", "schema", "device", "signature", "generation", "expired"]
 
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]{0,62})$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -389,6 +390,9 @@ class ModuleStatus(Frozen):
     image: str | None = None
     image_digest: str | None = None
     execution_provider: str | None = None
+    precision: str | None = Field(
+        default=None, description="numeric precision the backend computes in (f32, bf16, f16, int8)"
+    )
     health: ModuleHealth | None = None
     message: str | None = None
 
@@ -411,14 +415,37 @@ class Accelerator(Frozen):
     detail: str = ""
 
 
+class Rejection(Frozen):
+    """One desired-state payload the agent refused: an event, kept apart from the applied status."""
+
+    code: RejectionCode
+    reason: str
+    generation: int | None = Field(default=None, description="the received generation, when readable")
+    at: datetime
+
+
+class ClientConflict(Frozen):
+    """Another MQTT client took this device's session over: two agents share one device id."""
+
+    detected_at: datetime
+    takeovers: int = Field(ge=1, description="sessions taken over since the agent started")
+    detail: str
+
+
 class ReportedState(Frozen):
-    """What a device reports on ``edge/{d}/reported``: on change and every heartbeat."""
+    """What a device reports on ``edge/{d}/reported``: on change and every heartbeat.
+
+    ``deployment_status`` and ``reason`` describe the applied generation; a refused payload is
+    ``last_rejection`` (``rejected`` as a status only while nothing newer has been admitted).
+    """
 
     device_id: Name
     generation_applied: int = Field(default=0, ge=0)
     generation_received: int | None = Field(default=None, ge=0)
     deployment_status: DeploymentStatus
     reason: str | None = None
+    last_rejection: Rejection | None = None
+    client_conflict: ClientConflict | None = None
     modules: dict[Name, ModuleStatus] = Field(default_factory=dict)
     system: SystemMetrics | None = None
     accelerators: list[Accelerator] = Field(default_factory=list)
@@ -427,10 +454,18 @@ class ReportedState(Frozen):
 
 
 class OnlineStatus(Frozen):
-    """Payload of ``edge/{d}/online`` (the last will publishes ``online: false``)."""
+    """Payload of ``edge/{d}/online`` (the last will publishes ``online: false``).
+
+    ``session`` orders messages: it grows with every MQTT connection of the device (the birth and
+    the last will of one connection carry the same number, and the will comes after the birth),
+    so ingest never judges online/offline by wall-clock fields written at different moments.
+    ``instance`` identifies the agent process, so two agents sharing a device id can be told apart.
+    """
 
     online: bool
     ts: datetime = Field(default_factory=utcnow)
+    session: int | None = Field(default=None, ge=0)
+    instance: str | None = Field(default=None, max_length=64)
 
 
 class CommandRequest(Frozen):

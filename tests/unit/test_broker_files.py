@@ -218,10 +218,13 @@ def test_reload_sends_sighup(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import signal, sys\n"
-            "signal.signal(signal.SIGHUP, lambda *a: (print('HUP', flush=True), sys.exit(0)))\n"
+            # SIGHUP is blocked before 'ready' and taken with sigwait: no handler runs inside a
+            # print, so the signal cannot land in the middle of a write (no reentrant-call race).
+            "import signal\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})\n"
             "print('ready', flush=True)\n"
-            "signal.pause()\n",
+            "signal.sigwait({signal.SIGHUP})\n"
+            "print('HUP', flush=True)\n",
         ],
         stdout=subprocess.PIPE,
         text=True,

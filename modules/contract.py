@@ -451,7 +451,9 @@ class ReportedState(Frozen):
     accelerators: list[Accelerator] = Field(default_factory=list)
     agent_version: str
     heartbeat_s: float | None = Field(
-        default=None, gt=0, description="how often the agent re-reports; the cloud calls it stale after 3 missed"
+        default=None,
+        gt=0,
+        description="how often the agent re-reports; the cloud calls it stale after 3 missed",
     )
     reported_at: datetime = Field(default_factory=utcnow)
 

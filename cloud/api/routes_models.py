@@ -4,7 +4,9 @@ Uploads are spooled into ``<data dir>/uploads`` (the blob store's file system) w
 (413 beyond it), then registered with ``Registry.register`` exactly as ``edgectl model register``
 registers a local folder; the spool folder is removed afterwards either way. A multipart part's
 filename is the file's path inside the version (``ir/model.xml``); percent-escapes in it are
-decoded, since aiohttp's and some other clients escape the ``/``.
+decoded, since aiohttp's and some other clients escape the ``/``. A malformed multipart body (no
+or a bad boundary, a part without a Content-Disposition, a bad header line, a truncated body, an
+encoded part) is a 400 naming what is wrong, never a 500.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 from urllib.parse import quote, unquote
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 from cloud.api.errors import ApiError
@@ -39,6 +43,8 @@ CHUNK = 256 * 1024
 UPLOAD_TYPES = ("application/octet-stream", "multipart/form-data")
 MAX_PATH_CHARS = 1024
 MAX_NAME_BYTES = 255
+MAX_BOUNDARY_CHARS = 70  # RFC 2046
+PLAIN_TRANSFER_ENCODINGS = ("", "binary", "7bit", "8bit")
 TAG_PARAM = Param(
     "tag", "KEY=VALUE; repeatable; versions must carry every tag", {"type": "string"}, repeated=True
 )
@@ -118,27 +124,73 @@ async def _spool_raw(request: web.Request, spool: _Spool) -> None:
             await spool.write(out, chunk)
 
 
+def _multipart_reader(request: web.Request) -> MultipartReader:
+    """A reader for the body; 400 when the Content-Type has no usable boundary."""
+    boundary = parse_mimetype(request.headers.get("Content-Type", "")).parameters.get("boundary", "")
+    if not boundary or len(boundary) > MAX_BOUNDARY_CHARS:
+        raise ApiError(
+            400,
+            f"Content-Type {request.headers.get('Content-Type', '')!r}: multipart/form-data needs a "
+            f"boundary parameter of 1 to {MAX_BOUNDARY_CHARS} characters",
+        )
+    return MultipartReader(request.headers, request.content)
+
+
+def _check_part(part: BodyPartReader, where: str) -> None:
+    """400 for a part that names nothing or whose bytes are encoded (they are stored as sent)."""
+    if part.name is None and part.filename is None:
+        raise ApiError(
+            400,
+            f"{where}: no usable Content-Disposition header "
+            '(expected \'form-data; name="files"; filename="PATH"\' or a field name)',
+        )
+    encoding = part.headers.get("Content-Encoding", "identity").strip().lower()
+    transfer = part.headers.get("Content-Transfer-Encoding", "").strip().lower()
+    if encoding != "identity" or transfer not in PLAIN_TRANSFER_ENCODINGS:
+        raise ApiError(
+            400,
+            f"{where}: encoded parts are not supported (Content-Encoding {encoding!r}, "
+            f"Content-Transfer-Encoding {transfer!r}); send the bytes as they are",
+        )
+
+
 async def _spool_multipart(request: web.Request, spool: _Spool, fields: dict[str, list[str]]) -> None:
-    reader = await request.multipart()
+    reader = _multipart_reader(request)
     index = 0
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise ApiError(400, f"multipart part {index}: nested multipart bodies are not supported")
-        where = f"multipart part {index} ({part.name or 'unnamed'})"
-        if part.filename is None:
-            if part.name not in ("tag", "description", "framework"):
-                raise ApiError(400, f"{where}: unknown field; send files, 'tag', 'description', 'framework'")
-            value = await part.read(decode=True)
-            if len(value) > 64 * 1024:
-                raise ApiError(413, f"{where}: field is over 64 KiB")
-            fields.setdefault(part.name, []).append(value.decode("utf-8", errors="replace"))
-        else:
-            with await call(spool.create, _relative_path(unquote(part.filename), where), where) as out:
-                while chunk := await part.read_chunk(CHUNK):
-                    await spool.write(out, chunk)
-        index += 1
+    try:
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise ApiError(400, f"multipart part {index}: nested multipart bodies are not supported")
+            where = f"multipart part {index} ({part.name or 'unnamed'})"
+            _check_part(part, where)
+            if part.filename is None:
+                if part.name not in ("tag", "description", "framework"):
+                    raise ApiError(
+                        400, f"{where}: unknown field; send files, 'tag', 'description', 'framework'"
+                    )
+                value = await part.read()
+                if len(value) > 64 * 1024:
+                    raise ApiError(413, f"{where}: field is over 64 KiB")
+                fields.setdefault(part.name, []).append(value.decode("utf-8", errors="replace"))
+            else:
+                with await call(spool.create, _relative_path(unquote(part.filename), where), where) as out:
+                    while chunk := await part.read_chunk(CHUNK):
+                        await spool.write(out, chunk)
+            index += 1
+    except (ValueError, HttpProcessingError) as e:
+        raise ApiError(400, f"malformed multipart body at part {index}: {_parse_problem(e)}") from None
     if not spool.files:
         raise ApiError(400, "multipart body holds no file part (give each file a filename)")
+
+
+def _parse_problem(e: ValueError | HttpProcessingError) -> str:
+    """aiohttp's complaint about a body, in words a client can act on."""
+    if isinstance(e, HttpProcessingError):
+        return f"bad part header ({e.message.strip() or 'unparseable'})"
+    text = str(e)
+    if text == "Reading after EOF":
+        return "the body ends before the closing boundary (truncated?)"
+    return text
 
 
 def _one(fields: dict[str, list[str]], request: web.Request, name: str) -> str | None:

@@ -127,7 +127,10 @@ class OnnxService:
             "platform": backend.platform if backend else "loading",
             "inputs": [_spec_json(s) for s in backend.inputs] if backend else [],
             "outputs": [_spec_json(s) for s in backend.outputs] if backend else [],
-            "parameters": {"execution_provider": backend.provider if backend else "loading"},
+            "parameters": {
+                "execution_provider": backend.provider if backend else "loading",
+                "precision": backend.precision if backend else "loading",
+            },
         }
 
     def api_schemas(self) -> ApiSchemas:

@@ -283,6 +283,32 @@ async def test_upload_names_that_clash_or_could_break_headers_are_refused(api: A
     assert list((api.data_dir / "uploads").iterdir()) == []
 
 
+async def test_malformed_multipart_is_a_400_naming_the_problem(api: Api) -> None:
+    def part(headers: str, body: str = "x") -> bytes:
+        return f"--B\r\n{headers}\r\n\r\n{body}\r\n--B--\r\n".encode()
+
+    disposition = 'Content-Disposition: form-data; name="files"; filename="m.onnx"'
+    for content_type, body, why in (
+        ("multipart/form-data", part(disposition), "needs a boundary parameter"),
+        ("multipart/form-data; boundary=" + "b" * 71, part(disposition), "needs a boundary parameter"),
+        ("multipart/form-data; boundary=B", part("X-Nothing: 1"), "no usable Content-Disposition"),
+        ("multipart/form-data; boundary=B", part(disposition + "\r\nno colon here"), "bad part header"),
+        ("multipart/form-data; boundary=B", part(disposition)[:-12], "truncated"),
+        ("multipart/form-data; boundary=B", b"--B\r\n" + disposition.encode() + b"\r\n\r\nxx", "truncated"),
+        (
+            "multipart/form-data; boundary=B",
+            part(disposition + "\r\nContent-Transfer-Encoding: base64", "eA=="),
+            "encoded parts are not supported",
+        ),
+        ("multipart/form-data; boundary=B", b"--B--\r\n", "holds no file part"),
+    ):
+        headers = {"Content-Type": content_type}
+        error = await api.error("POST", "/models/iris", 400, data=body, headers=headers)
+        assert why in error["error"], (content_type, body, error)
+    assert await api.call("GET", "/models", 200) == []
+    assert list((api.data_dir / "uploads").iterdir()) == []
+
+
 async def test_download_names_the_file_in_a_header_that_survives_its_name(api: Api, tmp_path: Path) -> None:
     name = 'café "v2"; x=1.onnx'  # registered from a folder, where no upload rule applied
     folder = tmp_path / "odd"

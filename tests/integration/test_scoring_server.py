@@ -491,7 +491,7 @@ async def test_no_code_score_and_oip(tmp_path: Path, digits: tuple[Path, np.ndar
                 {"name": "label", "datatype": "INT64", "shape": [-1]},
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
             ],
-            "parameters": {"execution_provider": "CPUExecutionProvider"},
+            "parameters": {"execution_provider": "CPUExecutionProvider", "precision": "f32"},
         }
         request = {
             "id": "r1",
@@ -523,6 +523,7 @@ async def test_no_code_on_openvino_reports_its_device(tmp_path: Path) -> None:
         assert np.allclose(scored["result"], expected, atol=1e-5)
         meta = await (await client.get("/v2/models/linear")).json()
         assert (meta["platform"], meta["parameters"]["execution_provider"]) == ("openvino", "openvino:CPU")
+        assert meta["parameters"]["precision"] == "f32"  # even on CPUs with bf16 units
         metrics = await (await client.get("/metrics")).text()
         assert 'scoring_execution_provider_info{model="linear",provider="openvino:CPU"} 1' in metrics
 

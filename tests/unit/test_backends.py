@@ -259,6 +259,15 @@ def test_corrupt_model_file(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ OpenVINO
 
 
+def test_openvino_profile_can_opt_into_bf16(models: dict) -> None:
+    assert OV_CPU.openvino is not None
+    bf16 = OV_CPU.openvino.model_copy(update={"config": {"INFERENCE_PRECISION_HINT": "bf16"}})
+    profile = OV_CPU.model_copy(update={"openvino": bf16})
+    vino = load_backend(models["paths"]["mlp"], profile, model_name="mlp", threads=1)
+    # The hint is honoured where the CPU has bf16 units, and OpenVINO says f32 where it has not.
+    assert vino.precision in ("bf16", "f32")
+
+
 def test_openvino_cpu_matches_onnxruntime(models: dict, digits: tuple[np.ndarray, np.ndarray]) -> None:
     x, _ = digits
     path = models["paths"]["mlp"]
@@ -266,6 +275,8 @@ def test_openvino_cpu_matches_onnxruntime(models: dict, digits: tuple[np.ndarray
     ref = load_backend(path, CPU_PROFILE, model_name="mlp")
     assert isinstance(vino, OpenVinoBackend)
     assert (vino.platform, vino.provider) == ("openvino", "openvino:CPU")
+    # OpenVINO would compute in bf16 on CPUs that have it (AMD Zen 4, Sapphire Rapids) unless told.
+    assert (vino.precision, ref.precision) == ("f32", "f32")
     assert vino.inputs == ref.inputs == (TensorSpec("X", "FP32", (None, 64)),)
     assert vino.outputs == ref.outputs
     got, want = vino.infer({"X": x[800:1000]}), ref.infer({"X": x[800:1000]})

@@ -78,6 +78,8 @@ class InferenceBackend(Protocol):
     """``onnxruntime`` or ``openvino``."""
     provider: str
     """What actually runs the model, e.g. ``CUDAExecutionProvider`` or ``openvino:CPU``."""
+    precision: str
+    """The numeric precision it computes in: ``f32``, ``bf16``, ``f16``, ``int8``..."""
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 

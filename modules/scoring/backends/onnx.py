@@ -125,6 +125,8 @@ class OnnxBackend:
         except ValueError as e:
             raise BackendError(f"model {model_name}: input {e}") from None
         self.outputs = self._tensor_outputs()
+        # onnxruntime computes in the graph's own types; the first input's type names them.
+        self.precision = self.inputs[0].datatype.lower().replace("fp", "f") if self.inputs else "f32"
         self._output_names = [o.name for o in self.outputs]
         log.info(
             "model %s: onnxruntime %s, provider %s, %d threads (%s)",

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What OpenVINO computes in unless the profile's config sets INFERENCE_PRECISION_HINT.
+DEFAULT_PRECISION = "f32"
+
 # Virtual devices that pick or combine real ones; their targets follow the colon.
 _VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
 
@@ -77,8 +80,13 @@ class OpenVinoBackend:
             device = "CPU"
         self.threads = allowed_cpus() if threads is None else threads
         config: dict[str, Any] = dict(settings.config) if device == settings.device else {}
-        if "INFERENCE_NUM_THREADS" in _supported_properties(core, device):
+        supported = _supported_properties(core, device)
+        if "INFERENCE_NUM_THREADS" in supported:
             config.setdefault("INFERENCE_NUM_THREADS", self.threads)
+        if "INFERENCE_PRECISION_HINT" in supported:
+            # CPUs with bf16/fp16 units make OpenVINO compute in them by default, which changes
+            # results by ~1e-2; a served model answers as exported unless the profile opts in.
+            config.setdefault("INFERENCE_PRECISION_HINT", DEFAULT_PRECISION)
         try:
             model = core.read_model(str(model_path))
             # Names and shapes come from the model as read: compiling merges tensor names.
@@ -92,12 +100,14 @@ class OpenVinoBackend:
                 f"OpenVINO cannot compile model {model_name} for {device} from {model_path}: {e}"
             ) from e
         self.provider = f"openvino:{device}"
+        self.precision = _compiled_precision(self._compiled, config)
         self._local = threading.local()
         log.info(
-            "model %s: openvino %s, provider %s, %d threads (%s)",
+            "model %s: openvino %s, provider %s, precision %s, %d threads (%s)",
             model_name,
             ov.__version__,
             self.provider,
+            self.precision,
             self.threads,
             model_path,
         )
@@ -121,6 +131,15 @@ def _supported_properties(core: Any, device: str) -> Any:
         return core.get_property(device.split(":")[0], "SUPPORTED_PROPERTIES")
     except Exception:
         return {}
+
+
+def _compiled_precision(compiled: Any, config: dict[str, Any]) -> str:
+    """The precision the compiled model computes in (``f32``, ``bf16``, ``f16``...)."""
+    try:
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+        return str(hint.get_type_name() if hasattr(hint, "get_type_name") else hint).lower()
+    except Exception:
+        return str(config.get("INFERENCE_PRECISION_HINT", "default")).lower()
 
 
 def _tensor_spec(port: Any, model_name: str) -> TensorSpec:

@@ -22,6 +22,7 @@ from cloud.store.errors import (
     InUseError,
     InvalidInputError,
     NotFoundError,
+    ReadOnlyError,
     SchemaError,
     StoreError,
 )
@@ -53,6 +54,7 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (DocumentError, 400),
     (InvalidInputError, 400),
     (DiskFullError, 507),
+    (ReadOnlyError, 503),
     (SchemaError, 503),
     (StoreError, 500),
     (BrokerUnavailable, 503),

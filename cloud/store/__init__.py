@@ -6,6 +6,7 @@ from cloud.store.errors import (
     InUseError,
     InvalidInputError,
     NotFoundError,
+    ReadOnlyError,
     SchemaError,
     StoreError,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "InUseError",
     "InvalidInputError",
     "NotFoundError",
+    "ReadOnlyError",
     "Registry",
     "SchemaError",
     "StoreError",

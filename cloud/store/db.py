@@ -4,10 +4,16 @@
 ``postgresql://`` URL is driven through psycopg 3. The schema is created with
 ``metadata.create_all`` and a ``schema_version`` row; a database written by a newer schema is
 refused rather than misread.
+
+A SQLite data directory that is full or read-only still opens, read-only (``Database.read_only``
+says why): listing, showing and downloading keep working, and a write fails with ReadOnlyError
+naming the cause instead of "disk I/O error".
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,16 +22,20 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.store.devices import Device  # noqa: F401  (registers the device tables)
-from cloud.store.errors import InvalidInputError, SchemaError
+from cloud.store.errors import InvalidInputError, ReadOnlyError, SchemaError
 from cloud.store.fleet import DesiredRecord  # noqa: F401  (registers the fleet tables)
 from cloud.store.models import Base, SchemaVersion
 
 SCHEMA_VERSION = 1
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Below this, SQLite cannot create its WAL index and journal: the directory counts as full.
+MIN_FREE_BYTES = 256 * 1024
+
+log = logging.getLogger(__name__)
 
 
 def normalize_url(url: str) -> str:
@@ -61,10 +71,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 class Database:
-    """An engine plus a session factory; ``transaction()`` commits on success, rolls back on error."""
+    """An engine plus a session factory; ``transaction()`` commits on success, rolls back on error.
 
-    def __init__(self, engine: Engine) -> None:
+    ``read_only`` is None, or why the database could only be opened for reading.
+    """
+
+    def __init__(self, engine: Engine, read_only: str | None = None) -> None:
         self.engine = engine
+        self.read_only = read_only
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     @property
@@ -72,11 +86,22 @@ class Database:
         """The URL with the password hidden."""
         return self.engine.url.render_as_string(hide_password=True)
 
+    def check_writable(self) -> None:
+        """ReadOnlyError when the database was opened read-only; call before writing anything."""
+        if self.read_only is not None:
+            raise ReadOnlyError(f"{self.read_only}: edgectl can show its state but not change it")
+
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A session inside one transaction."""
-        with self._sessions.begin() as session:
-            yield session
+        """A session inside one transaction; ReadOnlyError when it writes to a read-only database."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as e:
+            if self.read_only is None or "readonly" not in str(e.orig).lower():
+                raise
+            self.check_writable()
+            raise
 
     def dispose(self) -> None:
         """Close every pooled connection."""
@@ -110,8 +135,57 @@ def open_database(url: str) -> Database:
     except (SQLAlchemyError, sqlite3.Error, OSError) as e:
         if db is not None:
             db.dispose()
-        raise SchemaError(f"cannot open database {redact_url(url)}: {_first_line(e)}") from e
+        path = Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+        reason = unwritable_reason(path.parent) if path is not None and path.parent.is_dir() else None
+        if path is None or reason is None:
+            raise SchemaError(f"cannot open database {redact_url(url)}: {_first_line(e)}") from e
+        return _open_read_only(path, reason)
     return db
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why ``folder`` cannot take writes now (read-only file system, permissions, no space), or None."""
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return f"data directory {folder} is on a read-only file system"
+    if not os.access(folder, os.W_OK):
+        return f"data directory {folder} is not writable by this user"
+    free = fs.f_bavail * fs.f_frsize
+    if free < MIN_FREE_BYTES:
+        return f"data directory {folder} is full ({free} bytes free)"
+    return None
+
+
+def _open_read_only(path: Path, reason: str) -> Database:
+    """The SQLite file opened immutable (no journal, no WAL index); SchemaError when that fails too."""
+    if not path.exists():
+        raise SchemaError(f"{reason}: edgectl needs to create its database {path} there")
+    engine = create_engine(f"sqlite:///file:{path}?mode=ro&immutable=1&uri=true")
+    event.listen(engine, "connect", _sqlite_read_pragmas)
+    db = Database(engine, read_only=reason)
+    try:
+        with db.transaction() as s:
+            row = s.scalar(select(SchemaVersion).where(SchemaVersion.id == 1))
+    except (SQLAlchemyError, sqlite3.Error) as e:
+        db.dispose()
+        raise SchemaError(f"{reason}, and reading {path} failed too: {_first_line(e)}") from e
+    if row is None or row.version != SCHEMA_VERSION:
+        db.dispose()
+        raise SchemaError(
+            f"{reason}, and database {path} has schema version {row.version if row else 'none'}; "
+            f"this edgectl understands version {SCHEMA_VERSION}"
+        )
+    log.warning("%s: opened database %s read-only", reason, path)
+    return db
+
+
+def _sqlite_read_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
 
 
 def _first_line(e: BaseException) -> str:

@@ -33,3 +33,7 @@ class CorruptBlobError(StoreError):
 
 class SchemaError(StoreError):
     """The database holds a schema this code does not understand, or cannot be reached."""
+
+
+class ReadOnlyError(StoreError):
+    """The data directory is full or read-only: the state can be read but not changed."""

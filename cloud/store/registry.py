@@ -172,6 +172,7 @@ class Registry:
         ``source`` is recorded as where the files came from (default: ``path``, absolute).
         """
         check_model_name(name)
+        self.db.check_writable()
         clean_tags = check_tags(tags or {})
         if framework is not None and framework not in FRAMEWORKS:
             raise InvalidInputError(f"unknown framework {framework!r} (choose from {', '.join(FRAMEWORKS)})")
@@ -355,6 +356,7 @@ class Registry:
         """
         if (version is None) == (not all_versions):
             raise InvalidInputError("give either one version or all versions to delete")
+        self.db.check_writable()
         with self.blobs.lock():
             with self.db.transaction() as s:
                 model = s.scalar(select(Model).where(Model.name == name))

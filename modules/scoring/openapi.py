@@ -21,6 +21,7 @@ _ERROR_SCHEMA = {
     "properties": {"error": {"type": "string"}, "request_id": {"type": "string"}},
     "required": ["error"],
 }
+_OBJECT = {"type": "object"}
 
 
 def schema_from_sample(sample: Any) -> dict[str, Any]:
@@ -64,7 +65,9 @@ def _tensor_schema(spec: TensorSpec) -> dict[str, Any]:
     for dim in reversed(spec.shape):
         size = 1 if dim is None else dim
         schema = {"type": "array", "items": schema}
-        if dim is not None:
+        if dim is None:
+            schema["minItems"] = 1  # the server refuses empty tensors in /score
+        else:
             schema["minItems"] = schema["maxItems"] = dim
         example = [example] * size
     return {
@@ -133,22 +136,49 @@ def build_document(
                 "security": security,
             }
         },
-        "/v2/health/ready": {
-            "get": {
-                "summary": "Readiness",
-                "responses": {
-                    "200": {"description": "Ready"},
-                    "503": {"description": "Not ready, with the reason"},
-                },
-            }
+        "/swagger.json": {
+            "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}
         },
         "/metrics": {
             "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Metrics"}}}
         },
+        "/v2": {
+            "get": {
+                "summary": "Open Inference Protocol server metadata",
+                "responses": {"200": {"description": "Name, version, extensions", **_json_body(_OBJECT)}},
+            }
+        },
+        "/v2/health/live": {
+            "get": {
+                "summary": "Liveness (Open Inference Protocol)",
+                "responses": {"200": {"description": "Live", **_json_body(_OBJECT)}},
+            }
+        },
+        "/v2/health/ready": {
+            "get": {
+                "summary": "Readiness",
+                "responses": {
+                    "200": {"description": "Ready", **_json_body(_OBJECT)},
+                    "503": {"description": "Not ready, with the reason", **_json_body(_OBJECT)},
+                },
+            }
+        },
     }
     for name in models:
         paths[f"/v2/models/{name}"] = {
-            "get": {"summary": f"Metadata of {name}", "responses": {"200": {"description": "Model metadata"}}}
+            "get": {
+                "summary": f"Metadata of {name}",
+                "responses": {"200": {"description": "Model metadata", **_json_body(_OBJECT)}},
+            }
+        }
+        paths[f"/v2/models/{name}/ready"] = {
+            "get": {
+                "summary": f"Readiness of {name}",
+                "responses": {
+                    "200": {"description": "Ready", **_json_body(_OBJECT)},
+                    "503": {"description": "Not ready yet", **_json_body(_OBJECT)},
+                },
+            }
         }
         if infer:
             paths[f"/v2/models/{name}/infer"] = {

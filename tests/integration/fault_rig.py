@@ -132,6 +132,12 @@ class ScoreLoop:
         self.process.wait(60)
         return json.loads(self.out_path.read_text())
 
+    def kill(self) -> None:
+        """End the loop at once (cleanup after a failure)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
 
 class AgentProcess:
     """``python -m agent run --config FILE`` as a child process, its output appended to ``log``."""
@@ -223,6 +229,7 @@ class FaultDevice:
         self.agent = AgentProcess(self.config_path, root / "agent.log", prefix)
         self.cloud = CloudSide(cloud_port, self.id)
         self.generation = 0
+        self.clients: list[ScoreLoop] = []
         self.db: Database = open_database(f"sqlite:///{root / 'cloud.db'}")
         with self.db.transaction() as s:
             s.add(Device(id=self.id, profile="cpu", password_hash="unused"))
@@ -241,6 +248,12 @@ class FaultDevice:
         state = desired_state(self.id, self.generation, {"web": self.module(image)}, key=self.keys.private)
         self.cloud.publish_desired(state)
         return self.generation, image
+
+    def score_loop(self, folder: Path, sample: bytes, prefix: Sequence[str] = ()) -> ScoreLoop:
+        """A client scoring ``web`` back to back (ended by ``cleanup`` if the test does not finish it)."""
+        client = ScoreLoop(folder, self.port, sample, prefix)
+        self.clients.append(client)
+        return client
 
     def processes(self) -> list[ModuleProcess]:
         """The device's module processes that really run now."""
@@ -282,7 +295,9 @@ class FaultDevice:
         )
 
     async def cleanup(self) -> None:
-        """Stop the agent, then every module process it left, and close the cloud side."""
+        """Stop clients and the agent, then every module process it left, and close the cloud side."""
+        for client in self.clients:
+            client.kill()
         await asyncio.to_thread(self.agent.stop)
         for proc in self.processes():
             try:

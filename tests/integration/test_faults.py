@@ -19,7 +19,7 @@ import pytest
 
 from modules.contract import ReportedState, utcnow
 from tests.integration.agent_rig import desired_state
-from tests.integration.fault_rig import FaultDevice, ScoreLoop, listener_pids
+from tests.integration.fault_rig import FaultDevice, listener_pids
 from tests.integration.module_image import DigitsBuild, digits_build
 from tests.integration.netns import DelayRelay, DeviceLink, skip_unless_netns
 from tests.services import MosquittoBroker, MosquittoFactory, free_port
@@ -141,7 +141,7 @@ async def test_broker_outage_keeps_serving_and_reports_fresh_state(
             device.agent.start()
             generation, image = device.publish_update()
             await device.cloud.report(converged(generation, image), "healthy before the outage", CONVERGE_S)
-            client = ScoreLoop(tmp_path / "client", device.port, digits_build.sample)
+            client = device.score_loop(tmp_path / "client", digits_build.sample)
             await asyncio.sleep(1.0)
             await asyncio.to_thread(broker.stop)
             await asyncio.sleep(OUTAGE_S)
@@ -183,7 +183,7 @@ async def test_bad_link_keeps_serving_and_status_converges(
                 await device.cloud.report(
                     converged(generation, image), "healthy in the namespace", CONVERGE_S
                 )
-                client = ScoreLoop(tmp_path / "client", device.port, digits_build.sample, link.prefix())
+                client = device.score_loop(tmp_path / "client", digits_build.sample, link.prefix())
 
                 # Cut: the cloud learns the device is offline (its will), the module keeps serving.
                 await asyncio.to_thread(link.cut)

@@ -55,6 +55,7 @@ from agent.state import AgentState, StateStore
 from agent.sysmetrics import MetricsError, SystemSampler
 from modules.contract import (
     Accelerator,
+    ClientConflict,
     CommandRequest,
     CommandResponse,
     DeploymentStatus,
@@ -90,6 +91,8 @@ class AgentLink(Protocol):
     """What the loop needs from the MQTT link (``agent.link.Link``, or a stand-in in unit tests)."""
 
     desired: DesiredSlot
+    client_conflict: ClientConflict | None
+    """Set once another MQTT client took this device's session over."""
 
     @property
     def connected(self) -> bool:
@@ -477,6 +480,10 @@ class Agent:
         )
 
     async def _publish(self, report: ReportedState, now: datetime) -> bool:
+        conflict = self.link.client_conflict if self.link is not None else None
+        report = report.model_copy(
+            update={"heartbeat_s": self.config.heartbeat_s, "client_conflict": conflict}
+        )
         fingerprint = _fingerprint(report)
         due = self._last_published is None or (
             (now - self._last_published).total_seconds() >= self.config.heartbeat_s

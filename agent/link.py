@@ -13,6 +13,20 @@ Topics (QoS 1), with ``{d}`` the device id: ``edge/{d}/desired`` (retained, in),
 (out) and ``edge/{d}/online`` (retained; ``online: true`` on every connect, ``online: false`` as
 the last will and on a clean shutdown).
 
+Every connection attempt takes a new session number (``next_session``: one more than the last,
+and at least the time in microseconds; the last one is kept in ``<state_dir>/mqtt-session`` so a
+restarted agent, even with its clock set back, continues above it). The will and the birth of one
+connection carry it, so the cloud orders online/offline by it: a SIGKILLed agent's will is newer
+than its birth, and older than the birth of the agent that restarted after it. ``instance`` names
+this agent process. Two agents configured with one device id take each other's session over;
+the link sees it on any broker: it subscribes to its own ``edge/{d}/online``, and a message there
+from another instance with a session above the one this link lost (the other's will, published
+when we took the session back) means another client connected as this device in between (MQTT 5
+brokers also say so, DISCONNECT reason 142). The link then
+logs an error, keeps it in ``client_conflict`` (reported to the cloud) and from then on waits at
+least ``TAKEOVER_PAUSE_S`` before reconnecting, so two agents do not knock each other off the
+broker in a tight loop.
+
 The link does MQTT I/O and nothing else: desired-state payloads are handed over as raw bytes for
 ``agent.admission`` to judge. A new payload replaces the one not yet taken and wakes the waiter.
 Reports are never handed to paho while offline: only the newest is kept and sent on reconnect.
@@ -25,8 +39,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from types import TracebackType
 
@@ -34,6 +50,8 @@ from pydantic import ValidationError
 
 from agent.config import AgentConfig
 from agent.mqtt_bridge import (
+    SESSION_TAKEN_OVER,
+    TAKEOVER_PAUSE_S,
     Connected,
     ConnectFailed,
     Disconnected,
@@ -45,11 +63,13 @@ from agent.mqtt_bridge import (
     Subscribed,
 )
 from modules.contract import (
+    ClientConflict,
     CommandRequest,
     CommandResponse,
     OnlineStatus,
     ReportedState,
     format_validation_error,
+    utcnow,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +77,12 @@ log = logging.getLogger(__name__)
 COMMAND_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_PENDING_COMMANDS = 64
 CLOSE_TIMEOUT_S = 5.0
+SESSION_FILE = "mqtt-session"
+
+
+def next_session(last: int | None, now_us: int) -> int:
+    """The session number of the next connection: above ``last``, and at least ``now_us``."""
+    return max((last or 0) + 1, now_us)
 
 
 class DesiredSlot:
@@ -131,6 +157,14 @@ class Link:
         self._superseded = 0
         self._report_idle = asyncio.Event()
         self._report_idle.set()
+        self.instance = uuid.uuid4().hex[:16]
+        """This agent process, as the cloud sees it in ``edge/{d}/online``."""
+        self.session: int | None = None
+        """The session number of the current (or last attempted) connection."""
+        self.client_conflict: ClientConflict | None = None
+        """Set once another client took this device's session over (reported to the cloud)."""
+        self._session_file = config.state_dir / SESSION_FILE
+        self._lost_session: int | None = None
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -185,8 +219,8 @@ class Link:
             client_id=self.config.mqtt_client_id,
             username=username,
             password=self.config.broker.read_password(),
-            subscriptions=[self.topic_desired, self.topic_cmd_req + "+"],
-            will=lambda: self._online(False),
+            subscriptions=[self.topic_desired, self.topic_cmd_req + "+", self.topic_online],
+            will=self._will,
             birth=lambda: self._online(True),
         )
         self._bridge.start()
@@ -232,9 +266,40 @@ class Link:
             raise RuntimeError("the link is not open: use 'async with Link(config) as link'")
         return self._bridge
 
+    def _will(self) -> Publication:
+        """The last will of the next connection attempt, which takes a new session number."""
+        self._lost_session = self.session
+        self.session = next_session(self._last_session(), time.time_ns() // 1000)
+        self._save_session(self.session)
+        return self._online(False)
+
+    def _last_session(self) -> int | None:
+        if self.session is not None:
+            return self.session
+        try:
+            return int(self._session_file.read_text().strip())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning(
+                "cannot read the last MQTT session number from %s (%s); using the clock",
+                self._session_file,
+                e,
+            )
+            return None
+
+    def _save_session(self, session: int) -> None:
+        tmp = self._session_file.with_name(f".{SESSION_FILE}.tmp")
+        try:
+            self._session_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(f"{session}\n")
+            os.replace(tmp, self._session_file)
+        except OSError as e:
+            log.warning("cannot record the MQTT session number in %s: %s", self._session_file, e)
+
     def _online(self, online: bool) -> Publication:
-        payload = OnlineStatus(online=online).model_dump_json().encode()
-        return Publication(self.topic_online, payload, qos=1, retain=True)
+        status = OnlineStatus(online=online, session=self.session, instance=self.instance)
+        return Publication(self.topic_online, status.model_dump_json().encode(), qos=1, retain=True)
 
     async def _dispatch(self) -> None:
         bridge = self._require_bridge()
@@ -302,6 +367,9 @@ class Link:
         self._offline_since = time.monotonic()
         if self._closing:
             return
+        if event.by_broker and event.reason.value == SESSION_TAKEN_OVER:
+            self._taken_over("the broker said another client took this session over")
+            return
         how = f"the broker sent DISCONNECT: {event.reason}" if event.by_broker else "connection lost"
         log.warning(
             "disconnected from %s (%s); reconnecting with back-off %d-%d s",
@@ -310,6 +378,36 @@ class Link:
             self.config.broker.reconnect_min_s,
             self.config.broker.reconnect_max_s,
         )
+
+    def _taken_over(self, evidence: str) -> None:
+        takeovers = self.client_conflict.takeovers + 1 if self.client_conflict else 1
+        detail = (
+            f"another MQTT client connected as {self.config.mqtt_client_id} and took this session over "
+            f"({takeovers} time(s) since start; {evidence}): is a second agent configured with device id "
+            f"{self.config.device_id}?"
+        )
+        self.client_conflict = ClientConflict(detected_at=utcnow(), takeovers=takeovers, detail=detail)
+        self._require_bridge().hold_off_s = TAKEOVER_PAUSE_S
+        log.error("%s; reconnecting no sooner than %.0f s after each disconnect", detail, TAKEOVER_PAUSE_S)
+
+    def _online_seen(self, message: Received) -> None:
+        """Our own online topic: another instance's message there means it took our session over."""
+        try:
+            status = OnlineStatus.model_validate_json(message.payload)
+        except ValidationError:
+            log.warning("ignoring a malformed message on %s", message.topic)
+            return
+        if status.instance in (None, self.instance):
+            return
+        # A session above the one this link lost: another agent connected as us since (its will,
+        # published when we took the session back, says so too). Below it: a predecessor's leftover.
+        newer = (
+            status.session is not None
+            and self._lost_session is not None
+            and status.session > self._lost_session
+        )
+        if newer or (status.online and not message.retain):
+            self._taken_over(f"agent instance {status.instance} used it (session {status.session})")
 
     def _received(self, message: Received) -> None:
         if message.topic == self.topic_desired:
@@ -320,6 +418,8 @@ class Link:
                 return
             log.debug("desired state received (%d bytes, retained=%s)", len(message.payload), message.retain)
             self.desired.put(message.payload)
+        elif message.topic == self.topic_online:
+            self._online_seen(message)
         elif message.topic.startswith(self.topic_cmd_req):
             self._command(message.topic.removeprefix(self.topic_cmd_req), message.payload)
         else:

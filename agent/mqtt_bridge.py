@@ -118,6 +118,12 @@ class PublishRefused(Exception):
     """The broker (or paho's full outgoing queue) refused a publication."""
 
 
+SESSION_TAKEN_OVER = 142
+"""MQTT 5 DISCONNECT reason: another client connected with this client id."""
+TAKEOVER_PAUSE_S = 30.0
+"""The least wait before reconnecting once another client took this client id's session over."""
+
+
 def backoff_delay(failures: int, min_s: float, max_s: float, rng: random.Random | None = None) -> float:
     """Seconds to wait before the next attempt after ``failures`` failed ones in a row (0: first retry).
 
@@ -161,6 +167,8 @@ class MqttBridge:
         self._down = asyncio.Event()
         self._down.set()
         self._session_accepted = False
+        self.hold_off_s = 0.0
+        """The least wait before any reconnect (set once another client took our session over)."""
         self._closing = False
         self._fd: int | None = None
         self._misc: asyncio.TimerHandle | None = None
@@ -292,7 +300,8 @@ class MqttBridge:
                 return
             failures = 0 if self._session_accepted else failures + 1
             b = self._broker
-            await asyncio.sleep(backoff_delay(max(failures - 1, 0), b.reconnect_min_s, b.reconnect_max_s))
+            delay = backoff_delay(max(failures - 1, 0), b.reconnect_min_s, b.reconnect_max_s)
+            await asyncio.sleep(max(delay, self.hold_off_s))
 
     def _on_loop(self, callback: Callable[..., None], *args: Any) -> None:
         """Run ``callback`` now when on the loop's thread, else hand it to the loop."""
@@ -406,7 +415,10 @@ class MqttBridge:
         reason: ReasonCode,
         props: Any,
     ) -> None:
-        self._events.put_nowait(Disconnected(reason, flags.is_disconnect_packet_from_server))
+        by_broker = flags.is_disconnect_packet_from_server
+        if by_broker and reason.value == SESSION_TAKEN_OVER:
+            self.hold_off_s = max(self.hold_off_s, TAKEOVER_PAUSE_S)
+        self._events.put_nowait(Disconnected(reason, by_broker))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._events.put_nowait(Received(message.topic, bytes(message.payload), bool(message.retain)))

@@ -5,8 +5,8 @@ Files live in ``<data dir>/broker/``:
 - ``passwd``: one ``user:$7$iterations$salt$hash`` line per device plus the cloud's own user, in
   exactly ``mosquitto_passwd``'s (2.x) PBKDF2-SHA512 format, so the stock broker reads it;
 - ``acl``: ``pattern`` lines with ``%u`` (the username is the device id) that let a device read
-  only its own ``desired`` and ``cmd/req`` and write only its own ``reported``, ``online`` and
-  ``cmd/res``; a ``user`` block for the cloud;
+  only its own ``desired``, ``cmd/req`` and ``online`` and write only its own ``reported``,
+  ``online`` and ``cmd/res``; a ``user`` block for the cloud;
 - ``cloud.password``: the cloud user's password in clear (mode 0600; the cloud needs it to connect);
 - ``broker.json``: what ``edgectl broker config`` chose (device-facing URL, CA, pid file), so
   ``device add`` can write agent configurations and signal the broker without more flags.
@@ -48,7 +48,8 @@ DEVICE_ACL = (
     ("read", "edge/%u/desired"),
     ("read", "edge/%u/cmd/req/#"),
     ("write", "edge/%u/reported"),
-    ("write", "edge/%u/online"),
+    # Read too: an agent watches its own online topic to see another client take its id over.
+    ("readwrite", "edge/%u/online"),
     ("write", "edge/%u/cmd/res/#"),
 )
 # Mosquitto 2.0 checks delivery against the real topic, so the ``$share`` line is not needed there;

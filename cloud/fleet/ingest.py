@@ -5,8 +5,11 @@ fleet's reports between them) and ``edge/+/online``. paho's thread only keeps th
 message per topic (so what waits is bounded by the fleet's size, however slow the store); every
 ``flush_interval_s`` those are parsed and written with one ``executemany`` upsert per table inside
 one transaction. A batch whose write fails is kept for the next flush. A stored row is replaced
-only by a newer one (by ``reported_at`` / ``ts``): one device's reports may be split between
-cloud workers, and a late, older report must not undo a newer one. A message that does not parse,
+only by a newer one: reports by ``reported_at`` (one device's reports may be split between
+cloud workers, and a late, older report must not undo a newer one), online messages by
+``online_ordering`` (the agent's MQTT session number, offline after online within one session),
+never by wall-clock fields written at different moments: a SIGKILLed agent's will is armed at
+connect time, before its birth message, yet must win over it. A message that does not parse,
 or whose device id differs from its topic's, is counted and logged, never written; an empty one
 (a removed device's retained message being cleared) is skipped.
 
@@ -68,11 +71,33 @@ class _Pending:
     payload: bytes
     received_at: datetime
     count: int
+    ordering: int | None = None
+
+
+def online_ordering(status: OnlineStatus) -> int:
+    """Which ``edge/{d}/online`` message is newer: the higher number.
+
+    Twice the session number, plus one when offline: a connection's will and farewell come after
+    its birth, and every later connection's birth after both. Without a session number (older
+    agents) the message's timestamp in microseconds stands in for it.
+    """
+    base = status.session if status.session is not None else int(_utc(status.ts).timestamp() * 1_000_000)
+    return base * 2 + (0 if status.online else 1)
 
 
 def _utc(dt: datetime) -> datetime:
     """``dt`` in UTC (a naive one is taken as UTC), so stored times compare in order on SQLite too."""
     return aware(dt).astimezone(timezone.utc)
+
+
+def _online_ordering(topic: str, payload: bytes) -> int | None:
+    """The ordering of an online message (None for reports and for what does not parse)."""
+    if not topic.endswith("/online"):
+        return None
+    try:
+        return online_ordering(OnlineStatus.model_validate_json(payload))
+    except ValidationError:
+        return None
 
 
 def _topic_device(topic: str, kind: str) -> str | None:
@@ -190,10 +215,16 @@ class Ingestor:
         """Queue one received message for the next flush; a newer one on the same topic replaces it."""
         if not payload:
             return  # a cleared retained message (a removed device): nothing to ingest
+        ordering = _online_ordering(topic, payload)
         with self._lock:
             older = self._pending.get(topic)
             count = 1 if older is None else older.count + 1
-            self._pending[topic] = _Pending(payload, utcnow(), count)
+            kept = older.ordering if older is not None else None
+            if older is not None and kept is not None and ordering is not None and kept > ordering:
+                # an online message of an older session arrived late (a will after a restart)
+                self._pending[topic] = _Pending(older.payload, older.received_at, count, kept)
+            else:
+                self._pending[topic] = _Pending(payload, utcnow(), count, ordering)
 
     # ---- writing -----------------------------------------------------------------------------
 
@@ -256,7 +287,7 @@ class Ingestor:
             ]
             for table, rows, time in (
                 (ReportedRecord.__table__, reported_rows, "reported_at"),
-                (OnlineRecord.__table__, online_rows, "since"),
+                (OnlineRecord.__table__, online_rows, "ordering"),
             ):
                 if rows:
                     columns = list(rows[0])
@@ -270,7 +301,7 @@ class Ingestor:
                 self._pending[topic] = (
                     entry
                     if newer is None
-                    else _Pending(newer.payload, newer.received_at, newer.count + entry.count)
+                    else _Pending(newer.payload, newer.received_at, newer.count + entry.count, newer.ordering)
                 )
 
     def _parse(self, topic: str, payload: bytes, received_at: datetime) -> dict[str, Any] | None:
@@ -301,6 +332,9 @@ class Ingestor:
                 "online": status.online,
                 "since": _utc(status.ts),
                 "received_at": received_at,
+                "session": status.session,
+                "instance": status.instance,
+                "ordering": online_ordering(status),
             }
         except ValidationError as e:
             log.warning(

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,7 +30,7 @@ from cloud.store.errors import InvalidInputError, ReadOnlyError, SchemaError
 from cloud.store.fleet import DesiredRecord  # noqa: F401  (registers the fleet tables)
 from cloud.store.models import Base, SchemaVersion
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Below this, SQLite cannot create its WAL index and journal: the directory counts as full.
 MIN_FREE_BYTES = 256 * 1024
@@ -193,13 +193,31 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+UPGRADES: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE device_online ADD COLUMN session BIGINT",
+        "ALTER TABLE device_online ADD COLUMN instance VARCHAR(64)",
+        "ALTER TABLE device_online ADD COLUMN ordering BIGINT NOT NULL DEFAULT 0",
+    ),
+}
+"""The statements that take a database from schema version N to N + 1."""
+
+
 def _ensure_schema(db: Database) -> None:
     Base.metadata.create_all(db.engine)
     with db.transaction() as s:
         row = s.scalar(select(SchemaVersion).where(SchemaVersion.id == 1))
         if row is None:
             s.add(SchemaVersion(id=1, version=SCHEMA_VERSION))
-        elif row.version != SCHEMA_VERSION:
+            return
+        while row.version < SCHEMA_VERSION and row.version in UPGRADES:
+            for statement in UPGRADES[row.version]:
+                s.execute(text(statement))
+            log.info(
+                "database %s: schema upgraded from version %d to %d", db.url, row.version, row.version + 1
+            )
+            row.version += 1
+        if row.version != SCHEMA_VERSION:
             raise SchemaError(
                 f"database {db.url} has schema version {row.version}; this edgectl understands "
                 f"version {SCHEMA_VERSION}"

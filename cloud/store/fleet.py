@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from cloud.store.models import NAME_LEN, SHA256_LEN, Base
@@ -57,7 +57,12 @@ class ReportedRecord(Base):
 
 
 class OnlineRecord(Base):
-    """Whether a device's MQTT session is up, and since when (from ``edge/{d}/online``)."""
+    """Whether a device's MQTT session is up, and since when (from ``edge/{d}/online``).
+
+    ``ordering`` decides which message wins: the agent's session number doubled, plus one for
+    offline (the will and farewell of a connection come after its birth); messages of agents that
+    send no session number are ordered by their timestamp in microseconds the same way.
+    """
 
     __tablename__ = "device_online"
 
@@ -65,6 +70,9 @@ class OnlineRecord(Base):
     online: Mapped[bool] = mapped_column(Boolean)
     since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    session: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    instance: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    ordering: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class RolloutRecord(Base):

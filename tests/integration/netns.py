@@ -143,19 +143,17 @@ class DeviceLink:
         if loss_pct > 0:
             percent = round(loss_pct)
             rule = f"numgen random mod 100 < {percent} drop"
-            script = (
+            script = (  # nft needs a ';' or a newline before a chain's closing brace
                 "table inet edfault {\n"
-                ' chain out { type filter hook output priority 0; oifname != "lo" ' + rule + " }\n"
-                ' chain in { type filter hook input priority 0; iifname != "lo" ' + rule + " }\n"
+                f' chain out {{ type filter hook output priority 0; oifname != "lo" {rule};\n }}\n'
+                f' chain in {{ type filter hook input priority 0; iifname != "lo" {rule};\n }}\n'
                 "}\n"
             )
-            subprocess.run(
-                ["ip", "netns", "exec", self.name, "nft", "-f", "-"],
-                input=script,
-                text=True,
-                check=True,
-                capture_output=True,
+            done = subprocess.run(
+                [*self.prefix(), "nft", "-f", "-"], input=script, text=True, check=False, capture_output=True
             )
+            if done.returncode != 0:
+                raise RuntimeError(f"nft refused the loss rules: {done.stderr.strip()}\n{script}")
             self._nft = True
         if self.relay is not None:
             self.relay.delay_s = delay_ms / 1000 / 2  # one way each direction: the round trip gets delay_ms

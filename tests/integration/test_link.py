@@ -280,12 +280,44 @@ async def test_last_will_is_published_when_the_agent_dies(
         if agent.returncode is None:
             agent.kill()
             await agent.wait()
-    await cloud.wait_for(lambda m: m.json()["online"] is False, "the last will (online: false)")
+    will = await cloud.wait_for(lambda m: m.json()["online"] is False, "the last will (online: false)")
+    birth = next(m for m in cloud.on(topic) if m.json()["online"] is True)
+    # The will was armed before the birth (its ts is older) but belongs to the same session, so
+    # the cloud orders it after the birth.
+    assert will.json()["session"] == birth.json()["session"] is not None
+    assert will.json()["instance"] == birth.json()["instance"]
 
     late = cloud_for(mosquitto)
     await late.subscribe(topic)
     retained = await late.wait_for(lambda m: m.topic == topic, "the retained online status")
     assert retained.retain and retained.json()["online"] is False
+
+    # The restarted agent continues above the killed one's session, even with its clock set back.
+    (config.state_dir / "mqtt-session").write_text(f"{birth.json()['session'] + 10**12}\n")
+    async with Link(config) as link:
+        await asyncio.wait_for(link.wait_connected(), WAIT_S)
+        again = await late.wait_for(lambda m: m.json()["online"] is True, "online: true after the restart")
+    assert again.json()["session"] == birth.json()["session"] + 10**12 + 1
+    assert again.json()["instance"] != birth.json()["instance"]
+
+
+async def test_two_agents_with_one_device_id_are_detected(
+    mosquitto: MosquittoBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = config_for(mosquitto, tmp_path / "a")
+    second = first.model_copy(update={"state_dir": tmp_path / "b"})
+    async with Link(first) as a:
+        await asyncio.wait_for(a.wait_connected(), WAIT_S)
+        async with Link(second) as b:
+            await asyncio.wait_for(b.wait_connected(), WAIT_S)
+            await until(
+                lambda: a.client_conflict is not None, "the first agent to see its session taken over"
+            )
+            assert a.client_conflict is not None and a.client_conflict.takeovers == 1
+            assert first.device_id in a.client_conflict.detail
+            await asyncio.sleep(2 * first.broker.reconnect_max_s)
+            assert b.connected and not a.connected  # the first waits instead of knocking b off
+    assert messages_logged(caplog, "took this session over") >= 1
 
 
 # ---- reports ----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from agent.observed import ImageAvailability, ObservedModule
 from agent.runtime import Observation, RuntimeActionError
 from agent.state import StateStore
 from modules.contract import (
+    ClientConflict,
     CommandRequest,
     CommandResponse,
     DesiredState,
@@ -141,6 +142,7 @@ class MemoryLink:
 
     def __init__(self) -> None:
         self.desired = DesiredSlot()
+        self.client_conflict: ClientConflict | None = None
         self.reports: list[ReportedState] = []
         self.responses: list[CommandResponse] = []
         self.requests: asyncio.Queue[CommandRequest] = asyncio.Queue()
@@ -394,6 +396,17 @@ async def test_idle_passes_back_off_and_publish_only_on_change(rig: Rig) -> None
     rig.clock.advance(rig.config.heartbeat_s)
     heartbeat = await rig.agent.reconcile_once()
     assert heartbeat.published and len(rig.link.reports) == 2
+
+
+async def test_reports_carry_the_heartbeat_and_a_client_id_conflict_at_once(rig: Rig) -> None:
+    assert rig.link is not None
+    await rig.agent.reconcile_once()
+    assert rig.report.heartbeat_s == rig.config.heartbeat_s and rig.report.client_conflict is None
+    conflict = ClientConflict(detected_at=T0, takeovers=1, detail="another MQTT client connected as dev-1")
+    rig.link.client_conflict = conflict
+    published = await rig.agent.reconcile_once()
+    assert published.published, "a conflict is news: it must not wait for the next heartbeat"
+    assert rig.report.client_conflict == conflict
 
 
 async def test_running_modules_are_looked_at_every_health_interval(rig: Rig) -> None:

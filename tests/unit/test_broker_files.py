@@ -83,7 +83,7 @@ def test_acl_gives_devices_only_their_own_topics_and_the_cloud_its_own() -> None
         "pattern read edge/%u/desired",
         "pattern read edge/%u/cmd/req/#",
         "pattern write edge/%u/reported",
-        "pattern write edge/%u/online",
+        "pattern readwrite edge/%u/online",
         "pattern write edge/%u/cmd/res/#",
         "user _cloud",
         "topic write edge/+/desired",

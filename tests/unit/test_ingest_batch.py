@@ -118,3 +118,39 @@ def test_a_failed_write_keeps_the_batch_behind_newer_messages(
     assert (ingest.stats.received, ingest.stats.written, ingest.stats.invalid) == (5, 3, 2)
     assert ingest.backlog == 0
     assert stored(db) == ({}, {"cam-1": False, "cam-2": True})
+
+
+def session_online(up: bool, session: int, written_at: datetime, instance: str = "a") -> bytes:
+    return (
+        OnlineStatus(online=up, ts=written_at, session=session, instance=instance).model_dump_json().encode()
+    )
+
+
+@pytest.mark.parametrize("same_batch", [True, False])
+def test_a_will_armed_before_the_birth_still_takes_the_device_offline(
+    db: Database, ingest: Ingestor, same_batch: bool
+) -> None:
+    # The will's ts is taken at connect time, before the birth's: the session orders them.
+    deliver(ingest, "edge/cam-1/online", session_online(True, 100, T0 + timedelta(seconds=1)))
+    if not same_batch:
+        ingest.flush()
+    deliver(ingest, "edge/cam-1/online", session_online(False, 100, T0))
+    ingest.flush()
+    assert stored(db)[1] == {"cam-1": False}
+
+
+@pytest.mark.parametrize("same_batch", [True, False])
+def test_the_will_of_a_killed_agent_does_not_take_its_successor_offline(
+    db: Database, ingest: Ingestor, same_batch: bool
+) -> None:
+    # Agent a was SIGKILLed and restarted as b; the broker publishes a's will after b's birth.
+    deliver(ingest, "edge/cam-1/online", session_online(True, 100, T0, "a"))
+    deliver(ingest, "edge/cam-1/online", session_online(True, 101, T0 + timedelta(seconds=2), "b"))
+    if not same_batch:
+        ingest.flush()
+    deliver(ingest, "edge/cam-1/online", session_online(False, 100, T0 + timedelta(seconds=9), "a"))
+    ingest.flush()
+    assert stored(db)[1] == {"cam-1": True}
+    with db.transaction() as s:
+        row = s.get(OnlineRecord, "cam-1")
+        assert row is not None and (row.session, row.instance) == (101, "b")

@@ -21,6 +21,7 @@ from agent.runtime.simulated import SimulatedProber, SimulatedRuntime, Simulatio
 from agent.simulate import TmpfsStateStore
 from agent.state import AgentState, StateStore
 from modules.contract import (
+    ClientConflict,
     CommandRequest,
     CommandResponse,
     DesiredModule,
@@ -255,6 +256,7 @@ def test_bad_settings_name_the_field(settings: dict[str, Any], message: str) -> 
 class MemoryLink:
     def __init__(self) -> None:
         self.desired = DesiredSlot()
+        self.client_conflict: ClientConflict | None = None
         self.reports: list[ReportedState] = []
         self.connected = True
 

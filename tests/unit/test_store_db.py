@@ -10,6 +10,7 @@ from sqlalchemy import update
 from cloud.config import resolve_settings
 from cloud.store.db import SCHEMA_VERSION, normalize_url, open_database, redact_url
 from cloud.store.errors import InvalidInputError, SchemaError
+from cloud.store.fleet import OnlineRecord
 from cloud.store.models import SchemaVersion
 
 
@@ -62,3 +63,31 @@ def test_settings_precedence(tmp_path: Path) -> None:
     default = resolve_settings(tmp_path / "flag", env={})
     assert default.db_url == f"sqlite:///{tmp_path / 'flag' / 'edgedeploy.db'}"
     assert default.blob_dir == tmp_path / "flag" / "blobs"
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.executescript(
+        "CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER NOT NULL);"
+        "INSERT INTO schema_version VALUES (1, 1);"
+        "CREATE TABLE device_online (device_id VARCHAR(128) PRIMARY KEY, online BOOLEAN NOT NULL,"
+        " since DATETIME NOT NULL, received_at DATETIME NOT NULL);"
+        "INSERT INTO device_online VALUES ('cam-1', 1, '2026-01-01 00:00:00', '2026-01-01 00:00:00');"
+    )
+    con.commit()
+    con.close()
+    db = open_database(f"sqlite:///{path}")
+    try:
+        with db.transaction() as s:
+            assert s.get(SchemaVersion, 1).version == SCHEMA_VERSION  # type: ignore[union-attr]
+            row = s.get(OnlineRecord, "cam-1")
+            assert (
+                row is not None
+                and row.online
+                and (row.session, row.instance, row.ordering) == (None, None, 0)
+            )
+    finally:
+        db.dispose()

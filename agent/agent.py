@@ -99,6 +99,15 @@ class AgentLink(Protocol):
         """Whether the session is up."""
         ...
 
+    @property
+    def sessions(self) -> int:
+        """How many sessions came up so far."""
+        ...
+
+    def also_wake_on_connect(self, event: asyncio.Event) -> None:
+        """Set ``event`` whenever a session comes up."""
+        ...
+
     def commands(self) -> AsyncIterator[CommandRequest]:
         """Incoming command requests."""
         ...
@@ -191,6 +200,7 @@ class Agent:
         self._pending: Pending | None = None
         self._last_fingerprint: bytes | None = None
         self._last_published: datetime | None = None
+        self._reported_in_session = 0
         self._idle_passes = 0
         self._kick = asyncio.Event()
         self._stop = asyncio.Event()
@@ -232,6 +242,7 @@ class Agent:
         await self.load()
         if self.link is not None:
             self.link.desired.also_wake(self._kick)
+            self.link.also_wake_on_connect(self._kick)  # a fresh report in every new session
         also_wake = getattr(getattr(self.runtime, "pulls", None), "also_wake", None)
         if also_wake is not None:  # a tracker that says when a pull ends: no need to wait for the poll
             also_wake(self._kick)
@@ -485,8 +496,11 @@ class Agent:
             update={"heartbeat_s": self.config.heartbeat_s, "client_conflict": conflict}
         )
         fingerprint = _fingerprint(report)
-        due = self._last_published is None or (
-            (now - self._last_published).total_seconds() >= self.config.heartbeat_s
+        session = self.link.sessions if self.link is not None else 0
+        due = (
+            self._last_published is None
+            or (now - self._last_published).total_seconds() >= self.config.heartbeat_s
+            or session != self._reported_in_session  # what was queued offline is old news now
         )
         if fingerprint == self._last_fingerprint and not due:
             return False
@@ -501,6 +515,7 @@ class Agent:
         changed = fingerprint != self._last_fingerprint
         self._last_fingerprint = fingerprint
         self._last_published = now
+        self._reported_in_session = session
         self.metrics.last_report_ts = time.time()
         # Heartbeats repeat the same report: the local copy for `edge-agent status` stands.
         if changed and self.local_report:

@@ -149,6 +149,7 @@ class Link:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._connects = 0
+        self._connect_wakers: list[asyncio.Event] = []
         self._failed_attempts = 0
         self._offline_since = time.monotonic()
         self._offline_for: float | None = None
@@ -176,6 +177,15 @@ class Link:
     async def wait_connected(self) -> None:
         """Wait until the session is up and the broker acknowledged the subscriptions."""
         await self._connected.wait()
+
+    @property
+    def sessions(self) -> int:
+        """How many sessions came up so far (the agent reports afresh in each new one)."""
+        return self._connects
+
+    def also_wake_on_connect(self, event: asyncio.Event) -> None:
+        """Set ``event`` whenever a session comes up (a report queued while offline is old by then)."""
+        self._connect_wakers.append(event)
 
     async def commands(self) -> AsyncIterator[CommandRequest]:
         """Well-formed command requests, in arrival order (malformed ones are answered here)."""
@@ -352,6 +362,8 @@ class Link:
         self._offline_for = offline if self._pending_report is not None else None
         self._connected.set()
         self._report_wake.set()
+        for waker in self._connect_wakers:
+            waker.set()
         topics = ", ".join(topic for topic, reason in event.results if not reason.is_failure) or "nothing"
         if self._connects == 1:
             message = "connected to %s after %.1f s; subscribed to %s"

@@ -5,7 +5,8 @@ rig, tests/integration/fault_rig.py) against a real Mosquitto on a free loopback
 cloud's real ``Ingestor`` into SQLite:
 
 - **SIGKILL → offline**: the agent is SIGKILLed; seconds until the cloud's store says offline
-  (the broker publishes the will after keepalive x 1.5; target <= keepalive x 1.5 + 2 s);
+  (target <= keepalive x 1.5 + 2 s: the broker's bound when a device goes silent; a killed
+  process's socket is closed by its kernel, so the broker publishes the will at once);
 - **convergence after SIGKILL**: an update is published, the agent is SIGKILLed 0-1.5 s later and
   restarted at once; seconds from the restart until the new generation is reported healthy
   (median and worst over ``--kills``);
@@ -13,8 +14,10 @@ cloud's real ``Ingestor`` into SQLite:
   failed requests, and seconds from the broker's return until a report made after it is stored;
 - **fleet**: the same broker return with ``--devices`` simulated devices (``edgectl simulate``,
   real agents with simulated modules): seconds until the first, half and all of them have a fresh
-  report in the store. Their reconnects are spread by the link's back-off (1-2 s here, with jitter),
-  and ``--rate`` new connections per second.
+  report in the store, judged by the report's own ``reported_at`` (a report queued before the
+  outage does not count). Their reconnects are spread by the link's back-off: 1 s doubling, times
+  a random 1-1.5, capped at the simulator's ``reconnect_max_s`` (30 s), so after a 20 s outage the
+  last devices come back up to ~25 s later; and ``--rate`` new connections per second.
 
     python3 -m bench.faults [--kills 20] [--devices 1000] [--outage 20] [--json]
 """
@@ -162,7 +165,8 @@ async def fleet(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     def fresh_count(since: Any) -> int:
         with db.transaction() as s:
-            query = select(func.count()).where(ReportedRecord.received_at >= since)
+            # The device's own time: a report queued before the outage does not count as fresh.
+            query = select(func.count()).where(ReportedRecord.reported_at >= since)
             return int(s.scalar(query) or 0)
 
     try:

@@ -47,8 +47,9 @@ ONLINE_SUBSCRIPTION = "edge/+/online"
 FLUSH_INTERVAL_S = 0.1
 SESSION_EXPIRY_S = 3600
 SUBSCRIBE_TIMEOUT_S = 10.0
-RECONNECT_MAX_S = 30
-"""paho retries a lost connection after 1 s, doubling the wait up to this."""
+RECONNECT_MAX_S = 2
+"""paho retries a lost connection after 1 s, then every this many seconds. Short: a cloud worker is
+one client, not a fleet, and the fleet's retained reports wait for it on the broker's return."""
 
 
 @dataclass

@@ -143,11 +143,15 @@ class MemoryLink:
     def __init__(self) -> None:
         self.desired = DesiredSlot()
         self.client_conflict: ClientConflict | None = None
+        self.sessions = 1
         self.reports: list[ReportedState] = []
         self.responses: list[CommandResponse] = []
         self.requests: asyncio.Queue[CommandRequest] = asyncio.Queue()
         self.connected = True
         self.changed = asyncio.Event()
+
+    def also_wake_on_connect(self, event: asyncio.Event) -> None:
+        self.on_connect = event
 
     async def commands(self) -> AsyncIterator[CommandRequest]:
         while True:
@@ -407,6 +411,16 @@ async def test_reports_carry_the_heartbeat_and_a_client_id_conflict_at_once(rig:
     published = await rig.agent.reconcile_once()
     assert published.published, "a conflict is news: it must not wait for the next heartbeat"
     assert rig.report.client_conflict == conflict
+
+
+async def test_a_new_session_gets_a_fresh_report_before_the_heartbeat(rig: Rig) -> None:
+    assert rig.link is not None
+    await rig.agent.reconcile_once()
+    rig.clock.advance(5)
+    assert not (await rig.agent.reconcile_once()).published
+    rig.link.sessions += 1  # the broker came back: the report queued offline is old by now
+    fresh = await rig.agent.reconcile_once()
+    assert fresh.published and rig.report.reported_at == rig.clock.now
 
 
 async def test_running_modules_are_looked_at_every_health_interval(rig: Rig) -> None:

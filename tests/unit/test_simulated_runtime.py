@@ -257,8 +257,12 @@ class MemoryLink:
     def __init__(self) -> None:
         self.desired = DesiredSlot()
         self.client_conflict: ClientConflict | None = None
+        self.sessions = 1
         self.reports: list[ReportedState] = []
         self.connected = True
+
+    def also_wake_on_connect(self, event: asyncio.Event) -> None:
+        self.on_connect = event
 
     async def commands(self) -> AsyncIterator[CommandRequest]:
         raise NotImplementedError

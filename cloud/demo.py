@@ -280,10 +280,6 @@ class Demo:
             client.close()
 
 
-def _mosquitto_user() -> list[str]:
-    return ["--user", "root"] if os.geteuid() == 0 else []
-
-
 def train_digits(out: Path, hidden: tuple[int, ...], seed: int) -> Path:
     """A second digits model (different hidden layer and seed) as ``out/model.onnx``."""
     import warnings
@@ -410,8 +406,9 @@ class DemoRun(Demo):
         broker_port = free_port()
         broker_dir = self.data / "broker"
         self.edgectl(
-            "broker", "config", "--out", str(broker_dir), "--port", str(broker_port), *_mosquitto_user()
-        )
+            "broker", "config", "--out", str(broker_dir),
+            "--port", str(broker_port), "--cloud-port", str(free_port()),
+        )  # fmt: skip
         self.broker_url = f"mqtt://127.0.0.1:{broker_port}"
         self.start(
             "mosquitto",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+import pwd
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,10 +60,38 @@ def _listener(args: argparse.Namespace) -> broker.ListenerOptions:
     return broker.ListenerOptions(port=port, bind=args.bind, tls_cert=cert, tls_key=key, ca_file=ca)
 
 
+def _run_as(user: str | None) -> str:
+    """Who Mosquitto runs as: ``--user``, else whoever runs this (root stays root)."""
+    if user is not None:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise CliError(f"--user {user!r}: no such user on this machine") from None
+        return user
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def _give_to(user: str, *paths: Path) -> None:
+    """Let ``user`` write ``paths`` (when root starts Mosquitto it drops to that user first)."""
+    if os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(user)
+    for path in paths:
+        try:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        except OSError as e:
+            raise broker.BrokerError(f"cannot give {path} to {user}: {e.strerror or e}") from None
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     """Write DIR/mosquitto.conf using the generated password and ACL files."""
     listener = _listener(args)
     url = args.url or broker.listener_url(listener)
+    cloud_port = args.cloud_port if args.cloud_port is not None else listener.port + 1
+    if not 1 <= cloud_port <= 65535 or cloud_port == listener.port:
+        raise CliError(f"--cloud-port {cloud_port}: give a port between 1 and 65535 other than --port")
+    cloud_url = f"mqtt://127.0.0.1:{cloud_port}"
+    run_as = _run_as(args.user)
     with store_errors():
         check_broker_url(url)
     out = Path(args.out).expanduser().absolute()
@@ -73,21 +103,21 @@ def cmd_config(args: argparse.Namespace) -> int:
             (out / "data").mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise broker.BrokerError(f"cannot create {out / 'data'}: {e.strerror or e}") from None
+        _give_to(run_as, out, out / "data")
         text = broker.render_mosquitto_conf(
             listener,
+            cloud_port=cloud_port,
             password_file=paths.password_file.absolute(),
             acl_file=paths.acl_file.absolute(),
             persistence_dir=out / "data",
             pid_file=pid_file,
-            user=args.user,
+            user=run_as,
         )
         broker.write_atomic(conf_file, text, 0o644)
-        broker.save_settings(
-            paths,
-            broker.BrokerSettings(
-                url=url, ca_file=listener.ca_file, pid_file=pid_file, config_file=conf_file
-            ),
+        settings = broker.BrokerSettings(
+            url=url, cloud_url=cloud_url, ca_file=listener.ca_file, pid_file=pid_file, config_file=conf_file
         )
+        broker.save_settings(paths, settings)
     if args.json:
         print_json(
             {
@@ -96,13 +126,15 @@ def cmd_config(args: argparse.Namespace) -> int:
                 "acl_file": str(paths.acl_file),
                 "pid_file": str(pid_file),
                 "url": url,
+                "cloud_url": cloud_url,
+                "user": run_as,
             }
         )
     else:
         print(f"wrote {conf_file}")
         print(f"password file {paths.password_file}, ACL file {paths.acl_file}")
-        print(f"devices will connect to {url}")
-        print(f"run the broker: mosquitto -c {conf_file}")
+        print(f"devices will connect to {url} (client id = device id); the cloud to {cloud_url}")
+        print(f"run the broker: mosquitto -c {conf_file}   (as root it runs as {run_as})")
     return 0
 
 
@@ -155,8 +187,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "config",
         cmd_config,
         help="write a mosquitto.conf that uses the generated files",
-        description="Write DIR/mosquitto.conf: one listener (loopback by default, TLS when given a "
-        "certificate), allow_anonymous false, the password and ACL files, persistence in DIR/data and a "
+        description="Write DIR/mosquitto.conf: a device listener (loopback by default, TLS when given a "
+        "certificate) where the client id is the device's username, so no device can knock another off, "
+        "a loopback listener for the cloud's workers (--cloud-port), allow_anonymous false, the password and "
+        "ACL files, persistence in DIR/data and a "
         "pid file DIR/mosquitto.pid that device add/remove and broker reload use to signal the broker.",
         examples="  edgectl broker config --out /etc/edgedeploy/mosquitto\n"
         "  edgectl broker config --out ./broker --port 1884 --user mosquitto\n"
@@ -170,7 +204,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM): serve TLS")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
     p.add_argument("--ca", metavar="FILE", help="CA bundle; copied into each new device's configuration")
-    p.add_argument("--user", help="user mosquitto drops privileges to when started as root")
+    p.add_argument(
+        "--user",
+        help="user mosquitto runs as when started as root (default: whoever runs this command; "
+        "DIR and DIR/data are given to that user)",
+    )
+    p.add_argument(
+        "--cloud-port",
+        type=int,
+        help="loopback port of the cloud's own listener (default: the device port + 1)",
+    )
 
     p = add_command(
         commands,

@@ -1,7 +1,8 @@
 """How the cloud reaches the MQTT broker: the endpoint, and paho clients connected to it.
 
-The broker URL comes from ``--broker-url``, else ``$EDGE_BROKER_URL``, else the URL that
-``edgectl broker config`` saved in the data directory, else ``mqtt://127.0.0.1:1883``. Credentials
+The broker URL comes from ``--broker-url``, else ``$EDGE_BROKER_URL``, else the cloud's URL that
+``edgectl broker config`` saved in the data directory (its loopback listener for the cloud, where
+client ids are not bound to usernames), else ``mqtt://127.0.0.1:1883``. Credentials
 come from the URL (``mqtt://user:pass@host``) or, when the data directory holds broker files, are
 the cloud's own user (``_cloud`` and ``broker/cloud.password``).
 
@@ -78,8 +79,13 @@ def resolve_endpoint(data_dir: Path, url: str | None = None) -> Endpoint:
     """The broker endpoint for a data directory (see the module docstring for the precedence)."""
     paths = broker.BrokerPaths.of(data_dir)
     saved = broker.load_settings(paths)
-    chosen = url or os.environ.get(BROKER_URL_ENV) or (saved.url if saved else DEFAULT_BROKER_URL)
-    endpoint = Endpoint.parse(chosen, ca_file=saved.ca_file if saved else None)
+    chosen = url or os.environ.get(BROKER_URL_ENV)
+    if chosen is not None or saved is None:
+        endpoint = Endpoint.parse(chosen or DEFAULT_BROKER_URL, ca_file=saved.ca_file if saved else None)
+    elif saved.cloud_url is not None:  # the broker's loopback listener for the cloud
+        endpoint = Endpoint.parse(saved.cloud_url)
+    else:
+        endpoint = Endpoint.parse(saved.url, ca_file=saved.ca_file)
     if endpoint.username is None and paths.cloud_password_file.is_file():
         user, password = broker.cloud_credentials(paths)
         endpoint = Endpoint(endpoint.host, endpoint.port, endpoint.tls, endpoint.ca_file, user, password)

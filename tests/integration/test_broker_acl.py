@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import queue
 import subprocess
 import threading
@@ -87,7 +86,7 @@ class Received:
 class Client:
     """A synchronous MQTT v5 client that records what it receives and each acknowledgement's reason."""
 
-    def __init__(self, port: int, username: str, password: str) -> None:
+    def __init__(self, port: int, username: str, password: str, client_id: str | None = None) -> None:
         self.messages: queue.Queue[Received] = queue.Queue()
         self.connacks: queue.Queue[int] = queue.Queue()
         self._subacks: dict[int, list[int]] = {}
@@ -95,7 +94,7 @@ class Client:
         self._acked = threading.Condition()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"{username}-{uuid.uuid4().hex[:8]}",
+            client_id=client_id or f"{username}-{uuid.uuid4().hex[:8]}",
             protocol=MQTTProtocolVersion.MQTTv5,
             reconnect_on_failure=False,
         )
@@ -171,13 +170,22 @@ class Fleet:
 
     data_dir: Path
     port: int
+    cloud_port: int
     broker: GeneratedBroker
     passwords: dict[str, str]
     cloud_password: str
     clients: list[Client]
 
-    def client(self, username: str, password: str | None = None) -> Client:
-        c = Client(self.port, username, self.passwords[username] if password is None else password)
+    def client(
+        self,
+        username: str,
+        password: str | None = None,
+        *,
+        client_id: str | None = None,
+        port: int | None = None,
+    ) -> Client:
+        secret = self.passwords[username] if password is None else password
+        c = Client(port or self.port, username, secret, client_id)
         self.clients.append(c)
         return c
 
@@ -187,7 +195,7 @@ class Fleet:
         return c
 
     def cloud(self) -> Client:
-        c = self.client(broker_files.CLOUD_USER, self.cloud_password)
+        c = self.client(broker_files.CLOUD_USER, self.cloud_password, port=self.cloud_port)
         assert c.connect() == 0, "the cloud user could not connect"
         return c
 
@@ -208,10 +216,13 @@ def password_from_config(config_file: Path) -> str:
 @pytest.fixture
 def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
     data_dir = tmp_path / "data"
-    port = free_port()
+    port, cloud_port = free_port(), free_port()
     out = tmp_path / "broker"
-    user = ["--user", "root"] if os.geteuid() == 0 else []
-    edgectl(data_dir, "broker", "config", "--out", str(out), "--port", str(port), *user)
+    # No --user: as root, what broker config writes must start as written (it used to drop to
+    # the mosquitto user and die "Unable to write pid file").
+    edgectl(
+        data_dir, "broker", "config", "--out", str(out), "--port", str(port), "--cloud-port", str(cloud_port)
+    )
     for device in ("alpha", "beta"):
         edgectl(data_dir, "device", "add", device, "--tag", "site=test")
     process = start_or_skip(
@@ -219,7 +230,7 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
     )
     passwords = {d: password_from_config(data_dir / "devices" / d / "agent.yaml") for d in ("alpha", "beta")}
     _, cloud_password = broker_files.cloud_credentials(broker_files.BrokerPaths.of(data_dir))
-    fleet = Fleet(data_dir, port, process, passwords, cloud_password, [])
+    fleet = Fleet(data_dir, port, cloud_port, process, passwords, cloud_password, [])
     yield fleet
     for client in fleet.clients:
         client.close()
@@ -338,9 +349,9 @@ def test_device_cannot_forge_its_own_desired_state_or_commands(fleet: Fleet) -> 
     assert watcher.subscribe("edge/alpha/cmd/req/+") == 1
     assert watcher.next().payload == b'{"signed": "by the cloud"}'
 
-    alpha = fleet.device("alpha")
-    assert alpha.publish("edge/alpha/desired", '{"forged": true}', retain=True) == NOT_AUTHORIZED
-    assert alpha.publish("edge/alpha/cmd/req/1", '{"name": "restart"}') == NOT_AUTHORIZED
+    # One connection per device: the client id is the username, so a second would take this over.
+    assert watcher.publish("edge/alpha/desired", '{"forged": true}', retain=True) == NOT_AUTHORIZED
+    assert watcher.publish("edge/alpha/cmd/req/1", '{"name": "restart"}') == NOT_AUTHORIZED
     cloud.publish("edge/alpha/cmd/req/2", '{"name": "ping"}')
     arrived = [watcher.next(), *watcher.received_nothing_more()]
     assert [(m.topic, m.payload) for m in arrived] == [("edge/alpha/cmd/req/2", b'{"name": "ping"}')]
@@ -348,6 +359,25 @@ def test_device_cannot_forge_its_own_desired_state_or_commands(fleet: Fleet) -> 
     fresh = fleet.device("alpha")
     fresh.subscribe("edge/alpha/desired")
     assert fresh.next().payload == b'{"signed": "by the cloud"}'
+
+
+def test_a_device_cannot_knock_another_off_with_its_client_id(fleet: Fleet) -> None:
+    beta = fleet.device("beta")
+    assert beta.subscribe("edge/beta/desired") == 1
+    hostile = fleet.client("alpha", client_id="beta")  # alpha's own credentials, beta's client id
+    assert hostile.connect() == 0
+    hostile_again = fleet.client("alpha", client_id="beta")
+    assert hostile_again.connect() == 0
+    assert not beta.disconnected.wait(3 * ABSENCE_S), "a device with another's client id knocked it off"
+    assert beta.publish("edge/beta/reported", "{}") in ACCEPTED
+    # The broker gave the hostile connections alpha's id: the second took the first one over.
+    assert hostile.disconnected.wait(WAIT_S)
+
+
+def test_cloud_workers_keep_their_own_client_ids(fleet: Fleet) -> None:
+    first, second = fleet.cloud(), fleet.cloud()
+    assert not first.disconnected.wait(2 * ABSENCE_S), "a second cloud worker knocked the first off"
+    assert first.subscribe("edge/+/reported") == second.subscribe("edge/+/reported") == 1
 
 
 def test_device_answers_commands_and_sets_its_last_will(fleet: Fleet) -> None:
@@ -382,7 +412,6 @@ def test_removed_device_cannot_connect_after_reload_and_new_one_can(fleet: Fleet
         "beta still connects after removal and reload"
     )
     assert beta.disconnected.wait(WAIT_S), "the broker kept the removed device's session open"
-    assert fleet.client("alpha").connect() == 0
     fleet.cloud().publish("edge/alpha/desired", '{"after": "reload"}')
     assert alpha.next().payload == b'{"after": "reload"}'  # alpha's session survived the reload
     assert not alpha.disconnected.is_set()
@@ -454,7 +483,6 @@ def test_tls_listener_and_agent_config_with_its_ca(request: pytest.FixtureReques
     pki.mkdir()
     ca, cert, key = write_server_pki(pki)
     data_dir, out, port = tmp_path / "data", tmp_path / "broker", free_port()
-    user = ["--user", "root"] if os.geteuid() == 0 else []
     edgectl(
         data_dir,
         "broker",
@@ -469,7 +497,8 @@ def test_tls_listener_and_agent_config_with_its_ca(request: pytest.FixtureReques
         str(key),
         "--ca",
         str(ca),
-        *user,
+        "--cloud-port",
+        str(free_port()),
     )
     edgectl(data_dir, "device", "add", "alpha")
     process = start_or_skip(

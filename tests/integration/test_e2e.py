@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import sys
 import textwrap
 import urllib.request
@@ -234,8 +233,16 @@ def rig(
     db: Database | None = None
     try:
         port = free_port()
-        user = ["--user", "root"] if os.geteuid() == 0 else []
-        cli("broker", "config", "--out", str(data / "broker"), "--port", str(port), *user)
+        cli(
+            "broker",
+            "config",
+            "--out",
+            str(data / "broker"),
+            "--port",
+            str(port),
+            "--cloud-port",
+            str(free_port()),
+        )
         conf = data / "broker" / "mosquitto.conf"
         broker = start(
             Command(

@@ -95,9 +95,10 @@ def test_acl_gives_devices_only_their_own_topics_and_the_cloud_its_own() -> None
     ]
 
 
-def _conf(listener: broker.ListenerOptions, user: str | None = None) -> list[str]:
+def _conf(listener: broker.ListenerOptions, user: str = "edge") -> list[str]:
     text = broker.render_mosquitto_conf(
         listener,
+        cloud_port=1999,
         password_file=Path("/d/broker/passwd"),
         acl_file=Path("/d/broker/acl"),
         persistence_dir=Path("/etc/mq/data"),
@@ -118,8 +119,11 @@ def test_plain_config_listens_on_loopback_without_anonymous_access() -> None:
         "pid_file /etc/mq/mosquitto.pid",
     ):
         assert expected in lines
-    assert lines[-1] == "listener 1883 127.0.0.1"
-    assert not any(line.startswith(("certfile", "user ")) for line in lines)
+    assert "user edge" in lines
+    devices = lines.index("listener 1883 127.0.0.1")
+    assert lines[devices + 1] == "use_username_as_clientid true"  # no device can take another's id
+    assert lines[-1] == "listener 1999 127.0.0.1"  # the cloud's workers: their own client ids
+    assert not any(line.startswith("certfile") for line in lines)
 
 
 def test_tls_config_names_certificate_key_and_ca() -> None:
@@ -134,10 +138,12 @@ def test_tls_config_names_certificate_key_and_ca() -> None:
     assert "user mosquitto" in lines
     at = lines.index("listener 8883 0.0.0.0")
     assert lines[at + 1 :] == [
+        "use_username_as_clientid true",
         "certfile /tls/server.pem",
         "keyfile /tls/server.key",
         "tls_version tlsv1.2",
         "cafile /tls/ca.pem",
+        "listener 1999 127.0.0.1",
     ]
 
 

@@ -8,6 +8,8 @@ removal takes the credentials out, and bad input exits 2 with one line naming th
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import socket
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -190,6 +192,8 @@ def test_broker_config_points_at_the_generated_files(
     assert "allow_anonymous false" in lines and "listener 1884 127.0.0.1" in lines
     assert Path(conf["password_file"]).is_file() and Path(conf["acl_file"]).is_file()
     assert conf["url"] == "mqtt://127.0.0.1:1884"
+    assert conf["cloud_url"] == "mqtt://127.0.0.1:1885" and "listener 1885 127.0.0.1" in lines
+    assert conf["user"] == pwd.getpwuid(os.geteuid()).pw_name and f"user {conf['user']}" in lines
 
 
 # ---- list, show, tag, remove ------------------------------------------------------------------

@@ -364,7 +364,7 @@ class Agent:
                 continue
             url = self.runtime.health_url(name, module.health)
             if url is not None:
-                targets.append(ProbeTarget(name, url, module.health, o.started_at))
+                targets.append(ProbeTarget(name, url, module.health, o.started_at, o.instance))
         return await self.prober.check(targets)
 
     async def _set_book(self, action: SetRestartBook) -> None:

@@ -9,8 +9,11 @@ the module reports. A new start (``started_at`` changed) resets the count and re
 again, once the module is ready: from the ``scoring_execution_provider_info`` series of
 ``GET /metrics``, else from ``GET /v2/models/{module}`` (``parameters.execution_provider``).
 
-A probe fails when the liveness path does not answer 2xx within ``timeout_s``; readiness is
-reported separately (503 with a reason while the model loads) and never counts as a failure.
+A probe fails when the liveness path does not answer 2xx within ``timeout_s``, or when the answer
+does not come from the instance the runtime started (``ProbeTarget.instance``, echoed by the
+scoring server in the ``X-Edge-Instance`` header): another server holding the module's port is
+never taken for the module. Readiness is reported separately (503 with a reason while the model
+loads) and never counts as a failure.
 
 Start period (Docker's ``HEALTHCHECK --start-period``, Kubernetes' startup probe): after a start,
 failed liveness probes are not counted until the module has answered one once, or until
@@ -37,7 +40,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from modules.contract import HealthCheck, ModuleHealth, utcnow
+from modules.contract import INSTANCE_HEADER, HealthCheck, ModuleHealth, utcnow
 
 DEFAULT_START_PERIOD_S = 120.0
 MAX_BODY_BYTES = 1024 * 1024
@@ -60,6 +63,8 @@ class ProbeTarget:
     base_url: str
     check: HealthCheck = field(default_factory=HealthCheck)
     started_at: datetime | None = None
+    instance: str | None = None
+    """The instance id the module must echo (``X-Edge-Instance``); None accepts any answer."""
 
 
 def probe_interval(check: HealthCheck, ready_seen: bool) -> float:
@@ -109,10 +114,19 @@ class ProbeError(Exception):
     """A probe URL or an answer that is not usable HTTP."""
 
 
+@dataclass(frozen=True)
+class HttpAnswer:
+    """What a probe's ``GET`` got: the status, the (possibly cut) body, the headers (names lower case)."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
 async def http_get(
     url: str, timeout_s: float, *, max_body: int = MAX_BODY_BYTES, body_on_success: bool = True
-) -> tuple[int, bytes]:
-    """``GET url`` (``http://`` only) over HTTP/1.0 on a fresh connection: ``(status, body)``.
+) -> HttpAnswer:
+    """``GET url`` (``http://`` only) over HTTP/1.0 on a fresh connection.
 
     The body is cut at ``max_body`` bytes, and not read at all for a 2xx answer when
     ``body_on_success`` is false (a liveness probe needs only the status). Raises
@@ -132,9 +146,7 @@ async def http_get(
     return await asyncio.wait_for(exchange, timeout_s)
 
 
-async def _exchange(
-    host: str, port: int, request: bytes, max_body: int, body_on_success: bool
-) -> tuple[int, bytes]:
+async def _exchange(host: str, port: int, request: bytes, max_body: int, body_on_success: bool) -> HttpAnswer:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(request)
@@ -153,17 +165,19 @@ async def _exchange(
         if not version.startswith("HTTP/") or not code.isdigit():
             raise ProbeError(f"not an HTTP response: {status_line[:80]!r}")
         status = int(code)
-        if 200 <= status < 300 and not body_on_success:
-            return status, b""
-        limit = max_body
+        headers = {}
         for line in header_lines:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length" and value.strip().isdigit():
-                limit = min(int(value.strip()), max_body)
+            if name.strip():
+                headers[name.strip().lower()] = value.strip()
+        if 200 <= status < 300 and not body_on_success:
+            return HttpAnswer(status, b"", headers)
+        length = headers.get("content-length", "")
+        limit = min(int(length), max_body) if length.isdigit() else max_body
         body = bytearray()
         while len(body) < limit and (chunk := await reader.read(limit - len(body))):
             body += chunk
-        return status, bytes(body)
+        return HttpAnswer(status, bytes(body), headers)
     finally:
         writer.close()
 
@@ -218,15 +232,20 @@ class HealthProber:
         """Forget every module (probes hold no connection between calls)."""
         self._tracks.clear()
 
-    async def probe(self, base_url: str, check: HealthCheck) -> ModuleHealth:
-        """One liveness probe (``check.path``) and, when live, one readiness probe (``check.ready_path``)."""
+    async def probe(self, base_url: str, check: HealthCheck, instance: str | None = None) -> ModuleHealth:
+        """One liveness probe (``check.path``) and, when live, one readiness probe (``check.ready_path``).
+
+        With ``instance``, an answer that does not echo it (``X-Edge-Instance``) is not the module's.
+        """
         checked_at = utcnow()
         started = time.perf_counter()
-        error = await self._probe_error(base_url + check.path, check.timeout_s, "liveness")
+        error = await self._probe_error(base_url + check.path, check.timeout_s, "liveness", instance)
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         if error is not None:
             return ModuleHealth(live=False, ready=False, latency_ms=None, checked_at=checked_at, error=error)
-        ready_error = await self._probe_error(base_url + check.ready_path, check.timeout_s, "readiness")
+        ready_error = await self._probe_error(
+            base_url + check.ready_path, check.timeout_s, "readiness", instance
+        )
         return ModuleHealth(
             live=True,
             ready=ready_error is None,
@@ -235,37 +254,45 @@ class HealthProber:
             error=ready_error,
         )
 
-    async def _probe_error(self, url: str, timeout_s: float, what: str) -> str | None:
-        """None when ``GET url`` answers 2xx in time, else why not."""
+    async def _probe_error(self, url: str, timeout_s: float, what: str, instance: str | None) -> str | None:
+        """None when ``GET url`` answers 2xx in time (from ``instance`` when given), else why not."""
         try:
-            status, body = await http_get(url, timeout_s, body_on_success=False)
+            answer = await http_get(url, timeout_s, body_on_success=False)
         except asyncio.TimeoutError:
             return f"{what} GET {url}: no answer within {timeout_s:g} s"
         except (OSError, ProbeError) as exc:
             return f"{what} GET {url}: {type(exc).__name__}: {exc}"
-        if 200 <= status < 300:
+        echoed = answer.headers.get(INSTANCE_HEADER.lower())
+        if instance is not None and echoed != instance:
+            who = f"instance {echoed}" if echoed else f"a server that sends no {INSTANCE_HEADER} header"
+            return (
+                f"{what} GET {url}: answered by {who}, not by the module's instance {instance} "
+                "(another process holds the port?)"
+            )
+        if 200 <= answer.status < 300:
             return None
         try:
-            reason = _reason(json.loads(body))
+            reason = _reason(json.loads(answer.body))
         except ValueError:
             reason = None
-        return f"{what} GET {url}: HTTP {status}" + (f" ({reason})" if reason else "")
+        return f"{what} GET {url}: HTTP {answer.status}" + (f" ({reason})" if reason else "")
 
     async def execution_provider(self, base_url: str, module: str, timeout_s: float = 2.0) -> str | None:
         """The execution provider(s) the module runs on (comma-separated when its models differ), or None."""
         try:
-            status, body = await http_get(base_url + "/metrics", timeout_s)
-            if status == 200:
-                found = sorted(set(_PROVIDER_RE.findall(body.decode("utf-8", errors="replace"))) - _UNKNOWN)
+            metrics = await http_get(base_url + "/metrics", timeout_s)
+            if metrics.status == 200:
+                text = metrics.body.decode("utf-8", errors="replace")
+                found = sorted(set(_PROVIDER_RE.findall(text)) - _UNKNOWN)
                 if found:
                     return ",".join(found)
-            status, body = await http_get(f"{base_url}/v2/models/{module}", timeout_s)
+            answer = await http_get(f"{base_url}/v2/models/{module}", timeout_s)
         except (asyncio.TimeoutError, OSError, ProbeError):
             return None
-        if status != 200:
+        if answer.status != 200:
             return None
         try:
-            provider = json.loads(body).get("parameters", {}).get("execution_provider")
+            provider = json.loads(answer.body).get("parameters", {}).get("execution_provider")
         except (ValueError, AttributeError):
             return None
         return provider if isinstance(provider, str) and provider not in _UNKNOWN else None
@@ -304,7 +331,7 @@ class HealthProber:
     async def _check_one(self, target: ProbeTarget) -> HealthResult:
         track = self._tracks[target.module]
         previous = track.result
-        health = await self.probe(target.base_url, target.check)
+        health = await self.probe(target.base_url, target.check, target.instance)
         count = track.count = count_probe(
             track.count, health.live, self._clock() - track.start, self.start_period_s
         )

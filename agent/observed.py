@@ -52,6 +52,7 @@ class ObservedModule:
     the last exit (``None`` while it never exited). ``health`` is the last probe (``None`` before
     the first), ``health_failures`` the number of consecutive failed liveness probes since the
     last success; the module is unhealthy once it reaches its ``health.failure_threshold``.
+    ``instance`` names the process or container the runtime started, as the module echoes it.
     """
 
     name: str
@@ -64,6 +65,8 @@ class ObservedModule:
     finished_at: datetime | None = None
     health: ModuleHealth | None = None
     health_failures: int = 0
+    instance: str | None = None
+    """The instance id the runtime gave this start (``EDGE_INSTANCE_ID``); probes must meet it."""
 
     @property
     def is_running(self) -> bool:

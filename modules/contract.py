@@ -32,6 +32,12 @@ from pydantic import (
 # Scalars
 # --------------------------------------------------------------------------------------------
 
+INSTANCE_ENV = "EDGE_INSTANCE_ID"
+"""The variable through which the agent names each module process (or container) it starts."""
+INSTANCE_HEADER = "X-Edge-Instance"
+"""The response header in which the scoring server echoes ``INSTANCE_ENV``: the agent's health
+probes accept an answer only from the instance they started, not whatever holds the port."""
+
 RestartPolicy = Literal["always", "on-failure", "on-unhealthy", "never"]
 DesiredStatus = Literal["running", "stopped"]
 RuntimeStatus = Literal["pulling", "created", "running", "unhealthy", "backoff", "stopped", "failed"]

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import re
 import sys
+import uuid
 import warnings
 from collections.abc import Collection, Mapping
 from datetime import datetime, timezone
@@ -36,7 +37,7 @@ from agent.runtime import Observation, RuntimeActionError
 from agent.runtime import labels as lb
 from agent.runtime.access import AccessError, docker_access
 from agent.runtime.pulls import PullTracker
-from modules.contract import DesiredModule, DeviceProfile, HealthCheck
+from modules.contract import INSTANCE_ENV, DesiredModule, DeviceProfile, HealthCheck
 
 
 def _requests_without_charset_detection() -> None:
@@ -206,6 +207,7 @@ class DockerRuntime:
             exit_code=int(state["ExitCode"]) if exited and state.get("ExitCode") is not None else None,
             started_at=parse_docker_time(state.get("StartedAt")),
             finished_at=finished if exited else None,
+            instance=labels.get(lb.INSTANCE) if status_value == "running" else None,
         )
 
     def health_url(self, module: str, check: HealthCheck) -> str | None:
@@ -310,6 +312,7 @@ class DockerRuntime:
             lb.CONFIG_HASH: config_hash,
             lb.IMAGE: spec.image,
             lb.PROFILE: spec.profile,
+            lb.INSTANCE: uuid.uuid4().hex,
         }
         if spec.version is not None:
             labels[lb.VERSION] = spec.version
@@ -323,7 +326,8 @@ class DockerRuntime:
         options: dict[str, Any] = {
             "name": self.container_name(module),
             "labels": labels,
-            "environment": dict(spec.env),
+            # The module echoes it to health probes: an answer from another server is not this one's.
+            "environment": dict(spec.env) | {INSTANCE_ENV: labels[lb.INSTANCE]},
             "ports": ports,
             "restart_policy": {"Name": "no"},
             "log_config": self.log_config,

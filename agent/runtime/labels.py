@@ -21,6 +21,8 @@ VERSION = PREFIX + "version"
 GENERATION = PREFIX + "generation"
 """The generation of the desired state the container was created from."""
 PROFILE = PREFIX + "profile"
+INSTANCE = PREFIX + "instance"
+"""The container's instance id, also its ``EDGE_INSTANCE_ID``: health probes check the echo."""
 
 DEFAULT_NAME_PREFIX = "edge-"
 

@@ -25,6 +25,15 @@ on the same ``state_dir`` adopts a recorded process when its pid is alive with t
 time (``/proc/<pid>/stat``), so a pid reused by another program is never adopted or signalled.
 The exit code of an adopted process is unknown when it exits (it is not this agent's child), and
 ``observe`` reports ``exit_code=None`` for it, which the restart policy counts as a failure.
+
+Every start gets a new instance id, written to ``record.json`` *before* the process is spawned
+(the intent) and passed to it as ``EDGE_INSTANCE_ID`` next to ``EDGE_RUNTIME_ROOT`` (this
+runtime's folder): the marks by which the runtime knows its processes whatever happened to the
+agent. The first ``observe`` of a runtime looks through ``/proc/*/environ`` for processes with
+its mark: the one whose instance a record names is adopted (an agent killed between the spawn and
+the record of the pid left it), every other one is an orphan and its process group is stopped,
+so a module never runs twice and never keeps a port its successor needs. The scoring server
+echoes the instance id to health probes, so only the instance started last is judged healthy.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import shutil
 import signal
 import socket
 import sys
+import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
@@ -50,7 +60,15 @@ from agent.actions import Create, Pull, Remove, Restart, Start, Stop
 from agent.observed import ObservedModule
 from agent.runtime import Observation, RuntimeActionError
 from agent.runtime.pulls import PullTracker
-from modules.contract import DesiredModule, HealthCheck, ModuleInfo, PortMapping, split_image_ref, utcnow
+from modules.contract import (
+    INSTANCE_ENV,
+    DesiredModule,
+    HealthCheck,
+    ModuleInfo,
+    PortMapping,
+    split_image_ref,
+    utcnow,
+)
 
 CODE_ROOT = Path(modules.__file__).resolve().parent.parent
 """The folder holding the ``modules`` package the processes run (put on their PYTHONPATH)."""
@@ -58,6 +76,8 @@ PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR")
 """Variables of the agent's own environment a module process inherits; nothing else leaks."""
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 _TAIL_CHUNK = 64 * 1024
+ROOT_ENV = "EDGE_RUNTIME_ROOT"
+"""Marks every process a runtime starts with the runtime's folder (see the module docstring)."""
 
 ProcessStatus = Literal["created", "running", "exited"]
 
@@ -84,6 +104,8 @@ class ProcessRecord:
     exit_code: int | None = None
     generation: int | None = None
     """The generation of the desired state the module was created from."""
+    instance: str | None = None
+    """The id of the latest start, recorded before the process is spawned (``EDGE_INSTANCE_ID``)."""
 
     @property
     def desired(self) -> DesiredModule:
@@ -120,6 +142,38 @@ def proc_start_ticks(pid: int, proc_root: Path = Path("/proc")) -> str | None:
     if len(fields) < 20 or fields[0] in ("Z", "X"):
         return None
     return fields[19]
+
+
+@dataclass(frozen=True)
+class MarkedProcess:
+    """A process carrying a runtime's mark: the leader of the process group a start created."""
+
+    pid: int
+    start: str
+    instance: str | None
+
+
+def marked_processes(root: Path, proc_root: Path = Path("/proc")) -> list[MarkedProcess]:
+    """Live process-group leaders whose environment says ``root``'s runtime started them."""
+    mark = f"{ROOT_ENV}={root}".encode()
+    found = []
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        if mark not in environ:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) < 20 or fields[0] in ("Z", "X") or fields[2] != entry.name:
+            continue  # a zombie, or a child inside a module's group (the leader stands for it)
+        prefix = f"{INSTANCE_ENV}=".encode()
+        instance = next((v[len(prefix) :].decode() for v in environ if v.startswith(prefix)), None)
+        found.append(MarkedProcess(int(entry.name), fields[19], instance))
+    return found
 
 
 def _exit_status(returncode: int) -> int:
@@ -171,6 +225,7 @@ class ProcessRuntime:
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._records: dict[str, ProcessRecord] = {}
+        self._recovered = False
         self.root.mkdir(parents=True, exist_ok=True)
 
     # --- records -------------------------------------------------------------------------------
@@ -225,8 +280,63 @@ class ProcessRuntime:
 
     # --- observing -----------------------------------------------------------------------------
 
+    async def recover(self) -> None:
+        """Adopt the processes records name by instance, stop every other one with this runtime's mark."""
+        self._recovered = True
+        marked = await asyncio.to_thread(marked_processes, self.root.resolve(), self.proc_root)
+        by_instance = {p.instance: p for p in marked if p.instance}
+        claimed: set[int] = set()
+        for folder in sorted(self.root.iterdir()):
+            record = self._load(folder.name) if (folder / "record.json").is_file() else None
+            if record is None:
+                continue
+            if self._alive(record):
+                assert record.pid is not None
+                claimed.add(record.pid)
+                continue
+            found = by_instance.get(record.instance) if record.instance else None
+            if found is not None:  # spawned, but the agent died before recording the pid
+                log.warning(
+                    "module %s: adopting its process %d (instance %s), started before the agent stopped",
+                    record.module,
+                    found.pid,
+                    record.instance,
+                )
+                self._save(
+                    replace(
+                        record,
+                        status="running",
+                        pid=found.pid,
+                        pid_start=found.start,
+                        started_at=record.started_at or utcnow().isoformat(),
+                        finished_at=None,
+                        exit_code=None,
+                    )
+                )
+                claimed.add(found.pid)
+        for orphan in (p for p in marked if p.pid not in claimed):
+            log.warning(
+                "stopping orphaned module process %d (instance %s): no record of this runtime claims it",
+                orphan.pid,
+                orphan.instance,
+            )
+            await self._stop_group(orphan.pid, orphan.start)
+
+    async def _stop_group(self, pgid: int, start: str) -> None:
+        """SIGTERM a process group whose leader is ``pgid`` (started at ``start``), then SIGKILL."""
+        self._signal_group(pgid, signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout_s
+        while proc_start_ticks(pgid, self.proc_root) == start:
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        self._signal_group(pgid, signal.SIGKILL)
+
     async def observe(self, images: Collection[str] = ()) -> Observation:
         """Every recorded module with its process state, and which of ``images`` are unpacked here."""
+        if not self._recovered:
+            await self.recover()
         out: dict[str, ObservedModule] = {}
         for folder in sorted(self.root.iterdir()):
             if not (folder / "record.json").is_file():
@@ -245,6 +355,7 @@ class ProcessRuntime:
                 exit_code=record.exit_code if record.status == "exited" else None,
                 started_at=_time(record.started_at),
                 finished_at=_time(record.finished_at) if record.status == "exited" else None,
+                instance=record.instance if record.status == "running" else None,
             )
         wanted = set(images) | self.pulls.requested
         present = {ref for ref in wanted if self._image_present(ref)}
@@ -316,7 +427,7 @@ class ProcessRuntime:
             )
         )
 
-    def _environment(self, record: ProcessRecord, port: int) -> dict[str, str]:
+    def _environment(self, record: ProcessRecord, port: int, instance: str) -> dict[str, str]:
         spec = record.desired
         root = Path(record.image_dir)
         info = ModuleInfo.model_validate_json((root / "module.json").read_bytes())
@@ -327,6 +438,8 @@ class ProcessRuntime:
             "HOST": record.host,
             "PORT": str(port),
             "PROFILE": spec.profile,
+            ROOT_ENV: str(self.root.resolve()),
+            INSTANCE_ENV: instance,
         }
         if len(info.models) == 1:
             model = info.models[0]
@@ -364,7 +477,10 @@ class ProcessRuntime:
         module = record.module
         mapping = listen_mapping(record.desired)
         port = (mapping.host if mapping else None) or _free_port(record.host)
-        env = self._environment(record, port)
+        instance = uuid.uuid4().hex
+        env = self._environment(record, port, instance)
+        # The intent first: an agent killed right after the spawn finds this instance on restart.
+        record = self._save(replace(record, instance=instance))
         log_path = self._folder(module) / "module.log"
         if log_path.exists() and log_path.stat().st_size > LOG_ROTATE_BYTES:
             os.replace(log_path, log_path.with_suffix(".log.1"))

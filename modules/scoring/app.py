@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from modules.contract import INSTANCE_HEADER
 from modules.scoring.auth import KeyCheck
 from modules.scoring.backends import BackendError
 from modules.scoring.config import ServerConfig
@@ -158,6 +159,8 @@ class ScoringApp:
     def application(self) -> web.Application:
         """The aiohttp application with every route."""
         app = web.Application(middlewares=[self._observe], client_max_size=self.config.max_request_bytes)
+        if self.config.instance is not None:
+            app.on_response_prepare.append(self._name_instance)
         score_methods = ("POST", "GET", "OPTIONS")
         app.router.add_get("/", self.live_text)
         for method in score_methods:
@@ -172,6 +175,11 @@ class ScoringApp:
         app.router.add_post("/v2/models/{name}/infer", self.infer)
         app.on_cleanup.append(self._cleanup)
         return app
+
+    async def _name_instance(self, _request: web.Request, response: web.StreamResponse) -> None:
+        """Say which instance answers (the agent's probes check it is the one they started)."""
+        assert self.config.instance is not None
+        response.headers[INSTANCE_HEADER] = self.config.instance
 
     async def _cleanup(self, _app: web.Application) -> None:
         """After the last request: let the worker threads go."""

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from modules.contract import ModuleInfo, format_validation_error
+from modules.contract import INSTANCE_ENV, INSTANCE_HEADER, ModuleInfo, format_validation_error
 from modules.scoring.cpus import allowed_cpus
 
 DEFAULT_MODULE_JSON = "/module/module.json"
@@ -45,6 +45,8 @@ VARIABLES: dict[str, str] = {
     "0 keeps the server up, not ready, explaining why on /v2/health/ready",
     "LOG_ACCESS": "1 logs every request (default 0)",
     "LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+    INSTANCE_ENV: f"set by the edge agent: echoed in every response's {INSTANCE_HEADER} header, so its "
+    "health probes know they reach the instance they started",
 }
 
 Mode = Literal["entry-script", "no-code"]
@@ -75,6 +77,8 @@ class ServerConfig:
     exit_on_init_failure: bool
     log_access: bool
     log_level: str
+    instance: str | None = None
+    """``$EDGE_INSTANCE_ID``, echoed in the ``X-Edge-Instance`` response header."""
 
     @property
     def module_name(self) -> str:
@@ -237,4 +241,5 @@ def load_config(env: Mapping[str, str], argv: Sequence[str] | None = None) -> Se
         exit_on_init_failure=_bool(env, "EXIT_ON_INIT_FAILURE", True),
         log_access=bool(args.log_access) or _bool(env, "LOG_ACCESS", False),
         log_level=log_level,
+        instance=env.get(INSTANCE_ENV) or None,
     )

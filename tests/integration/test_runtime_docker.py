@@ -128,9 +128,13 @@ async def exited(rt: DockerRuntime, name: str) -> ObservedModule | None:
 
 
 async def ready(rt: DockerRuntime, prober: HealthProber, name: str, spec: DesiredModule) -> bool:
-    await rt.observe()
+    """Ready, and answered by the container this runtime created (it echoes its instance id)."""
+    o = (await rt.observe())[0].get(name)
     url = rt.health_url(name, spec.health)
-    return url is not None and (await prober.probe(url, spec.health)).ready
+    if o is None or url is None:
+        return False
+    assert o.instance is not None, "a running container must carry its instance id"
+    return (await prober.probe(url, spec.health, o.instance)).ready
 
 
 def push(client: Any, local: str, registry: RegistryServer, repository: str, tag: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -71,8 +72,8 @@ async def exited(rt: ProcessRuntime, name: str) -> ObservedModule | None:
     return o if o is not None and o.status == "exited" else None
 
 
-async def ready(prober: HealthProber, url: str, desired: DesiredModule) -> bool:
-    return (await prober.probe(url, desired.health)).ready
+async def ready(prober: HealthProber, url: str, desired: DesiredModule, instance: str | None = None) -> bool:
+    return (await prober.probe(url, desired.health, instance)).ready
 
 
 async def test_lifecycle_serves_the_model_and_reports_exit(
@@ -99,8 +100,10 @@ async def test_lifecycle_serves_the_model_and_reports_exit(
     assert running is not None and running.status == "running" and running.exit_code is None
     url = runtime.health_url("digits", desired.health)
     assert url == f"http://127.0.0.1:{desired.ports[0].host}"
+    assert running.instance is not None and running.instance == runtime.records()["digits"].instance
     async with HealthProber() as prober:
-        await until(lambda: ready(prober, url, desired), "the digits module to be ready")
+        # The module echoes the instance id the runtime gave it: the probe accepts only that.
+        await until(lambda: ready(prober, url, desired, running.instance), "the digits module to be ready")
     assert await scored_label(url, digits_build.sample) == digits_build.expected_label
 
     await table["stop"](Stop(module="digits", reason="test"))
@@ -193,6 +196,68 @@ async def test_a_restarted_agent_adopts_running_processes(tmp_path: Path, images
     finally:
         await second.remove(Remove(module="digits", reason="cleanup"))
         await second.close()
+
+
+async def test_a_restarted_runtime_adopts_what_it_was_spawning_and_stops_orphans(
+    tmp_path: Path, images: Path
+) -> None:
+    first = ProcessRuntime(tmp_path / "state", images)
+    await create_and_start(first, "digits", spec())
+    await create_and_start(first, "stray", spec())
+    digits, stray = first.records()["digits"], first.records()["stray"]
+    assert digits.pid is not None and stray.pid is not None and digits.instance is not None
+    await first.close()
+    # The agent was SIGKILLed between the spawn and recording the pid: only the intent is on disk.
+    record_path = tmp_path / "state" / "modules" / "digits" / "record.json"
+    record = json.loads(record_path.read_text())
+    record.update(status="created", pid=None, pid_start=None, started_at=None)
+    record_path.write_text(json.dumps(record))
+    # And a module whose record is gone: its process is nobody's now.
+    shutil.rmtree(tmp_path / "state" / "modules" / "stray")
+
+    second = ProcessRuntime(tmp_path / "state", images, stop_timeout_s=5)
+    try:
+        adopted = await observed(second, "digits")
+        assert adopted is not None and adopted.status == "running" and adopted.instance == digits.instance
+        assert second.records()["digits"].pid == digits.pid  # adopted, not started twice
+        assert proc_start_ticks(stray.pid) is None, "the orphan still runs"
+        assert proc_start_ticks(digits.pid) == digits.pid_start
+    finally:
+        await second.remove(Remove(module="digits", reason="cleanup"))
+        await second.close()
+
+
+async def test_a_foreign_server_on_the_port_is_never_taken_for_the_module(
+    tmp_path: Path, runtime: ProcessRuntime, images: Path
+) -> None:
+    port = free_port()
+    desired = spec(port)
+    # Someone else's ready scoring server holds the port (another runtime: not ours to stop).
+    other = ProcessRuntime(tmp_path / "other-state", images)
+    await create_and_start(other, "foreign", desired)
+    try:
+        async with HealthProber() as prober:
+            url = f"http://127.0.0.1:{port}"
+            await until(lambda: ready(prober, url, desired), "the foreign server to be ready")
+            # The module deployed on that port crashes in init(): it must never look healthy.
+            crashy = spec(port, env={"ENTRY_SCRIPT": str(image_dir(images, IMAGE) / "src" / CRASH_SCRIPT)})
+            await create_and_start(runtime, "crashy", crashy)
+            probed_while_running = 0
+            while (o := await observed(runtime, "crashy")) is not None and o.status == "running":
+                health = await prober.probe(url, crashy.health, o.instance)
+                assert not health.live and not health.ready, (
+                    f"the foreign server passed for the module: {health}"
+                )
+                assert "not by the module's instance" in (health.error or "")
+                probed_while_running += 1
+                await asyncio.sleep(0.05)
+            assert probed_while_running >= 1, "the module exited before any probe: nothing was checked"
+            assert o is not None and o.status == "exited" and o.instance is None
+    finally:
+        observed_other, _ = await other.observe()
+        for name in observed_other:
+            await other.remove(Remove(module=name, reason="test cleanup"))
+        await other.close()
 
 
 async def test_a_reused_pid_is_never_adopted_or_signalled(tmp_path: Path, images: Path) -> None:

@@ -662,3 +662,13 @@ async def test_metrics_content(tmp_path: Path, digits: tuple[Path, np.ndarray]) 
     assert "scoring_ready 1" in text
     init = next(line for line in text.splitlines() if line.startswith("scoring_init_duration_seconds "))
     assert float(init.split()[1]) > 0
+
+
+async def test_every_answer_names_the_instance_the_agent_started(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "score.py", ECHO_SCRIPT)
+    async with serving(_config(tmp_path, ENTRY_SCRIPT=str(script), EDGE_INSTANCE_ID="abc123")) as (client, _):
+        for path in ("/", "/v2/health/ready", "/no-such-route"):
+            response = await client.get(path)
+            assert response.headers.get("X-Edge-Instance") == "abc123", path
+    async with serving(_config(tmp_path, ENTRY_SCRIPT=str(script))) as (client, _):
+        assert "X-Edge-Instance" not in (await client.get("/")).headers

@@ -34,8 +34,9 @@ CONVERGE_S = 120.0
 OUTAGE_S = 60.0
 """How long the broker is stopped and the link cut (the issue's figure)."""
 FRESH_REPORT_S = 30.0
-"""After the broker returns, a report made after its return reaches the store within this (documented
-in docs/faults.md: reconnect back-off max 2 s + heartbeat 2 s, with room for a loaded 2-core machine)."""
+"""After the broker returns, a report made after its return reaches the store within this: the
+agent's reconnect back-off (max 2 s here), then a fresh report at once in the new session, the
+cloud's ingest retrying every 2 s; with room for a loaded 2-core machine (docs/benchmarks.md, Faults)."""
 
 
 def converged(generation: int, image: str) -> Callable[[ReportedState], bool]:

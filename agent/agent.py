@@ -61,6 +61,7 @@ from modules.contract import (
     DeploymentStatus,
     DesiredState,
     ModuleStatus,
+    Rejection,
     ReportedState,
     utcnow,
 )
@@ -196,7 +197,10 @@ class Agent:
         self.state = AgentState()
         self._loaded = False
         self._dirty = False
-        self._rejection: Rejected | None = None
+        self._last_rejection: Rejection | None = None
+        """The last payload refused: an event, reported as ``last_rejection`` until a newer one."""
+        self._refused_newer = False
+        """The last payload received was refused and newer than what runs: the status says rejected."""
         self._pending: Pending | None = None
         self._last_fingerprint: bytes | None = None
         self._last_published: datetime | None = None
@@ -327,12 +331,19 @@ class Agent:
         except Rejected as rejection:
             if self._is_redelivery(rejection, raw):
                 log.debug("generation %s received again (retained): ignored", rejection.generation)
+                self._refused_newer = False  # what the cloud wants is what runs
                 return
             log.warning("desired state rejected (%s): %s", rejection.code, rejection.reason)
             self.metrics.rejections[rejection.code] += 1
-            self._rejection = rejection
+            self._last_rejection = Rejection(
+                code=rejection.code, reason=rejection.reason, generation=rejection.generation, at=now
+            )
+            applied = self.state.last_generation
+            self._refused_newer = self.state.last_applied is None or (
+                rejection.generation is not None and rejection.generation > (applied or 0)
+            )
             return
-        self._rejection = None
+        self._refused_newer = False
         self._pending = None
         self.state = self.state.applied(desired, now)
         self.runner.reset()
@@ -422,7 +433,7 @@ class Agent:
             name: ModuleStatus(runtime_status="failed", image=m.image, message=f"not observed: {reason}")
             for name, m in (desired.modules if desired else {}).items()
         }
-        rejected = self._rejection
+        rejected = self._last_rejection if self._refused_newer else None
         report = ReportedState(
             device_id=self.config.device_id,
             generation_applied=desired.generation if desired else 0,
@@ -469,9 +480,9 @@ class Agent:
         received = state.last_applied.generation if state.last_applied else None
         reason: str | None
         status_: DeploymentStatus
-        if self._rejection is not None:
-            status_, reason = "rejected", self._rejection.reason
-            received = self._rejection.generation
+        if self._refused_newer and self._last_rejection is not None:
+            status_, reason = "rejected", self._last_rejection.reason
+            received = self._last_rejection.generation
         elif state.status is None:
             status_, reason = "healthy", "no desired state received yet"
         elif state.status == "applying" and self._pending is not None:
@@ -493,7 +504,11 @@ class Agent:
     async def _publish(self, report: ReportedState, now: datetime) -> bool:
         conflict = self.link.client_conflict if self.link is not None else None
         report = report.model_copy(
-            update={"heartbeat_s": self.config.heartbeat_s, "client_conflict": conflict}
+            update={
+                "heartbeat_s": self.config.heartbeat_s,
+                "client_conflict": conflict,
+                "last_rejection": self._last_rejection,
+            }
         )
         fingerprint = _fingerprint(report)
         session = self.link.sessions if self.link is not None else 0

@@ -107,7 +107,8 @@ async def device(
 
 
 def rejected_with(reason: str) -> Callable[[ReportedState], bool]:
-    return lambda r: r.deployment_status == "rejected" and reason in (r.reason or "")
+    """A report whose last rejection says ``reason`` (an event: the status stays that of what runs)."""
+    return lambda r: r.last_rejection is not None and reason in r.last_rejection.reason
 
 
 def alive(record: dict[str, object]) -> bool:
@@ -223,6 +224,9 @@ async def test_rejected_desired_states_change_nothing(device: Device) -> None:
                 rejected_with(reason), f"rejected with {reason!r}", since=since
             )
             assert report.generation_applied == g1
+            assert report.last_rejection is not None
+            newer = (report.last_rejection.generation or 0) > g1  # the cloud's wish is not met then
+            assert report.deployment_status == ("rejected" if newer else "healthy"), report
         assert device.records()["web"]["pid"] == pid and alive(device.records()["web"])
         assert device.records()["web"]["image"] == IMAGE
 
@@ -393,7 +397,7 @@ async def test_metrics_endpoint(device: Device) -> None:
         g1 = device.publish({"web": web()})
         await device.cloud.report(status_is("healthy", g1), "gen 1 healthy")
         device.cloud.publish_desired(b"garbage")
-        await device.cloud.report(status_is("rejected"), "the garbage rejected")
+        await device.cloud.report(rejected_with("not JSON"), "the garbage rejected")
         async with aiohttp.ClientSession() as session:
             url = f"http://127.0.0.1:{server.port}/metrics"
             async with session.get(url) as response:

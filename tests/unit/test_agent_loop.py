@@ -259,15 +259,41 @@ async def test_expired_and_stale_states_are_rejected_with_the_received_generatio
     calls = list(rig.runtime.calls)
     rig.send(desired(2, {"web": module(WEB2)}))
     await rig.agent.reconcile_once()
-    assert (rig.report.deployment_status, rig.report.generation_received) == ("rejected", 2)
-    assert "not newer than applied generation 3" in (rig.report.reason or "")
+    # An older generation refused: generation 3 still runs, and its status stands; the refusal is
+    # an event of its own.
+    assert rig.report.deployment_status != "rejected" and rig.report.generation_applied == 3
+    rejection = rig.report.last_rejection
+    assert rejection is not None and (rejection.code, rejection.generation) == ("generation", 2)
+    assert "not newer than applied generation 3" in rejection.reason
     rig.clock.advance(2 * 86400)
     rig.send(desired(4, {"web": module(WEB2)}))
     await rig.agent.reconcile_once()
+    # A newer generation refused: the cloud's wish is not met, so the status says rejected.
     assert (rig.report.deployment_status, rig.report.generation_received) == ("rejected", 4)
     assert (rig.report.reason or "").startswith("expired at")
+    assert rig.report.last_rejection is not None and rig.report.last_rejection.generation == 4
     assert rig.runtime.calls[len(calls) :] == []
     assert rig.report.generation_applied == 3
+
+
+async def test_a_rejection_is_an_event_that_does_not_stick_to_the_status(rig: Rig) -> None:
+    raw = desired(1, {"web": module(WEB1)})
+    rig.send(raw)
+    for _ in range(3):
+        await rig.agent.reconcile_once()
+    assert rig.report.deployment_status == "healthy"
+    rig.send(b"[[[")  # garbage on the desired topic
+    await rig.agent.reconcile_once()
+    assert rig.report.deployment_status == "healthy", "a refused payload does not change what runs"
+    rejection = rig.report.last_rejection
+    assert rejection is not None and rejection.code == "not_json" and rejection.at == rig.clock.now
+    rig.send(raw)  # the cloud publishes the valid signed state again
+    await rig.agent.reconcile_once()
+    rig.clock.advance(rig.config.heartbeat_s)
+    await rig.agent.reconcile_once()  # and on every heartbeat after
+    assert (rig.report.deployment_status, rig.report.generation_applied) == ("healthy", 1)
+    assert rig.report.reason != rejection.reason
+    assert rig.report.last_rejection == rejection  # kept as what it is: the last refusal
 
 
 async def test_redelivery_of_the_applied_generation_is_not_a_rejection(rig: Rig) -> None:

@@ -128,8 +128,8 @@ def models_of(s: Session) -> dict[str, list[str]]:
 def device_statuses(s: Session) -> dict[str, tuple[str | None, DeviceStatus]]:
     """Each device with a desired state: the deployment it runs and its status for that state."""
     reported = {
-        d: Reported(ga, gr, st, reason)
-        for d, ga, gr, st, reason in fetch(
+        d: Reported(ga, gr, st, reason, min(aware(made), aware(arrived)))
+        for d, ga, gr, st, reason, made, arrived in fetch(
             s,
             select(
                 ReportedRecord.device_id,
@@ -137,6 +137,8 @@ def device_statuses(s: Session) -> dict[str, tuple[str | None, DeviceStatus]]:
                 ReportedRecord.generation_received,
                 ReportedRecord.deployment_status,
                 ReportedRecord.reason,
+                ReportedRecord.reported_at,
+                ReportedRecord.received_at,
             ),
         )
     }

@@ -8,9 +8,12 @@ the whole target. Devices are taken in device-id order, so a re-computation puts
 the same wave.
 
 A wave is done when each of its devices is healthy, failed, or offline (an offline device gets
-its desired state, retained, when it returns and does not hold the fleet back). A device that is
-online but not healthy ``deadline_s`` after its wave started counts as failed. The rollout halts
-as soon as the failed share of the released devices exceeds ``max_failure_ratio``.
+its desired state, retained, when it returns and does not hold the fleet back). A device that
+*reported* ``deadline_s`` or more after its wave started and is still not healthy counts as
+failed: deadlines are judged from what the devices said and when, never from when the controller
+happens to look (a controller started late, before the latest reports reached the store, would
+otherwise fail devices that are healthy). The rollout halts as soon as the failed share of the
+released devices exceeds ``max_failure_ratio``.
 """
 
 from __future__ import annotations
@@ -72,27 +75,32 @@ def evaluate(
     wave_started_at: datetime,
     now: datetime,
     deadline_s: float,
+    heard_at: Mapping[str, datetime],
 ) -> Decision:
     """Decide whether wave ``current`` (0-based) is done, the rollout must halt, or must wait.
 
     ``statuses`` holds the status of every released device (waves ``0..current``); a device
     missing from it is pending. Devices of earlier waves still pending (back from offline) count
-    in the failure ratio once they fail, but no longer hold the rollout.
+    in the failure ratio once they fail, but no longer hold the rollout. ``heard_at``: when each
+    device made its latest report; one not heard from since the deadline is waited for.
     """
     released = [d for wave in waves[: current + 1] for d in wave]
     in_wave = set(waves[current]) if current < len(waves) else set()
-    overdue = now >= wave_started_at + timedelta(seconds=deadline_s)
+    deadline_at = wave_started_at + timedelta(seconds=deadline_s)
     failed = 0
     waiting = 0
+    unheard = 0
     for device in released:
         status = statuses.get(device, "pending")
         if status in SETTLED_FAILED:
             failed += 1
         elif status in ("pending", "applying") and device in in_wave:
-            if overdue:
-                failed += 1
+            heard = heard_at.get(device)
+            if heard is not None and heard >= deadline_at:
+                failed += 1  # it said so itself after the deadline
             else:
                 waiting += 1
+                unheard += now >= deadline_at
     ratio = failed / len(released) if released else 0.0
     if ratio > max_failure_ratio:
         return Decision(
@@ -103,8 +111,9 @@ def evaluate(
             len(released),
         )
     if waiting:
+        quiet = f" ({unheard} not heard from since the health deadline)" if unheard else ""
         return Decision(
-            "wait", f"wave {current + 1}: {waiting} device(s) not settled yet", failed, len(released)
+            "wait", f"wave {current + 1}: {waiting} device(s) not settled yet{quiet}", failed, len(released)
         )
     if current + 1 >= len(waves):
         return Decision("complete", f"all {len(waves)} wave(s) done", failed, len(released))

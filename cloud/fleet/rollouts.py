@@ -75,14 +75,12 @@ def advance_rollouts(s: Session, now: datetime) -> list[str]:
         manifest = found[1]
         waves = stored_waves(s, rollout.deployment)
         released = {d for w in waves[: rollout.current_wave + 1] for d in w}
+        mine = {d: st for d, (dep, st) in statuses.items() if d in released and dep == rollout.deployment}
         decision = evaluate(
             waves,
             rollout.current_wave,
-            {
-                d: st.status
-                for d, (dep, st) in statuses.items()
-                if d in released and dep == rollout.deployment
-            },
+            {d: st.status for d, st in mine.items()},
+            heard_at={d: st.heard_at for d, st in mine.items() if st.heard_at is not None},
             max_failure_ratio=manifest.rollout.max_failure_ratio,
             wave_started_at=aware(rollout.wave_started_at),
             now=now,

@@ -25,6 +25,8 @@ class Reported:
     generation_received: int | None
     deployment_status: str
     reason: str | None = None
+    heard_at: datetime | None = None
+    """When the device made this report (its ``reported_at``, never later than its arrival)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class DeviceStatus:
 
     status: Status
     detail: str = ""
+    heard_at: datetime | None = None
+    """When the report this status comes from was made (None: no report)."""
 
 
 _REPORTED: dict[str, Status] = {
@@ -62,18 +66,20 @@ def device_status(
         return DeviceStatus("pending", f"generation {generation} not published yet (broker unreachable)")
     if reported is None:
         return DeviceStatus("pending", f"no report yet for generation {generation}")
-    reason = reported.reason or ""
+    reason, heard = reported.reason or "", reported.heard_at
     if reported.generation_applied == generation:
         status = _REPORTED.get(reported.deployment_status, "applying")
-        return DeviceStatus(status, reason)
+        return DeviceStatus(status, reason, heard)
     if reported.generation_received == generation:
         if reported.deployment_status == "healthy":
             return DeviceStatus(
                 "applying",
                 f"received generation {generation}, still running generation {reported.generation_applied}",
+                heard,
             )
-        return DeviceStatus(_REPORTED.get(reported.deployment_status, "applying"), reason)
+        return DeviceStatus(_REPORTED.get(reported.deployment_status, "applying"), reason, heard)
     return DeviceStatus(
         "pending",
         f"device reports generation {reported.generation_applied}, desired is {generation}",
+        heard,
     )

@@ -18,7 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from cloud.config import resolve_settings
 from cloud.fleet.controller import Controller, Status
@@ -27,11 +27,12 @@ from cloud.fleet.ingest import Ingestor
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.publisher import PublishOutcome, Retained, publish_retained
 from cloud.fleet.removal import forget_device
+from cloud.fleet.rollouts import advance_rollouts
 from cloud.fleet.service import ApplyError, Fleet
 from cloud.keys import load_or_create_signing_key, public_key_path
 from cloud.store.db import open_database
 from cloud.store.devices import Device, DeviceTag
-from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice
+from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice, RolloutRecord
 from modules.contract import DeploymentManifest, DesiredState, ReportedState
 from modules.profiles import load_profiles
 from modules.signing import load_public_key_file, verify_desired
@@ -272,7 +273,7 @@ def test_delete_leaves_devices_an_empty_desired_state(
         assert set(s.scalars(select(DesiredRecord.content_hash))) == {EMPTY.hash}
 
 
-def report(device: str, generation: int, status: str) -> bytes:
+def report(device: str, generation: int, status: str, at: datetime | None = None) -> bytes:
     return (
         ReportedState(
             device_id=device,
@@ -280,6 +281,7 @@ def report(device: str, generation: int, status: str) -> bytes:
             generation_received=generation,
             deployment_status=status,
             agent_version="test",
+            reported_at=at or datetime.now(timezone.utc),
         )
         .model_dump_json()
         .encode()
@@ -340,6 +342,49 @@ async def test_rollout_waves_advance_on_healthy_reports_and_halt_with_revert(
         "cam-2": (3, "reg.local/det:1-cuda"),
         "cam-3": (1, "reg.local/det:1-cuda"),
     }
+
+
+async def test_a_controller_that_starts_late_judges_deadlines_from_the_reports(
+    fleet: Fleet, mosquitto_factory: MosquittoFactory
+) -> None:
+    broker = mosquitto_factory()
+    ep = endpoint(broker)
+    applied_at = datetime.now(timezone.utc)
+    fleet.apply(manifest(health_deadline_s=60), endpoint=ep)
+    devices = ("cam-1", "cam-2", "cam-3")
+    late = applied_at + timedelta(seconds=113)  # no controller ran until now
+    async with Ingestor(fleet.db, ep, flush_interval_s=0.05) as ingest:
+        # What the store knows when the late controller looks: the devices were applying at once.
+        publish_reports(
+            broker, {d: report(d, 1, "applying", applied_at + timedelta(seconds=1)) for d in devices}
+        )
+        assert await until(lambda: ingest.stats.written >= 3)
+        with fleet.db.transaction() as s:
+            assert advance_rollouts(s, late) == [], "devices not heard from since the deadline were failed"
+        # Their healthy reports (made long before) arrive: the rollout completes, nothing halted.
+        publish_reports(
+            broker, {d: report(d, 1, "healthy", applied_at + timedelta(seconds=2)) for d in devices}
+        )
+        assert await until(lambda: ingest.stats.written >= 6)
+        with fleet.db.transaction() as s:
+            assert advance_rollouts(s, late) == ["vision: all 1 wave(s) done"]
+
+        # A device that says, after the deadline, that it is still applying does count as failed.
+        v2 = {"detector": {"images": {"cpu": "reg.local/det:2-cpu", "cuda": "reg.local/det:2-cuda"}}}
+        fleet.apply(
+            manifest(health_deadline_s=60, modules=v2, rollout={"max_failure_ratio": 0.0}), endpoint=ep
+        )
+        with fleet.db.transaction() as s:  # the wave started 2 minutes ago
+            s.execute(
+                update(RolloutRecord).values(
+                    wave_started_at=datetime.now(timezone.utc) - timedelta(minutes=2)
+                )
+            )
+        publish_reports(broker, {"cam-1": report("cam-1", 2, "applying")})
+        assert await until(lambda: ingest.stats.written >= 7)
+        with fleet.db.transaction() as s:
+            moved = advance_rollouts(s, datetime.now(timezone.utc))
+    assert len(moved) == 1 and "halted" in moved[0] and "released device(s) failed" in moved[0], moved
 
 
 async def test_a_wave_emptied_by_removed_devices_keeps_the_wave_numbers(

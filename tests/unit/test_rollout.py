@@ -72,16 +72,31 @@ WAVES = [["a"], ["b", "c", "d", "e"], ["f", "g", "h", "i", "j"]]
     ],
 )
 def test_decision(current: int, statuses: dict[str, Status], minutes: int, kind: str, reason: str) -> None:
+    now = T0 + timedelta(minutes=minutes)
     decision = evaluate(
         WAVES,
         current,
         statuses,
         max_failure_ratio=0.25,
         wave_started_at=T0,
-        now=T0 + timedelta(minutes=minutes),
+        now=now,
         deadline_s=600,
+        heard_at=dict.fromkeys(statuses, now),  # every device just reported
     )
     assert (decision.kind, decision.reason) == (kind, reason)
+
+
+def test_a_late_controller_waits_for_evidence_instead_of_failing_the_unheard() -> None:
+    """Unknown is not failed: past the deadline, only a device that reported since it counts as failed."""
+    late = T0 + timedelta(minutes=20)  # the controller starts 20 min after the wave, deadline 10 min
+    common = {"max_failure_ratio": 0.0, "wave_started_at": T0, "now": late, "deadline_s": 600}
+    quiet = evaluate(WAVES, 0, {"a": "applying"}, heard_at={"a": T0 + timedelta(seconds=5)}, **common)
+    assert (quiet.kind, quiet.failed) == ("wait", 0)
+    assert quiet.reason == "wave 1: 1 device(s) not settled yet (1 not heard from since the health deadline)"
+    never = evaluate(WAVES, 0, {}, heard_at={}, **common)
+    assert (never.kind, never.failed) == ("wait", 0)
+    heard = evaluate(WAVES, 0, {"a": "applying"}, heard_at={"a": T0 + timedelta(minutes=11)}, **common)
+    assert (heard.kind, heard.failed) == ("halt", 1)
 
 
 SINCE = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)

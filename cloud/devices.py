@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from cloud import broker
 from cloud.config import Settings
+from cloud.fleet.device_state import DeviceState, device_states
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.removal import ClearReport, clear_removed, forget_device, is_clear_pending
 from cloud.fleet.sql import aware
@@ -62,6 +63,8 @@ class DeviceView(BaseModel):
     tags: dict[str, str]
     created_at: datetime
     updated_at: datetime
+    state: DeviceState | None = None
+    """What the fleet knows of it now (``device list``/``show`` and ``GET /devices`` fill it in)."""
 
 
 class Provisioned(BaseModel):
@@ -145,13 +148,14 @@ def _not_cleared(device_id: str) -> AlreadyExistsError:
     )
 
 
-def _view(device: Device) -> DeviceView:
+def _view(device: Device, state: DeviceState | None = None) -> DeviceView:
     return DeviceView(
         id=device.id,
         profile=device.profile,
         tags=device.tag_dict,
         created_at=aware(device.created_at),
         updated_at=aware(device.updated_at),
+        state=state,
     )
 
 
@@ -324,13 +328,16 @@ class DeviceManager:
     ) -> list[DeviceView]:
         """Devices with all ``tags`` and one of ``profiles`` (every device by default), by id."""
         with self.db.transaction() as session:
-            return [_view(d) for d in find_devices(session, tags=tags, profiles=profiles)]
+            devices = find_devices(session, tags=tags, profiles=profiles)
+            states = device_states(session, (d.id for d in devices), utcnow())
+            return [_view(d, states.get(d.id)) for d in devices]
 
     def show(self, device_id: str) -> DeviceView:
         """One device."""
         check_device_id(device_id)
         with self.db.transaction() as session:
-            return _view(self._get(session, device_id))
+            device = self._get(session, device_id)
+            return _view(device, device_states(session, [device.id], utcnow())[device.id])
 
     def tag(self, device_id: str, set_tags: Mapping[str, str], remove: Iterable[str] = ()) -> DeviceView:
         """Set and remove tags of a device; removing a tag it does not have is an error."""

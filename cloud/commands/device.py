@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 from cloud.broker import BrokerError
@@ -21,8 +22,10 @@ from cloud.commands.base import (
 )
 from cloud.commands.deploy import add_broker_option, endpoint_from
 from cloud.devices import DEFAULT_PROFILE, DEFAULT_STATE_DIR, AgentBundle, DeviceManager, reload_if_configured
+from cloud.fleet.device_state import DeviceState
 from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.keys import KeyFileError
+from modules.contract import utcnow
 
 
 @contextmanager
@@ -90,38 +93,135 @@ def cmd_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ago(at: datetime | None, now: datetime) -> str:
+    if at is None:
+        return "-"
+    seconds = max(0, int((now - at).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _modules(state: DeviceState | None) -> str:
+    if state is None or not state.modules:
+        return "-"
+    return f"{state.modules_healthy}/{len(state.modules)}"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    """List devices."""
+    """List devices with what the fleet knows of them now."""
     with _devices(args) as manager:
         devices = manager.list_devices(
             tags=parse_key_values(args.tag, "--tag"), profiles=[args.profile] if args.profile else None
         )
+    if args.status:
+        devices = [d for d in devices if d.state is not None and d.state.presence == args.status]
     if args.json:
         print_json([d.model_dump(mode="json") for d in devices])
         return 0
     if not devices:
         print("no devices", file=sys.stderr)
         return 0
-    rows = [(d.id, d.profile, d.created_at.strftime("%Y-%m-%d %H:%M:%SZ"), _tags(d.tags)) for d in devices]
-    print(format_table(("ID", "PROFILE", "CREATED", "TAGS"), rows))
+    now = utcnow()
+    rows = []
+    for d in devices:
+        st = d.state
+        rows.append(
+            (
+                d.id,
+                st.presence if st else "-",
+                _ago(st.last_seen if st else None, now),
+                d.profile,
+                st.agent_version or "-" if st else "-",
+                "-" if st is None or st.generation_applied is None else str(st.generation_applied),
+                st.deployment_status or "-" if st else "-",
+                _modules(st),
+                _tags(d.tags),
+            )
+        )
+    print(
+        format_table(
+            ("ID", "PRESENCE", "LAST SEEN", "PROFILE", "AGENT", "GEN", "STATUS", "MODULES", "TAGS"), rows
+        )
+    )
     return 0
 
 
+def _module_lines(state: DeviceState) -> list[str]:
+    lines = []
+    for name, m in sorted(state.modules.items()):
+        health = m.health
+        probe = "-"
+        if health is not None:
+            probe = ("ready" if health.ready else "live" if health.live else "down") + (
+                f" {health.latency_ms:g} ms" if health.latency_ms is not None else ""
+            )
+        parts = [
+            f"  {name}: {m.runtime_status}",
+            f"health {probe}",
+            f"restarts {m.restart_count}",
+            f"exit {m.exit_code}" if m.exit_code is not None else "",
+            f"provider {m.execution_provider}" if m.execution_provider else "",
+            f"precision {m.precision}" if m.precision else "",
+            f"digest {m.image_digest}" if m.image_digest else (f"image {m.image}" if m.image else ""),
+        ]
+        lines.append(", ".join(p for p in parts if p))
+        if m.message:
+            lines.append(f"    {m.message}")
+        if health is not None and health.error:
+            lines.append(f"    probe: {health.error}")
+    return lines
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    """Show one device."""
+    """Show one device: registration, presence, deployment status, modules."""
     with _devices(args) as manager:
         view = manager.show(args.id)
     if args.json:
         print_json(view.model_dump(mode="json"))
         return 0
+    now = utcnow()
+    st = view.state
     fields = [
         ("id", view.id),
         ("profile", view.profile),
-        ("created", view.created_at.isoformat()),
-        ("updated", view.updated_at.isoformat()),
         ("tags", _tags(view.tags) or "-"),
+        ("created", view.created_at.isoformat()),
     ]
-    print("\n".join(f"{k + ':':<8} {v}" for k, v in fields))
+    if st is not None:
+        since = f" since {st.since.isoformat(timespec='seconds')}" if st.since else ""
+        fields += [
+            ("presence", st.presence + since),
+            ("last seen", _ago(st.last_seen, now)),
+            ("agent", st.agent_version or "-"),
+            ("deployment", st.deployment or "-"),
+            ("generation", f"applied {st.generation_applied}, desired {st.generation_desired}"),
+            ("status", (st.deployment_status or "-") + (f": {st.reason}" if st.reason else "")),
+        ]
+        if st.last_rejection is not None:
+            r = st.last_rejection
+            gen = f" (generation {r.generation})" if r.generation is not None else ""
+            fields.append(("rejected", f"{r.at.isoformat(timespec='seconds')}{gen} {r.code}: {r.reason}"))
+        if st.client_conflict is not None:
+            fields.append(("CONFLICT", st.client_conflict.detail))
+        if st.accelerators:
+            fields.append(("accel", ", ".join(f"{a.kind} {a.path}" for a in st.accelerators)))
+        if st.system is not None:
+            sysm = st.system
+            fields.append(
+                (
+                    "system",
+                    f"cpu {sysm.cpu_percent:.0f}%, "
+                    f"memory {sysm.memory_used_mb:.0f}/{sysm.memory_total_mb:.0f} MB, "
+                    f"disk free {sysm.disk_free_mb:.0f} MB"
+                    + (f", {sysm.temperature_c:.0f} °C" if sysm.temperature_c is not None else ""),
+                )
+            )
+    print("\n".join(f"{k + ':':<11} {v}" for k, v in fields))
+    if st is not None and st.modules:
+        print("modules:")
+        print("\n".join(_module_lines(st)))
     return 0
 
 
@@ -212,20 +312,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "list",
         cmd_list,
         help="list devices",
-        description="List devices, optionally only those with given tags or profile.",
-        examples="  edgectl device list\n  edgectl device list --tag site=plant-a --json",
+        description="List devices with their presence (online, offline, stale: no report for 3 heartbeats, "
+        "or never seen), last seen, agent version, applied generation, deployment status and healthy/total "
+        "modules; optionally only those with given tags, profile or presence.",
+        examples="  edgectl device list\n  edgectl device list --tag site=plant-a --json\n"
+        "  edgectl device list --status stale",
     )
     p.add_argument(
         "--tag", action="append", metavar="KEY=VALUE", help="only devices with this tag (repeatable)"
     )
     p.add_argument("--profile", help="only devices of this profile")
+    p.add_argument(
+        "--status",
+        choices=("online", "offline", "stale", "never seen"),
+        help="only devices with this presence",
+    )
 
     p = add_command(
         commands,
         "show",
         cmd_show,
         help="show a device",
-        description="Show a device's profile and tags.",
+        description="Show a device: profile and tags, presence and since when, last seen, agent version, "
+        "generations, deployment status and reason, last rejection, a client-id conflict, accelerators, "
+        "system metrics, and per module: runtime status, exit code, restarts, image digest, execution "
+        "provider and precision, health and probe latency.",
         examples="  edgectl device show pump-17 --json",
     )
     p.add_argument("id", metavar="ID")

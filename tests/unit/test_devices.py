@@ -213,9 +213,16 @@ def test_list_filters_by_tag_and_profile(capsys: pytest.CaptureFixture[str]) -> 
 
     code, out, _ = run(capsys, "device", "list")
     assert code == 0
-    assert out.splitlines()[0].split() == ["ID", "PROFILE", "CREATED", "TAGS"]
-    assert out.splitlines()[1].split()[0:2] == ["a-1", "cpu"]
+    header = ["ID", "PRESENCE", "LAST", "SEEN", "PROFILE", "AGENT", "GEN", "STATUS", "MODULES", "TAGS"]
+    assert out.splitlines()[0].split() == header
+    assert out.splitlines()[1].split()[0:5] == ["a-1", "never", "seen", "-", "cpu"]
     assert out.splitlines()[1].endswith("ring=canary,site=a")
+    assert [d["id"] for d in run_json(capsys, "device", "list", "--status", "never seen")] == [
+        "a-1",
+        "a-2",
+        "b-1",
+    ]
+    assert run_json(capsys, "device", "list", "--status", "online") == []
 
 
 def test_show_and_tag(capsys: pytest.CaptureFixture[str]) -> None:

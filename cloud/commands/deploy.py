@@ -32,12 +32,14 @@ from cloud.commands.base import (
     settings_from,
     store_errors,
 )
+from cloud.commands.views import module_lines
 from cloud.fleet.controller import INTERVAL_S, RECOMPUTE_EVERY_S, Controller
+from cloud.fleet.device_state import device_states
 from cloud.fleet.model_update import with_model, with_module_images
 from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.fleet.service import ApplyResult, Fleet, PublishReport, parse_model_refs
 from cloud.keys import KeyFileError
-from modules.contract import DeploymentManifest
+from modules.contract import DeploymentManifest, ModuleStatus, utcnow
 from modules.documents import DocumentError, load_model_file
 
 
@@ -201,8 +203,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Per-wave and per-device progress of a deployment."""
     with open_fleet(args) as fleet, store_errors():
         progress = fleet.progress(args.name)
+        failing = [d.device for d in progress.devices if d.status in EXPLAINED]
+        with fleet.db.transaction() as s:
+            states = device_states(s, failing, utcnow())
+    why = {d: {n: m for n, m in st.modules.items() if not _fine(m)} or st.modules for d, st in states.items()}
     if args.json:
-        print_json(_jsonable(progress))
+        detail = {d: {n: m.model_dump(mode="json") for n, m in ms.items()} for d, ms in why.items()}
+        print_json(_jsonable(progress) | {"failing_modules": detail})
         return 0
     print(f"deployment {progress.name}: rollout {progress.rollout_state}; {progress.rollout_message}")
     print()
@@ -236,7 +243,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             ],
         )
     )
+    for device, modules in why.items():
+        print()
+        st = states[device]
+        print(f"{device}: {st.deployment_status or 'no report'}" + (f": {st.reason}" if st.reason else ""))
+        print("\n".join(module_lines(modules)) if modules else "  (no module reported)")
     return 0
+
+
+EXPLAINED = frozenset({"failed", "rolled back", "rejected"})
+"""Device statuses that ``deploy status`` explains with the device's module detail."""
+
+
+def _fine(m: ModuleStatus) -> bool:
+    return m.runtime_status == "running" and m.health is not None and m.health.ready
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from cloud.commands.base import (
     store_errors,
 )
 from cloud.commands.deploy import add_broker_option, endpoint_from
+from cloud.commands.views import module_lines
 from cloud.devices import DEFAULT_PROFILE, DEFAULT_STATE_DIR, AgentBundle, DeviceManager, reload_if_configured
 from cloud.fleet.device_state import DeviceState
 from cloud.fleet.mqtt import Endpoint, resolve_endpoint
@@ -148,32 +149,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _module_lines(state: DeviceState) -> list[str]:
-    lines = []
-    for name, m in sorted(state.modules.items()):
-        health = m.health
-        probe = "-"
-        if health is not None:
-            probe = ("ready" if health.ready else "live" if health.live else "down") + (
-                f" {health.latency_ms:g} ms" if health.latency_ms is not None else ""
-            )
-        parts = [
-            f"  {name}: {m.runtime_status}",
-            f"health {probe}",
-            f"restarts {m.restart_count}",
-            f"exit {m.exit_code}" if m.exit_code is not None else "",
-            f"provider {m.execution_provider}" if m.execution_provider else "",
-            f"precision {m.precision}" if m.precision else "",
-            f"digest {m.image_digest}" if m.image_digest else (f"image {m.image}" if m.image else ""),
-        ]
-        lines.append(", ".join(p for p in parts if p))
-        if m.message:
-            lines.append(f"    {m.message}")
-        if health is not None and health.error:
-            lines.append(f"    probe: {health.error}")
-    return lines
-
-
 def cmd_show(args: argparse.Namespace) -> int:
     """Show one device: registration, presence, deployment status, modules."""
     with _devices(args) as manager:
@@ -221,7 +196,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("\n".join(f"{k + ':':<11} {v}" for k, v in fields))
     if st is not None and st.modules:
         print("modules:")
-        print("\n".join(_module_lines(st)))
+        print("\n".join(module_lines(st.modules)))
     return 0
 
 

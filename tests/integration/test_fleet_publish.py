@@ -33,7 +33,7 @@ from cloud.keys import load_or_create_signing_key, public_key_path
 from cloud.store.db import open_database
 from cloud.store.devices import Device, DeviceTag
 from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice, RolloutRecord
-from modules.contract import DeploymentManifest, DesiredState, ReportedState
+from modules.contract import DeploymentManifest, DesiredState, ModuleStatus, ReportedState
 from modules.profiles import load_profiles
 from modules.signing import load_public_key_file, verify_desired
 from tests.integration.test_ingest import publish, until
@@ -440,6 +440,40 @@ def test_cli_apply_status_and_offline_logs(
     assert main(["deploy", "status", "vision", "--data-dir", str(data)]) == 0
     out = capsys.readouterr().out
     assert "cam-1   1     1           pending  no report yet for generation 1" in out
+
+    # A failing device: deploy status shows the module detail that explains it.
+    failed = ReportedState(
+        device_id="cam-1",
+        generation_applied=1,
+        generation_received=1,
+        deployment_status="failed",
+        reason="detector is unhealthy",
+        agent_version="test",
+        modules={
+            "detector": ModuleStatus(
+                runtime_status="backoff", exit_code=3, restart_count=4, message="init() failed"
+            )
+        },
+    )
+    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
+    with db.transaction() as s:
+        now = datetime.now(timezone.utc)
+        s.add(
+            ReportedRecord(
+                device_id="cam-1", generation_applied=1, generation_received=1, deployment_status="failed",
+                reason=failed.reason, payload=failed.model_dump_json(), reported_at=now, received_at=now,
+            )
+        )  # fmt: skip
+    db.dispose()
+    assert main(["deploy", "status", "vision", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "cam-1: failed: detector is unhealthy\n  detector: backoff, health -, restarts 4, exit 3\n    init() failed"
+        in out
+    ), out
+    assert main(["deploy", "status", "vision", "--data-dir", str(data), "--json"]) == 0
+    detail = json.loads(capsys.readouterr().out)["failing_modules"]
+    assert detail["cam-1"]["detector"]["exit_code"] == 3
 
     db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
     with db.transaction() as s:

@@ -467,10 +467,8 @@ def test_cli_apply_status_and_offline_logs(
     db.dispose()
     assert main(["deploy", "status", "vision", "--data-dir", str(data)]) == 0
     out = capsys.readouterr().out
-    assert (
-        "cam-1: failed: detector is unhealthy\n  detector: backoff, health -, restarts 4, exit 3\n    init() failed"
-        in out
-    ), out
+    explained = "cam-1: failed: detector is unhealthy\n  detector: backoff, health -, restarts 4, exit 3\n"
+    assert explained + "    init() failed" in out, out
     assert main(["deploy", "status", "vision", "--data-dir", str(data), "--json"]) == 0
     detail = json.loads(capsys.readouterr().out)["failing_modules"]
     assert detail["cam-1"]["detector"]["exit_code"] == 3

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud.fleet.sql import aware
+from cloud.fleet.status import DEFAULT_HEARTBEAT_S, STALE_HEARTBEATS
 from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord
 from modules.contract import (
     Accelerator,
@@ -28,10 +29,6 @@ from modules.contract import (
     ReportedState,
     SystemMetrics,
 )
-
-STALE_HEARTBEATS = 3
-DEFAULT_HEARTBEAT_S = 60.0
-"""The agent's default heartbeat, assumed for reports that do not say theirs."""
 
 Presence = Literal["online", "offline", "stale", "never seen"]
 

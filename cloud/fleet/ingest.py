@@ -322,6 +322,7 @@ class Ingestor:
                     "payload": payload.decode(),
                     "reported_at": _utc(state.reported_at),
                     "received_at": received_at,
+                    "heartbeat_s": state.heartbeat_s,
                 }
             device = _topic_device(topic, "online")
             if device is None:

@@ -14,12 +14,12 @@ from cloud.fleet.status import DeviceStatus
 from cloud.store.errors import NotFoundError
 from cloud.store.fleet import DesiredRecord, RolloutRecord
 from cloud.store.models import Deployment
-from modules.contract import DeploymentManifest
+from modules.contract import DeploymentManifest, utcnow
 
 
 def summaries(s: Session) -> list[DeploymentSummary]:
     """Every deployment, by name, with its device counts."""
-    statuses = device_statuses(s)
+    statuses = device_statuses(s, utcnow())
     rollouts = {r.deployment: r for r in s.scalars(select(RolloutRecord))}
     per: dict[str, list[str]] = defaultdict(list)
     for deployment, status in statuses.values():
@@ -53,7 +53,7 @@ def progress(s: Session, name: str) -> DeploymentProgress:
     if live_manifest(s, name) is None:
         raise NotFoundError(f"deployment {name!r} does not exist")
     rollout = s.get(RolloutRecord, name)
-    statuses = device_statuses(s)
+    statuses = device_statuses(s, utcnow())
     generations: dict[str, int] = {
         d: g for d, g in fetch(s, select(DesiredRecord.device_id, DesiredRecord.generation))
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVarTuple, Unpack
 
 from sqlalchemy import Row, Select, select
@@ -125,11 +126,11 @@ def models_of(s: Session) -> dict[str, list[str]]:
     return out
 
 
-def device_statuses(s: Session) -> dict[str, tuple[str | None, DeviceStatus]]:
-    """Each device with a desired state: the deployment it runs and its status for that state."""
+def device_statuses(s: Session, now: datetime) -> dict[str, tuple[str | None, DeviceStatus]]:
+    """Each device with a desired state: the deployment it runs and its status for that state at ``now``."""
     reported = {
-        d: Reported(ga, gr, st, reason, min(aware(made), aware(arrived)))
-        for d, ga, gr, st, reason, made, arrived in fetch(
+        d: Reported(ga, gr, st, reason, min(aware(made), aware(arrived)), heartbeat)
+        for d, ga, gr, st, reason, made, arrived, heartbeat in fetch(
             s,
             select(
                 ReportedRecord.device_id,
@@ -139,6 +140,7 @@ def device_statuses(s: Session) -> dict[str, tuple[str | None, DeviceStatus]]:
                 ReportedRecord.reason,
                 ReportedRecord.reported_at,
                 ReportedRecord.received_at,
+                ReportedRecord.heartbeat_s,
             ),
         )
     }
@@ -156,5 +158,5 @@ def device_statuses(s: Session) -> dict[str, tuple[str | None, DeviceStatus]]:
             DesiredRecord.deployment,
         ),
     ):
-        out[d] = (deployment, device_status(generation, published, reported.get(d), online.get(d)))
+        out[d] = (deployment, device_status(generation, published, reported.get(d), online.get(d), now))
     return out

@@ -94,6 +94,8 @@ def evaluate(
         status = statuses.get(device, "pending")
         if status in SETTLED_FAILED:
             failed += 1
+        elif status == "stale" and device in in_wave:
+            waiting += 1  # its last report no longer stands, healthy or not: wait for a fresh one
         elif status in ("pending", "applying") and device in in_wave:
             heard = heard_at.get(device)
             if heard is not None and heard >= deadline_at:

@@ -66,7 +66,7 @@ def start_rollout(
 
 def advance_rollouts(s: Session, now: datetime) -> list[str]:
     """One controller pass over the rolling deployments; a line per rollout that moved."""
-    statuses = device_statuses(s)
+    statuses = device_statuses(s, now)
     lines: list[str] = []
     for rollout in s.scalars(select(RolloutRecord).where(RolloutRecord.state == "rolling")).all():
         found = live_manifest(s, rollout.deployment)

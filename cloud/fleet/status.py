@@ -10,10 +10,15 @@ generation; ``offline``: the device's last will said it went away.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
-Status = Literal["pending", "applying", "healthy", "failed", "rolled back", "rejected", "offline"]
+STALE_HEARTBEATS = 3
+"""A device whose last report is older than this many of its heartbeats is stale."""
+DEFAULT_HEARTBEAT_S = 60.0
+"""The agent's default heartbeat, assumed for reports that do not say theirs."""
+
+Status = Literal["pending", "applying", "healthy", "failed", "rolled back", "rejected", "offline", "stale"]
 SETTLED_FAILED: frozenset[Status] = frozenset({"failed", "rolled back", "rejected"})
 
 
@@ -27,6 +32,8 @@ class Reported:
     reason: str | None = None
     heard_at: datetime | None = None
     """When the device made this report (its ``reported_at``, never later than its arrival)."""
+    heartbeat_s: float | None = None
+    """How often the device re-reports (the report's own ``heartbeat_s``)."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,17 @@ _REPORTED: dict[str, Status] = {
 
 
 def device_status(
-    generation: int, published: bool, reported: Reported | None, online: Online | None
+    generation: int,
+    published: bool,
+    reported: Reported | None,
+    online: Online | None,
+    now: datetime | None = None,
 ) -> DeviceStatus:
-    """The status of a device whose desired state has ``generation``."""
+    """The status of a device whose desired state has ``generation``.
+
+    With ``now``, a report older than ``STALE_HEARTBEATS`` of the device's heartbeats makes it
+    ``stale``: never shown healthy on a report that no longer stands.
+    """
     if online is not None and not online.online:
         return DeviceStatus("offline", f"offline since {online.since.isoformat(timespec='seconds')}")
     if not published:
@@ -67,6 +82,16 @@ def device_status(
     if reported is None:
         return DeviceStatus("pending", f"no report yet for generation {generation}")
     reason, heard = reported.reason or "", reported.heard_at
+    if now is not None and heard is not None:
+        heartbeat = reported.heartbeat_s or DEFAULT_HEARTBEAT_S
+        if now >= heard + timedelta(seconds=STALE_HEARTBEATS * heartbeat):
+            quiet = (now - heard).total_seconds()
+            return DeviceStatus(
+                "stale",
+                f"no report for {quiet:.0f} s ({STALE_HEARTBEATS} heartbeats of {heartbeat:g} s); "
+                f"last said {reported.deployment_status}",
+                heard,
+            )
     if reported.generation_applied == generation:
         status = _REPORTED.get(reported.deployment_status, "applying")
         return DeviceStatus(status, reason, heard)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,7 +30,7 @@ from cloud.store.errors import InvalidInputError, ReadOnlyError, SchemaError
 from cloud.store.fleet import DesiredRecord  # noqa: F401  (registers the fleet tables)
 from cloud.store.models import Base, SchemaVersion
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Below this, SQLite cannot create its WAL index and journal: the directory counts as full.
 MIN_FREE_BYTES = 256 * 1024
@@ -193,14 +193,16 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-UPGRADES: dict[int, tuple[str, ...]] = {
+UPGRADES: dict[int, tuple[tuple[str, str, str], ...]] = {
     1: (
-        "ALTER TABLE device_online ADD COLUMN session BIGINT",
-        "ALTER TABLE device_online ADD COLUMN instance VARCHAR(64)",
-        "ALTER TABLE device_online ADD COLUMN ordering BIGINT NOT NULL DEFAULT 0",
+        ("device_online", "session", "BIGINT"),
+        ("device_online", "instance", "VARCHAR(64)"),
+        ("device_online", "ordering", "BIGINT NOT NULL DEFAULT 0"),
     ),
+    2: (("device_reported", "heartbeat_s", "FLOAT"),),
 }
-"""The statements that take a database from schema version N to N + 1."""
+"""The columns ``(table, column, type)`` that take a database from schema version N to N + 1
+(a table that ``create_all`` just made has them already)."""
 
 
 def _ensure_schema(db: Database) -> None:
@@ -211,8 +213,10 @@ def _ensure_schema(db: Database) -> None:
             s.add(SchemaVersion(id=1, version=SCHEMA_VERSION))
             return
         while row.version < SCHEMA_VERSION and row.version in UPGRADES:
-            for statement in UPGRADES[row.version]:
-                s.execute(text(statement))
+            for table, column, kind in UPGRADES[row.version]:
+                present = {c["name"] for c in inspect(s.connection()).get_columns(table)}
+                if column not in present:
+                    s.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
             log.info(
                 "database %s: schema upgraded from version %d to %d", db.url, row.version, row.version + 1
             )

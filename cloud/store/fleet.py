@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from cloud.store.models import NAME_LEN, SHA256_LEN, Base
@@ -54,6 +54,7 @@ class ReportedRecord(Base):
     payload: Mapped[str] = mapped_column(Text)
     reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_s: Mapped[float | None] = mapped_column(Float, nullable=True, doc="the agent's heartbeat")
 
 
 class OnlineRecord(Base):

@@ -132,3 +132,25 @@ def test_device_status(
 ) -> None:
     got = device_status(3, published, reported, online)
     assert (got.status, got.detail) == expected
+
+
+def test_a_device_silent_for_three_heartbeats_is_stale_never_healthy() -> None:
+    heard = SINCE
+    report = Reported(3, 3, "healthy", heard_at=heard, heartbeat_s=10)
+    fresh = device_status(3, True, report, Online(True, SINCE), SINCE + timedelta(seconds=29))
+    assert fresh.status == "healthy"
+    stale = device_status(3, True, report, Online(True, SINCE), SINCE + timedelta(seconds=31))
+    assert stale.status == "stale"
+    assert stale.detail == "no report for 31 s (3 heartbeats of 10 s); last said healthy"
+    # A stale device holds its wave: its last word no longer stands either way.
+    decision = evaluate(
+        WAVES,
+        0,
+        {"a": "stale"},
+        max_failure_ratio=0.0,
+        wave_started_at=T0,
+        now=T0,
+        deadline_s=600,
+        heard_at={},
+    )
+    assert (decision.kind, decision.failed) == ("wait", 0)

@@ -17,7 +17,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Literal
 
-from modules.contract import DesiredModule, ModuleHealth, canonical_json
+from modules.contract import LATER_MODULE_FIELDS, DesiredModule, ModuleHealth, canonical_json
 
 ObservedStatus = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead"]
 """Docker's container states; the process runtime uses ``created``, ``running`` and ``exited``."""
@@ -25,7 +25,7 @@ ObservedStatus = Literal["created", "running", "paused", "restarting", "removing
 TRANSITIONAL: frozenset[ObservedStatus] = frozenset({"paused", "restarting", "removing"})
 """States the planner leaves alone (a new observation will show where they settle)."""
 
-CONFIG_FIELDS = frozenset({"image", "profile", "env", "ports", "resources"})
+CONFIG_FIELDS = frozenset({"image", "profile", "env", "batching", "ports", "resources"})
 """The ``DesiredModule`` fields a container or process is created from: a change means recreate.
 
 ``restart_policy``, ``desired_status``, ``startup_order`` and ``health`` are applied by the agent
@@ -40,6 +40,9 @@ def config_hash(module: DesiredModule) -> str:
     back in ``ObservedModule.config_hash``; the planner recreates a module when it differs.
     """
     data = module.model_dump(mode="json", include=set(CONFIG_FIELDS))
+    for name in LATER_MODULE_FIELDS:  # unset: the digest modules had before the field existed
+        if data.get(name) is None:
+            data.pop(name, None)
     return hashlib.sha256(canonical_json(data)).hexdigest()
 
 

@@ -8,6 +8,7 @@ variables, input/output samples for the API schema, and where the image goes::
     source_files: [features.py, labels/]
     requirements: ["scikit-learn==1.5.2"]
     env: {LOG_LEVEL: info}
+    batching: {max_batch_size: 32, max_batch_delay_ms: 0}   # no-code ONNX models with a batch dimension
     input_sample_file: samples/input.json      # JSON or YAML; or input_sample: {data: [[5.1, 3.5, 1.4, 0.2]]}
     output_sample: [0]
     base_image: 127.0.0.1:5000/edge/base-cpu:1
@@ -40,7 +41,7 @@ from pydantic import (
     model_validator,
 )
 
-from modules.contract import ImageRef
+from modules.contract import Batching, ImageRef, env_with_batching
 from modules.documents import DocumentError, load_document, load_model_file, read_text
 
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -137,6 +138,9 @@ class InferenceConfig(BaseModel):
     source_files: list[str] = Field(default_factory=list, description="files or folders copied next to it")
     requirements: list[str] = Field(default_factory=list, description="pip requirement specifiers")
     env: dict[str, str] = Field(default_factory=dict)
+    batching: Batching | None = Field(
+        default=None, description="adaptive batching of no-code ONNX models (default: on, 32 rows, no delay)"
+    )
     input_sample: Any = None
     input_sample_file: str | None = None
     output_sample: Any = None
@@ -192,6 +196,15 @@ class InferenceConfig(BaseModel):
             if key in RESERVED_ENV:
                 raise ValueError(f"{key} is set by the module runtime and cannot be overridden")
         return v
+
+    @model_validator(mode="after")
+    def _batching_once(self) -> InferenceConfig:
+        env_with_batching(self.env, self.batching)
+        return self
+
+    def image_env(self) -> dict[str, str]:
+        """``env`` plus the batching variables: what the image sets for the scoring server."""
+        return env_with_batching(self.env, self.batching)
 
     @model_validator(mode="after")
     def _samples_once(self) -> InferenceConfig:

@@ -181,10 +181,46 @@ class HealthCheck(Frozen):
         return v
 
 
+LATER_MODULE_FIELDS = ("batching",)
+"""Optional module settings added after the first release: unset, they are not part of signatures."""
+
+BATCH_SIZE_ENV = "SCORING_MAX_BATCH_SIZE"
+BATCH_DELAY_ENV = "SCORING_MAX_BATCH_DELAY_MS"
+
+
+class Batching(Frozen):
+    """Adaptive batching of a no-code ONNX module (models with a dynamic batch dimension only).
+
+    Requests that wait together run as one batch of at most ``max_batch_size`` rows (1 turns
+    batching off); a batch starts when full or when its oldest request has waited
+    ``max_batch_delay_ms`` (0: as soon as the model is free, so a lone request never waits).
+    """
+
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_batch_delay_ms: float = Field(default=0.0, ge=0, le=1000)
+
+    def env(self) -> dict[str, str]:
+        """The scoring server's environment variables for these settings."""
+        return {BATCH_SIZE_ENV: str(self.max_batch_size), BATCH_DELAY_ENV: f"{self.max_batch_delay_ms:g}"}
+
+
+def env_with_batching(env: dict[str, str], batching: Batching | None) -> dict[str, str]:
+    """``env`` plus ``batching``'s variables; ValueError when ``env`` sets them as well."""
+    if batching is None:
+        return env
+    both = sorted({BATCH_SIZE_ENV, BATCH_DELAY_ENV} & set(env))
+    if both:
+        raise ValueError(f"set 'batching' or env {', '.join(both)}, not both")
+    return {**env, **batching.env()}
+
+
 class ModuleSettings(Frozen):
     """What a module needs to run, apart from which image: shared by manifest and desired state."""
 
     env: dict[str, str] = Field(default_factory=dict)
+    batching: Batching | None = Field(
+        default=None, description="adaptive batching (no-code ONNX modules); the image's setting when unset"
+    )
     ports: list[PortMapping] = Field(default_factory=list)
     restart_policy: RestartPolicy = "always"
     desired_status: DesiredStatus = "running"
@@ -199,6 +235,15 @@ class ModuleSettings(Frozen):
             if not _ENV_RE.match(key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
         return v
+
+    @model_validator(mode="after")
+    def _batching_once(self) -> ModuleSettings:
+        env_with_batching(self.env, self.batching)
+        return self
+
+    def container_env(self) -> dict[str, str]:
+        """The environment the module runs with: ``env`` plus the batching variables."""
+        return env_with_batching(self.env, self.batching)
 
     @field_validator("ports")
     @classmethod
@@ -362,8 +407,17 @@ class DesiredState(Frozen):
         return v
 
     def canonical_bytes(self) -> bytes:
-        """The bytes that are signed: canonical JSON of everything but the signature."""
-        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
+        """The bytes that are signed: canonical JSON of everything but the signature.
+
+        Module fields added after the first release (``LATER_MODULE_FIELDS``) are left out while
+        unset, so a state signed by a cloud that predates them verifies on a newer agent and back.
+        """
+        data = self.model_dump(mode="json", exclude={"signature"})
+        for module in data["modules"].values():
+            for name in LATER_MODULE_FIELDS:
+                if module.get(name) is None:
+                    module.pop(name, None)
+        return canonical_json(data)
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -327,7 +327,7 @@ class DockerRuntime:
             "name": self.container_name(module),
             "labels": labels,
             # The module echoes it to health probes: an answer from another server is not this one's.
-            "environment": dict(spec.env) | {INSTANCE_ENV: labels[lb.INSTANCE]},
+            "environment": spec.container_env() | {INSTANCE_ENV: labels[lb.INSTANCE]},
             "ports": ports,
             "restart_policy": {"Name": "no"},
             "log_config": self.log_config,

@@ -461,7 +461,7 @@ class ProcessRuntime:
                 ", ".join(ignored),
             )
         # The module's env may tune the server (SCORING_THREADS, LOG_LEVEL, ...) but never move it.
-        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ} | dict(spec.env) | placement
+        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ} | spec.container_env() | placement
         if spec.resources.cpus is not None:
             env.setdefault("SCORING_THREADS", str(max(1, math.ceil(spec.resources.cpus))))
         return env

@@ -160,7 +160,7 @@ def make_plan(
 
     python_path = RUNTIME_ROOT + (f":{LIB_ROOT}" if layers[0].name == "python-deps" else "")
     env = {
-        **config.env,
+        **config.image_env(),
         "MODEL_DIR": model_dir(models),
         "AZUREML_MODEL_DIR": model_dir(models),
         "PROFILE": profile.name,

@@ -1,4 +1,4 @@
-"""``python -m modules.examples build OUT_DIR [--only digits|diabetes] [--json]``.
+"""``python -m modules.examples build OUT_DIR [--only digits|convnet|diabetes] [--json]``.
 
 Builds each example into ``OUT_DIR/<name>/`` and says what it wrote; ``--json`` prints one JSON
 object on stdout (progress lines then go to stderr).
@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from modules.examples.convnet import build_convnet_onnx
 from modules.examples.diabetes import build_diabetes_model
 from modules.examples.digits import build_digits_onnx
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "digits": build_digits_onnx,
+    "convnet": build_convnet_onnx,
     "diabetes": build_diabetes_model,
 }
 

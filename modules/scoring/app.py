@@ -148,6 +148,8 @@ class ScoringApp:
         # requests allocate instead of pausing tens of milliseconds on every full collection.
         gc.collect()
         gc.freeze()
+        self.pool.resize(self.service.pool_threads(self.config.threads))
+        self.metrics.families.update(self.service.metric_families())
         self.readiness.providers = providers
         self.readiness.init_seconds = seconds
         self.metrics.providers.update(providers)
@@ -184,6 +186,7 @@ class ScoringApp:
     async def _cleanup(self, _app: web.Application) -> None:
         """After the last request: let the worker threads go."""
         self.pool.shutdown()
+        self.service.close()
 
     @web.middleware
     async def _observe(self, request: web.Request, handler: Any) -> web.StreamResponse:

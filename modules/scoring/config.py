@@ -16,7 +16,15 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from modules.contract import INSTANCE_ENV, INSTANCE_HEADER, ModuleInfo, format_validation_error
+from modules.contract import (
+    BATCH_DELAY_ENV,
+    BATCH_SIZE_ENV,
+    INSTANCE_ENV,
+    INSTANCE_HEADER,
+    Batching,
+    ModuleInfo,
+    format_validation_error,
+)
 from modules.scoring.cpus import allowed_cpus
 
 DEFAULT_MODULE_JSON = "/module/module.json"
@@ -38,8 +46,14 @@ VARIABLES: dict[str, str] = {
     "(environment only: never pass keys on a command line)",
     "SCORING_TIMEOUT": "seconds a request may take before it is answered 504 (default 60)",
     "MAX_REQUEST_BYTES": "largest request body accepted, larger ones get 413 (default 16777216)",
-    "SCORING_THREADS": "worker threads for inference (default: CPUs this process may use); an entry "
-    "script's run() may be called from this many threads at once, 1 makes the calls one at a time",
+    "SCORING_THREADS": "CPUs inference may use (default: those this process may use: affinity and cgroup "
+    "quota). An entry script's run() may be called from this many threads at once (1: one at a time); "
+    "no-code ONNX models run one batch at a time on this many onnxruntime threads, or, without a "
+    "batch dimension, this many requests at once on one thread each",
+    BATCH_SIZE_ENV: "no-code ONNX models with a dynamic batch dimension: requests that wait together "
+    "run as one batch of at most this many rows (default 32; 1 turns batching off)",
+    BATCH_DELAY_ENV: "milliseconds a batch may wait for more requests once its first one arrived "
+    "(default 0: it runs as soon as the model is free, so a lone request never waits)",
     "SCORING_MAX_QUEUE": "requests that may wait for a worker thread; more get 503 (default 256)",
     "EXIT_ON_INIT_FAILURE": "exit with status 3 when loading the model or init() fails (default 1); "
     "0 keeps the server up, not ready, explaining why on /v2/health/ready",
@@ -74,6 +88,7 @@ class ServerConfig:
     max_request_bytes: int
     threads: int
     max_queue: int
+    batching: Batching
     exit_on_init_failure: bool
     log_access: bool
     log_level: str
@@ -150,6 +165,16 @@ def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool,
     if not math.isfinite(value) or value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
     return value
+
+
+def _batching(env: Mapping[str, str]) -> Batching:
+    defaults = Batching()
+    size = int(_number(env, BATCH_SIZE_ENV, defaults.max_batch_size, integer=True, minimum=1))
+    delay = _number(env, BATCH_DELAY_ENV, defaults.max_batch_delay_ms, integer=False, minimum=0)
+    try:
+        return Batching(max_batch_size=size, max_batch_delay_ms=delay)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{BATCH_SIZE_ENV}/{BATCH_DELAY_ENV}")) from None
 
 
 def load_module_info(path: Path) -> ModuleInfo | None:
@@ -238,6 +263,7 @@ def load_config(env: Mapping[str, str], argv: Sequence[str] | None = None) -> Se
         max_request_bytes=int(_number(env, "MAX_REQUEST_BYTES", 16 * 1024 * 1024, integer=True, minimum=1)),
         threads=threads,
         max_queue=int(_number(env, "SCORING_MAX_QUEUE", 256, integer=True, minimum=0)),
+        batching=_batching(env),
         exit_on_init_failure=_bool(env, "EXIT_ON_INIT_FAILURE", True),
         log_access=bool(args.log_access) or _bool(env, "LOG_ACCESS", False),
         log_level=log_level,

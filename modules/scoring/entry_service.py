@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,17 @@ class EntryScriptService:
         self.script: EntryScript | None = None
         self.accepts_raw_methods = False
         self.providers: dict[str, str] = {}
+
+    def pool_threads(self, cpus: int) -> int:
+        """``cpus``: run() is called from that many threads at once."""
+        return cpus
+
+    def metric_families(self) -> dict[str, tuple[str, str, Callable[[], list[str]]]]:
+        """None beyond the server's."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to stop: run() calls are the pool's."""
 
     def load(self) -> dict[str, str]:
         """Set MODEL_DIR/AZUREML_MODEL_DIR, import the script and call its ``init()`` once."""

@@ -1,6 +1,7 @@
 """Request metrics in the Prometheus text exposition format (version 0.0.4), written by hand.
 
-Updated only from the event loop thread, so no locks. ``route`` labels are route templates
+Updated only from the event loop thread, so no locks (``families`` read counters that one
+other thread writes, e.g. a model's batch thread). ``route`` labels are route templates
 (``/v2/models/{name}/infer``), never raw paths, to keep the number of series bounded.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -19,7 +20,8 @@ LATENCY_BUCKETS = (
 """Upper bounds in seconds: from a quarter millisecond (a small model's overhead) to a minute."""
 
 
-def _label(value: str) -> str:
+def label_value(value: str) -> str:
+    """``value`` escaped for a Prometheus label."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
@@ -28,26 +30,27 @@ def _num(value: float) -> str:
 
 
 class Histogram:
-    """Counts per bucket (not cumulative until rendered), sum and count."""
+    """Counts per bucket (not cumulative until rendered), sum and count; latency buckets by default."""
 
-    __slots__ = ("count", "counts", "total")
+    __slots__ = ("bounds", "count", "counts", "total")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
         self.total = 0.0
         self.count = 0
 
-    def observe(self, seconds: float) -> None:
-        """Record one duration."""
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.total += seconds
+    def observe(self, value: float) -> None:
+        """Record one value (a duration in seconds for latency histograms)."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
         self.count += 1
 
     def render(self, name: str, labels: str) -> list[str]:
         """The ``_bucket``, ``_sum`` and ``_count`` lines."""
         lines = []
         cumulative = 0
-        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
             cumulative += n
             le = "+Inf" if bound == float("inf") else _num(bound)
             lines.append(f'{name}_bucket{{{labels},le="{le}"}} {cumulative}')
@@ -70,6 +73,8 @@ class Metrics:
         self.ready = False
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         """Extra gauges read at render time: name → (help, getter)."""
+        self.families: dict[str, tuple[str, str, Callable[[], list[str]]]] = {}
+        """Extra metric families read at render time: name → (type, help, sample lines getter)."""
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Count one finished request."""
@@ -90,22 +95,20 @@ class Metrics:
 
         family("scoring_requests_total", "counter", "HTTP requests answered, by route and status code.")
         for (route, code), n in sorted(self.requests.items()):
-            out.append(f'scoring_requests_total{{route="{_label(route)}",code="{code}"}} {n}')
+            out.append(f'scoring_requests_total{{route="{label_value(route)}",code="{code}"}} {n}')
         family("scoring_request_errors_total", "counter", "Requests that failed, by route and reason.")
         for (route, reason), n in sorted(self.errors.items()):
-            out.append(
-                f'scoring_request_errors_total{{route="{_label(route)}",reason="{_label(reason)}"}} {n}'
-            )
+            labels = f'route="{label_value(route)}",reason="{label_value(reason)}"'
+            out.append(f"scoring_request_errors_total{{{labels}}} {n}")
         family("scoring_request_duration_seconds", "histogram", "Time from request to response, by route.")
         for route, hist in sorted(self.latency.items()):
-            out.extend(hist.render("scoring_request_duration_seconds", f'route="{_label(route)}"'))
+            out.extend(hist.render("scoring_request_duration_seconds", f'route="{label_value(route)}"'))
         family("scoring_requests_in_flight", "gauge", "Requests being handled now.")
         out.append(f"scoring_requests_in_flight {self.in_flight}")
         family("scoring_execution_provider_info", "gauge", "Execution provider running each model.")
         for model, provider in sorted(self.providers.items()):
-            out.append(
-                f'scoring_execution_provider_info{{model="{_label(model)}",provider="{_label(provider)}"}} 1'
-            )
+            labels = f'model="{label_value(model)}",provider="{label_value(provider)}"'
+            out.append(f"scoring_execution_provider_info{{{labels}}} 1")
         family("scoring_ready", "gauge", "1 once the model is loaded and init() has finished.")
         out.append(f"scoring_ready {int(self.ready)}")
         if self.init_seconds is not None:
@@ -114,4 +117,7 @@ class Metrics:
         for name, (help_text, getter) in sorted(self.gauges.items()):
             family(name, "gauge", help_text)
             out.append(f"{name} {_num(getter())}")
+        for name, (kind, help_text, lines) in sorted(self.families.items()):
+            family(name, kind, help_text)
+            out.extend(lines())
         return "\n".join(out) + "\n"

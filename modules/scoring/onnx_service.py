@@ -3,13 +3,21 @@
 ``POST /score`` takes ``{"data": array}`` (single-input models) or ``{"inputs": {name: array}}``
 and needs exactly one model in the module; ``/v2/models/{name}/infer`` speaks the Open Inference
 Protocol (JSON, or the binary tensor data extension) for every model.
+
+A model whose inputs and outputs all have a dynamic batch dimension is batched (``batching.py``):
+one batch at a time runs on all the CPUs. Any other model runs as many requests at once as there
+are CPUs, each on one thread. Either way no more inference threads run than there are CPUs.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
+from modules.contract import BATCH_SIZE_ENV
 from modules.scoring.backends import BackendError, InferenceBackend, InferenceError, TensorSpec, load_backend
+from modules.scoring.batching import Batcher, batchable
 from modules.scoring.config import ServerConfig
 from modules.scoring.model_paths import ModelLocation, list_models
 from modules.scoring.openapi import schemas_from_samples, schemas_from_specs
@@ -24,6 +32,8 @@ from modules.scoring.tensors import (
     outputs_to_json,
     parse_binary_request,
 )
+
+log = logging.getLogger(__name__)
 
 _INVALID_ARGUMENT = "InvalidArgument"
 """onnxruntime's exception type for inputs the model rejects (the client's mistake)."""
@@ -51,6 +61,9 @@ class OnnxService:
             found = [ModelLocation(config.model_name, found[0].version, found[0].path)]
         self.locations = {m.name: m for m in found}
         self.backends: dict[str, InferenceBackend] = {}
+        self.batchers: dict[str, Batcher] = {}
+        self.unbatched: dict[str, str] = {}
+        """Models that are not batched, and why."""
 
     def load(self) -> dict[str, str]:
         """Load the device profile and every model; BackendError when a model cannot run as configured."""
@@ -60,11 +73,70 @@ class OnnxService:
             profile = get_profile(self.config.profile, self.config.profiles_dir)
         except ProfileError as exc:
             raise BackendError(f"device profile {self.config.profile!r}: {exc}") from exc
+        settings, cpus = self.config.batching, self.config.threads
         for name, location in self.locations.items():
-            self.backends[name] = load_backend(location.path, profile, model_name=name)
+            concurrent = 1 if settings.max_batch_size > 1 else cpus
+            backend = load_backend(
+                location.path, profile, model_name=name, threads=cpus, concurrent=concurrent
+            )
+            why_not = (
+                batchable(backend.inputs, backend.outputs)
+                if concurrent == 1
+                else f"batching is off ({BATCH_SIZE_ENV}=1)"
+            )
+            if why_not is None:
+                self.batchers[name] = Batcher(backend.infer, settings, name=name)
+                log.info(
+                    "model %s: batched, up to %d rows, waiting at most %g ms, %d inference thread(s)",
+                    name,
+                    settings.max_batch_size,
+                    settings.max_batch_delay_ms,
+                    cpus,
+                )
+            else:
+                if concurrent == 1 and cpus > 1:  # opened for batches: reopen for concurrent calls
+                    backend = load_backend(
+                        location.path, profile, model_name=name, threads=cpus, concurrent=cpus
+                    )
+                self.unbatched[name] = why_not
+                log.info(
+                    "model %s: not batched: %s; %d request(s) at once, one thread each", name, why_not, cpus
+                )
+            self.backends[name] = backend
         return {name: backend.provider for name, backend in self.backends.items()}
 
-    def _only_backend(self) -> InferenceBackend:
+    def pool_threads(self, cpus: int) -> int:
+        """Worker threads the server needs: ``cpus``, plus room for every batch to fill up."""
+        return cpus + sum(b.settings.max_batch_size for b in self.batchers.values())
+
+    def close(self) -> None:
+        """Let the batch threads end."""
+        for batcher in self.batchers.values():
+            batcher.close()
+
+    def metric_families(self) -> dict[str, tuple[str, str, Callable[[], list[str]]]]:
+        """Batch sizes and split batches per batched model, for ``/metrics``."""
+        batchers = list(self.batchers.values())
+        if not batchers:
+            return {}
+        return {
+            "scoring_batch_size": (
+                "histogram",
+                "Rows per batch run, by model.",
+                lambda: [line for b in batchers for line in b.size_lines()],
+            ),
+            "scoring_batch_splits_total": (
+                "counter",
+                "Batches that failed and were run request by request, by model.",
+                lambda: [b.split_line() for b in batchers],
+            ),
+        }
+
+    def _run(self, model: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        batcher = self.batchers.get(model)
+        return _infer(batcher.infer if batcher else self.backends[model].infer, feeds)
+
+    def _only_model(self) -> str:
         if len(self.backends) != 1:
             names = ", ".join(self.backends)
             raise ClientError(
@@ -72,18 +144,19 @@ class OnnxService:
                 f"this module serves {len(self.backends)} models ({names}): "
                 "use POST /v2/models/{name}/infer",
             )
-        return next(iter(self.backends.values()))
+        return next(iter(self.backends))
 
     def score(self, call: ScoreCall) -> Reply:
         """``{"data": ...}`` or ``{"inputs": {...}}`` in; ``{"result": ...}`` or ``{"outputs": ...}`` out."""
-        backend = self._only_backend()
+        model = self._only_model()
+        backend = self.backends[model]
         require_json_content_type(call.headers.get("Content-Type"))
         payload = parse_json(call.body)
         try:
             feeds = feeds_from_payload(payload, backend.inputs)
         except InputError as exc:
             raise ClientError(400, str(exc)) from None
-        outputs = _infer(backend, feeds)
+        outputs = self._run(model, feeds)
         return Reply(dumps(outputs_to_json(outputs, backend.outputs)))
 
     def infer(self, model: str, call: ScoreCall) -> Reply:
@@ -103,7 +176,7 @@ class OnnxService:
             request = feeds_from_oip(body, backend.inputs, backend.outputs, buffers)
         except InputError as exc:
             raise ClientError(400, str(exc)) from None
-        outputs = _infer(backend, request.feeds)
+        outputs = self._run(model, request.feeds)
         payload, json_len = encode_oip_response(
             model, self.locations[model].version, outputs, request.request_id, request.outputs
         )
@@ -130,8 +203,15 @@ class OnnxService:
             "parameters": {
                 "execution_provider": backend.provider if backend else "loading",
                 "precision": backend.precision if backend else "loading",
+                "batching": self._batching(model),
             },
         }
+
+    def _batching(self, model: str) -> dict[str, Any]:
+        batcher = self.batchers.get(model)
+        if batcher is None:
+            return {"enabled": False, "reason": self.unbatched.get(model, "loading")}
+        return {"enabled": True, **batcher.settings.model_dump()}
 
     def api_schemas(self) -> ApiSchemas:
         """module.json's samples, else the single model's inputs and outputs."""
@@ -147,10 +227,10 @@ class OnnxService:
         return f"models={models} profile={self.config.profile} model_dir={self.config.model_dir}"
 
 
-def _infer(backend: InferenceBackend, feeds: dict[str, Any]) -> dict[str, Any]:
+def _infer(run: Callable[[dict[str, Any]], dict[str, Any]], feeds: dict[str, Any]) -> dict[str, Any]:
     """Run the model; onnxruntime's InvalidArgument (e.g. inconsistent dynamic sizes) is a 400."""
     try:
-        return backend.infer(feeds)
+        return run(feeds)
     except InferenceError as exc:
         if type(exc.__cause__).__name__ == _INVALID_ARGUMENT:
             raise ClientError(400, str(exc)) from exc

@@ -7,7 +7,7 @@ in a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,6 +63,18 @@ class ScoringService(Protocol):
 
     def load(self) -> dict[str, str]:
         """Load the model(s) / run init(); blocking. Returns model name → execution provider."""
+        ...
+
+    def pool_threads(self, cpus: int) -> int:
+        """Worker threads the server should run, given the CPUs inference may use (after ``load``)."""
+        ...
+
+    def metric_families(self) -> dict[str, tuple[str, str, Callable[[], list[str]]]]:
+        """Metric families of the service's own for ``/metrics`` (name → type, help, sample lines)."""
+        ...
+
+    def close(self) -> None:
+        """After the last request: stop the service's own threads."""
         ...
 
     def score(self, call: ScoreCall) -> Reply:

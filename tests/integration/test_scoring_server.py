@@ -491,7 +491,11 @@ async def test_no_code_score_and_oip(tmp_path: Path, digits: tuple[Path, np.ndar
                 {"name": "label", "datatype": "INT64", "shape": [-1]},
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
             ],
-            "parameters": {"execution_provider": "CPUExecutionProvider", "precision": "f32"},
+            "parameters": {
+                "execution_provider": "CPUExecutionProvider",
+                "precision": "f32",
+                "batching": {"enabled": True, "max_batch_size": 32, "max_batch_delay_ms": 0.0},
+            },
         }
         request = {
             "id": "r1",

@@ -210,7 +210,7 @@ def test_onnxruntime_specs_and_predictions_match_scikit_learn(
     )
     assert (
         "model digits: onnxruntime" in caplog.text
-        and "provider CPUExecutionProvider, 2 threads" in caplog.text
+        and "provider CPUExecutionProvider, 2 intra-op thread(s) per run" in caplog.text
     )
     out = backend.infer({"X": x[800:900]})
     np.testing.assert_array_equal(out["label"], models["logistic"].predict(x[800:900]))

@@ -45,11 +45,13 @@ def load_backend(
     model_name: str,
     available_providers: Sequence[str] | None = None,
     threads: int | None = None,
+    concurrent: int = 1,
 ) -> InferenceBackend:
     """Load the model at ``model_path`` (a ``.onnx`` file or a folder with exactly one) for ``profile``.
 
     ``profile.backend`` picks onnxruntime or OpenVINO. ``available_providers`` replaces
-    ``onnxruntime.get_available_providers()`` (tests); ``threads`` replaces ``allowed_cpus()``.
+    ``onnxruntime.get_available_providers()`` (tests); ``threads`` replaces ``allowed_cpus()``;
+    ``concurrent`` is how many ``infer`` calls may run at once (they share the threads).
     Blocking (reads and compiles the model). Raises BackendError with the reason.
     """
     model_file = find_model_file(model_path)
@@ -62,9 +64,12 @@ def load_backend(
             model_name=model_name,
             available_providers=available_providers,
             threads=threads,
+            concurrent=concurrent,
         )
     if profile.backend == "openvino":
         from modules.scoring.backends.openvino import OpenVinoBackend
 
-        return OpenVinoBackend(model_file, profile, model_name=model_name, threads=threads)
+        return OpenVinoBackend(
+            model_file, profile, model_name=model_name, threads=threads, concurrent=concurrent
+        )
     raise BackendError(f"profile {profile.name}: unknown backend {profile.backend!r}")

@@ -1,4 +1,9 @@
-"""onnxruntime backend: execution providers from the device profile, threads from the CPU quota."""
+"""onnxruntime backend: execution providers from the device profile, threads from the CPU quota.
+
+Thread discipline: ``threads`` CPUs are shared by ``concurrent`` calls that may run at once, so
+each session run gets ``threads // concurrent`` intra-op threads (at least one) and calls never
+add up to more threads than CPUs. Idle intra-op threads sleep instead of spinning.
+"""
 
 from __future__ import annotations
 
@@ -89,6 +94,7 @@ class OnnxBackend:
         model_name: str,
         available_providers: Sequence[str] | None = None,
         threads: int | None = None,
+        concurrent: int = 1,
     ) -> None:
         self.model_name = model_name
         available = list(
@@ -104,7 +110,10 @@ class OnnxBackend:
                 ", ".join(available),
                 chosen[0][0],
             )
-        self.threads = allowed_cpus() if threads is None else threads
+        cpus = allowed_cpus() if threads is None else threads
+        self.concurrent = max(1, concurrent)
+        self.threads = max(1, cpus // self.concurrent)
+        """onnxruntime intra-op threads of one run."""
         self._session = self._create_session(model_path, chosen)
         self.provider: str = self._session.get_providers()[0]
         if self.provider != chosen[0][0]:
@@ -129,11 +138,12 @@ class OnnxBackend:
         self.precision = self.inputs[0].datatype.lower().replace("fp", "f") if self.inputs else "f32"
         self._output_names = [o.name for o in self.outputs]
         log.info(
-            "model %s: onnxruntime %s, provider %s, %d threads (%s)",
+            "model %s: onnxruntime %s, provider %s, %d intra-op thread(s) per run, %d run(s) at once (%s)",
             model_name,
             ort.__version__,
             self.provider,
             self.threads,
+            self.concurrent,
             model_path,
         )
 

@@ -55,6 +55,7 @@ class OpenVinoBackend:
         *,
         model_name: str,
         threads: int | None = None,
+        concurrent: int = 1,
         available_devices: Sequence[str] | None = None,
     ) -> None:
         if profile.openvino is None:
@@ -79,10 +80,16 @@ class OpenVinoBackend:
             log.warning("model %s: %s; falling back to CPU", model_name, msg)
             device = "CPU"
         self.threads = allowed_cpus() if threads is None else threads
+        self.concurrent = max(1, concurrent)
         config: dict[str, Any] = dict(settings.config) if device == settings.device else {}
         supported = _supported_properties(core, device)
         if "INFERENCE_NUM_THREADS" in supported:
             config.setdefault("INFERENCE_NUM_THREADS", self.threads)
+        if "PERFORMANCE_HINT" in supported:
+            # One call at a time (batches) gets every thread; several share them as streams.
+            config.setdefault("PERFORMANCE_HINT", "LATENCY" if self.concurrent == 1 else "THROUGHPUT")
+        if "NUM_STREAMS" in supported and self.concurrent > 1:
+            config.setdefault("NUM_STREAMS", min(self.concurrent, self.threads))
         if "INFERENCE_PRECISION_HINT" in supported:
             # CPUs with bf16/fp16 units make OpenVINO compute in them by default, which changes
             # results by ~1e-2; a served model answers as exported unless the profile opts in.
@@ -103,12 +110,13 @@ class OpenVinoBackend:
         self.precision = _compiled_precision(self._compiled, config)
         self._local = threading.local()
         log.info(
-            "model %s: openvino %s, provider %s, precision %s, %d threads (%s)",
+            "model %s: openvino %s, provider %s, precision %s, %d threads, %s (%s)",
             model_name,
             ov.__version__,
             self.provider,
             self.precision,
             self.threads,
+            config.get("PERFORMANCE_HINT", "no performance hint"),
             model_path,
         )
 

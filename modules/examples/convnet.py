@@ -30,7 +30,8 @@ CHANNELS = (1, 32, 96, 128)
 SEED = 0
 
 
-def _images() -> tuple[np.ndarray, np.ndarray]:
+def dataset() -> tuple[np.ndarray, np.ndarray]:
+    """Every bundled digit as a [N, 1, 28, 28] float image (0..1, 4 decimals) and its label."""
     from scipy.ndimage import zoom
     from sklearn.datasets import load_digits
 
@@ -86,7 +87,7 @@ def build_convnet_onnx(out_dir: str | Path, name: str = "convnet") -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    x, y = _images()
+    x, y = dataset()
     nodes, weights = _feature_nodes(np.random.default_rng(SEED))
     feature_out = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", None])
     cpu = ["CPUExecutionProvider"]

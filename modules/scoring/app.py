@@ -17,7 +17,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
@@ -148,7 +148,6 @@ class ScoringApp:
         # requests allocate instead of pausing tens of milliseconds on every full collection.
         gc.collect()
         gc.freeze()
-        self.pool.resize(self.service.pool_threads(self.config.threads))
         self.metrics.families.update(self.service.metric_families())
         self.readiness.providers = providers
         self.readiness.init_seconds = seconds
@@ -266,10 +265,10 @@ class ScoringApp:
             request.method, request.path, request.headers, request.query, request.query_string, body
         )
 
-    async def _run(self, request: web.Request, func: Any, *args: Any) -> web.Response:
+    async def _run(self, request: web.Request, work: Awaitable[Reply]) -> web.Response:
         request_id = request.headers.get("X-Request-Id") or f"{self._id_prefix}{next(self._ids):x}"
         try:
-            reply = await self.pool.run(func, *args)
+            reply = await work
         except ClientError as exc:
             return error_response(exc.status, exc.message, request_id)
         except PoolTimeout:
@@ -283,7 +282,10 @@ class ScoringApp:
             return error_response(503, "the server is shutting down", request_id)
         except PoolBusy:
             response = error_response(
-                503, f"busy: {self.pool.queued} requests already waiting", request_id, **{"Retry-After": "1"}
+                503,
+                f"busy: {self.config.max_queue} requests already waiting (SCORING_MAX_QUEUE)",
+                request_id,
+                **{"Retry-After": "1"},
             )
             response["reason"] = "busy"
             return response
@@ -306,7 +308,7 @@ class ScoringApp:
         call = await self._call(request)
         if isinstance(call, web.Response):
             return call
-        return await self._run(request, self.service.score, call)
+        return await self._run(request, self.service.handle_score(call, self.pool))
 
     async def infer(self, request: web.Request) -> web.Response:
         """``POST /v2/models/{name}/infer``: Open Inference Protocol inference."""
@@ -319,7 +321,7 @@ class ScoringApp:
         call = await self._call(request)
         if isinstance(call, web.Response):
             return call
-        return await self._run(request, self.service.infer, name, call)
+        return await self._run(request, self.service.handle_infer(name, call, self.pool))
 
     # --- metadata -----------------------------------------------------------------------------
 

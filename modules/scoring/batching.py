@@ -14,23 +14,26 @@ adaptive batching. The decision is ``plan``, a pure function of what waits and t
 - when a batch fails, each of its requests is run on its own, so an error stays with the request
   that caused it.
 
-Callers are the inference pool's worker threads: ``infer`` blocks until its rows come back.
+Requests wait on the event loop, not in threads: only the batch itself runs in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from queue import SimpleQueue
+from typing import Any, Protocol
 
 import numpy as np
 
 from modules.contract import Batching
-from modules.scoring.backends import InferenceError, TensorSpec
+from modules.scoring.backends import TensorSpec
 from modules.scoring.metrics import Histogram, label_value
+from modules.scoring.pool import PoolBusy, PoolClosed, PoolTimeout
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +119,27 @@ def feeds_key(feeds: Feeds) -> tuple[Hashable, int]:
 
 
 class _Request:
-    __slots__ = ("arrived", "done", "error", "feeds", "key", "result", "rows")
+    __slots__ = ("arrived", "feeds", "future", "key", "rows")
 
-    def __init__(self, feeds: Feeds, key: Hashable, rows: int, arrived: float) -> None:
+    def __init__(self, feeds: Feeds, key: Hashable, rows: int, arrived: float, future: asyncio.Future[Feeds]):
         self.feeds = feeds
         self.key = key
         self.rows = rows
         self.arrived = arrived
-        self.result: Feeds | None = None
-        self.error: BaseException | None = None
-        self.done = threading.Lock()
-        self.done.acquire()
+        self.future = future
 
-    def settle(self, result: Feeds | None, error: BaseException | None) -> None:
-        self.result, self.error = result, error
-        self.done.release()
+
+Outcome = tuple[Feeds | None, BaseException | None]
 
 
 class Batcher:
-    """Runs ``run`` (a backend's blocking ``infer``) on batches formed by ``plan``, in one thread."""
+    """Runs ``run`` (a backend's blocking ``infer``) on batches formed by ``plan``.
+
+    Used from one event loop: requests wait on the loop (no thread per request), one batch at a
+    time runs in the batcher's own thread, and its results come back with a single loop wake-up
+    per batch. At most ``max_queued`` requests wait (more get PoolBusy); a request not answered
+    ``timeout_s`` after it arrived gets PoolTimeout (its rows still run if their batch started).
+    """
 
     def __init__(
         self,
@@ -142,98 +147,130 @@ class Batcher:
         settings: Batching,
         *,
         name: str,
-        clock: Callable[[], float] = time.monotonic,
+        max_queued: int = 256,
+        timeout_s: float = 60.0,
     ) -> None:
         self._run = run
         self.settings = settings
         self.name = name
-        self._clock = clock
+        self.max_queued = max_queued
+        self.timeout_s = timeout_s
         self._max_delay_s = settings.max_batch_delay_ms / 1000.0
         self._waiting: list[_Request] = []
-        self._changed = threading.Condition()
-        self._closed = False
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._jobs: SimpleQueue[tuple[list[_Request], asyncio.AbstractEventLoop] | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.sizes = Histogram(BATCH_SIZE_BUCKETS)
-        """Rows per batch run (written by the batch thread only)."""
+        """Rows per batch run."""
         self.split_batches = 0
         """Batches that failed and were run request by request."""
 
-    def infer(self, feeds: Feeds) -> Feeds:
-        """Run ``feeds`` as part of a batch; blocks until its own outputs are back."""
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._waiting)
+
+    async def infer(self, feeds: Feeds) -> Feeds:
+        """Run ``feeds`` as part of a batch and return its own rows of every output."""
+        if self._closed:
+            raise PoolClosed()
+        if len(self._waiting) >= self.max_queued:
+            raise PoolBusy()
+        loop = asyncio.get_running_loop()
         key, rows = feeds_key(feeds)
-        request = _Request(feeds, key, rows, self._clock())
-        with self._changed:
-            if self._closed:
-                raise InferenceError(f"model {self.name}: the server is shutting down")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=f"batch_{self.name}", daemon=True)
-                self._thread.start()
-            self._waiting.append(request)
-            self._changed.notify()
-        request.done.acquire()
-        if request.error is not None:
-            raise request.error
-        assert request.result is not None
-        return request.result
+        future: asyncio.Future[Feeds] = loop.create_future()
+        self._waiting.append(_Request(feeds, key, rows, loop.time(), future))
+        timer = loop.call_at(loop.time() + self.timeout_s, _expire, future)
+        self._dispatch(loop)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            if future.cancelled() or future.exception() is not None:
+                self._waiting = [r for r in self._waiting if r.future is not future]
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the next batch when the batch thread is free and ``plan`` says so."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._waiting = [r for r in self._waiting if not r.future.done()]
+        if self._busy or not self._waiting:
+            return
+        now = loop.time()
+        decision = plan(self._waiting, now, self.settings.max_batch_size, self._max_delay_s)
+        if not decision.take:
+            assert decision.wake_at is not None
+            self._timer = loop.call_at(decision.wake_at, self._dispatch, loop)
+            return
+        taken = set(decision.take)
+        batch = [self._waiting[i] for i in decision.take]
+        self._waiting = [r for i, r in enumerate(self._waiting) if i not in taken]
+        self._busy = True
+        self.sizes.observe(sum(r.rows for r in batch))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=f"batch_{self.name}", daemon=True)
+            self._thread.start()
+        self._jobs.put((batch, loop))
+
+    def _finished(self, batch: list[_Request], outcomes: list[Outcome], split: bool) -> None:
+        """On the loop, when a batch is back: answer its requests and start the next batch."""
+        self._busy = False
+        self.split_batches += split
+        for request, (result, error) in zip(batch, outcomes, strict=True):
+            if request.future.done():  # timed out meanwhile
+                continue
+            if error is not None:
+                request.future.set_exception(error)
+            else:
+                request.future.set_result(result)  # type: ignore[arg-type]
+        if not self._closed:
+            self._dispatch(asyncio.get_running_loop())
 
     def close(self) -> None:
-        """Stop after the requests already waiting have run."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify()
+        """Answer waiting requests with PoolClosed and let the batch thread end."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for request in self._waiting:
+            if not request.future.done():
+                request.future.set_exception(PoolClosed())
+        self._waiting = []
+        self._jobs.put(None)
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._run_batch(batch)
+        """The batch thread: run each batch handed over, send the outcomes back to the loop."""
+        while (job := self._jobs.get()) is not None:
+            batch, loop = job
+            outcomes, split = self._run_batch([r.feeds for r in batch])
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(self._finished, batch, outcomes, split)
+            del job, batch, loop, outcomes
 
-    def _next_batch(self) -> list[_Request] | None:
-        with self._changed:
-            while True:
-                if not self._waiting:
-                    if self._closed:
-                        return None
-                    self._changed.wait()
-                    continue
-                now = self._clock()
-                waiting = self._waiting
-                decision = plan(waiting, now, self.settings.max_batch_size, self._max_delay_s)
-                if decision.take:
-                    taken = set(decision.take)
-                    self._waiting = [r for i, r in enumerate(waiting) if i not in taken]
-                    return [waiting[i] for i in decision.take]
-                assert decision.wake_at is not None
-                self._changed.wait(max(0.0, decision.wake_at - now))
-
-    def _run_batch(self, batch: list[_Request]) -> None:
-        rows = sum(r.rows for r in batch)
-        self.sizes.observe(rows)
-        if len(batch) == 1:
-            self._run_alone(batch[0])
-            return
-        names = batch[0].feeds.keys()
+    def _run_batch(self, feeds: list[Feeds]) -> tuple[list[Outcome], bool]:
+        """Outcomes of one batch (in the batch thread); a failed batch is run request by request."""
+        if len(feeds) == 1:
+            return [self._run_alone(feeds[0])], False
         try:
-            joined = {name: np.concatenate([r.feeds[name] for r in batch]) for name in names}
-            outputs = self._run(joined)
-            parts = _split(outputs, [r.rows for r in batch])
+            joined = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+            parts = _split(self._run(joined), [next(iter(f.values())).shape[0] for f in feeds])
         except Exception as exc:
-            self.split_batches += 1
             log.warning(
                 "model %s: a batch of %d requests failed (%s); running them one by one",
                 self.name,
-                len(batch),
+                len(feeds),
                 exc,
             )
-            for request in batch:
-                self._run_alone(request)
-            return
-        for request, part in zip(batch, parts, strict=True):
-            request.settle(part, None)
+            return [self._run_alone(f) for f in feeds], True
+        return [(part, None) for part in parts], False
 
-    def _run_alone(self, request: _Request) -> None:
+    def _run_alone(self, feeds: Feeds) -> Outcome:
         try:
-            request.settle(self._run(request.feeds), None)
-        except BaseException as exc:
-            request.settle(None, exc)
+            return self._run(feeds), None
+        except Exception as exc:
+            return None, exc
 
     def size_lines(self) -> list[str]:
         """Prometheus sample lines of ``scoring_batch_size`` for this model."""
@@ -242,6 +279,11 @@ class Batcher:
     def split_line(self) -> str:
         """The Prometheus sample line of ``scoring_batch_splits_total`` for this model."""
         return f'scoring_batch_splits_total{{model="{label_value(self.name)}"}} {self.split_batches}'
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(PoolTimeout())
 
 
 def _split(outputs: Feeds, rows: list[int]) -> list[Feeds]:

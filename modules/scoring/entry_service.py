@@ -13,6 +13,7 @@ from modules.scoring.entry import EntryScript, load_entry_script
 from modules.scoring.inference_schema_compat import declared_schemas, is_input_conversion_error
 from modules.scoring.model_paths import MODEL_DIR_VARS
 from modules.scoring.openapi import schemas_from_samples
+from modules.scoring.pool import InferencePool
 from modules.scoring.raw import ScoringRequest, ScoringResponse
 from modules.scoring.replies import (
     ClientError,
@@ -51,10 +52,6 @@ class EntryScriptService:
         self.script: EntryScript | None = None
         self.accepts_raw_methods = False
         self.providers: dict[str, str] = {}
-
-    def pool_threads(self, cpus: int) -> int:
-        """``cpus``: run() is called from that many threads at once."""
-        return cpus
 
     def metric_families(self) -> dict[str, tuple[str, str, Callable[[], list[str]]]]:
         """None beyond the server's."""
@@ -116,6 +113,14 @@ class EntryScriptService:
                 raise ClientError(400, f"the request body has no {param.name!r} field, which run() needs")
             kwargs[param.name] = value  # defaults passed explicitly, as Azure ML does
         return kwargs
+
+    async def handle_score(self, call: ScoreCall, pool: InferencePool) -> Reply:
+        """``score`` in a pool thread."""
+        return await pool.run(self.score, call)
+
+    async def handle_infer(self, model: str, call: ScoreCall, pool: InferencePool) -> Reply:
+        """``infer`` (a 404 naming /score)."""
+        return self.infer(model, call)
 
     def infer(self, model: str, call: ScoreCall) -> Reply:
         """Not available: an entry script decides itself how its model runs."""

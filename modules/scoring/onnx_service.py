@@ -19,13 +19,16 @@ from modules.contract import BATCH_SIZE_ENV
 from modules.scoring.backends import BackendError, InferenceBackend, InferenceError, TensorSpec, load_backend
 from modules.scoring.batching import Batcher, batchable
 from modules.scoring.config import ServerConfig
+from modules.scoring.metrics import label_value
 from modules.scoring.model_paths import ModelLocation, list_models
 from modules.scoring.openapi import schemas_from_samples, schemas_from_specs
+from modules.scoring.pool import InferencePool
 from modules.scoring.replies import ClientError, Reply, dumps, parse_json, require_json_content_type
 from modules.scoring.service import ApiSchemas, ScoreCall
 from modules.scoring.tensors import (
     INFERENCE_HEADER,
     InputError,
+    OipRequest,
     encode_oip_response,
     feeds_from_oip,
     feeds_from_payload,
@@ -36,6 +39,10 @@ from modules.scoring.tensors import (
 log = logging.getLogger(__name__)
 
 _INVALID_ARGUMENT = "InvalidArgument"
+
+INLINE_BYTES = 64 * 1024
+"""Batched requests up to this size are decoded and answered on the event loop (tens of
+microseconds: cheaper than two thread hand-overs); larger ones in the inference pool."""
 """onnxruntime's exception type for inputs the model rejects (the client's mistake)."""
 
 
@@ -85,7 +92,13 @@ class OnnxService:
                 else f"batching is off ({BATCH_SIZE_ENV}=1)"
             )
             if why_not is None:
-                self.batchers[name] = Batcher(backend.infer, settings, name=name)
+                self.batchers[name] = Batcher(
+                    backend.infer,
+                    settings,
+                    name=name,
+                    max_queued=self.config.max_queue,
+                    timeout_s=self.config.timeout_s,
+                )
                 log.info(
                     "model %s: batched, up to %d rows, waiting at most %g ms, %d inference thread(s)",
                     name,
@@ -105,10 +118,6 @@ class OnnxService:
             self.backends[name] = backend
         return {name: backend.provider for name, backend in self.backends.items()}
 
-    def pool_threads(self, cpus: int) -> int:
-        """Worker threads the server needs: ``cpus``, plus room for every batch to fill up."""
-        return cpus + sum(b.settings.max_batch_size for b in self.batchers.values())
-
     def close(self) -> None:
         """Let the batch threads end."""
         for batcher in self.batchers.values():
@@ -125,16 +134,19 @@ class OnnxService:
                 "Rows per batch run, by model.",
                 lambda: [line for b in batchers for line in b.size_lines()],
             ),
+            "scoring_batch_queued": (
+                "gauge",
+                "Requests waiting for a batch, by model.",
+                lambda: [
+                    f'scoring_batch_queued{{model="{label_value(b.name)}"}} {b.queued}' for b in batchers
+                ],
+            ),
             "scoring_batch_splits_total": (
                 "counter",
                 "Batches that failed and were run request by request, by model.",
                 lambda: [b.split_line() for b in batchers],
             ),
         }
-
-    def _run(self, model: str, feeds: dict[str, Any]) -> dict[str, Any]:
-        batcher = self.batchers.get(model)
-        return _infer(batcher.infer if batcher else self.backends[model].infer, feeds)
 
     def _only_model(self) -> str:
         if len(self.backends) != 1:
@@ -147,20 +159,53 @@ class OnnxService:
         return next(iter(self.backends))
 
     def score(self, call: ScoreCall) -> Reply:
-        """``{"data": ...}`` or ``{"inputs": {...}}`` in; ``{"result": ...}`` or ``{"outputs": ...}`` out."""
+        """``{"data": ...}`` or ``{"inputs": {...}}`` in; ``{"outputs": ...}`` out; blocking, unbatched."""
         model = self._only_model()
-        backend = self.backends[model]
+        feeds = self._score_feeds(model, call)
+        return self._score_reply(model, _infer(self.backends[model].infer, feeds))
+
+    def infer(self, model: str, call: ScoreCall) -> Reply:
+        """Open Inference Protocol inference, JSON or binary tensor data extension; blocking, unbatched."""
+        request = self._oip_request(model, call)
+        return self._oip_reply(model, request, _infer(self.backends[model].infer, request.feeds))
+
+    async def handle_score(self, call: ScoreCall, pool: InferencePool) -> Reply:
+        """``score``, with batched models' requests waiting for their batch on the loop."""
+        model = self._only_model()
+        batcher = self.batchers.get(model)
+        if batcher is None:
+            return await pool.run(self.score, call)
+        inline = len(call.body) <= INLINE_BYTES
+        feeds = self._score_feeds(model, call) if inline else await pool.run(self._score_feeds, model, call)
+        outputs = await _infer_batched(batcher, feeds)
+        return (
+            self._score_reply(model, outputs) if inline else await pool.run(self._score_reply, model, outputs)
+        )
+
+    async def handle_infer(self, model: str, call: ScoreCall, pool: InferencePool) -> Reply:
+        """``infer``, with batched models' requests waiting for their batch on the loop."""
+        batcher = self.batchers.get(model)
+        if batcher is None:
+            return await pool.run(self.infer, model, call)
+        inline = len(call.body) <= INLINE_BYTES
+        request = self._oip_request(model, call) if inline else await pool.run(self._oip_request, model, call)
+        outputs = await _infer_batched(batcher, request.feeds)
+        if inline:
+            return self._oip_reply(model, request, outputs)
+        return await pool.run(self._oip_reply, model, request, outputs)
+
+    def _score_feeds(self, model: str, call: ScoreCall) -> dict[str, Any]:
         require_json_content_type(call.headers.get("Content-Type"))
         payload = parse_json(call.body)
         try:
-            feeds = feeds_from_payload(payload, backend.inputs)
+            return feeds_from_payload(payload, self.backends[model].inputs)
         except InputError as exc:
             raise ClientError(400, str(exc)) from None
-        outputs = self._run(model, feeds)
-        return Reply(dumps(outputs_to_json(outputs, backend.outputs)))
 
-    def infer(self, model: str, call: ScoreCall) -> Reply:
-        """Open Inference Protocol inference, JSON or binary tensor data extension."""
+    def _score_reply(self, model: str, outputs: dict[str, Any]) -> Reply:
+        return Reply(dumps(outputs_to_json(outputs, self.backends[model].outputs)))
+
+    def _oip_request(self, model: str, call: ScoreCall) -> OipRequest:
         backend = self.backends.get(model)
         if backend is None:
             raise ClientError(404, f"no model {model!r} (models: {', '.join(self.locations)})")
@@ -173,10 +218,11 @@ class OnnxService:
             else:
                 require_json_content_type(call.headers.get("Content-Type"))
                 body, buffers = parse_json(call.body), None
-            request = feeds_from_oip(body, backend.inputs, backend.outputs, buffers)
+            return feeds_from_oip(body, backend.inputs, backend.outputs, buffers)
         except InputError as exc:
             raise ClientError(400, str(exc)) from None
-        outputs = self._run(model, request.feeds)
+
+    def _oip_reply(self, model: str, request: OipRequest, outputs: dict[str, Any]) -> Reply:
         payload, json_len = encode_oip_response(
             model, self.locations[model].version, outputs, request.request_id, request.outputs
         )
@@ -232,6 +278,25 @@ def _infer(run: Callable[[dict[str, Any]], dict[str, Any]], feeds: dict[str, Any
     try:
         return run(feeds)
     except InferenceError as exc:
-        if type(exc.__cause__).__name__ == _INVALID_ARGUMENT:
-            raise ClientError(400, str(exc)) from exc
-        raise
+        client = _client_error(exc)
+        if client is None:
+            raise
+        raise client from exc
+
+
+async def _infer_batched(batcher: Batcher, feeds: dict[str, Any]) -> dict[str, Any]:
+    """``_infer`` through the model's batcher."""
+    try:
+        return await batcher.infer(feeds)
+    except InferenceError as exc:
+        client = _client_error(exc)
+        if client is None:
+            raise
+        raise client from exc
+
+
+def _client_error(exc: InferenceError) -> ClientError | None:
+    """A 400 for inputs the model rejected (onnxruntime's InvalidArgument), None for other failures."""
+    if type(exc.__cause__).__name__ == _INVALID_ARGUMENT:
+        return ClientError(400, str(exc))
+    return None

@@ -55,15 +55,6 @@ class InferencePool:
         self.running = 0
         """Calls holding a thread right now (timed-out ones included until they return)."""
 
-    def resize(self, threads: int) -> None:
-        """Change the number of worker threads; only before the first call started them."""
-        if self._workers:
-            raise RuntimeError("the pool's worker threads are already running")
-        if threads < 1:
-            raise ValueError(f"threads must be at least 1, got {threads}")
-        self._free += threads - self.threads
-        self.threads = threads
-
     @property
     def queued(self) -> int:
         """Calls waiting for a thread."""

@@ -1,8 +1,9 @@
 """What the HTTP handlers call: one ``ScoringService`` per server, entry-script or no-code.
 
-Handlers stay thin: they read the request into a ``ScoreCall``, run the service's blocking method
-in the inference pool and send the ``Reply`` back. Everything a service does per request happens
-in a worker thread.
+Handlers stay thin: they read the request into a ``ScoreCall``, await the service's
+``handle_score`` / ``handle_infer`` and send the ``Reply`` back. Those run the blocking work (an
+entry script's run(), an unbatched model) in the inference pool; batched ONNX models wait for
+their batch on the loop and run it in the batcher's thread (``batching.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from modules.scoring.pool import InferencePool
 from modules.scoring.replies import Reply
 
 
@@ -65,10 +67,6 @@ class ScoringService(Protocol):
         """Load the model(s) / run init(); blocking. Returns model name → execution provider."""
         ...
 
-    def pool_threads(self, cpus: int) -> int:
-        """Worker threads the server should run, given the CPUs inference may use (after ``load``)."""
-        ...
-
     def metric_families(self) -> dict[str, tuple[str, str, Callable[[], list[str]]]]:
         """Metric families of the service's own for ``/metrics`` (name → type, help, sample lines)."""
         ...
@@ -83,6 +81,14 @@ class ScoringService(Protocol):
 
     def infer(self, model: str, call: ScoreCall) -> Reply:
         """Answer ``/v2/models/{model}/infer``; blocking. Raises ClientError (404 for unknown models)."""
+        ...
+
+    async def handle_score(self, call: ScoreCall, pool: InferencePool) -> Reply:
+        """``score`` as the server calls it: blocking work in ``pool``, never on the loop."""
+        ...
+
+    async def handle_infer(self, model: str, call: ScoreCall, pool: InferencePool) -> Reply:
+        """``infer`` as the server calls it: blocking work in ``pool``, never on the loop."""
         ...
 
     def model_names(self) -> list[str]:

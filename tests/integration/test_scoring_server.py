@@ -676,3 +676,99 @@ async def test_every_answer_names_the_instance_the_agent_started(tmp_path: Path)
             assert response.headers.get("X-Edge-Instance") == "abc123", path
     async with serving(_config(tmp_path, ENTRY_SCRIPT=str(script))) as (client, _):
         assert "X-Edge-Instance" not in (await client.get("/")).headers
+
+
+# --------------------------------------------------------------------------------------------
+# Adaptive batching
+# --------------------------------------------------------------------------------------------
+
+
+async def test_concurrent_requests_are_batched_and_answered_as_alone(
+    tmp_path: Path, digits: tuple[Path, np.ndarray]
+) -> None:
+    model, x = digits
+    session = ort.InferenceSession(str(model))
+    rows = np.concatenate([x] * 16)  # 64 rows, sent as 64 concurrent requests of one row
+    labels, probabilities = session.run(None, {"X": rows})
+    async with serving(_config(tmp_path, MODEL_DIR=str(model.parent))) as (client, scoring):
+        answers = await asyncio.gather(
+            *(client.post("/score", json={"data": [row.tolist()]}) for row in rows),
+            *(
+                client.post(
+                    "/v2/models/digits/infer",
+                    json={
+                        "inputs": [{"name": "X", "shape": [1, 64], "datatype": "FP32", "data": row.tolist()}]
+                    },
+                )
+                for row in rows[:8]
+            ),
+        )
+        docs = [await a.json() for a in answers]
+        assert [a.status for a in answers] == [200] * 72, docs
+        for i, doc in enumerate(docs[:64]):
+            assert doc["outputs"]["label"] == [labels[i]]
+            assert np.allclose(doc["outputs"]["probabilities"], probabilities[i : i + 1], atol=1e-6)
+        for i, doc in enumerate(docs[64:]):
+            assert {o["name"]: o["data"] for o in doc["outputs"]}["label"] == [labels[i]]
+        metrics = await (await client.get("/metrics")).text()
+        count = next(line for line in metrics.splitlines() if line.startswith("scoring_batch_size_count"))
+        total = next(line for line in metrics.splitlines() if line.startswith("scoring_batch_size_sum"))
+        assert float(total.split()[-1]) == 72, "every row went through the batcher"
+        assert int(count.split()[-1]) < 72, f"some requests shared a batch ({count})"
+        assert 'scoring_batch_queued{model="digits"} 0' in metrics
+        assert scoring.service.batchers["digits"].split_batches == 0  # type: ignore[attr-defined]
+
+
+async def test_a_bad_request_among_batched_ones_fails_alone(
+    tmp_path: Path, digits: tuple[Path, np.ndarray]
+) -> None:
+    model, x = digits
+    async with serving(_config(tmp_path, MODEL_DIR=str(model.parent))) as (client, _):
+        good = [client.post("/score", json={"data": [row.tolist()]}) for row in x]
+        wrong = client.post("/score", json={"data": [[1.0] * 63]})
+        answers = await asyncio.gather(*good, wrong)
+        assert [a.status for a in answers] == [200] * 4 + [400]
+        assert "shape" in await _error(answers[-1], 400)
+
+
+async def test_a_model_without_a_batch_dimension_is_served_unbatched(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    folder = tmp_path / "fixed" / "1"
+    folder.mkdir(parents=True)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    async with serving(_config(tmp_path, MODEL_DIR=str(folder))) as (client, _):
+        answers = await asyncio.gather(
+            *(client.post("/score", json={"data": [[-1, 2, -3, 4]]}) for _ in range(8))
+        )
+        docs = [await a.json() for a in answers]
+        assert docs == [{"result": [[0, 2, 0, 4]]}] * 8, "one output: answered as result"
+        meta = await (await client.get("/v2/models/fixed")).json()
+        assert meta["parameters"]["batching"] == {
+            "enabled": False,
+            "reason": "input 'x' has shape [1, 4], without a dynamic batch dimension",
+        }
+        assert "scoring_batch_size" not in await (await client.get("/metrics")).text()
+
+
+async def test_batching_can_be_turned_off(tmp_path: Path, digits: tuple[Path, np.ndarray]) -> None:
+    model, x = digits
+    async with serving(_config(tmp_path, MODEL_DIR=str(model.parent), SCORING_MAX_BATCH_SIZE="1")) as (
+        client,
+        _,
+    ):
+        answer = await client.post("/score", json={"data": x.tolist()})
+        assert answer.status == 200
+        meta = await (await client.get("/v2/models/digits")).json()
+        assert meta["parameters"]["batching"] == {
+            "enabled": False,
+            "reason": "batching is off (SCORING_MAX_BATCH_SIZE=1)",
+        }

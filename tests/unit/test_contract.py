@@ -486,6 +486,56 @@ def test_canonical_bytes_change_with_the_content(changes: dict[str, Any]) -> Non
     assert DesiredState.model_validate(desired(**changes)).canonical_bytes() != base
 
 
+def test_unset_batching_is_not_part_of_the_signed_bytes() -> None:
+    """A state signed before modules had ``batching`` verifies on an agent that knows the field."""
+    state = DesiredState.model_validate(desired())
+    assert b"batching" not in state.canonical_bytes()
+    tuned = desired()
+    tuned["modules"]["web"]["batching"] = {"max_batch_size": 8}
+    signed_bytes = DesiredState.model_validate(tuned).canonical_bytes()
+    assert b'"batching":{"max_batch_delay_ms":0.0,"max_batch_size":8}' in signed_bytes
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------
+
+
+def test_batching_becomes_the_module_s_environment() -> None:
+    spec = DeploymentManifest.model_validate(
+        web(env={"LOG_LEVEL": "DEBUG"}, batching={"max_batch_size": 8, "max_batch_delay_ms": 2})
+    ).modules["web"]
+    assert spec.container_env() == {
+        "LOG_LEVEL": "DEBUG",
+        "SCORING_MAX_BATCH_SIZE": "8",
+        "SCORING_MAX_BATCH_DELAY_MS": "2",
+    }
+    plain = DeploymentManifest.model_validate(web(env={"A": "1"})).modules["web"]
+    assert plain.container_env() == {"A": "1"}
+
+
+@pytest.mark.parametrize(
+    ("batching", "field", "message"),
+    [
+        ({"max_batch_size": 0}, "modules.web.batching.max_batch_size", "greater than or equal to 1"),
+        ({"max_batch_delay_ms": -1}, "modules.web.batching.max_batch_delay_ms", "greater than or equal to 0"),
+        (
+            {"max_batch_delay_ms": 5000},
+            "modules.web.batching.max_batch_delay_ms",
+            "less than or equal to 1000",
+        ),
+        ({"size": 8}, "modules.web.batching.size", "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_batching(batching: dict[str, Any], field: str, message: str) -> None:
+    assert_rejected(DeploymentManifest, web(batching=batching), field, message)
+
+
+def test_batching_and_its_env_variables_are_not_both_set() -> None:
+    lines = problems(DeploymentManifest, web(batching={}, env={"SCORING_MAX_BATCH_SIZE": "4"}))
+    assert any("set 'batching' or env SCORING_MAX_BATCH_SIZE, not both" in line for line in lines), lines
+
+
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------

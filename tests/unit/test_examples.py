@@ -32,7 +32,7 @@ def _load_script(path: Path, name: str) -> ModuleType:
     return module
 
 
-def test_build_writes_both_module_folders(examples: Path) -> None:
+def test_build_writes_the_module_folders(examples: Path) -> None:
     assert sorted(p.name for p in (examples / "digits").iterdir()) == [
         "expected.json",
         "model.onnx",
@@ -123,3 +123,21 @@ def test_unknown_image_size_is_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="image_size"):
         build_digits_onnx(tmp_path, image_size=16)
+
+
+def test_convnet_is_inference_bound_and_classifies_digits(examples: Path) -> None:
+    import onnxruntime as ort
+
+    from modules.examples.convnet import dataset
+
+    folder = examples / "convnet"
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    [inp] = session.get_inputs()
+    assert (inp.name, inp.shape) == ("image", ["batch", 1, 28, 28]), "a dynamic batch dimension"
+    data = np.array(json.loads((folder / "sample.json").read_text())["data"], dtype=np.float32)
+    label, proba = session.run(None, {"image": data})
+    assert label.tolist() == [json.loads((folder / "expected.json").read_text())["label"]]
+    assert proba.shape == (1, 10)
+    x, y = dataset()
+    predicted = session.run(["label"], {"image": x})[0]
+    assert (predicted == y).mean() > 0.9, "random conv features + a fitted softmax still classify digits"

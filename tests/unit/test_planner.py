@@ -12,7 +12,7 @@ from agent.actions import Create, Plan, Pull, SetRestartBook, Wait
 from agent.observed import ImageAvailability, ObservedModule, PullFailure, config_hash
 from agent.planner import PlannerConfig, credentials_for, module_status, plan, registry_of
 from agent.restart import RestartBook, RestartPolicyConfig
-from modules.contract import DesiredModule, DesiredState, ModuleHealth, RegistryCredentialRef
+from modules.contract import Batching, DesiredModule, DesiredState, ModuleHealth, RegistryCredentialRef
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 OLD = NOW - timedelta(hours=1)
@@ -352,6 +352,19 @@ def test_create_carries_spec_and_config_hash() -> None:
     assert create.spec == m
     assert create.config_hash == config_hash(m)
     assert create.generation == 1  # the desired state's, for the runtime's label
+
+
+def test_the_config_hash_of_modules_without_batching_is_what_it_was_before_the_field() -> None:
+    """An upgraded agent must not recreate every running module because the contract grew."""
+    import hashlib
+
+    from modules.contract import canonical_json
+
+    m = mod(env={"MODEL": "resnet"})
+    before = m.model_dump(mode="json", include={"image", "profile", "env", "ports", "resources"})
+    assert config_hash(m) == hashlib.sha256(canonical_json(before)).hexdigest()
+    tuned = m.model_copy(update={"batching": Batching(max_batch_size=4)})
+    assert config_hash(tuned) != config_hash(m), "changing batching recreates the module"
 
 
 def test_recreating_a_dead_container_carries_the_generation() -> None:

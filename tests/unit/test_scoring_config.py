@@ -79,6 +79,15 @@ def test_flags_override_environment(tmp_path: Path) -> None:
         ({"MODEL_DIR": "{tmp}", "EXIT_ON_INIT_FAILURE": "maybe"}, "EXIT_ON_INIT_FAILURE must be 1/true"),
         ({"MODEL_DIR": "{tmp}", "SCORING_THREADS": "lots"}, "SCORING_THREADS must be a positive integer"),
         ({"MODEL_DIR": "{tmp}", "LOG_LEVEL": "loud"}, "LOG_LEVEL must be DEBUG"),
+        ({"MODEL_DIR": "{tmp}", "SCORING_MAX_BATCH_SIZE": "0"}, "SCORING_MAX_BATCH_SIZE must be at least 1"),
+        (
+            {"MODEL_DIR": "{tmp}", "SCORING_MAX_BATCH_SIZE": "4096"},
+            "max_batch_size: .*less than or equal to 1024",
+        ),
+        (
+            {"MODEL_DIR": "{tmp}", "SCORING_MAX_BATCH_DELAY_MS": "soon"},
+            "SCORING_MAX_BATCH_DELAY_MS must be a number",
+        ),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Path, env: dict[str, str], message: str) -> None:
@@ -86,6 +95,13 @@ def test_bad_settings_are_named(tmp_path: Path, env: dict[str, str], message: st
     env["MODULE_JSON"] = str(tmp_path / "none.json")
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(env, [])
+
+
+def test_batching_defaults_and_environment(tmp_path: Path) -> None:
+    base = {"MODEL_DIR": str(tmp_path), "MODULE_JSON": str(tmp_path / "none.json")}
+    assert load_config(base, []).batching.model_dump() == {"max_batch_size": 32, "max_batch_delay_ms": 0.0}
+    tuned = load_config({**base, "SCORING_MAX_BATCH_SIZE": "8", "SCORING_MAX_BATCH_DELAY_MS": "2.5"}, [])
+    assert (tuned.batching.max_batch_size, tuned.batching.max_batch_delay_ms) == (8, 2.5)
 
 
 def test_bad_module_json_names_the_field(tmp_path: Path) -> None:

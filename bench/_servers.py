@@ -1,14 +1,17 @@
 """Start, probe, measure and stop the servers under test, each in its own process group.
 
-Every server binds to 127.0.0.1. azureml-inference-server-http lives in its own virtualenv
-(``.work/bench-venv-azureml``, created on first use) because it pins dependencies of its own;
-its ``azmlinfsrv`` command always binds 0.0.0.0, so we start its own ``amlserver.run()`` with
-only the bind address changed to loopback (every other setting stays its default).
+Every server binds to 127.0.0.1. azureml-inference-server-http and MLServer live in virtualenvs
+of their own (``.work/bench-venv-azureml``, ``.work/bench-venv-mlserver``, created on first use)
+because they pin dependencies of their own. azureml's ``azmlinfsrv`` command always binds
+0.0.0.0, so we start its own ``amlserver.run()`` with only the bind address changed to loopback
+(every other setting stays its default). MLServer runs ``bench/mlserver_runtime/onnx_runtime.py``,
+a minimal onnxruntime runtime, with its default settings (one parallel worker process).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -18,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,10 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 AZUREML_VENV = ROOT / ".work" / "bench-venv-azureml"
 AZUREML_PACKAGES = ("azureml-inference-server-http", "onnxruntime", "numpy")
+MLSERVER_VENV = ROOT / ".work" / "bench-venv-mlserver"
+MLSERVER_PACKAGES = ("mlserver", "onnxruntime", "numpy", "uvloop<0.22")
+"""uvloop 0.22 refuses the ``asyncio.get_event_loop()`` that MLServer 1.7's worker processes call."""
+MLSERVER_RUNTIME = Path(__file__).resolve().parent / "mlserver_runtime" / "onnx_runtime.py"
 
 _AZUREML_LOOPBACK = (
     "import sys\n"
@@ -51,6 +58,9 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
     ready_path: str = "/"
     health_path: str = "/"
+    score_path: str = "/score"
+    oip_model: str | None = None
+    """When set, requests are Open Inference Protocol JSON for this model instead of ``{"data"}``."""
 
 
 def free_port() -> int:
@@ -134,33 +144,80 @@ def azureml(
     return ServerSpec(key=key, label=label, argv=tuple(argv), ready_path="/", health_path="/")
 
 
-def ensure_azureml_venv(log: Callable[[str], None]) -> str | None:
-    """Make sure the azureml virtualenv works; return None, or why it cannot be used."""
-    python = AZUREML_VENV / "bin" / "python"
-    check = [str(python), "-c", "import azureml_inference_server_http, onnxruntime, numpy"]
+def ensure_venv(
+    venv: Path, packages: Sequence[str], check_code: str, log: Callable[[str], None]
+) -> str | None:
+    """Make sure ``venv`` has ``packages`` (``check_code`` must run); None, or why it cannot be used."""
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", check_code]
     if python.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
         return None
-    log(f"creating {AZUREML_VENV.relative_to(ROOT)} with {', '.join(AZUREML_PACKAGES)} (pip, once)")
-    made = subprocess.run([sys.executable, "-m", "venv", str(AZUREML_VENV)], capture_output=True, text=True)
+    log(f"installing {', '.join(packages)} into {venv.relative_to(ROOT)} (pip, once)")
+    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
     if made.returncode != 0:
-        return f"cannot create {AZUREML_VENV}: {made.stderr.strip()}"
+        return f"cannot create {venv}: {made.stderr.strip()}"
     pip = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *AZUREML_PACKAGES],
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
         capture_output=True,
         text=True,
     )
     if pip.returncode != 0:
-        return f"pip install {' '.join(AZUREML_PACKAGES)} failed: {pip.stderr.strip()[-500:]}"
+        return f"pip install {' '.join(packages)} failed: {pip.stderr.strip()[-500:]}"
     if subprocess.run(check, capture_output=True, check=False).returncode != 0:
-        return f"{AZUREML_VENV} was installed but its packages do not import"
+        return f"{venv} was installed but its packages do not import"
     return None
 
 
-def azureml_version() -> str | None:
-    """The installed azureml-inference-server-http version, if any."""
-    python = AZUREML_VENV / "bin" / "python"
-    code = "import importlib.metadata as m; print(m.version('azureml-inference-server-http'))"
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
+def ensure_azureml_venv(log: Callable[[str], None]) -> str | None:
+    """The azureml virtualenv: None when it works, else why not."""
+    check = "import azureml_inference_server_http, onnxruntime, numpy"
+    return ensure_venv(AZUREML_VENV, AZUREML_PACKAGES, check, log)
+
+
+def ensure_mlserver_venv(log: Callable[[str], None]) -> str | None:
+    """The MLServer virtualenv: None when it works, else why not."""
+    check = (
+        "import mlserver, onnxruntime, numpy, uvloop\n"
+        "assert tuple(map(int, uvloop.__version__.split('.')[:2])) < (0, 22)"
+    )
+    return ensure_venv(MLSERVER_VENV, MLSERVER_PACKAGES, check, log)
+
+
+def mlserver(key: str, label: str, model_dir: Path, name: str, work: Path) -> ServerSpec:
+    """MLServer serving ``model_dir/model.onnx`` as ``name`` with the minimal onnxruntime runtime."""
+    repo = work / "mlserver" / name
+    repo.mkdir(parents=True, exist_ok=True)
+    shutil.copy(MLSERVER_RUNTIME, repo / MLSERVER_RUNTIME.name)
+    settings = {
+        "name": name,
+        "implementation": "onnx_runtime.OnnxRuntime",
+        "parameters": {"uri": str(model_dir / "model.onnx")},
+    }
+    (repo / "model-settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    env = {
+        "MLSERVER_HOST": "127.0.0.1",
+        "MLSERVER_HTTP_PORT": "{port}",
+        "MLSERVER_GRPC_PORT": str(free_port()),
+        "MLSERVER_METRICS_PORT": str(free_port()),
+    }
+    return ServerSpec(
+        key=key,
+        label=label,
+        argv=(str(MLSERVER_VENV / "bin" / "python"), "-m", "mlserver.cli.main", "start", str(repo)),
+        env=env,
+        ready_path=f"/v2/models/{name}/ready",
+        health_path="/v2/health/live",
+        score_path=f"/v2/models/{name}/infer",
+        oip_model=name,
+    )
+
+
+def package_version(venv: Path, package: str) -> str | None:
+    """The version of ``package`` installed in ``venv``, if any."""
+    code = f"import importlib.metadata as m; print(m.version({package!r}))"
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=False
+    )
     return out.stdout.strip() or None
 
 
@@ -253,7 +310,11 @@ def running(spec: ServerSpec, log_dir: Path, ready_timeout_s: float = 120.0) -> 
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.key}.log"
     argv = [a.replace("{port}", str(port)) for a in spec.argv]
-    env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        **{k: v.replace("{port}", str(port)) for k, v in spec.env.items()},
+        "PYTHONUNBUFFERED": "1",
+    }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

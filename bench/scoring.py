@@ -1,21 +1,25 @@
-"""Scoring benchmark: our scoring server against raw onnxruntime and azureml-inference-server-http.
+"""Scoring benchmark: our server against the model's limit, azureml-inference-server-http and MLServer.
 
 Same machine, same run, same ONNX model for every row. Load comes from ``wrk`` in a separate
-process over loopback keep-alive connections, POSTing the model's sample as JSON, at concurrency 1
-and 16 for ``--duration`` seconds per point.
+process over loopback keep-alive connections at concurrency 1, 16 and 64, ``--duration`` seconds
+per point.
 
-- (a) ``session.run`` in-process, one thread: the floor (no HTTP, no JSON);
-- (b) ``python -m modules.scoring``: no-code mode (the server runs model.onnx itself) and
-  entry-script mode (``bench/entry_scripts/onnx_score.py``);
+- (a) the limit: ``session.run`` in-process (no HTTP, no JSON), the best over onnxruntime thread
+  settings and batch sizes, and the best batch-1 latency (``bench/_raw.py``);
+- (b) ``python -m modules.scoring``: no-code mode (the server runs model.onnx itself, batching
+  requests) and entry-script mode (``bench/entry_scripts/onnx_score.py``);
 - (c) azureml-inference-server-http with the same entry script: its defaults (1 sync gunicorn
-  worker) and ``--worker_count`` = CPUs; installed in ``.work/bench-venv-azureml``.
+  worker) and ``--worker_count`` = CPUs; installed in ``.work/bench-venv-azureml``;
+- (d) MLServer with a minimal onnxruntime runtime (``bench/mlserver_runtime/``), its defaults;
+  installed in ``.work/bench-venv-mlserver``. It speaks the Open Inference Protocol only, so its
+  requests carry the same sample as OIP JSON.
 
-Models: ``digits`` (scikit-learn's 8x8 digits, 64 inputs, MLP 64-64-10) and ``digits28`` (the
-same digits upsampled to 28x28, 784 inputs, MLP 784-128-10), built from bundled data.
+Models, built from bundled data: ``digits`` (MLP 64-64-10), ``digits28`` (MLP 784-128-10) and
+``convnet`` (three conv blocks on 28x28 digits, ``session.run`` ≥ 200 µs at batch 1).
 
 Then a probe: health-check latency while one long (sleeping) request is in flight.
 
-    python3 -m bench.scoring [--quick] [--duration S] [--models digits,digits28] [--json]
+    python3 -m bench.scoring [--quick] [--duration S] [--models digits,convnet] [--json]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,36 +39,56 @@ from typing import Any
 
 from bench._load import LoadError, run_wrk, wrk_version
 from bench._probe import health_while_busy
-from bench._raw import measure_session
+from bench._raw import measure_limit
 from bench._servers import (
+    AZUREML_VENV,
+    MLSERVER_VENV,
     ROOT,
     ServerError,
     ServerSpec,
     azureml,
-    azureml_version,
     ensure_azureml_venv,
+    ensure_mlserver_venv,
     http_post,
+    mlserver,
     ours,
+    package_version,
     running,
 )
 
 WORK = ROOT / ".work" / "bench"
 RESULTS = ROOT / "bench" / "results"
 SCRIPTS = Path(__file__).resolve().parent / "entry_scripts"
-CONCURRENCY = (1, 16)
+CONCURRENCY = (1, 16, 64)
 
 
 @dataclass(frozen=True)
 class ModelChoice:
     """A benchmark model and how to build it."""
 
-    image_size: int
+    build: Callable[[Path, str], Path]
     describe: str
 
 
+def _digits(size: int) -> Callable[[Path, str], Path]:
+    def build(folder: Path, name: str) -> Path:
+        from modules.examples.digits import build_digits_onnx
+
+        return build_digits_onnx(folder, image_size=size, name=name)
+
+    return build
+
+
+def _convnet(folder: Path, name: str) -> Path:
+    from modules.examples.convnet import build_convnet_onnx
+
+    return build_convnet_onnx(folder, name=name)
+
+
 MODELS = {
-    "digits": ModelChoice(8, "64 float inputs (8x8 digits), MLP 64-64-10"),
-    "digits28": ModelChoice(28, "784 float inputs (digits upsampled to 28x28), MLP 784-128-10"),
+    "digits": ModelChoice(_digits(8), "64 float inputs (8x8 digits), MLP 64-64-10"),
+    "digits28": ModelChoice(_digits(28), "784 float inputs (digits upsampled to 28x28), MLP 784-128-10"),
+    "convnet": ModelChoice(_convnet, "1x28x28 image, conv 32/96/128 channels + softmax: inference-bound"),
 }
 
 
@@ -81,55 +106,76 @@ def prepare_model(name: str, rebuild: bool) -> Path:
     """Build the model folder under .work/bench/models once (``--rebuild`` forces it)."""
     folder = WORK / "models" / name
     if rebuild or not all((folder / f).is_file() for f in ("model.onnx", "sample.json", "expected.json")):
-        from modules.examples.digits import build_digits_onnx
-
         log(f"building model {name} into {folder.relative_to(ROOT)} (scikit-learn, once)")
-        build_digits_onnx(folder, image_size=MODELS[name].image_size, name=name)
+        MODELS[name].build(folder, name)
     return folder
 
 
-def server_specs(model_dir: Path, with_azureml: bool) -> list[ServerSpec]:
+def server_specs(model_dir: Path, with_azureml: bool, with_mlserver: bool) -> list[ServerSpec]:
     """Every server configuration measured for one model."""
     script = SCRIPTS / "onnx_score.py"
     specs = [
-        ours("ours-nocode", "(b) ours, no-code ONNX", model_dir),
+        ours("ours-nocode", "(b) ours, no-code ONNX (batching)", model_dir),
         ours("ours-entry", "(b) ours, entry script", model_dir, script),
     ]
     if with_azureml:
         n = cpus()
         specs += [
             azureml("azureml-default", "(c) azureml, default (1 worker)", model_dir, script),
-            azureml(f"azureml-{n}w", f"(c) azureml, {n} workers (= CPUs)", model_dir, script, workers=n),
+            azureml("azureml-workers", f"(c) azureml, {n} workers (= CPUs)", model_dir, script, workers=n),
         ]
+    if with_mlserver:
+        specs.append(
+            mlserver("mlserver", "(d) MLServer, onnxruntime runtime", model_dir, model_dir.name, WORK)
+        )
     return specs
+
+
+def request_body(spec: ServerSpec, sample: dict[str, Any]) -> bytes:
+    """The sample as this server takes it: ``{"data": ...}``, or OIP JSON for ``oip_model`` servers."""
+    if spec.oip_model is None:
+        return json.dumps(sample, separators=(",", ":")).encode()
+    import numpy as np
+
+    data = np.asarray(sample["data"], dtype=np.float32)
+    tensor = {"name": "input", "shape": list(data.shape), "datatype": "FP32", "data": data.ravel().tolist()}
+    return json.dumps({"inputs": [tensor]}, separators=(",", ":")).encode()
 
 
 def _label_of(body: bytes) -> Any:
     doc = json.loads(body)
     doc = doc.get("outputs", doc) if isinstance(doc, dict) else doc
+    if isinstance(doc, list):  # Open Inference Protocol outputs
+        return next(o["data"][0] for o in doc if o["name"] == "label")
     return doc["label"][0]
 
 
 def measure_server(
-    spec: ServerSpec, body: bytes, expected_label: int, args: argparse.Namespace, log_dir: Path
+    spec: ServerSpec, sample: dict[str, Any], expected_label: int, args: argparse.Namespace, log_dir: Path
 ) -> dict[str, Any]:
     """Start one server, check it answers the sample correctly, load it at each concurrency."""
     out: dict[str, Any] = {"label": spec.label, "points": {}, "error": None}
+    body = request_body(spec, sample)
+    out["request_bytes"] = len(body)
     try:
         with running(spec, log_dir) as server:
-            status, reply = http_post(server.url("/score"), body, timeout_s=30)
+            status, reply = http_post(server.url(spec.score_path), body, timeout_s=30)
             if status != 200 or _label_of(reply) != expected_label:
                 raise ServerError(
                     f"sample answered {status}: {reply[:300]!r} (expected label {expected_label})"
                 )
             run_wrk(
-                server.url("/score"), body, concurrency=16, duration_s=args.warmup, threads=args.wrk_threads
+                server.url(spec.score_path),
+                body,
+                concurrency=16,
+                duration_s=args.warmup,
+                threads=args.wrk_threads,
             )
             rss = uss = 0.0
             for c in CONCURRENCY:
                 log(f"  {spec.label}: c={c} for {args.duration:.0f}s")
                 point = run_wrk(
-                    server.url("/score"),
+                    server.url(spec.score_path),
                     body,
                     concurrency=c,
                     duration_s=args.duration,
@@ -145,36 +191,48 @@ def measure_server(
     return out
 
 
-def evaluate_targets(raw: dict[str, Any], servers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the figures it compares and whether it is met."""
+def evaluate_targets(
+    name: str, limit: dict[str, Any], servers: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The issue's targets for this model, each with the figures it compares and whether it is met."""
 
-    def point(key: str, c: int) -> dict[str, Any] | None:
+    def rps(key: str, c: int) -> float | None:
         s = servers.get(key)
-        return None if s is None or s["error"] else s["points"].get(str(c))
+        point = None if s is None or s["error"] else s["points"].get(str(c))
+        return point["rps"] if point else None
 
-    azure_default = next((k for k in servers if k == "azureml-default"), None)
-    azure_workers = next((k for k in servers if k.startswith("azureml-") and k.endswith("w")), None)
+    def row(
+        target: str, measured: float | None, required: float | None, higher: bool = True
+    ) -> dict[str, Any]:
+        met = None
+        if measured is not None and required is not None:
+            met = measured >= required if higher else measured <= required
+        return {"target": target, "measured": measured, "required": required, "met": met}
+
+    def times(factor: float, other: str) -> float | None:
+        theirs = rps(other, 16)
+        return round(factor * theirs, 1) if theirs is not None else None
+
+    ours16 = rps("ours-nocode", 16)
     rows = []
-    for ours_key in ("ours-nocode", "ours-entry"):
-        mine16, mine1 = point(ours_key, 16), point(ours_key, 1)
-        for other, factor in ((azure_default, 3.0), (azure_workers, 1.5)):
-            theirs = point(other, 16) if other else None
-            rows.append(
-                {
-                    "target": f"c16 {ours_key} req/s >= {factor}x {other or 'azureml'}",
-                    "measured": mine16["rps"] if mine16 else None,
-                    "required": round(factor * theirs["rps"], 1) if theirs else None,
-                    "met": (mine16["rps"] >= factor * theirs["rps"]) if mine16 and theirs else None,
-                }
-            )
+    if name == "convnet":
         rows.append(
-            {
-                "target": f"c1 {ours_key} p50 <= session.run p50 + 0.3 ms",
-                "measured": mine1["p50_ms"] if mine1 else None,
-                "required": round(raw["p50_ms"] + 0.3, 3),
-                "met": (mine1["p50_ms"] <= raw["p50_ms"] + 0.3) if mine1 else None,
-            }
+            row("c16 ours req/s >= 60% of (a) rows/s", ours16, round(0.6 * limit["best"]["rows_per_s"], 1))
         )
+        rows.append(row("c16 ours req/s >= 4x azureml default", ours16, times(4.0, "azureml-default")))
+    else:
+        rows.append(row("c16 ours req/s >= 5x azureml default", ours16, times(5.0, "azureml-default")))
+        rows.append(row("c16 ours req/s >= 4x MLServer", ours16, times(4.0, "mlserver")))
+    mine = servers.get("ours-nocode")
+    p50 = None if mine is None or mine["error"] else mine["points"]["1"]["p50_ms"]
+    rows.append(
+        row(
+            "c1 ours p50 ms <= (a) batch-1 p50 + 0.25",
+            p50,
+            round(limit["batch1"]["p50_ms"] + 0.25, 3),
+            higher=False,
+        )
+    )
     return rows
 
 
@@ -188,38 +246,40 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def render_model(name: str, result: dict[str, Any], duration_s: float) -> str:
     """The side-by-side table and targets for one model."""
+    point_head = f"{'p50 ms':>7} {'p99 ms':>7} {'req/s':>7} {'err':>4}"
     head = (
-        f"{'':34} | {'c=1':^31} | {'c=16':^31} | {'memory MiB':^15}\n"
-        f"{'server':34} | {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8} {'err':>5}"
-        f" | {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8} {'err':>5} | {'RSS':>7} {'USS':>7}"
+        f"{'':38} | " + " | ".join(f"{f'c={c}':^28}" for c in CONCURRENCY) + f" | {'memory MiB':^11}\n"
+        f"{'server':38} | " + " | ".join(point_head for _ in CONCURRENCY) + f" | {'RSS':>5} {'USS':>5}"
     )
     lines = [
-        f"== {name}: {result['describe']}; {duration_s:.0f} s per point, wrk over loopback ==",
+        f"== {name}: {result['describe']}; request {result['request_bytes']} bytes; "
+        f"{duration_s:.0f} s per point, wrk over loopback ==",
         head,
         "-" * len(head.splitlines()[1]),
     ]
-    raw = result["raw"]
+    limit = result["limit"]
+    best, fastest = limit["best"], limit["batch1"]
     lines.append(
-        f"{'(a) session.run in-process, 1 thr':34} | {_fmt(raw['p50_ms'], 3):>7} {_fmt(raw['p99_ms'], 3):>7}"
-        f" {_fmt(raw['calls_per_s'], 0):>8} {'-':>5} | {'':31} | {'':>7} {'':>7}"
+        f"{'(a) limit: session.run in-process':38} | best {_fmt(best['rows_per_s'], 0)} rows/s "
+        f"({best['setting']}, batch {best['batch']}); batch-1 p50 {_fmt(fastest['p50_ms'], 3)} ms "
+        f"({fastest['setting']})"
     )
     for s in result["servers"].values():
         if s["error"]:
-            lines.append(f"{s['label']:34} | FAILED: {s['error'][:120]}")
+            lines.append(f"{s['label']:38} | FAILED: {s['error'][:120]}")
             continue
         cells = []
         for c in CONCURRENCY:
             p = s["points"][str(c)]
             errors = p["http_errors"] + p["socket_errors"]
-            cells.append(f"{_fmt(p['p50_ms']):>7} {_fmt(p['p99_ms']):>7} {_fmt(p['rps'], 0):>8} {errors:>5}")
-        lines.append(
-            f"{s['label']:34} | {cells[0]} | {cells[1]} | {_fmt(s['rss_mb'], 0):>7} {_fmt(s['uss_mb'], 0):>7}"
-        )
+            cells.append(f"{_fmt(p['p50_ms']):>7} {_fmt(p['p99_ms']):>7} {_fmt(p['rps'], 0):>7} {errors:>4}")
+        memory = f"{_fmt(s['rss_mb'], 0):>5} {_fmt(s['uss_mb'], 0):>5}"
+        lines.append(f"{s['label']:38} | " + " | ".join(cells) + f" | {memory}")
     lines.append("targets:")
     for t in result["targets"]:
         verdict = {True: "MET", False: "NOT MET", None: "n/a"}[t["met"]]
         figures = f"measured {_fmt(t['measured']):>9}  needed {_fmt(t['required']):>9}"
-        lines.append(f"  {t['target']:60} {figures}  {verdict}")
+        lines.append(f"  {t['target']:46} {figures}  {verdict}")
     return "\n".join(lines)
 
 
@@ -290,8 +350,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python3 -m bench.scoring", description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per load point (default 10)")
     p.add_argument("--quick", action="store_true", help="smoke run: digits only, 2 s points, short probe")
-    p.add_argument("--models", default="digits,digits28", help="comma-separated: " + ", ".join(MODELS))
+    p.add_argument("--models", default="digits,convnet", help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--skip-azureml", action="store_true", help="leave out azureml-inference-server-http")
+    p.add_argument("--skip-mlserver", action="store_true", help="leave out MLServer")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1; 2 CPUs are shared)")
     p.add_argument("--probe-seconds", type=float, default=2.0, help="length of the long probe request")
     p.add_argument("--rebuild", action="store_true", help="rebuild the benchmark models")
@@ -325,7 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     azureml_skip = "--skip-azureml given" if args.skip_azureml else ensure_azureml_venv(log)
     if azureml_skip:
         log(f"azureml-inference-server-http rows SKIPPED: {azureml_skip}")
-    env["azureml_inference_server_http"] = None if azureml_skip else azureml_version()
+    env["azureml_inference_server_http"] = (
+        None if azureml_skip else package_version(AZUREML_VENV, "azureml-inference-server-http")
+    )
+    mlserver_skip = "--skip-mlserver given" if args.skip_mlserver else ensure_mlserver_venv(log)
+    if mlserver_skip:
+        log(f"MLServer rows SKIPPED: {mlserver_skip}")
+    env["mlserver"] = None if mlserver_skip else package_version(MLSERVER_VENV, "mlserver")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     log_dir = WORK / "logs" / stamp
     started = time.monotonic()
@@ -338,27 +405,26 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": list(CONCURRENCY),
             "wrk_threads": args.wrk_threads,
             "azureml_skipped": azureml_skip,
+            "mlserver_skipped": mlserver_skip,
         },
         "models": {},
     }
     for name in models:
         folder = prepare_model(name, args.rebuild)
-        body = json.dumps(json.loads((folder / "sample.json").read_text()), separators=(",", ":")).encode()
+        sample = json.loads((folder / "sample.json").read_text())
         expected = json.loads((folder / "expected.json").read_text())["label"]
-        rows = json.loads(body)["data"]
-        log(f"{name}: (a) session.run in-process for {min(args.duration, 5.0):.0f}s")
-        raw = measure_session(folder / "model.onnx", rows, min(args.duration, 5.0)).as_dict()
-        servers = {
-            spec.key: measure_server(spec, body, expected, args, log_dir)
-            for spec in server_specs(folder, with_azureml=not azureml_skip)
-        }
+        point_s = 0.3 if args.quick else 1.0
+        log(f"{name}: (a) the limit: sweeping session.run settings ({point_s:g} s per point)")
+        limit = measure_limit(folder / "model.onnx", sample["data"], cpus(), point_s)
+        specs = server_specs(folder, with_azureml=not azureml_skip, with_mlserver=not mlserver_skip)
+        servers = {spec.key: measure_server(spec, sample, expected, args, log_dir) for spec in specs}
         report["models"][name] = {
             "describe": MODELS[name].describe,
             "model_bytes": (folder / "model.onnx").stat().st_size,
-            "request_bytes": len(body),
-            "raw": raw,
+            "request_bytes": len(request_body(specs[0], sample)),
+            "limit": limit,
             "servers": servers,
-            "targets": evaluate_targets(raw, servers),
+            "targets": evaluate_targets(name, limit, servers),
         }
     report["probe"] = run_probe(args.probe_seconds, not azureml_skip, log_dir)
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -376,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             f"machine: {env['cpu']}, {env['cpus_allowed']} CPUs allowed; load average "
             f"{env['loadavg_start']} at start, {env['loadavg_end']} at end; python {env['python']}, "
             f"onnxruntime {env['onnxruntime']}, {env['wrk']}, azureml-inference-server-http "
-            f"{env['azureml_inference_server_http'] or 'skipped'}\n"
+            f"{env['azureml_inference_server_http'] or 'skipped'}, MLServer {env['mlserver'] or 'skipped'}\n"
         )
         for name, result in report["models"].items():
             print(render_model(name, result, args.duration) + "\n")

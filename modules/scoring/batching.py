@@ -1,4 +1,4 @@
-"""Adaptive batching for no-code ONNX models with a dynamic batch dimension.
+"""Adaptive batching: no-code ONNX models with a dynamic batch dimension, entry scripts with run_batch().
 
 Requests that wait together run as one batch, like Triton's dynamic batcher and MLServer's
 adaptive batching. The decision is ``plan``, a pure function of what waits and the time; the
@@ -14,7 +14,10 @@ adaptive batching. The decision is ``plan``, a pure function of what waits and t
 - when a batch fails, each of its requests is run on its own, so an error stays with the request
   that caused it.
 
-Requests wait on the event loop, not in threads: only the batch itself runs in a thread.
+Requests wait on the event loop, not in threads: only the batch itself runs in a thread, or on
+the loop when batches have been measured to take less than a thread hand-over (``INLINE_RUN_S``).
+The Batcher is generic: ``tensor_batches`` joins ONNX feeds along the batch dimension and splits
+the outputs; an entry script's ``run_batch()`` takes the request bodies as a list.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from queue import SimpleQueue
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -38,6 +42,8 @@ from modules.scoring.pool import PoolBusy, PoolClosed, PoolTimeout
 log = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
+T = TypeVar("T")
+R = TypeVar("R")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -118,70 +124,100 @@ def feeds_key(feeds: Feeds) -> tuple[Hashable, int]:
     return key, sizes.pop()
 
 
-class _Request:
-    __slots__ = ("arrived", "feeds", "future", "key", "rows")
+def tensor_batches(run: Callable[[Feeds], Feeds]) -> Callable[[list[Feeds]], list[Feeds]]:
+    """A batch runner for a model: the requests' feeds joined along the batch dimension, one
+    ``run``, every output split back into each request's rows."""
 
-    def __init__(self, feeds: Feeds, key: Hashable, rows: int, arrived: float, future: asyncio.Future[Feeds]):
-        self.feeds = feeds
+    def run_many(items: list[Feeds]) -> list[Feeds]:
+        if len(items) == 1:
+            return [run(items[0])]
+        joined = {name: np.concatenate([f[name] for f in items]) for name in items[0]}
+        return _split(run(joined), [feeds_key(f)[1] for f in items])
+
+    return run_many
+
+
+def one_row(_item: object) -> tuple[Hashable, int]:
+    """The key of requests that are one row each and can all share a batch (entry scripts)."""
+    return None, 1
+
+
+class _Request(Generic[T, R]):
+    __slots__ = ("arrived", "future", "item", "key", "rows")
+
+    def __init__(self, item: T, key: Hashable, rows: int, arrived: float, future: asyncio.Future[R]):
+        self.item = item
         self.key = key
         self.rows = rows
         self.arrived = arrived
         self.future = future
 
 
-Outcome = tuple[Feeds | None, BaseException | None]
+Outcome = tuple[Any, BaseException | None]
 
 
-class Batcher:
-    """Runs ``run`` (a backend's blocking ``infer``) on batches formed by ``plan``.
+class Batcher(Generic[T, R]):
+    """Runs ``run_many`` (blocking: a list of requests in, one result per request out) on the
+    batches ``plan`` forms; ``key`` gives a request's batch key and rows.
 
     Used from one event loop: requests wait on the loop (no thread per request), one batch at a
     time runs in the batcher's own thread, and its results come back with a single loop wake-up
-    per batch. At most ``max_queued`` requests wait (more get PoolBusy); a request not answered
-    ``timeout_s`` after it arrived gets PoolTimeout (its rows still run if their batch started).
+    per batch. With ``inline``, a batch whose expected run time (from the batches before it) is
+    under ``INLINE_RUN_S`` runs on the loop instead: for such small work the two thread
+    hand-overs would cost more than the work. At most ``max_queued`` requests wait (more get PoolBusy); a
+    request not answered ``timeout_s`` after it arrived gets PoolTimeout (its rows still run if
+    their batch started).
     """
 
     def __init__(
         self,
-        run: Callable[[Feeds], Feeds],
+        run_many: Callable[[list[T]], list[R]],
         settings: Batching,
         *,
         name: str,
+        key: Callable[[T], tuple[Hashable, int]],
         max_queued: int = 256,
         timeout_s: float = 60.0,
+        inline: bool = True,
     ) -> None:
-        self._run = run
+        self._run_many = run_many
+        self._inline = inline
+        self._key = key
         self.settings = settings
         self.name = name
         self.max_queued = max_queued
         self.timeout_s = timeout_s
         self._max_delay_s = settings.max_batch_delay_ms / 1000.0
-        self._waiting: list[_Request] = []
+        self._waiting: list[_Request[T, R]] = []
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
-        self._jobs: SimpleQueue[tuple[list[_Request], asyncio.AbstractEventLoop] | None] = SimpleQueue()
+        self._jobs: SimpleQueue[tuple[list[_Request[T, R]], asyncio.AbstractEventLoop] | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.costs = RowCost()
+        """Seconds per batch and per row, learnt from the batches run so far."""
         self.sizes = Histogram(BATCH_SIZE_BUCKETS)
         """Rows per batch run."""
         self.split_batches = 0
         """Batches that failed and were run request by request."""
+        self.inline_batches = 0
+        """Batches run on the loop because they were expected to take under ``INLINE_RUN_S``."""
 
     @property
     def queued(self) -> int:
         """Requests waiting for a batch."""
         return len(self._waiting)
 
-    async def infer(self, feeds: Feeds) -> Feeds:
-        """Run ``feeds`` as part of a batch and return its own rows of every output."""
+    async def infer(self, item: T) -> R:
+        """Run ``item`` as part of a batch and return its own result."""
         if self._closed:
             raise PoolClosed()
         if len(self._waiting) >= self.max_queued:
             raise PoolBusy()
         loop = asyncio.get_running_loop()
-        key, rows = feeds_key(feeds)
-        future: asyncio.Future[Feeds] = loop.create_future()
-        self._waiting.append(_Request(feeds, key, rows, loop.time(), future))
+        key, rows = self._key(item)
+        future: asyncio.Future[R] = loop.create_future()
+        self._waiting.append(_Request(item, key, rows, loop.time(), future))
         timer = loop.call_at(loop.time() + self.timeout_s, _expire, future)
         self._dispatch(loop)
         try:
@@ -192,32 +228,42 @@ class Batcher:
                 self._waiting = [r for r in self._waiting if r.future is not future]
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the next batch when the batch thread is free and ``plan`` says so."""
+        """Start batches while the runner is free and ``plan`` says so."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._waiting = [r for r in self._waiting if not r.future.done()]
-        if self._busy or not self._waiting:
-            return
-        now = loop.time()
-        decision = plan(self._waiting, now, self.settings.max_batch_size, self._max_delay_s)
-        if not decision.take:
-            assert decision.wake_at is not None
-            self._timer = loop.call_at(decision.wake_at, self._dispatch, loop)
-            return
-        taken = set(decision.take)
-        batch = [self._waiting[i] for i in decision.take]
-        self._waiting = [r for i, r in enumerate(self._waiting) if i not in taken]
-        self._busy = True
-        self.sizes.observe(sum(r.rows for r in batch))
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name=f"batch_{self.name}", daemon=True)
-            self._thread.start()
-        self._jobs.put((batch, loop))
+        while not self._busy and not self._closed:
+            self._waiting = [r for r in self._waiting if not r.future.done()]
+            if not self._waiting:
+                return
+            now = loop.time()
+            decision = plan(self._waiting, now, self.settings.max_batch_size, self._max_delay_s)
+            if not decision.take:
+                assert decision.wake_at is not None
+                self._timer = loop.call_at(decision.wake_at, self._dispatch, loop)
+                return
+            taken = set(decision.take)
+            batch = [self._waiting[i] for i in decision.take]
+            self._waiting = [r for i, r in enumerate(self._waiting) if i not in taken]
+            rows = sum(r.rows for r in batch)
+            self.sizes.observe(rows)
+            if self._inline and self.costs.expected(rows) < INLINE_RUN_S:
+                self.inline_batches += 1
+                self._settle(batch, *self._run_batch([r.item for r in batch]))
+                continue
+            self._busy = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name=f"batch_{self.name}", daemon=True)
+                self._thread.start()
+            self._jobs.put((batch, loop))
 
-    def _finished(self, batch: list[_Request], outcomes: list[Outcome], split: bool) -> None:
-        """On the loop, when a batch is back: answer its requests and start the next batch."""
+    def _finished(self, batch: list[_Request[T, R]], outcomes: list[Outcome], split: bool) -> None:
+        """On the loop, when a batch is back from the thread: answer it, start the next one."""
         self._busy = False
+        self._settle(batch, outcomes, split)
+        self._dispatch(asyncio.get_running_loop())
+
+    def _settle(self, batch: list[_Request[T, R]], outcomes: list[Outcome], split: bool) -> None:
         self.split_batches += split
         for request, (result, error) in zip(batch, outcomes, strict=True):
             if request.future.done():  # timed out meanwhile
@@ -225,9 +271,7 @@ class Batcher:
             if error is not None:
                 request.future.set_exception(error)
             else:
-                request.future.set_result(result)  # type: ignore[arg-type]
-        if not self._closed:
-            self._dispatch(asyncio.get_running_loop())
+                request.future.set_result(result)
 
     def close(self) -> None:
         """Answer waiting requests with PoolClosed and let the batch thread end."""
@@ -244,31 +288,35 @@ class Batcher:
         """The batch thread: run each batch handed over, send the outcomes back to the loop."""
         while (job := self._jobs.get()) is not None:
             batch, loop = job
-            outcomes, split = self._run_batch([r.feeds for r in batch])
+            outcomes, split = self._run_batch([r.item for r in batch])
             with contextlib.suppress(RuntimeError):  # the loop has closed
                 loop.call_soon_threadsafe(self._finished, batch, outcomes, split)
             del job, batch, loop, outcomes
 
-    def _run_batch(self, feeds: list[Feeds]) -> tuple[list[Outcome], bool]:
-        """Outcomes of one batch (in the batch thread); a failed batch is run request by request."""
-        if len(feeds) == 1:
-            return [self._run_alone(feeds[0])], False
+    def _run_batch(self, items: list[T]) -> tuple[list[Outcome], bool]:
+        """Outcomes of one batch; a failed batch is run request by request (True: it was split)."""
+        started = time.perf_counter()
         try:
-            joined = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
-            parts = _split(self._run(joined), [next(iter(f.values())).shape[0] for f in feeds])
+            results = self._run_many(items)
+            if len(results) != len(items):
+                raise ValueError(f"{len(results)} results for a batch of {len(items)} requests")
         except Exception as exc:
+            if len(items) == 1:
+                return [(None, exc)], False
             log.warning(
                 "model %s: a batch of %d requests failed (%s); running them one by one",
                 self.name,
-                len(feeds),
+                len(items),
                 exc,
             )
-            return [self._run_alone(f) for f in feeds], True
-        return [(part, None) for part in parts], False
+            return [self._run_alone(item) for item in items], True
+        self.costs.observe(sum(self._key(i)[1] for i in items), time.perf_counter() - started)
+        return [(result, None) for result in results], False
 
-    def _run_alone(self, feeds: Feeds) -> Outcome:
+    def _run_alone(self, item: T) -> Outcome:
         try:
-            return self._run(feeds), None
+            [result] = self._run_many([item])
+            return result, None
         except Exception as exc:
             return None, exc
 
@@ -279,6 +327,40 @@ class Batcher:
     def split_line(self) -> str:
         """The Prometheus sample line of ``scoring_batch_splits_total`` for this model."""
         return f'scoring_batch_splits_total{{model="{label_value(self.name)}"}} {self.split_batches}'
+
+
+INLINE_RUN_S = 0.0001
+"""Batches expected to run faster than this run on the event loop (a thread hand-over and the
+loop's wake-up cost about as much on small machines); the loop is never held longer than that."""
+
+
+class RowCost:
+    """What a row costs, from recent batches: a moving average of seconds per row.
+
+    Small batches carry the most fixed cost per row, so the figure errs on the slow side (work
+    then goes to the thread). Until ``WARM_UP`` batches were measured, every batch counts as slow.
+    """
+
+    WARM_UP = 16
+    _ALPHA = 0.1
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.per_row_s = 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Record one batch of ``rows`` that took ``seconds``."""
+        per_row = seconds / max(1, rows)
+        self.per_row_s = (
+            per_row if self.batches == 0 else self.per_row_s + self._ALPHA * (per_row - self.per_row_s)
+        )
+        self.batches += 1
+
+    def expected(self, rows: int) -> float:
+        """Expected seconds for a batch of ``rows`` (infinite while still warming up)."""
+        if self.batches < self.WARM_UP:
+            return float("inf")
+        return rows * self.per_row_s
 
 
 def _expire(future: asyncio.Future[Any]) -> None:

@@ -10,6 +10,10 @@ How ``run()`` is called depends on how it is declared (the same rules as Azure M
 Not supported: Azure ML's ``GET /score?x=1`` for scripts without ``@rawhttp`` (answered 405; use
 POST, or ``@rawhttp`` to read ``request.query``), and Azure ML's ``driver_module`` indirection.
 
+A script with a plain ``run(data)`` may opt into batching with ``run_batch(data_list)``: it gets
+the bodies (str) of requests that arrived together, at most ``SCORING_MAX_BATCH_SIZE``, and
+returns one result per body, in order. ``run()`` still answers requests with headers wanted.
+
 A parameter named ``request_headers`` receives the request headers as a dict. ``run()`` is called
 from the server's worker threads, up to ``SCORING_THREADS`` at once; ``init()`` once, in its own
 thread, before the server reports ready.
@@ -50,6 +54,8 @@ class EntryScript:
     params: tuple[inspect.Parameter, ...]
     """``run``'s parameters, ``request_headers`` excluded; the first one receives the data."""
     wants_headers: bool
+    run_batch: Callable[[list[str]], list[Any]] | None = None
+    """The script's ``run_batch(data_list)``, when it has one (plain ``run`` only)."""
 
     @property
     def data_param(self) -> str:
@@ -112,6 +118,15 @@ def _inspect_run(
     kind: RunKind = "raw" if raw else "schema" if schema else "plain"
     if kind != "schema" and any(p.default is inspect.Parameter.empty for p in params[1:]):
         raise EntryScriptError(f"run() in {path} may have only one parameter without a default value")
+    run_batch = getattr(module, "run_batch", None)
+    if run_batch is not None:
+        if not callable(run_batch):
+            raise EntryScriptError(f"run_batch in {path} is not a function")
+        if kind != "plain":
+            raise EntryScriptError(
+                f"run_batch() in {path} needs a plain run(data): @rawhttp and @input_schema scripts are "
+                "called one request at a time"
+            )
     return EntryScript(
         path=path,
         module=module,
@@ -120,4 +135,5 @@ def _inspect_run(
         kind=kind,
         params=params,
         wants_headers=wants_headers,
+        run_batch=run_batch,
     )

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modules.contract import ModuleInfo
+from modules.contract import Batching, ModuleInfo
+from modules.scoring.batching import Batcher, one_row
 from modules.scoring.entry import EntryScript, load_entry_script
 from modules.scoring.inference_schema_compat import declared_schemas, is_input_conversion_error
 from modules.scoring.model_paths import MODEL_DIR_VARS
@@ -23,7 +24,7 @@ from modules.scoring.replies import (
     parse_json,
     require_json_content_type,
 )
-from modules.scoring.service import ApiSchemas, ScoreCall
+from modules.scoring.service import INLINE_BYTES, ApiSchemas, ScoreCall
 
 PLATFORM = "python-entry-script"
 
@@ -42,6 +43,9 @@ class EntryScriptService:
         version: str,
         module: ModuleInfo | None = None,
         module_name: str = "entry_module",
+        batching: Batching | None = None,
+        max_queue: int = 256,
+        timeout_s: float = 60.0,
     ) -> None:
         self.script_path = script_path
         self.model_dir = model_dir
@@ -52,13 +56,29 @@ class EntryScriptService:
         self.script: EntryScript | None = None
         self.accepts_raw_methods = False
         self.providers: dict[str, str] = {}
+        self.batching = batching or Batching()
+        self._batcher_limits = (max_queue, timeout_s)
+        self.batcher: Batcher[str, Reply] | None = None
+        """Set when the script has ``run_batch()`` and batching is on."""
 
     def metric_families(self) -> dict[str, tuple[str, str, Callable[[], list[str]]]]:
-        """None beyond the server's."""
-        return {}
+        """Batch sizes, when the script's run_batch() is used."""
+        batcher = self.batcher
+        if batcher is None:
+            return {}
+        return {
+            "scoring_batch_size": ("histogram", "Rows per batch run, by model.", batcher.size_lines),
+            "scoring_batch_splits_total": (
+                "counter",
+                "Batches that failed and were run request by request, by model.",
+                lambda: [batcher.split_line()],
+            ),
+        }
 
     def close(self) -> None:
-        """Nothing to stop: run() calls are the pool's."""
+        """Let the batch thread end (run() calls are the pool's)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     def load(self) -> dict[str, str]:
         """Set MODEL_DIR/AZUREML_MODEL_DIR, import the script and call its ``init()`` once."""
@@ -69,6 +89,17 @@ class EntryScriptService:
         self.accepts_raw_methods = script.kind == "raw"
         script.init()
         self.script = script
+        if script.run_batch is not None and self.batching.max_batch_size > 1:
+            max_queue, timeout_s = self._batcher_limits
+            self.batcher = Batcher(
+                self._run_batch,
+                self.batching,
+                name=self.name,
+                key=one_row,
+                max_queued=max_queue,
+                timeout_s=timeout_s,
+                inline=False,  # the script's own code: never on the event loop
+            )
         self.providers = {self.name: _provider_of(script)}
         return self.providers
 
@@ -115,8 +146,25 @@ class EntryScriptService:
         return kwargs
 
     async def handle_score(self, call: ScoreCall, pool: InferencePool) -> Reply:
-        """``score`` in a pool thread."""
-        return await pool.run(self.score, call)
+        """``score`` in a pool thread, or ``run_batch()`` with the requests waiting alongside."""
+        script = self.script
+        if self.batcher is None or script is None or script.wants_headers:
+            return await pool.run(self.score, call)
+        if len(call.body) <= INLINE_BYTES:
+            arguments = self._arguments(script, call)
+        else:
+            arguments = await pool.run(self._arguments, script, call)
+        return await self.batcher.infer(arguments[script.data_param])
+
+    def _run_batch(self, data: list[str]) -> list[Reply]:
+        """The script's run_batch() on the bodies of a batch (in the batch thread), as replies."""
+        assert self.script is not None and self.script.run_batch is not None
+        results = self.script.run_batch(data)
+        if not isinstance(results, list | tuple):
+            raise TypeError(
+                f"run_batch() must return a list, one result per input; it returned {type(results).__name__}"
+            )
+        return [_reply(r) for r in results]
 
     async def handle_infer(self, model: str, call: ScoreCall, pool: InferencePool) -> Reply:
         """``infer`` (a 404 naming /score)."""

@@ -17,14 +17,14 @@ from typing import Any
 
 from modules.contract import BATCH_SIZE_ENV
 from modules.scoring.backends import BackendError, InferenceBackend, InferenceError, TensorSpec, load_backend
-from modules.scoring.batching import Batcher, batchable
+from modules.scoring.batching import Batcher, batchable, feeds_key, tensor_batches
 from modules.scoring.config import ServerConfig
 from modules.scoring.metrics import label_value
 from modules.scoring.model_paths import ModelLocation, list_models
 from modules.scoring.openapi import schemas_from_samples, schemas_from_specs
 from modules.scoring.pool import InferencePool
 from modules.scoring.replies import ClientError, Reply, dumps, parse_json, require_json_content_type
-from modules.scoring.service import ApiSchemas, ScoreCall
+from modules.scoring.service import INLINE_BYTES, ApiSchemas, ScoreCall
 from modules.scoring.tensors import (
     INFERENCE_HEADER,
     InputError,
@@ -39,10 +39,6 @@ from modules.scoring.tensors import (
 log = logging.getLogger(__name__)
 
 _INVALID_ARGUMENT = "InvalidArgument"
-
-INLINE_BYTES = 64 * 1024
-"""Batched requests up to this size are decoded and answered on the event loop (tens of
-microseconds: cheaper than two thread hand-overs); larger ones in the inference pool."""
 """onnxruntime's exception type for inputs the model rejects (the client's mistake)."""
 
 
@@ -68,7 +64,7 @@ class OnnxService:
             found = [ModelLocation(config.model_name, found[0].version, found[0].path)]
         self.locations = {m.name: m for m in found}
         self.backends: dict[str, InferenceBackend] = {}
-        self.batchers: dict[str, Batcher] = {}
+        self.batchers: dict[str, Batcher[dict[str, Any], dict[str, Any]]] = {}
         self.unbatched: dict[str, str] = {}
         """Models that are not batched, and why."""
 
@@ -93,9 +89,10 @@ class OnnxService:
             )
             if why_not is None:
                 self.batchers[name] = Batcher(
-                    backend.infer,
+                    tensor_batches(backend.infer),
                     settings,
                     name=name,
+                    key=feeds_key,
                     max_queued=self.config.max_queue,
                     timeout_s=self.config.timeout_s,
                 )
@@ -284,7 +281,9 @@ def _infer(run: Callable[[dict[str, Any]], dict[str, Any]], feeds: dict[str, Any
         raise client from exc
 
 
-async def _infer_batched(batcher: Batcher, feeds: dict[str, Any]) -> dict[str, Any]:
+async def _infer_batched(
+    batcher: Batcher[dict[str, Any], dict[str, Any]], feeds: dict[str, Any]
+) -> dict[str, Any]:
     """``_infer`` through the model's batcher."""
     try:
         return await batcher.infer(feeds)

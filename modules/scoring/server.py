@@ -38,6 +38,9 @@ def create_service(config: ServerConfig, *, script_module: str = "entry_module")
             version=config.module_version,
             module=config.module,
             module_name=script_module,
+            batching=config.batching,
+            max_queue=config.max_queue,
+            timeout_s=config.timeout_s,
         )
     from modules.scoring.onnx_service import OnnxService
 

@@ -772,3 +772,67 @@ async def test_batching_can_be_turned_off(tmp_path: Path, digits: tuple[Path, np
             "enabled": False,
             "reason": "batching is off (SCORING_MAX_BATCH_SIZE=1)",
         }
+
+
+BATCH_SCRIPT = """
+    import json, threading
+    calls = []
+    started, release = threading.Event(), threading.Event()
+    def init():
+        pass
+    def run(data):
+        return {"alone": json.loads(data)["x"] * 2}
+    def run_batch(data_list):
+        calls.append(len(data_list))
+        if len(calls) == 1:
+            started.set()
+            release.wait(10)
+        out = []
+        for d in data_list:
+            x = json.loads(d)["x"]
+            if x < 0:
+                raise ValueError("negative input")
+            out.append({"batch": x * 2})
+        return out
+"""
+
+
+async def test_an_entry_script_with_run_batch_gets_the_requests_that_wait_together(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "score.py", BATCH_SCRIPT)
+    async with serving(_config(tmp_path, ENTRY_SCRIPT=str(script))) as (client, scoring):
+        module = scoring.service.script.module  # type: ignore[attr-defined]
+        first = asyncio.ensure_future(client.post("/score", json={"x": 0}))
+        await asyncio.to_thread(module.started.wait, 10)
+        others = [asyncio.ensure_future(client.post("/score", json={"x": x})) for x in (1, 2, -3, 4)]
+        await asyncio.sleep(0.2)
+        module.release.set()
+        assert await (await first).json() == {"batch": 0}
+        answers = await asyncio.gather(*others)
+        assert [a.status for a in answers] == [200, 200, 500, 200]
+        assert [await answers[i].json() for i in (0, 1, 3)] == [{"batch": 2}, {"batch": 4}, {"batch": 8}]
+        assert "negative input" in await _error(answers[2], 500)
+        assert module.calls == [1, 4, 1, 1, 1, 1], "the 4 waiting ran as one batch, then one by one"
+        metrics = await (await client.get("/metrics")).text()
+        assert 'scoring_batch_splits_total{model="score"} 1' in metrics
+
+
+async def test_run_batch_needs_a_plain_run(tmp_path: Path) -> None:
+    script = write_script(
+        tmp_path / "score.py",
+        """
+        from modules.scoring import rawhttp
+        def init():
+            pass
+        @rawhttp
+        def run(request):
+            return {}
+        def run_batch(data_list):
+            return data_list
+        """,
+    )
+    async with serving(_config(tmp_path, ENTRY_SCRIPT=str(script)), load=False) as (_, scoring):
+        assert not await scoring.load()
+        assert (
+            "run_batch() in" in scoring.readiness.reason()
+            and "needs a plain run(data)" in scoring.readiness.reason()
+        )

@@ -20,7 +20,17 @@ from onnx import TensorProto, helper, numpy_helper
 from modules.contract import Batching
 from modules.profiles import get_profile
 from modules.scoring.backends import TensorSpec, load_backend
-from modules.scoring.batching import Batcher, Feeds, batchable, feeds_key, plan
+from modules.scoring.batching import (
+    INLINE_RUN_S,
+    Batcher,
+    Feeds,
+    RowCost,
+    batchable,
+    feeds_key,
+    one_row,
+    plan,
+    tensor_batches,
+)
 from modules.scoring.pool import PoolBusy, PoolClosed, PoolTimeout
 
 
@@ -178,7 +188,7 @@ async def _held(batcher: Batcher, gate: Gate, first: Feeds) -> asyncio.Task[Feed
 async def test_batched_results_equal_per_request_runs(linear: Path) -> None:
     backend = _backend(linear)
     gate = Gate(backend.infer)
-    batcher = Batcher(gate, Batching(max_batch_size=64), name="linear")
+    batcher = Batcher(tensor_batches(gate), Batching(max_batch_size=64), name="linear", key=feeds_key)
     rng = np.random.default_rng(0)
     requests = [rng.standard_normal((int(rng.integers(1, 6)), 4)).astype(np.float32) for _ in range(12)]
     first = await _held(batcher, gate, {"x": requests[0]})
@@ -197,7 +207,7 @@ async def test_batched_results_equal_per_request_runs(linear: Path) -> None:
 async def test_requests_with_other_shapes_run_in_their_own_batches(row_sums: Path) -> None:
     backend = _backend(row_sums)
     gate = Gate(backend.infer)
-    batcher = Batcher(gate, Batching(max_batch_size=64), name="sums")
+    batcher = Batcher(tensor_batches(gate), Batching(max_batch_size=64), name="sums", key=feeds_key)
     first = await _held(batcher, gate, {"x": np.ones((1, 2), np.float32)})
     shapes = [(2, 3), (1, 5), (3, 3), (2, 5), (1, 3)]
     tasks = [asyncio.ensure_future(batcher.infer({"x": np.ones(s, np.float32)})) for s in shapes]
@@ -219,7 +229,7 @@ async def test_a_failing_request_fails_alone(linear: Path) -> None:
         return backend.infer(feeds)
 
     gate = Gate(run)
-    batcher = Batcher(gate, Batching(max_batch_size=64), name="linear")
+    batcher = Batcher(tensor_batches(gate), Batching(max_batch_size=64), name="linear", key=feeds_key)
     first = await _held(batcher, gate, {"x": np.ones((1, 4), np.float32)})
     good = [asyncio.ensure_future(batcher.infer({"x": np.full((2, 4), i, np.float32)})) for i in range(3)]
     bad = asyncio.ensure_future(batcher.infer({"x": -np.ones((1, 4), np.float32)}))
@@ -240,7 +250,9 @@ async def test_a_failing_request_fails_alone(linear: Path) -> None:
 async def test_a_full_queue_is_busy_and_a_slow_batch_times_out(linear: Path) -> None:
     backend = _backend(linear)
     gate = Gate(backend.infer)
-    batcher = Batcher(gate, Batching(), name="linear", max_queued=2, timeout_s=0.2)
+    batcher = Batcher(
+        tensor_batches(gate), Batching(), name="linear", key=feeds_key, max_queued=2, timeout_s=0.2
+    )
     first = await _held(batcher, gate, {"x": np.ones((1, 4), np.float32)})
     waiting = [asyncio.ensure_future(batcher.infer({"x": np.ones((1, 4), np.float32)})) for _ in range(2)]
     await asyncio.sleep(0)
@@ -259,7 +271,7 @@ async def test_a_full_queue_is_busy_and_a_slow_batch_times_out(linear: Path) -> 
 
 async def test_close_answers_the_waiting(linear: Path) -> None:
     gate = Gate(_backend(linear).infer)
-    batcher = Batcher(gate, Batching(), name="linear")
+    batcher = Batcher(tensor_batches(gate), Batching(), name="linear", key=feeds_key)
     first = await _held(batcher, gate, {"x": np.ones((1, 4), np.float32)})
     waiting = asyncio.ensure_future(batcher.infer({"x": np.ones((1, 4), np.float32)}))
     await asyncio.sleep(0)
@@ -280,7 +292,9 @@ async def test_a_delay_lets_a_batch_fill_up(linear: Path) -> None:
         calls.append(feeds["x"].shape[0])
         return backend.infer(feeds)
 
-    batcher = Batcher(run, Batching(max_batch_size=4, max_batch_delay_ms=1000), name="linear")
+    batcher = Batcher(
+        tensor_batches(run), Batching(max_batch_size=4, max_batch_delay_ms=1000), name="linear", key=feeds_key
+    )
     tasks = [asyncio.ensure_future(batcher.infer({"x": np.ones((1, 4), np.float32)})) for _ in range(4)]
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert calls == [4], "four rows filled the batch: it ran without waiting out the delay"
@@ -293,3 +307,74 @@ def test_thread_discipline_runs_never_add_up_to_more_threads_than_cpus(linear: P
     shared = load_backend(linear, profile, model_name="m", threads=4, concurrent=4)
     uneven = load_backend(linear, profile, model_name="m", threads=2, concurrent=3)
     assert (batched.threads, shared.threads, uneven.threads) == (4, 1, 1)  # type: ignore[attr-defined]
+
+
+async def test_cheap_batches_run_on_the_loop_once_measured(linear: Path) -> None:
+    backend = _backend(linear)
+    threads: list[str] = []
+
+    def run(feeds: Feeds) -> Feeds:
+        threads.append(threading.current_thread().name)
+        return backend.infer(feeds)
+
+    batcher = Batcher(tensor_batches(run), Batching(), name="linear", key=feeds_key)
+    for _ in range(RowCost.WARM_UP + 4):
+        await batcher.infer({"x": np.ones((1, 4), np.float32)})
+    assert threads[: RowCost.WARM_UP] == ["batch_linear"] * RowCost.WARM_UP, "measured in the thread first"
+    assert threads[RowCost.WARM_UP :] == [threading.current_thread().name] * 4, "then run on the loop"
+    assert batcher.inline_batches == 4
+    batcher.close()
+
+
+async def test_slow_batches_and_entry_scripts_never_run_on_the_loop() -> None:
+    loop_thread = threading.current_thread().name
+    seen: list[str] = []
+
+    def slow(items: list[str]) -> list[str]:
+        seen.append(threading.current_thread().name)
+        threading.Event().wait(2 * INLINE_RUN_S)
+        return [i.upper() for i in items]
+
+    def fast(items: list[str]) -> list[str]:
+        seen.append(threading.current_thread().name)
+        return [i.upper() for i in items]
+
+    for run, inline in ((slow, True), (fast, False)):
+        seen.clear()
+        batcher = Batcher(run, Batching(), name="s", key=one_row, inline=inline)
+        answers = [await batcher.infer(f"r{i}") for i in range(RowCost.WARM_UP + 4)]
+        assert answers == [f"R{i}" for i in range(RowCost.WARM_UP + 4)]
+        assert loop_thread not in seen and batcher.inline_batches == 0
+        batcher.close()
+
+
+def test_row_cost_is_unknown_until_warmed_up_then_a_moving_average() -> None:
+    cost = RowCost()
+    assert cost.expected(1) == float("inf")
+    for _ in range(RowCost.WARM_UP):
+        cost.observe(4, 0.004)
+    assert cost.expected(2) == pytest.approx(0.002)
+    cost.observe(1, 0.011)
+    assert 0.001 < cost.per_row_s < 0.0011 + 0.001, "one slow batch moves the average, not replaces it"
+
+
+async def test_a_batch_runner_that_loses_results_fails_each_request_on_its_own() -> None:
+    def lossy(items: list[str]) -> list[str]:
+        return items[:1]  # one result, whatever the batch
+
+    gate = threading.Event()
+
+    def held(items: list[str]) -> list[str]:
+        gate.wait(10)
+        return lossy(items)
+
+    batcher = Batcher(held, Batching(), name="lossy", key=one_row)
+    first = asyncio.ensure_future(batcher.infer("a"))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.ensure_future(batcher.infer(x)) for x in ("b", "c")]
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert await first == "a"
+    assert await asyncio.gather(*rest) == ["b", "c"], "run alone, each gets its own result"
+    assert batcher.split_batches == 1
+    batcher.close()

@@ -190,6 +190,7 @@ class Batcher(Generic[T, R]):
         self._max_delay_s = settings.max_batch_delay_ms / 1000.0
         self._waiting: list[_Request[T, R]] = []
         self._busy = False
+        self._soon = False
         self._timer: asyncio.TimerHandle | None = None
         self._jobs: SimpleQueue[tuple[list[_Request[T, R]], asyncio.AbstractEventLoop] | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -219,7 +220,12 @@ class Batcher(Generic[T, R]):
         future: asyncio.Future[R] = loop.create_future()
         self._waiting.append(_Request(item, key, rows, loop.time(), future))
         timer = loop.call_at(loop.time() + self.timeout_s, _expire, future)
-        self._dispatch(loop)
+        if not self._soon:
+            # Decide after the handlers already woken in this loop iteration have queued theirs:
+            # requests that arrived together then run together, even when a batch is cheap
+            # enough to run on the loop at once.
+            self._soon = True
+            loop.call_soon(self._dispatch, loop)
         try:
             return await future
         finally:
@@ -229,6 +235,7 @@ class Batcher(Generic[T, R]):
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start batches while the runner is free and ``plan`` says so."""
+        self._soon = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

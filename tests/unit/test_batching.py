@@ -378,3 +378,20 @@ async def test_a_batch_runner_that_loses_results_fails_each_request_on_its_own()
     assert await asyncio.gather(*rest) == ["b", "c"], "run alone, each gets its own result"
     assert batcher.split_batches == 1
     batcher.close()
+
+
+async def test_requests_that_arrive_together_share_a_batch_on_the_loop_too(linear: Path) -> None:
+    backend = _backend(linear)
+    calls: list[int] = []
+
+    def run(feeds: Feeds) -> Feeds:
+        calls.append(feeds["x"].shape[0])
+        return backend.infer(feeds)
+
+    batcher = Batcher(tensor_batches(run), Batching(), name="linear", key=feeds_key)
+    for _ in range(RowCost.WARM_UP):
+        await batcher.infer({"x": np.ones((1, 4), np.float32)})
+    calls.clear()
+    await asyncio.gather(*(batcher.infer({"x": np.ones((1, 4), np.float32)}) for _ in range(8)))
+    assert calls == [8] and batcher.inline_batches == 1
+    batcher.close()

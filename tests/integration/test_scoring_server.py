@@ -836,3 +836,19 @@ async def test_run_batch_needs_a_plain_run(tmp_path: Path) -> None:
             "run_batch() in" in scoring.readiness.reason()
             and "needs a plain run(data)" in scoring.readiness.reason()
         )
+
+
+async def test_inference_threads_never_add_up_to_more_than_the_cpus(
+    tmp_path: Path, digits: tuple[Path, np.ndarray]
+) -> None:
+    """SCORING_THREADS stands for the CPUs (affinity and cgroup quota otherwise, see test_cpus)."""
+    model, _ = digits
+    async with serving(_config(tmp_path, MODEL_DIR=str(model.parent), SCORING_THREADS="3")) as (_, scoring):
+        batched = scoring.service.backends["digits"]  # type: ignore[attr-defined]
+        assert (batched.threads, batched.concurrent, scoring.pool.threads) == (3, 1, 3), (
+            "one batch on 3 threads"
+        )
+    unbatched_env = {"MODEL_DIR": str(model.parent), "SCORING_THREADS": "3", "SCORING_MAX_BATCH_SIZE": "1"}
+    async with serving(_config(tmp_path, **unbatched_env)) as (_, scoring):
+        alone = scoring.service.backends["digits"]  # type: ignore[attr-defined]
+        assert (alone.threads, alone.concurrent, scoring.pool.threads) == (1, 3, 3), "3 runs of 1 thread"

@@ -198,6 +198,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of the agent's configuration file (also shipped as cloud/agent_config.schema.json)."""
+    return AgentConfig.model_json_schema()
+
+
+def cmd_schema(_args: argparse.Namespace) -> int:
+    print(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``edge-agent`` argument parser."""
     p = argparse.ArgumentParser(prog="edge-agent", description="Keep this device's edge modules running.")
@@ -221,6 +231,8 @@ def parser() -> argparse.ArgumentParser:
         func=cmd_check_config
     )
     command("status", "show the local state: applied, known good, last report").set_defaults(func=cmd_status)
+    schema = sub.add_parser("schema", help="print the JSON Schema of agent.yaml")
+    schema.set_defaults(func=cmd_schema)
     return p
 
 

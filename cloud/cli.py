@@ -13,10 +13,32 @@ import traceback
 from collections.abc import Sequence
 from types import ModuleType
 
-from cloud.commands import broker, demo, deploy, device, device_ops, model, package, serve, simulate
+from cloud.commands import (
+    broker,
+    demo,
+    deploy,
+    device,
+    device_ops,
+    model,
+    package,
+    schema,
+    serve,
+    simulate,
+)
 from cloud.commands.base import EXIT_FAILURE, EXIT_USAGE, CliError, add_global_options
 
-GROUPS: tuple[ModuleType, ...] = (model, package, device, broker, deploy, device_ops, serve, simulate, demo)
+GROUPS: tuple[ModuleType, ...] = (
+    model,
+    package,
+    device,
+    broker,
+    deploy,
+    device_ops,
+    serve,
+    simulate,
+    demo,
+    schema,
+)
 
 EPILOG = """\
 examples:
@@ -27,6 +49,7 @@ examples:
   edgectl device add cam-1 --tag site=lab --profile cpu
   edgectl deploy apply -f deployment.yaml && edgectl deploy status vision
   edgectl --db-url postgresql://edge@127.0.0.1/edge model list --json
+  edgectl schema deployment > deployment.schema.json
 
 environment:
   EDGE_DATA_DIR   data directory (default ~/.edgedeploy)

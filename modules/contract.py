@@ -118,14 +118,19 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
-def format_validation_error(err: ValidationError, source: str | None = None) -> str:
-    """Render a pydantic error as one line per problem: ``source: a.b.0: message``."""
-    lines = []
+def validation_problems(err: ValidationError, source: str | None = None) -> list[str]:
+    """One ``source: a.b.0: message`` text per problem of a pydantic error, in ``err.errors()`` order."""
+    problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(document)"
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{source + ': ' if source else ''}{loc}: {msg}")
-    return "\n".join(lines)
+        problems.append(f"{source + ': ' if source else ''}{loc}: {msg}")
+    return problems
+
+
+def format_validation_error(err: ValidationError, source: str | None = None) -> str:
+    """Render a pydantic error as one line per problem: ``source: a.b.0: message``."""
+    return "\n".join(validation_problems(err, source))
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,8 +411,8 @@ class DesiredState(Frozen):
             raise ValueError(f"must be after issued_at ({issued.isoformat()})")
         return v
 
-    def canonical_bytes(self) -> bytes:
-        """The bytes that are signed: canonical JSON of everything but the signature.
+    def signed_document(self) -> dict[str, Any]:
+        """What is signed, as JSON data: everything but the signature.
 
         Module fields added after the first release (``LATER_MODULE_FIELDS``) are left out while
         unset, so a state signed by a cloud that predates them verifies on a newer agent and back.
@@ -417,7 +422,11 @@ class DesiredState(Frozen):
             for name in LATER_MODULE_FIELDS:
                 if module.get(name) is None:
                     module.pop(name, None)
-        return canonical_json(data)
+        return data
+
+    def canonical_bytes(self) -> bytes:
+        """The bytes that are signed: canonical JSON of ``signed_document``."""
+        return canonical_json(self.signed_document())
 
 
 def canonical_json(obj: Any) -> bytes:

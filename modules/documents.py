@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from modules.contract import format_validation_error
+from modules.contract import validation_problems
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -154,7 +154,30 @@ def load_model(model_cls: type[M], text: str, source: str) -> M:
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
-        raise DocumentError(format_validation_error(err, source).splitlines()) from None
+        problems = validation_problems(err, source)
+        if not source.lower().endswith(".json"):
+            root = yaml.compose(text, Loader=StrictLoader)
+            problems = [_with_line(p, e["loc"], root) for p, e in zip(problems, err.errors(), strict=True)]
+        raise DocumentError([line for p in problems for line in p.splitlines()]) from None
+
+
+def _with_line(problem: str, loc: tuple[Any, ...], root: yaml.Node | None) -> str:
+    """``problem`` with `` (line N)`` after its first line: where the field (or its nearest parent) is."""
+    node, found = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if str(k.value) == str(part)), None)
+            if match is None:
+                break
+            found, node = match[0], match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = found = node.value[part]
+        else:
+            break
+    if found is None:
+        return problem
+    first, newline, rest = problem.partition("\n")
+    return f"{first} (line {found.start_mark.line + 1}){newline}{rest}"
 
 
 def read_text(path: str | Path) -> str:

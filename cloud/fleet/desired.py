@@ -138,9 +138,7 @@ class Renderer:
         return b"".join((unsigned[:-1], b',"signature":"', signature, b'"}'))
 
     def _template(self, content: DesiredContent) -> tuple[bytes, bytes, bytes]:
-        doc = self.state(_ID_PLACEHOLDER, _GENERATION_PLACEHOLDER, content).model_dump(
-            mode="json", exclude={"signature"}
-        )
+        doc = self.state(_ID_PLACEHOLDER, _GENERATION_PLACEHOLDER, content).signed_document()
         rendered = canonical_json(doc)
         id_at = rendered.index(_ID_MARK)
         generation_at = rendered.index(_GENERATION_MARK)

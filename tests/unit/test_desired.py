@@ -73,7 +73,7 @@ def test_payloads_share_a_template_yet_verify_per_device() -> None:
         assert state.expires_at == T0 + timedelta(days=2)
         assert state.canonical_bytes() == renderer.state(device, generation, c).canonical_bytes()
         assert content_from_payload(payloads[device]).hash == c.hash
-        assert payloads[device] == canonical_json(state.model_dump(mode="json"))
+        assert payloads[device] == canonical_json({**state.signed_document(), "signature": state.signature})
 
 
 def test_tampered_payload_fails_verification() -> None:
@@ -127,7 +127,7 @@ def test_tricky_content_renders_byte_for_byte_canonical_and_the_agent_admits_it(
     c = DesiredContent("depl", {"web": module}, health_deadline_s=12.75)
     payload = Renderer(KEY, issued, ttl=timedelta(hours=1, microseconds=7)).payload("cam-1", 9, c, c.hash)
     state = admit(payload, device_id="cam-1", last_generation=8, public_key=KEY.public_key(), now=issued)
-    assert payload == canonical_json(state.model_dump(mode="json"))
+    assert payload == canonical_json({**state.signed_document(), "signature": state.signature})
     assert state.modules["web"].env["GREETING"] == "grüße ✓ 日本 \u2028"
     assert state.modules["web"].health.interval_s == 1e-3
     assert state.expires_at == issued + timedelta(hours=1, microseconds=7)

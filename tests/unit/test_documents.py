@@ -127,7 +127,19 @@ def test_validation_errors_are_one_line_per_problem_with_field_paths() -> None:
     assert len(lines) == 2
     assert exc.value.problems == tuple(lines)
     assert any(line.startswith("deploy.yaml: target.profile: 'CPU' is not a valid name") for line in lines)
-    assert "deploy.yaml: modules.web.ports.0.container: Input should be greater than or equal to 1" in lines
+    assert (
+        "deploy.yaml: modules.web.ports.0.container: Input should be greater than or equal to 1 (line 9)"
+        in lines
+    )
+    assert lines[0].endswith("(line 3)"), "the line of the field in the YAML file"
+
+
+def test_a_missing_field_names_the_line_of_its_parent() -> None:
+    text = MANIFEST.replace("      cpu: localhost:5000/shop/web:1.0\n", "")
+    with pytest.raises(DocumentError) as exc:
+        load_model(DeploymentManifest, text, "deploy.yaml")
+    assert str(exc.value).startswith("deploy.yaml: modules.web.images")
+    assert str(exc.value).endswith("(line 6)")
 
 
 def test_duplicate_module_key_is_caught_before_validation() -> None:

@@ -72,3 +72,17 @@ def test_a_bad_example_names_the_field_and_the_line(tmp_path: Path) -> None:
     line = next(n for n, text in enumerate(bad.read_text().splitlines(), 1) if "max_batch_size" in text)
     field = "modules.digits.batching.max_batch_size"
     assert str(exc.value) == f"{bad}: {field}: Input should be greater than or equal to 1 (line {line})"
+
+
+def _fields(schema: dict[str, object]) -> set[str]:
+    names: set[str] = set(schema.get("properties", {}))  # type: ignore[arg-type]
+    for definition in schema.get("$defs", {}).values():  # type: ignore[attr-defined]
+        names |= set(definition.get("properties", {}))
+    return names
+
+
+@pytest.mark.parametrize("kind", sorted(FILES))
+def test_docs_manifests_explains_every_field(kind: str) -> None:
+    docs = (EXAMPLES.parent / "docs" / "manifests.md").read_text()
+    missing = sorted(f for f in _fields(schema_of(kind)) if f"`{f}`" not in docs)
+    assert not missing, f"docs/manifests.md does not explain {kind} field(s) {missing}"

@@ -2,9 +2,9 @@
 
 ::
 
-    edge-agent run --config /etc/edge-agent/config.yaml
-    edge-agent check-config --config /etc/edge-agent/config.yaml [--json]
-    edge-agent status --config /etc/edge-agent/config.yaml [--json]
+    edge-agent run --config /etc/edge-agent/agent.yaml
+    edge-agent check-config --config /etc/edge-agent/agent.yaml [--json]
+    edge-agent status --config /etc/edge-agent/agent.yaml [--json]
 
 ``run`` keeps the device's modules as the desired state says until SIGTERM or SIGINT (modules keep
 running after it exits). ``check-config`` validates the file and the files it names and exits 2
@@ -39,9 +39,10 @@ from agent.runtime import ModuleRuntime
 from agent.state import AgentState
 from modules.contract import format_validation_error
 from modules.documents import DocumentError
+from modules.pipes import quiet_broken_pipe
 from modules.signing import KeyFormatError, load_public_key_file
 
-DEFAULT_CONFIG = Path("/etc/edge-agent/config.yaml")
+DEFAULT_CONFIG = Path("/etc/edge-agent/agent.yaml")
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 3
 
@@ -242,4 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        return quiet_broken_pipe()

@@ -86,6 +86,7 @@ class PullFailure:
     """The last failed pull of an image: ``attempts`` failures in a row, the last at ``failed_at``."""
 
     error: str
+    """The cause, e.g. ``manifest unknown``; reports say ``pull of IMAGE failed: <error>``."""
     failed_at: datetime
     attempts: int = 1
 

@@ -26,6 +26,7 @@ from cloud.commands import (
     simulate,
 )
 from cloud.commands.base import EXIT_FAILURE, EXIT_USAGE, CliError, add_global_options
+from modules.pipes import quiet_broken_pipe
 
 GROUPS: tuple[ModuleType, ...] = (
     model,
@@ -55,7 +56,7 @@ environment:
   EDGE_DATA_DIR   data directory (default ~/.edgedeploy)
   EDGE_DB_URL     database URL (default SQLite in the data directory)
 
-exit status: 0 ok, 1 operation failed, 2 bad usage or input, 130 interrupted
+exit status: 0 ok, 1 operation failed, 2 bad usage or input, 130 interrupted, 141 output pipe closed
 """
 
 
@@ -86,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except CliError as e:
         for line in str(e).splitlines() or [""]:
             print(f"edgectl: error: {line}", file=sys.stderr)

@@ -238,7 +238,7 @@ class DockerRuntime:
                 )
 
                 async def fail() -> None:
-                    raise RuntimeError(f"pull of {action.image} failed: {problem}")
+                    raise RuntimeError(problem)
 
                 self.pulls.start(action.image, fail)
                 return
@@ -255,13 +255,13 @@ class DockerRuntime:
                 repository, tag=tag, auth_config=auth, stream=True, decode=True
             ):
                 if isinstance(event, dict) and event.get("error"):
-                    raise RuntimeError(f"pull of {image} failed: {event['error']}")
+                    raise RuntimeError(str(event["error"]))
         except RuntimeError:
             raise
         except Exception as exc:  # APIError (registry down, not found, denied), connection errors
-            raise RuntimeError(f"pull of {image} failed: {_error_text(exc)}") from None
+            raise RuntimeError(_error_text(exc)) from None
         if not self._image_present(image):
-            raise RuntimeError(f"pull of {image} finished but the image is not in Docker Engine")
+            raise RuntimeError("the pull finished but the image is not in Docker Engine")
 
     def _image_present(self, image: str) -> bool:
         key = lb.presence_key(image)

@@ -387,7 +387,7 @@ class ProcessRuntime:
         async def check() -> None:
             if not (path / "module.json").is_file():
                 raise RuntimeError(
-                    f"pull of {action.image} failed: the process runtime cannot download images; "
+                    "the process runtime cannot download images; "
                     f"unpack the module (module.json, models/) into {path}"
                 )
 

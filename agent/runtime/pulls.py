@@ -46,7 +46,7 @@ class PullTracker:
             attempts = previous.attempts + 1 if previous else 1
             error = str(exc) or type(exc).__name__
             self._failed[image] = PullFailure(error=error, failed_at=utcnow(), attempts=attempts)
-            log.warning("%s (attempt %d)", error, attempts)
+            log.warning("pull of %s failed: %s (attempt %d)", image, error, attempts)
         else:
             self._failed.pop(image, None)
             log.info("pulled %s", image)

@@ -220,10 +220,10 @@ class ScoringApp:
             return self._too_large(request)
         return error_response(exc.status, exc.reason)
 
-    def _too_large(self, request: web.Request) -> web.Response:
+    def _too_large(self, request: web.Request, request_id: str | None = None) -> web.Response:
         limit = self.config.max_request_bytes
         return error_response(
-            413, f"the request body is larger than the limit of {limit} bytes (MAX_REQUEST_BYTES)"
+            413, f"the request body is larger than the limit of {limit} bytes (MAX_REQUEST_BYTES)", request_id
         )
 
     # --- health -------------------------------------------------------------------------------
@@ -244,29 +244,36 @@ class ScoringApp:
 
     # --- scoring ------------------------------------------------------------------------------
 
-    def _refuse(self, request: web.Request) -> web.Response | None:
+    def _request_id(self, request: web.Request) -> str:
+        """The caller's ``X-Request-Id``, else a new one: every answer to a scoring route carries it."""
+        return request.headers.get("X-Request-Id") or f"{self._id_prefix}{next(self._ids):x}"
+
+    def _refuse(self, request: web.Request, request_id: str) -> web.Response | None:
         """The answer when the request may not be scored (auth, readiness), else None."""
         if self.key is not None and request.method != "OPTIONS":
             authorization = request.headers.get("Authorization")
             if not self.key.allows(authorization):
-                return error_response(401, KeyCheck.problem(authorization), **{"WWW-Authenticate": "Bearer"})
+                return error_response(
+                    401, KeyCheck.problem(authorization), request_id, **{"WWW-Authenticate": "Bearer"}
+                )
         if not self.readiness.ready:
-            response = error_response(503, f"not ready: {self.readiness.reason()}", **{"Retry-After": "1"})
+            response = error_response(
+                503, f"not ready: {self.readiness.reason()}", request_id, **{"Retry-After": "1"}
+            )
             response["reason"] = "not_ready"
             return response
         return None
 
-    async def _call(self, request: web.Request) -> ScoreCall | web.Response:
+    async def _call(self, request: web.Request, request_id: str) -> ScoreCall | web.Response:
         length = request.content_length
         if length is not None and length > self.config.max_request_bytes:
-            return self._too_large(request)
+            return self._too_large(request, request_id)
         body = await request.read()
         return ScoreCall(
             request.method, request.path, request.headers, request.query, request.query_string, body
         )
 
-    async def _run(self, request: web.Request, work: Awaitable[Reply]) -> web.Response:
-        request_id = request.headers.get("X-Request-Id") or f"{self._id_prefix}{next(self._ids):x}"
+    async def _run(self, request_id: str, work: Awaitable[Reply]) -> web.Response:
         try:
             reply = await work
         except ClientError as exc:
@@ -296,32 +303,35 @@ class ScoringApp:
 
     async def score(self, request: web.Request) -> web.Response:
         """``/score``: the entry script's run() or the ONNX model."""
-        refused = self._refuse(request)
+        request_id = self._request_id(request)
+        refused = self._refuse(request, request_id)
         if refused is not None:
             return refused
         if request.method != "POST" and not self.service.accepts_raw_methods:
             return error_response(
                 405,
                 f"{request.method} /score needs a raw-request (@rawhttp) entry script; use POST",
+                request_id,
                 Allow="POST",
             )
-        call = await self._call(request)
+        call = await self._call(request, request_id)
         if isinstance(call, web.Response):
             return call
-        return await self._run(request, self.service.handle_score(call, self.pool))
+        return await self._run(request_id, self.service.handle_score(call, self.pool))
 
     async def infer(self, request: web.Request) -> web.Response:
         """``POST /v2/models/{name}/infer``: Open Inference Protocol inference."""
         name = request.match_info["name"]
         if self.service.metadata(name) is None:
             return error_response(404, f"no model {name!r} (models: {', '.join(self.service.model_names())})")
-        refused = self._refuse(request)
+        request_id = self._request_id(request)
+        refused = self._refuse(request, request_id)
         if refused is not None:
             return refused
-        call = await self._call(request)
+        call = await self._call(request, request_id)
         if isinstance(call, web.Response):
             return call
-        return await self._run(request, self.service.handle_infer(name, call, self.pool))
+        return await self._run(request_id, self.service.handle_infer(name, call, self.pool))
 
     # --- metadata -----------------------------------------------------------------------------
 

@@ -167,6 +167,7 @@ async def test_registry_down_during_pull(device: DockerDevice) -> None:
             "web running while the pull of ghost failed",
         )
         assert f"pull of {absent} failed" in (report.modules["ghost"].message or "")
+        assert (report.modules["ghost"].message or "").count("pull of") == 1, "the prefix once"
         assert set(device.containers()) == {web}
 
 

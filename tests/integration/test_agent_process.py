@@ -263,7 +263,9 @@ async def test_missing_image_is_reported_and_others_run(device: Device) -> None:
             ),
             "web running, ghost failed",
         )
-        assert f"pull of {MISSING} failed" in (report.modules["ghost"].message or "")
+        message = report.modules["ghost"].message or ""
+        assert f"pull of {MISSING} failed: the process runtime cannot download" in message
+        assert message.count("pull of") == 1, "the prefix once"
         assert report.deployment_status == "applying"
 
 

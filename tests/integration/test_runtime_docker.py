@@ -352,7 +352,7 @@ async def test_a_registry_that_is_down_fails_one_pull_and_nothing_else(
     await runtime.pulls.wait(missing)
     modules, images = await runtime.observe([missing, scratch])
     failure = images.failed[missing]
-    assert failure.error.startswith(f"pull of {missing} failed: ")
+    assert not failure.error.startswith("pull of"), "the cause only: reports add the prefix once"
     assert "connection refused" in failure.error
     assert failure.attempts == 1 and not images.is_pulling(missing)
     assert images.is_present(scratch)
@@ -394,5 +394,5 @@ async def test_an_unknown_image_fails_with_the_registry_answer(
     await runtime.pull(Pull(module="ghost", image=image, reason="test"))
     await runtime.pulls.wait(image)
     failure = (await runtime.observe())[1].failed[image]
-    assert failure.error.startswith(f"pull of {image} failed: ")
+    assert not failure.error.startswith("pull of"), "the cause only: reports add the prefix once"
     assert "not found" in failure.error.lower() or "unknown" in failure.error.lower()

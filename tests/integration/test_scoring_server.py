@@ -620,6 +620,9 @@ async def test_auth(tmp_path: Path, digits: tuple[Path, np.ndarray]) -> None:
         missing = await client.post("/score", json=body)
         assert "missing Authorization" in await _error(missing, 401)
         assert missing.headers["WWW-Authenticate"] == "Bearer"
+        assert (await missing.json())["request_id"] == missing.headers["X-Request-Id"], "as the docs promise"
+        traced = await client.post("/score", json=body, headers={"X-Request-Id": "trace-7"})
+        assert (await traced.json())["request_id"] == "trace-7"
         assert "wrong key" in await _error(
             await client.post("/score", json=body, headers={"Authorization": "Bearer nope"}), 401
         )

@@ -231,10 +231,11 @@ async def register_model(request: web.Request) -> web.Response:
             description=_one(fields, request, "description") or "",
             framework=_one(fields, request, "framework"),
             source="upload:" + ",".join(sorted(str(f) for f in spool.files)),
+            if_changed=request.query.get("if_changed", "").lower() in ("1", "true"),
         )
     finally:
         await call(shutil.rmtree, spool_dir, ignore_errors=True)
-    return reply(view, 201, {"Location": f"/models/{view.name}/{view.version}"})
+    return reply(view, 201 if view.created else 200, {"Location": f"/models/{view.name}/{view.version}"})
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -347,6 +348,12 @@ ROUTES = (
                 "framework",
                 "default: guessed from file suffixes",
                 {"type": "string", "enum": list(FRAMEWORKS)},
+            ),
+            Param(
+                "if_changed",
+                "1: store nothing when the files equal the latest version's; that version comes back "
+                "with 200 and created=false",
+                {"type": "string", "enum": ["0", "1", "true", "false"]},
             ),
         ),
         errors=(400, 413, 415, 507),

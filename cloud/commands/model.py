@@ -66,16 +66,28 @@ def cmd_register(args: argparse.Namespace) -> int:
                 description=args.description,
                 framework=args.framework,
                 progress=progress,
+                if_changed=args.if_changed,
             )
         finally:
             progress.finish()
     if args.json:
         print_json(view.model_dump(mode="json"))
+    elif not view.created:
+        print(
+            f"{view.name}:{view.version} unchanged: its files are identical, "
+            "nothing registered (--if-changed)"
+        )
     else:
         print(
             f"registered {view.name}:{view.version} ({view.framework}, {view.file_count} "
             f"file{'s' if view.file_count != 1 else ''}, {format_size(view.size)})"
         )
+        if view.identical_to is not None:
+            print(
+                f"note: the files are identical to {view.name}:{view.identical_to}; "
+                "use --if-changed to register only when they differ",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -189,6 +201,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="tag the version (repeatable)")
     p.add_argument("--description", default="", help="free text stored with the version")
     p.add_argument("--framework", choices=FRAMEWORKS, help="default: guessed from file suffixes")
+    p.add_argument(
+        "--if-changed",
+        action="store_true",
+        help="register only when the files differ from the latest version (else say so and exit 0)",
+    )
     p.add_argument(
         "--progress", action="store_true", help="report bytes hashed on stderr (always on a terminal)"
     )

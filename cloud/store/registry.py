@@ -166,10 +166,14 @@ class Registry:
         framework: str | None = None,
         progress: ProgressFn | None = None,
         source: str | None = None,
+        if_changed: bool = False,
     ) -> VersionView:
         """Store the file or folder at ``path`` as the next version of ``name``.
 
-        ``source`` is recorded as where the files came from (default: ``path``, absolute).
+        ``source`` is recorded as where the files came from (default: ``path``, absolute). When
+        the files are exactly those of the latest version, the view's ``identical_to`` says so;
+        with ``if_changed`` nothing is stored then and the latest version comes back with
+        ``created`` false.
         """
         check_model_name(name)
         self.db.check_writable()
@@ -192,7 +196,7 @@ class Registry:
 
                 staged.append((rel, self.blobs.stage(src, advance)))
             origin = source if source is not None else str(path.absolute())
-            return self._commit_version(name, origin, clean_tags, description, chosen, staged)
+            return self._commit_version(name, origin, clean_tags, description, chosen, staged, if_changed)
         finally:
             for _, st in staged:
                 self.blobs.discard(st)
@@ -205,6 +209,7 @@ class Registry:
         description: str,
         framework: Framework,
         staged: list[tuple[str, StagedBlob]],
+        if_changed: bool = False,
     ) -> VersionView:
         placed: list[str] = []
         with self.blobs.lock():
@@ -215,6 +220,18 @@ class Registry:
                         model = Model(name=name, last_version=0)
                         s.add(model)
                         s.flush()
+                    latest = s.scalar(
+                        _versions_query()
+                        .where(ModelVersion.model_id == model.id)
+                        .order_by(ModelVersion.version.desc())
+                        .limit(1)
+                    )
+                    wanted = {(rel, st.sha256) for rel, st in staged}
+                    same = latest is not None and {(f.path, f.sha256) for f in latest.files} == wanted
+                    if same and if_changed:
+                        assert latest is not None
+                        view = _view(latest, deployments_using(s, [latest.id]).get(latest.id, []))
+                        return view.model_copy(update={"identical_to": latest.version, "created": False})
                     model.last_version += 1
                     version = ModelVersion(
                         model=model,
@@ -240,6 +257,9 @@ class Registry:
                                 raise DiskFullError(f"disk full while storing {rel}: {e.strerror}") from e
                             raise StoreError(f"cannot store {rel}: {e.strerror or e}") from e
                     view = _view(version, [])
+                    if same:
+                        assert latest is not None
+                        view = view.model_copy(update={"identical_to": latest.version})
             except IntegrityError as e:
                 self._remove_blobs(placed)
                 raise StoreError(

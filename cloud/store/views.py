@@ -44,6 +44,10 @@ class VersionView(VersionSummary):
     source: str
     files: list[FileView]
     deployments: list[str] = Field(default_factory=list)
+    identical_to: int | None = None
+    """On registration: the latest version already had exactly these files."""
+    created: bool = True
+    """On registration with ``if_changed``: false when nothing new was stored."""
 
 
 class DeletedVersions(View):

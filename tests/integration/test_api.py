@@ -197,6 +197,11 @@ async def test_model_register_list_show_download_delete(api: Api) -> None:
     second = await api.call("POST", "/models/iris", 201, data=form)
     assert second["version"] == 2 and second["framework"] == "openvino"
     assert sorted(f["path"] for f in second["files"]) == ["ir/model.bin", "ir/model.xml"]
+    again = aiohttp.FormData()
+    again.add_field("files", b"<xml/>", filename="ir/model.xml")
+    again.add_field("files", b"weights", filename="ir/model.bin")
+    same = await api.call("POST", "/models/iris?if_changed=1", 200, data=again)
+    assert (same["version"], same["created"], same["identical_to"]) == (2, False, 2), "nothing new stored"
 
     listed = await api.call("GET", "/models", 200)
     assert [(v["name"], v["version"]) for v in listed] == [("iris", 1), ("iris", 2)]

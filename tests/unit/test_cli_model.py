@@ -77,6 +77,26 @@ def test_register_json_lists_files_with_hashes(capsys: pytest.CaptureFixture[str
     assert again["version"] == 2
 
 
+def test_registering_the_same_files_again_says_so_and_if_changed_skips_it(
+    capsys: pytest.CaptureFixture[str], model_dir: Path
+) -> None:
+    assert run(capsys, "model", "register", str(model_dir), "--name", "digits")[0] == 0
+    code, out, err = run(capsys, "model", "register", str(model_dir), "--name", "digits")
+    assert (code, out) == (0, "registered digits:2 (onnx, 2 files, 16.0 KiB)\n")
+    assert (
+        err
+        == "note: the files are identical to digits:1; use --if-changed to register only when they differ\n"
+    )
+    code, out, err = run(capsys, "model", "register", str(model_dir), "--name", "digits", "--if-changed")
+    assert (code, err) == (0, "")
+    assert out == "digits:2 unchanged: its files are identical, nothing registered (--if-changed)\n"
+    skipped = run_json(capsys, "model", "register", str(model_dir), "--name", "digits", "--if-changed")
+    assert (skipped["version"], skipped["created"], skipped["identical_to"]) == (2, False, 2)
+    (model_dir / "model.onnx").write_bytes(b"changed")
+    changed = run_json(capsys, "model", "register", str(model_dir), "--name", "digits", "--if-changed")
+    assert (changed["version"], changed["created"], changed["identical_to"]) == (3, True, None)
+
+
 def test_identical_bytes_are_stored_once(
     capsys: pytest.CaptureFixture[str], model_dir: Path, data_dir: Path
 ) -> None:

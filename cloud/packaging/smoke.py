@@ -25,6 +25,8 @@ from cloud.packaging.progress import Progress
 
 READY_PATH = "/v2/health/ready"
 LOG_TAIL_LINES = 25
+NO_PORT_GRACE_S = 3.0
+"""A running container without a host port for 5001/tcp after this long will never get one."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,12 @@ def _log_tail(container: Container) -> str:
     return raw.decode("utf-8", "replace").rstrip()
 
 
+def _published(container: Container) -> dict[str, Any]:
+    return dict((container.attrs.get("NetworkSettings") or {}).get("Ports") or {})
+
+
 def _host_port(container: Container) -> int | None:
-    ports = (container.attrs.get("NetworkSettings") or {}).get("Ports") or {}
-    bindings = ports.get("5001/tcp") or []
+    bindings = _published(container).get("5001/tcp") or []
     for b in bindings:
         if b.get("HostPort"):
             return int(b["HostPort"])
@@ -98,6 +103,15 @@ def wait_ready(container: Container, what: str, timeout_s: float) -> int:
             code = container.attrs.get("State", {}).get("ExitCode")
             raise _fail(container, what, f"the module exited with code {code} before it was ready")
         port = port or _host_port(container)
+        if port is None and container.status == "running" and time.monotonic() - started > NO_PORT_GRACE_S:
+            mode = (container.attrs.get("HostConfig") or {}).get("NetworkMode", "?")
+            published = ", ".join(sorted(_published(container))) or "none"
+            raise _fail(
+                container,
+                what,
+                "Docker Engine published no host port for the module's port 5001/tcp "
+                f"(network mode {mode}, published ports: {published}): nothing can reach it",
+            )
         if port is not None:
             try:
                 code, body = http_call(f"http://127.0.0.1:{port}{READY_PATH}", timeout_s=2.0)

@@ -164,9 +164,9 @@ class Batcher(Generic[T, R]):
     time runs in the batcher's own thread, and its results come back with a single loop wake-up
     per batch. With ``inline``, a batch whose expected run time (from the batches before it) is
     under ``INLINE_RUN_S`` runs on the loop instead: for such small work the two thread
-    hand-overs would cost more than the work. At most ``max_queued`` requests wait (more get PoolBusy); a
-    request not answered ``timeout_s`` after it arrived gets PoolTimeout (its rows still run if
-    their batch started).
+    hand-overs would cost more than the work. At most ``max_queued`` requests wait (more get
+    PoolBusy); a request not answered ``timeout_s`` after it arrived gets PoolTimeout (its rows
+    still run if their batch started).
     """
 
     def __init__(
@@ -196,7 +196,7 @@ class Batcher(Generic[T, R]):
         self._thread: threading.Thread | None = None
         self._closed = False
         self.costs = RowCost()
-        """Seconds per batch and per row, learnt from the batches run so far."""
+        """Seconds per row, learnt from the batches run so far."""
         self.sizes = Histogram(BATCH_SIZE_BUCKETS)
         """Rows per batch run."""
         self.split_batches = 0

@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import textwrap
+import time
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -153,6 +154,23 @@ def _score(client: Any, image: str, body: bytes, path: str = "/score") -> Any:
         )
         with urllib.request.urlopen(req, timeout=60) as resp:
             return json.loads(resp.read())
+    finally:
+        container.remove(force=True)
+
+
+def test_a_module_without_a_published_port_fails_at_once(
+    packaged_v1: PackagedImage, docker_client: Any
+) -> None:
+    from cloud.packaging.smoke import NO_PORT_GRACE_S, wait_ready
+
+    container = docker_client.containers.run(packaged_v1.ref, detach=True, network_mode="none")
+    try:
+        started = time.monotonic()
+        with pytest.raises(SmokeTestError, match="published no host port for the module's port 5001/tcp"):
+            wait_ready(container, "digits 1 (cpu)", 120)
+        assert time.monotonic() - started < 60, (
+            f"said so after ~{NO_PORT_GRACE_S} s, not at the 120 s timeout"
+        )
     finally:
         container.remove(force=True)
 

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from modules.contract import Batching, ModuleInfo
+from modules.scoring.backends import TensorSpec
 from modules.scoring.batching import Batcher, one_row
 from modules.scoring.entry import EntryScript, load_entry_script
 from modules.scoring.inference_schema_compat import declared_schemas, is_input_conversion_error
 from modules.scoring.model_paths import MODEL_DIR_VARS
+from modules.scoring.oip import declared_specs, oip_reply, oip_request, result_tensors, spec_json
 from modules.scoring.openapi import schemas_from_samples
 from modules.scoring.pool import InferencePool
 from modules.scoring.raw import ScoringRequest, ScoringResponse
@@ -59,7 +61,23 @@ class EntryScriptService:
         self.batching = batching or Batching()
         self._batcher_limits = (max_queue, timeout_s)
         self.batcher: Batcher[str, Reply] | None = None
+        self.oip_inputs: tuple[TensorSpec, ...] = ()
+        """Inputs the script declares (for /v2/models/{name}/infer); none: infer is a 404."""
+        self.oip_outputs: tuple[TensorSpec, ...] = ()
         """Set when the script has ``run_batch()`` and batching is on."""
+
+    def _declared_tensors(self, script: EntryScript) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """(inputs, outputs) the script declares: its inference_schema examples, else module.json's."""
+        if script.kind == "raw":
+            return (), ()
+        if script.kind == "schema":
+            request, response = declared_schemas(script.run)
+            inputs = declared_specs((request or {}).get("example"))
+            return inputs, declared_specs((response or {}).get("example"))
+        info = self.module_info
+        if info is None:
+            return (), ()
+        return declared_specs(info.input_sample), declared_specs(info.output_sample)
 
     def metric_families(self) -> dict[str, tuple[str, str, Callable[[], list[str]]]]:
         """Batch sizes, when the script's run_batch() is used."""
@@ -89,6 +107,7 @@ class EntryScriptService:
         self.accepts_raw_methods = script.kind == "raw"
         script.init()
         self.script = script
+        self.oip_inputs, self.oip_outputs = self._declared_tensors(script)
         if script.run_batch is not None and self.batching.max_batch_size > 1:
             max_queue, timeout_s = self._batcher_limits
             self.batcher = Batcher(
@@ -105,6 +124,10 @@ class EntryScriptService:
 
     def score(self, call: ScoreCall) -> Reply:
         """Call ``run()`` as its declaration asks and turn what it returns into a reply."""
+        return _reply(self._run(call))
+
+    def _run(self, call: ScoreCall) -> Any:
+        """What ``run()`` returns for ``call``."""
         script = self.script
         assert script is not None, "score() before load()"
         kwargs = self._arguments(script, call)
@@ -116,7 +139,7 @@ class EntryScriptService:
             if script.kind == "schema" and is_input_conversion_error(exc):
                 raise ClientError(400, f"input does not match the declared schema: {exc}") from exc
             raise
-        return _reply(result)
+        return result
 
     def _arguments(self, script: EntryScript, call: ScoreCall) -> dict[str, Any]:
         if script.kind == "raw":
@@ -167,16 +190,42 @@ class EntryScriptService:
         return [_reply(r) for r in results]
 
     async def handle_infer(self, model: str, call: ScoreCall, pool: InferencePool) -> Reply:
-        """``infer`` (a 404 naming /score)."""
-        return self.infer(model, call)
+        """``infer`` in a pool thread (a 404 at once when the script declares no inputs)."""
+        if not self.oip_inputs:
+            return self.infer(model, call)
+        return await pool.run(self.infer, model, call)
 
     def infer(self, model: str, call: ScoreCall) -> Reply:
-        """Not available: an entry script decides itself how its model runs."""
-        raise ClientError(
-            404,
-            f"{model!r} is served by an entry script: use POST /score "
-            "(/v2/models/{name}/infer is available for ONNX models served without an entry script)",
-        )
+        """Open Inference Protocol inference mapped onto ``run()``: each declared input becomes the
+        JSON field of the same name, what ``run()`` returns becomes the outputs.
+
+        Only for scripts whose inputs are declared (``inference_schema`` decorators or a module
+        input sample that is a JSON object); others get a 404 that points to /score.
+        """
+        if not self.oip_inputs:
+            raise ClientError(
+                404,
+                f"{model!r} is served by an entry script that declares no inputs: use POST /score, or "
+                "declare them (inference_schema @input_schema, or an input sample like "
+                '{"data": [[...]]}) for /v2/models/{name}/infer',
+            )
+        # Without declared outputs, the one output run() returns is called "output".
+        known_outputs = self.oip_outputs or (TensorSpec("output", "BYTES", ()),)
+        request = oip_request(call, self.oip_inputs, known_outputs)
+        body = dumps({name: array.tolist() for name, array in request.feeds.items()})
+        json_call = ScoreCall("POST", call.path, {"Content-Type": "application/json"}, {}, "", body)
+        result = self._run(json_call)
+        if isinstance(result, ScoringResponse):
+            raise TypeError("run() answered with a ScoringResponse; /v2/models/{name}/infer needs data")
+        outputs = result_tensors(result, self.oip_outputs)
+        if self.oip_outputs:
+            requested = request.outputs
+        else:  # every tensor run() returned, as binary when the request asked for binary output
+            requested = dict.fromkeys(outputs, request.outputs.get("output", False))
+        missing = sorted(set(requested) - set(outputs))
+        if missing:
+            raise ValueError(f"run() returned no {', '.join(missing)} (it returned {', '.join(outputs)})")
+        return oip_reply(self.name, self.version, outputs, request.request_id, requested)
 
     def model_names(self) -> list[str]:
         """The module itself, under its name."""
@@ -190,8 +239,8 @@ class EntryScriptService:
             "name": self.name,
             "versions": [self.version],
             "platform": PLATFORM,
-            "inputs": [],
-            "outputs": [],
+            "inputs": [spec_json(s) for s in self.oip_inputs],
+            "outputs": [spec_json(s) for s in self.oip_outputs],
             "parameters": {"execution_provider": self.providers.get(self.name, "unknown")},
         }
 

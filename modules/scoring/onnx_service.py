@@ -16,38 +16,27 @@ from collections.abc import Callable
 from typing import Any
 
 from modules.contract import BATCH_SIZE_ENV
-from modules.scoring.backends import BackendError, InferenceBackend, InferenceError, TensorSpec, load_backend
+from modules.scoring.backends import BackendError, InferenceBackend, InferenceError, load_backend
 from modules.scoring.batching import Batcher, batchable, feeds_key, tensor_batches
 from modules.scoring.config import ServerConfig
 from modules.scoring.metrics import label_value
 from modules.scoring.model_paths import ModelLocation, list_models
+from modules.scoring.oip import oip_reply, oip_request, spec_json
 from modules.scoring.openapi import schemas_from_samples, schemas_from_specs
 from modules.scoring.pool import InferencePool
 from modules.scoring.replies import ClientError, Reply, dumps, parse_json, require_json_content_type
 from modules.scoring.service import INLINE_BYTES, ApiSchemas, ScoreCall
 from modules.scoring.tensors import (
-    INFERENCE_HEADER,
     InputError,
     OipRequest,
-    encode_oip_response,
-    feeds_from_oip,
     feeds_from_payload,
     outputs_to_json,
-    parse_binary_request,
 )
 
 log = logging.getLogger(__name__)
 
 _INVALID_ARGUMENT = "InvalidArgument"
 """onnxruntime's exception type for inputs the model rejects (the client's mistake)."""
-
-
-def _spec_json(spec: TensorSpec) -> dict[str, Any]:
-    return {
-        "name": spec.name,
-        "datatype": spec.datatype,
-        "shape": [-1 if d is None else d for d in spec.shape],
-    }
 
 
 class OnnxService:
@@ -206,26 +195,11 @@ class OnnxService:
         backend = self.backends.get(model)
         if backend is None:
             raise ClientError(404, f"no model {model!r} (models: {', '.join(self.locations)})")
-        header_len = call.headers.get(INFERENCE_HEADER)
-        try:
-            if header_len is not None:
-                if not header_len.strip().isdigit():
-                    raise ClientError(400, f"{INFERENCE_HEADER} must be a byte count, got {header_len!r}")
-                body, buffers = parse_binary_request(call.body, int(header_len))
-            else:
-                require_json_content_type(call.headers.get("Content-Type"))
-                body, buffers = parse_json(call.body), None
-            return feeds_from_oip(body, backend.inputs, backend.outputs, buffers)
-        except InputError as exc:
-            raise ClientError(400, str(exc)) from None
+        return oip_request(call, backend.inputs, backend.outputs)
 
     def _oip_reply(self, model: str, request: OipRequest, outputs: dict[str, Any]) -> Reply:
-        payload, json_len = encode_oip_response(
-            model, self.locations[model].version, outputs, request.request_id, request.outputs
-        )
-        if json_len is None:
-            return Reply(payload)
-        return Reply(payload, 200, "application/octet-stream", {INFERENCE_HEADER: str(json_len)})
+        version = self.locations[model].version
+        return oip_reply(model, version, outputs, request.request_id, request.outputs)
 
     def model_names(self) -> list[str]:
         """Every model in the module."""
@@ -241,8 +215,8 @@ class OnnxService:
             "name": model,
             "versions": [location.version],
             "platform": backend.platform if backend else "loading",
-            "inputs": [_spec_json(s) for s in backend.inputs] if backend else [],
-            "outputs": [_spec_json(s) for s in backend.outputs] if backend else [],
+            "inputs": [spec_json(s) for s in backend.inputs] if backend else [],
+            "outputs": [spec_json(s) for s in backend.outputs] if backend else [],
             "parameters": {
                 "execution_provider": backend.provider if backend else "loading",
                 "precision": backend.precision if backend else "loading",

@@ -855,3 +855,83 @@ async def test_inference_threads_never_add_up_to_more_than_the_cpus(
     async with serving(_config(tmp_path, **unbatched_env)) as (_, scoring):
         alone = scoring.service.backends["digits"]  # type: ignore[attr-defined]
         assert (alone.threads, alone.concurrent, scoring.pool.threads) == (1, 3, 3), "3 runs of 1 thread"
+
+
+# --------------------------------------------------------------------------------------------
+# Open Inference Protocol on entry scripts that declare their inputs
+# --------------------------------------------------------------------------------------------
+
+
+async def test_an_entry_script_with_declared_inputs_speaks_oip(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "score.py", SCHEMA_SCRIPT)
+    async with serving(_config(tmp_path, ENTRY_SCRIPT=str(script))) as (client, _):
+        meta = await (await client.get("/v2/models/score")).json()
+        assert meta["inputs"] == [{"name": "data", "datatype": "FP32", "shape": [-1, 3]}]
+        request = {
+            "id": "r9",
+            "inputs": [{"name": "data", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}],
+        }
+        answer = await (await client.post("/v2/models/score/infer", json=request)).json()
+        assert answer["id"] == "r9" and answer["model_name"] == "score"
+        [output] = answer["outputs"]
+        assert (output["name"], output["shape"], output["data"]) == ("output", [2], [6.0, 15.0])
+        wrong = {"inputs": [{"name": "data", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
+        assert "data" in await _error(await client.post("/v2/models/score/infer", json=wrong), 400)
+        unknown = {"inputs": [{"name": "pixels", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
+        assert "pixels" in await _error(await client.post("/v2/models/score/infer", json=unknown), 400)
+
+        import tritonclient.http as triton
+
+        url = f"127.0.0.1:{client.port}"
+
+        def with_tritonclient() -> np.ndarray:
+            triton_client = triton.InferenceServerClient(url=url)
+            try:
+                assert triton_client.is_model_ready("score")
+                tensor = triton.InferInput("data", [2, 3], "FP32")
+                tensor.set_data_from_numpy(
+                    np.array([[1, 1, 1], [2, 2, 2]], dtype=np.float32), binary_data=True
+                )
+                result = triton_client.infer(
+                    "score", [tensor], outputs=[triton.InferRequestedOutput("output")]
+                )
+                return result.as_numpy("output")
+            finally:
+                triton_client.close()
+
+        assert (await asyncio.to_thread(with_tritonclient)).tolist() == [3.0, 6.0]
+
+
+async def test_a_plain_script_with_an_object_sample_speaks_oip(tmp_path: Path) -> None:
+    root = tmp_path / "module"
+    write_script(
+        root / "src" / "score.py",
+        """
+        import json
+        def init():
+            pass
+        def run(data):
+            rows = json.loads(data)["pixels"]
+            return {"label": [int(sum(r) > 1) for r in rows], "total": [sum(r) for r in rows]}
+        """,
+    )
+    info = {
+        "name": "pix",
+        "entry_script": "score.py",
+        "input_sample": {"pixels": [[0.5, 0.25]]},
+        "output_sample": {"label": [0], "total": [0.75]},
+    }
+    (root / "module.json").write_text(json.dumps(info))
+    config = load_config({"MODULE_JSON": str(root / "module.json"), "HOST": "127.0.0.1"}, [])
+    async with serving(config) as (client, _):
+        meta = await (await client.get("/v2/models/pix")).json()
+        assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 2]}]
+        assert [o["name"] for o in meta["outputs"]] == ["label", "total"]
+        request = {
+            "inputs": [{"name": "pixels", "shape": [2, 2], "datatype": "FP32", "data": [1, 1, 0, 0.5]}],
+            "outputs": [{"name": "label"}],
+        }
+        answer = await (await client.post("/v2/models/pix/infer", json=request)).json()
+        assert [(o["name"], o["data"]) for o in answer["outputs"]] == [("label", [1, 0])], (
+            "only what was asked"
+        )

@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import difflib
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from cloud import broker
 from cloud.commands.base import (
@@ -39,6 +42,7 @@ from cloud.fleet.model_update import with_model, with_module_images
 from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.fleet.service import ApplyResult, Fleet, PublishReport, parse_model_refs
 from cloud.keys import KeyFileError
+from cloud.store.errors import NotFoundError
 from modules.contract import DeploymentManifest, ModuleStatus, utcnow
 from modules.documents import DocumentError, load_model_file
 
@@ -119,17 +123,57 @@ def cmd_apply(args: argparse.Namespace) -> int:
         models = parse_model_refs(args.model) if args.model else None
     endpoint = endpoint_from(args)
     with open_fleet(args) as fleet, store_errors():
-        result = fleet.apply(manifest, models=models, endpoint=endpoint, source=str(path))
-    if args.json:
-        print_json(_jsonable(result))
-    else:
-        verb = "created" if result.created else "updated" if result.manifest_changed else "unchanged"
-        print(
-            f"deployment {result.deployment} {verb}: {result.selected} device(s) selected, {result.winning} "
-            f"run it (waves: {_waves(result)}); {_counts(result.new_generations, result.publish)}"
+        try:
+            stored: DeploymentManifest | None = fleet.manifest(manifest.name)[0]
+        except NotFoundError:
+            stored = None
+        diff = manifest_diff(stored, manifest, str(path))
+        result = fleet.apply(
+            manifest,
+            models=models,
+            endpoint=None if args.dry_run else endpoint,
+            source=str(path),
+            dry_run=args.dry_run,
         )
+    if args.json:
+        print_json({**_jsonable(result), "dry_run": args.dry_run, "diff": diff})
+        return 0
+    if diff:
+        print("\n".join(diff))
+    verb = "created" if result.created else "updated" if result.manifest_changed else "unchanged"
+    if args.dry_run:
+        print(
+            f"dry run: deployment {result.deployment} would be {verb}: {result.selected} device(s) selected, "
+            f"{result.winning} would run it (waves: {_waves(result)}); {result.new_generations} new desired "
+            "state(s); nothing was stored or published"
+        )
+        return 0
+    print(
+        f"deployment {result.deployment} {verb}: {result.selected} device(s) selected, {result.winning} "
+        f"run it (waves: {_waves(result)}); {_counts(result.new_generations, result.publish)}"
+    )
     _tell_publish(result.publish)
     return 0
+
+
+def manifest_diff(stored: DeploymentManifest | None, new: DeploymentManifest, source: str) -> list[str]:
+    """A unified diff from the stored manifest to ``new`` (defaults spelt out); empty when they are
+    equal or nothing is stored yet.
+
+    It shows what an apply changes, including pins the stored manifest got from ``deploy set-model``
+    that re-applying an older file would revert.
+    """
+    if stored is None:  # a new deployment: nothing to compare with
+        return []
+
+    def lines(m: DeploymentManifest) -> list[str]:
+        document = m.model_dump(mode="json")
+        return yaml.safe_dump(document, sort_keys=False, default_flow_style=False).splitlines()
+
+    old, current = lines(stored), lines(new)
+    if old == current:
+        return []
+    return list(difflib.unified_diff(old, current, f"deployment {new.name} (stored)", source, lineterm=""))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -371,12 +415,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         cmd_apply,
         help="apply a deployment manifest",
         description="Check and store a DeploymentManifest (YAML or JSON), compute and sign each affected "
-        "device's desired state and publish it. Unchanged devices get nothing. When the broker is down the "
+        "device's desired state and publish it; first it prints what changes against the stored manifest "
+        "(a unified diff, defaults spelt out). Unchanged devices get nothing. When the broker is down the "
         "states are stored and published later by 'deploy publish' or 'deploy watch'.",
-        examples="  edgectl deploy apply -f vision.yaml\n"
+        examples="  edgectl deploy apply -f vision.yaml --dry-run\n"
+        "  edgectl deploy apply -f vision.yaml\n"
         "  edgectl deploy apply -f vision.yaml --model digits:3 --json",
     )
     p.add_argument("-f", "--file", required=True, metavar="FILE", help="the manifest (YAML or JSON)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check and show what would change (a diff from the stored manifest, devices, waves) without "
+        "storing or publishing anything",
+    )
     p.add_argument(
         "--model",
         action="append",

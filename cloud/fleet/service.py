@@ -70,6 +70,14 @@ __all__ = [
 Clock = Callable[[], datetime]
 
 
+class _DryRun(Exception):
+    """Raised inside a dry run's transaction so that it rolls back, carrying the result."""
+
+    def __init__(self, result: ApplyResult) -> None:
+        super().__init__("dry run")
+        self.result = result
+
+
 class Fleet:
     """Deployments, desired states and rollouts over one database and one signing key."""
 
@@ -131,8 +139,26 @@ class Fleet:
         models: Sequence[tuple[str, int]] | None = None,
         endpoint: Endpoint | None = None,
         source: str = "manifest",
+        dry_run: bool = False,
     ) -> ApplyResult:
-        """Store ``manifest``, recompute desired states and publish them (when ``endpoint`` is given)."""
+        """Store ``manifest``, recompute desired states and publish them (when ``endpoint`` is given).
+
+        With ``dry_run`` everything is worked out and checked the same way, then rolled back:
+        nothing is stored or published, and the result says what would have happened.
+        """
+        try:
+            return self._apply(manifest, models, endpoint, source, dry_run)
+        except _DryRun as done:
+            return done.result
+
+    def _apply(
+        self,
+        manifest: DeploymentManifest,
+        models: Sequence[tuple[str, int]] | None,
+        endpoint: Endpoint | None,
+        source: str,
+        dry_run: bool,
+    ) -> ApplyResult:
         self.check_manifest(manifest, source)
         now = self.clock()
         name = manifest.name
@@ -174,6 +200,19 @@ class Fleet:
             else:
                 waves = stored_waves(s, name)
             new = self._recompute(s, now, resolution, devices)
+            if dry_run:
+                raise _DryRun(
+                    ApplyResult(
+                        deployment=name,
+                        created=created,
+                        manifest_changed=changed,
+                        selected=len(chosen),
+                        winning=len(winning),
+                        new_generations=new,
+                        waves=[len(w) for w in waves],
+                        publish=PublishReport(0, 0, None),
+                    )
+                )
         return ApplyResult(
             deployment=name,
             created=created,

@@ -486,6 +486,44 @@ def test_cli_apply_status_and_offline_logs(
     assert capsys.readouterr().err == "edgectl: error: deployment 'nope' does not exist\n"
 
 
+def test_apply_shows_the_diff_and_a_dry_run_changes_nothing(
+    tmp_path: Path, mosquitto_factory: MosquittoFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cloud.cli import main
+
+    data = tmp_path / "data"
+    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
+    with db.transaction() as s:
+        s.add(Device(id="cam-1", profile="cpu", password_hash="unused"))
+    db.dispose()
+    manifest = "name: vision\ntarget: {device_ids: [cam-1]}\nmodules:\n  detector:\n"
+    manifest += "    images: {cpu: reg.local/det:%d}\n"
+    (tmp_path / "vision.yaml").write_text(manifest % 1)
+    broker = mosquitto_factory()
+    common = ["--data-dir", str(data), "--broker-url", f"mqtt://127.0.0.1:{broker.port}"]
+    assert main(["deploy", "apply", "-f", str(tmp_path / "vision.yaml"), *common]) == 0
+    assert capsys.readouterr().out.startswith("deployment vision created"), "no diff for a new deployment"
+
+    (tmp_path / "vision.yaml").write_text(manifest % 2)
+    assert main(["deploy", "apply", "-f", str(tmp_path / "vision.yaml"), "--dry-run", *common]) == 0
+    out = capsys.readouterr().out
+    assert "-      cpu: reg.local/det:1\n+      cpu: reg.local/det:2\n" in out
+    assert out.strip().endswith(
+        "dry run: deployment vision would be updated: 1 device(s) selected, 1 would run it (waves: 1); "
+        "1 new desired state(s); nothing was stored or published"
+    )
+    assert main(["deploy", "show", "vision", "--json", "--data-dir", str(data)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["manifest"]["modules"]["detector"]["images"] == {"cpu": "reg.local/det:1"}, "nothing stored"
+
+    assert main(["deploy", "apply", "-f", str(tmp_path / "vision.yaml"), "--json", *common]) == 0
+    applied = json.loads(capsys.readouterr().out)
+    assert applied["dry_run"] is False and applied["new_generations"] == 1
+    assert "+      cpu: reg.local/det:2" in applied["diff"]
+    assert main(["deploy", "apply", "-f", str(tmp_path / "vision.yaml"), *common]) == 0
+    assert capsys.readouterr().out.startswith("deployment vision unchanged"), "no diff when equal"
+
+
 def test_set_model_packages_pushes_and_rolls_out(
     tmp_path: Path,
     mosquitto_factory: MosquittoFactory,

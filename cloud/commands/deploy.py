@@ -243,6 +243,74 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    """The revisions of a deployment."""
+    with open_fleet(args) as fleet, store_errors():
+        revisions = fleet.history(args.name)
+    if args.json:
+        print_json(_jsonable(revisions))
+        return 0
+    rows = [
+        (
+            f"{r.number}{' *' if r.current else ''}",
+            r.applied_at.strftime("%Y-%m-%d %H:%M:%SZ"),
+            " ".join(f"{m}={','.join(sorted(set(i.values())))}" for m, i in sorted(r.images.items())),
+            ",".join(r.models) or "-",
+            r.source,
+        )
+        for r in revisions
+    ]
+    print(format_table(("REV", "APPLIED", "IMAGES", "MODELS", "SOURCE"), rows))
+    print("(* applied now)", file=sys.stderr)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Apply an earlier revision again."""
+    endpoint = endpoint_from(args)
+    with open_fleet(args) as fleet, store_errors():
+        current = fleet.manifest(args.name)[0]
+        number, target = fleet.revision(args.name, args.to)
+        result = fleet.apply(
+            target,
+            endpoint=None if args.dry_run else endpoint,
+            source=f"rollback to revision {number}",
+            dry_run=args.dry_run,
+        )
+    diff = manifest_diff(current, target, f"revision {number}")
+    if args.json:
+        print_json({**_jsonable(result), "rolled_back_to": number, "dry_run": args.dry_run, "diff": diff})
+        return 0
+    if diff:
+        print("\n".join(diff))
+    if args.dry_run:
+        print(
+            f"dry run: rolling {args.name} back to revision {number} would issue {result.new_generations} "
+            "new desired state(s); nothing was stored or published"
+        )
+        return 0
+    now = f"revision {result.revision}" if result.revision is not None else "unchanged: it is what runs"
+    print(
+        f"deployment {args.name} rolled back to revision {number} ({now}): "
+        f"{_counts(result.new_generations, result.publish)}"
+    )
+    _tell_publish(result.publish)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Resume a halted rollout (``retry``: and try the failed devices again)."""
+    endpoint = endpoint_from(args)
+    retry = args.deploy_command == "retry"
+    with open_fleet(args) as fleet, store_errors():
+        what, new = fleet.resume(args.name, retry=retry, endpoint=endpoint)
+    if args.json:
+        print_json({"deployment": args.name, "result": what, "new_generations": new})
+    else:
+        print(f"deployment {args.name}: {what}; {new} new desired state(s)")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Per-wave and per-device progress of a deployment."""
     with open_fleet(args) as fleet, store_errors():
@@ -467,6 +535,56 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("name", metavar="NAME")
     add_broker_option(p)
+
+    p = add_command(
+        commands,
+        "history",
+        cmd_history,
+        help="the revisions of a deployment",
+        description="List every revision of a deployment: each apply that changed its manifest (files, "
+        "set-model, rollbacks), with when, the images and models it named, and where it came from.",
+        examples="  edgectl deploy history vision\n  edgectl deploy history vision --json",
+    )
+    p.add_argument("name", metavar="NAME")
+
+    p = add_command(
+        commands,
+        "rollback",
+        cmd_rollback,
+        help="apply an earlier revision again",
+        description="Apply an earlier revision of a deployment again (default: the one before the current), "
+        "as a new revision that rolls out in its waves like any apply. Prints the diff first.",
+        examples="  edgectl deploy rollback vision\n  edgectl deploy rollback vision --to 3 --dry-run",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--to", type=int, metavar="REV", help="the revision to go back to (see deploy history)")
+    p.add_argument("--dry-run", action="store_true", help="show what would change, store and publish nothing")
+    add_broker_option(p)
+
+    for verb, help_text, description in (
+        (
+            "resume",
+            "resume a halted rollout",
+            "Set a halted (or reverted) rollout rolling again from its current wave, with a new health "
+            "deadline; a reverted wave gets the deployment's content again.",
+        ),
+        (
+            "retry",
+            "resume and give failed devices a new generation",
+            "Resume the rollout and give every device of the deployment that failed, rolled back or "
+            "rejected it a new generation of the same content, so its agent tries again.",
+        ),
+    ):
+        p = add_command(
+            commands,
+            verb,
+            cmd_resume,
+            help=help_text,
+            description=description,
+            examples=f"  edgectl deploy {verb} vision",
+        )
+        p.add_argument("name", metavar="NAME")
+        add_broker_option(p)
 
     p = add_command(
         commands,

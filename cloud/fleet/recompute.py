@@ -33,8 +33,13 @@ def recompute_desired(
     chains: Mapping[str, Sequence[str]],
     resolution: Resolution | None = None,
     devices: list[DeviceInfo] | None = None,
+    force: frozenset[str] = frozenset(),
 ) -> int:
-    """Store a new signed desired state for every device that needs one; returns how many."""
+    """Store a new signed desired state for every device that needs one; returns how many.
+
+    Devices in ``force`` get a new generation even when their content did not change (``deploy
+    retry``: an agent that rolled a generation back tries the next one again).
+    """
     if devices is None:
         devices = load_devices(s)
     if resolution is None:
@@ -80,7 +85,7 @@ def recompute_desired(
                     cached = contents[(entry.name, device.profile)] = (c, c.hash)
                 content, digest = cached
         generation = next_generation(stored.get(device.id), digest)
-        if generation is None and device.id in expiring:
+        if generation is None and device.id in stored and (device.id in expiring or device.id in force):
             generation = stored[device.id][0] + 1
         if generation is None:
             continue

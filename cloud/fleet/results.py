@@ -23,6 +23,19 @@ class PublishReport:
 
 
 @dataclass(frozen=True)
+class RevisionView:
+    """A row of ``deploy history``: one applied manifest."""
+
+    number: int
+    applied_at: datetime
+    source: str
+    models: list[str]
+    images: dict[str, dict[str, str]]
+    """module → profile → image, as the revision's manifest names them."""
+    current: bool
+
+
+@dataclass(frozen=True)
 class ApplyResult:
     """What an apply changed."""
 
@@ -34,6 +47,8 @@ class ApplyResult:
     new_generations: int
     waves: list[int]
     publish: PublishReport
+    revision: int | None = None
+    """The revision this apply recorded (None when the manifest did not change, or a dry run)."""
 
 
 @dataclass(frozen=True)

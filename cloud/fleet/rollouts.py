@@ -119,3 +119,38 @@ def _act(
         return f"halted and reverted the released devices: {decision.reason}"
     rollout.state = "halted"
     return f"halted: {decision.reason}"
+
+
+RESUMABLE = ("halted", "reverted")
+
+
+def resume_rollout(s: Session, name: str, now: datetime) -> str:
+    """Set a halted or reverted rollout rolling again from its current wave, with a new deadline.
+
+    The released devices of a reverted rollout stop being reverted, so they get the deployment's
+    content again. Anything else is left as it is and said so.
+    """
+    rollout = s.get(RolloutRecord, name)
+    if rollout is None:
+        return "no rollout to resume"
+    if rollout.state not in RESUMABLE:
+        return f"the rollout is {rollout.state}, not halted: nothing to resume"
+    was = rollout.state
+    if was == "reverted":
+        s.execute(update(RolloutDevice).where(RolloutDevice.deployment == name).values(reverted=False))
+    rollout.state = "rolling"
+    rollout.wave_started_at = now
+    rollout.updated_at = now
+    rollout.message = f"resumed by the operator at wave {rollout.current_wave + 1} (was {was})"
+    return rollout.message
+
+
+RETRIED = frozenset({"failed", "rolled back", "rejected"})
+"""Device statuses that ``deploy retry`` gives a new generation."""
+
+
+def retry_devices(s: Session, name: str, now: datetime) -> frozenset[str]:
+    """The devices of ``name`` whose last report says they failed it or rolled back."""
+    return frozenset(
+        d for d, (dep, st) in device_statuses(s, now).items() if dep == name and st.status in RETRIED
+    )

@@ -39,10 +39,12 @@ from cloud.fleet.results import (
     DeploymentSummary,
     DeviceProgress,
     PublishReport,
+    RevisionView,
     WaveProgress,
 )
+from cloud.fleet.revisions import forget, list_revisions, record_revision, revision_manifest
 from cloud.fleet.rollout import split_waves
-from cloud.fleet.rollouts import advance_rollouts, start_rollout
+from cloud.fleet.rollouts import advance_rollouts, resume_rollout, retry_devices, start_rollout
 from cloud.fleet.sql import aware
 from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, Resolution, resolve, selected_ids
 from cloud.keys import load_or_create_signing_key
@@ -193,6 +195,11 @@ class Fleet:
             s.flush()
             if models is not None:
                 set_deployment_models(s, name, models)
+            number = (
+                record_revision(s, name, document, models_of(s).get(name, []), source, now)
+                if changed
+                else None
+            )
             rollout = s.get(RolloutRecord, name)
             waves = split_waves(winning, manifest.rollout.waves)
             if rollout is None or rollout.revision != revision:
@@ -222,6 +229,7 @@ class Fleet:
             new_generations=new,
             waves=[len(w) for w in waves],
             publish=self._publish_or_count(endpoint),
+            revision=number,
         )
 
     def delete(self, name: str, *, endpoint: Endpoint | None = None) -> tuple[int, PublishReport]:
@@ -234,6 +242,7 @@ class Fleet:
             s.execute(delete(RolloutDevice).where(RolloutDevice.deployment == name))
             s.execute(delete(RolloutRecord).where(RolloutRecord.deployment == name))
             s.execute(delete(DeploymentModel).where(DeploymentModel.deployment_name == name))
+            forget(s, name)
             s.delete(found[0])
             s.flush()
             new = self._recompute(s, now)
@@ -246,6 +255,31 @@ class Fleet:
             if found is None:
                 raise NotFoundError(f"deployment {name!r} does not exist")
             return found[1], models_of(s).get(name, [])
+
+    def history(self, name: str) -> list[RevisionView]:
+        """Every revision of a deployment, oldest first."""
+        with self.db.transaction() as s:
+            return list_revisions(s, name)
+
+    def revision(self, name: str, number: int | None = None) -> tuple[int, DeploymentManifest]:
+        """Revision ``number`` of a deployment (default: the one before the current) and its manifest."""
+        with self.db.transaction() as s:
+            return revision_manifest(s, name, number)
+
+    def resume(self, name: str, *, retry: bool = False, endpoint: Endpoint | None = None) -> tuple[str, int]:
+        """Restart a halted or reverted rollout from its wave; with ``retry`` also give the devices that
+        failed or rolled back a new generation of the same content. (what happened, new states)."""
+        now = self.clock()
+        with self.db.transaction() as s:
+            if live_manifest(s, name) is None:
+                raise NotFoundError(f"deployment {name!r} does not exist")
+            what = resume_rollout(s, name, now)
+            force = retry_devices(s, name, now) if retry else frozenset()
+            new = recompute_desired(s, now, self.key, self.ttl, self.chains, force=force)
+        self._publish_or_count(endpoint)
+        if retry:
+            what += f"; {len(force)} failed or rolled-back device(s) get a new generation"
+        return what, new
 
     def list_deployments(self) -> list[DeploymentSummary]:
         """Every deployment, by name, with its device counts."""

@@ -135,6 +135,19 @@ class Deployment(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
+class DeploymentRevision(Base):
+    """One apply of a deployment that changed its manifest: what was applied, from where, when."""
+
+    __tablename__ = "deployment_revisions"
+
+    deployment: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    models: Mapped[list[str]] = mapped_column(JSON, default=list)
+    source: Mapped[str] = mapped_column(Text, default="")
+    applied_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class DeploymentModel(Base):
     """A model version used by a deployment; the foreign key refuses deleting a version in use."""
 

@@ -32,6 +32,7 @@ from cloud.fleet.service import ApplyError, Fleet
 from cloud.keys import load_or_create_signing_key, public_key_path
 from cloud.store.db import open_database
 from cloud.store.devices import Device, DeviceTag
+from cloud.store.errors import NotFoundError
 from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice, RolloutRecord
 from modules.contract import DeploymentManifest, DesiredState, ModuleStatus, ReportedState
 from modules.profiles import load_profiles
@@ -344,6 +345,66 @@ async def test_rollout_waves_advance_on_healthy_reports_and_halt_with_revert(
     }
 
 
+V2 = {"detector": {"images": {"cpu": "reg.local/det:2-cpu", "cuda": "reg.local/det:2-cuda"}}}
+
+
+def test_every_changing_apply_is_a_revision_and_rollback_applies_one_again(fleet: Fleet) -> None:
+    first = fleet.apply(manifest(), source="v1.yaml")
+    again = fleet.apply(manifest(), source="v1.yaml")
+    second = fleet.apply(manifest(modules=V2), source="v2.yaml")
+    assert (first.revision, again.revision, second.revision) == (1, None, 2), "unchanged: no revision"
+    history = fleet.history("vision")
+    assert [(r.number, r.source, r.current) for r in history] == [(1, "v1.yaml", False), (2, "v2.yaml", True)]
+    assert history[1].images == {"detector": {"cpu": "reg.local/det:2-cpu", "cuda": "reg.local/det:2-cuda"}}
+
+    number, target = fleet.revision("vision")
+    assert number == 1 and target == manifest()
+    back = fleet.apply(target, source=f"rollback to revision {number}")
+    assert back.revision == 3 and back.new_generations == 3
+    assert fleet.manifest("vision")[0] == manifest()
+    assert [r.source for r in fleet.history("vision")][-1] == "rollback to revision 1"
+    with pytest.raises(NotFoundError, match=r"has no revision 9 \(revisions: 1, 2, 3\)"):
+        fleet.revision("vision", 9)
+    fleet.delete("vision")
+    with pytest.raises(NotFoundError, match="has no revisions"):
+        fleet.history("vision")
+
+
+async def test_resume_restarts_a_halted_rollout_and_retry_gives_failed_devices_a_new_generation(
+    fleet: Fleet, mosquitto_factory: MosquittoFactory
+) -> None:
+    broker = mosquitto_factory()
+    ep = endpoint(broker)
+    with pytest.raises(NotFoundError, match="deployment 'vision' does not exist"):
+        fleet.resume("vision")
+    fleet.apply(manifest(), endpoint=ep)
+    async with Ingestor(fleet.db, ep, flush_interval_s=0.05) as ingest:
+        publish_reports(broker, {d: report(d, 1, "healthy") for d in ("cam-1", "cam-2", "cam-3")})
+        assert await until(lambda: ingest.stats.written >= 3)
+        fleet.advance_rollouts(endpoint=ep)
+        assert fleet.resume("vision")[0] == "the rollout is complete, not halted: nothing to resume"
+        fleet.apply(manifest(modules=V2, rollout={"waves": [2, 3], "max_failure_ratio": 0.0}), endpoint=ep)
+        assert generations(fleet) == {"cam-1": 2, "cam-2": 2, "cam-3": 1}
+        publish_reports(
+            broker, {"cam-1": report("cam-1", 2, "healthy"), "cam-2": report("cam-2", 2, "rolled_back")}
+        )
+        assert await until(lambda: ingest.stats.written >= 5)
+        assert fleet.advance_rollouts(endpoint=ep)[0].startswith(
+            "vision: halted: 1 of 2 released device(s) failed"
+        )
+        assert fleet.progress("vision").rollout_state == "halted"
+
+        what, new = fleet.resume("vision", endpoint=ep)
+        assert what == "resumed by the operator at wave 1 (was halted)" and new == 0
+        assert fleet.progress("vision").rollout_state == "rolling"
+        assert generations(fleet) == {"cam-1": 2, "cam-2": 2, "cam-3": 1}, "resume alone re-issues nothing"
+
+        fleet.advance_rollouts(endpoint=ep)  # halts again: cam-2 still reports its rollback
+        what, new = fleet.resume("vision", retry=True, endpoint=ep)
+        assert what.endswith("; 1 failed or rolled-back device(s) get a new generation") and new == 1
+        assert generations(fleet) == {"cam-1": 2, "cam-2": 3, "cam-3": 1}, "same content, a new generation"
+
+
 async def test_a_controller_that_starts_late_judges_deadlines_from_the_reports(
     fleet: Fleet, mosquitto_factory: MosquittoFactory
 ) -> None:
@@ -522,6 +583,26 @@ def test_apply_shows_the_diff_and_a_dry_run_changes_nothing(
     assert "+      cpu: reg.local/det:2" in applied["diff"]
     assert main(["deploy", "apply", "-f", str(tmp_path / "vision.yaml"), *common]) == 0
     assert capsys.readouterr().out.startswith("deployment vision unchanged"), "no diff when equal"
+
+    assert main(["deploy", "history", "vision", "--data-dir", str(data)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["REV", "APPLIED", "IMAGES", "MODELS", "SOURCE"]
+    assert [line.split()[0] for line in table[1:]] == ["1", "2"]
+    assert "detector=reg.local/det:2" in table[2] and table[2].split()[1] == "*"
+    assert main(["deploy", "rollback", "vision", "--dry-run", *common]) == 0
+    out = capsys.readouterr().out
+    assert "-      cpu: reg.local/det:2\n+      cpu: reg.local/det:1\n" in out
+    assert "dry run: rolling vision back to revision 1 would issue 1 new desired state(s)" in out
+    assert main(["deploy", "rollback", "vision", *common]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == (
+        "deployment vision rolled back to revision 1 (revision 3): "
+        "1 new desired state(s), 1 published, 0 pending"
+    )
+    assert main(["deploy", "rollback", "vision", "--to", "7", *common]) == 2
+    assert "has no revision 7 (revisions: 1, 2, 3)" in capsys.readouterr().err
+    assert main(["deploy", "resume", "vision", *common]) == 0
+    assert "not halted: nothing to resume" in capsys.readouterr().out
 
 
 def test_set_model_packages_pushes_and_rolls_out(

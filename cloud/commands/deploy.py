@@ -137,6 +137,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         )
     if args.json:
         print_json({**_jsonable(result), "dry_run": args.dry_run, "diff": diff})
+        _tell_publish(result.publish)
         return 0
     if diff:
         print("\n".join(diff))
@@ -280,6 +281,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     diff = manifest_diff(current, target, f"revision {number}")
     if args.json:
         print_json({**_jsonable(result), "rolled_back_to": number, "dry_run": args.dry_run, "diff": diff})
+        _tell_publish(result.publish)
         return 0
     if diff:
         print("\n".join(diff))

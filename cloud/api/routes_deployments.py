@@ -8,6 +8,7 @@ controller sends it later).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from aiohttp import web
@@ -15,13 +16,17 @@ from pydantic import BaseModel, ValidationError
 
 from cloud.api.errors import ApiError, invalid_body
 from cloud.api.routing import Body, Param, Route, call, read_text, reply, require_media, services
+from cloud.fleet.manifest_diff import manifest_diff
+from cloud.fleet.results import RevisionView
 from cloud.fleet.service import (
     ApplyResult,
     DeploymentProgress,
     DeploymentSummary,
+    Fleet,
     PublishReport,
     parse_model_refs,
 )
+from cloud.store.errors import NotFoundError
 from modules.contract import DeploymentManifest
 from modules.documents import load_document
 
@@ -34,6 +39,27 @@ class DeploymentDocument(BaseModel):
 
     manifest: DeploymentManifest
     models: list[str]
+
+
+@dataclass(frozen=True)
+class AppliedDeployment(ApplyResult):
+    """An apply's result, with the diff from the stored manifest (what ``deploy apply --json`` prints)."""
+
+    dry_run: bool = False
+    diff: list[str] = field(default_factory=list)
+    rolled_back_to: int | None = None
+
+
+def _applied(result: ApplyResult, **extra: Any) -> AppliedDeployment:
+    return AppliedDeployment(**{f.name: getattr(result, f.name) for f in fields(result)}, **extra)
+
+
+class ResumedDeployment(BaseModel):
+    """What ``deploy resume`` / ``deploy retry`` did."""
+
+    deployment: str
+    result: str
+    new_generations: int
 
 
 class DeletedDeployment(BaseModel):
@@ -56,14 +82,82 @@ async def _manifest(request: web.Request) -> DeploymentManifest:
         raise invalid_body(e, "manifest") from None
 
 
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "0").lower()
+    if value not in ("0", "1", "true", "false"):
+        raise ApiError(400, f"query {name}={value!r}: expected 1 or 0")
+    return value in ("1", "true")
+
+
+def _stored(fleet: Fleet, name: str) -> DeploymentManifest | None:
+    try:
+        return fleet.manifest(name)[0]
+    except NotFoundError:
+        return None
+
+
 async def apply_deployment(request: web.Request) -> web.Response:
     """Apply a manifest: 201 when the deployment is new, 200 when it was updated or unchanged."""
     s = services(request)
     refs = request.query.getall("model", [])
     models = parse_model_refs(refs) if refs else None
+    dry_run = _flag(request, "dry_run")
     manifest = await _manifest(request)
-    result = await call(s.fleet.apply, manifest, models=models, endpoint=s.endpoint, source="manifest")
-    return reply(result, 201 if result.created else 200, {"Location": f"/deployments/{result.deployment}"})
+    stored = await call(_stored, s.fleet, manifest.name)
+    result = await call(
+        s.fleet.apply,
+        manifest,
+        models=models,
+        endpoint=None if dry_run else s.endpoint,
+        source="manifest (REST)",
+        dry_run=dry_run,
+    )
+    body = _applied(result, dry_run=dry_run, diff=manifest_diff(stored, manifest, "manifest"))
+    status = 201 if result.created and not dry_run else 200
+    return reply(body, status, {"Location": f"/deployments/{result.deployment}"})
+
+
+async def deployment_revisions(request: web.Request) -> web.Response:
+    """Every revision of a deployment, oldest first."""
+    return reply(await call(services(request).fleet.history, request.match_info["name"]))
+
+
+async def rollback_deployment(request: web.Request) -> web.Response:
+    """Apply an earlier revision again (``to``; default the one before the current)."""
+    s = services(request)
+    name = request.match_info["name"]
+    raw = request.query.get("to")
+    if raw is not None and not raw.isdigit():
+        raise ApiError(400, f"query to={raw!r}: expected a revision number")
+    dry_run = _flag(request, "dry_run")
+    current = await call(_stored, s.fleet, name)
+    number, target = await call(s.fleet.revision, name, int(raw) if raw is not None else None)
+    result = await call(
+        s.fleet.apply,
+        target,
+        endpoint=None if dry_run else s.endpoint,
+        source=f"rollback to revision {number}",
+        dry_run=dry_run,
+    )
+    diff = manifest_diff(current, target, f"revision {number}")
+    return reply(_applied(result, dry_run=dry_run, diff=diff, rolled_back_to=number))
+
+
+async def _resume(request: web.Request, retry: bool) -> web.Response:
+    s = services(request)
+    name = request.match_info["name"]
+    what, new = await call(s.fleet.resume, name, retry=retry, endpoint=s.endpoint)
+    return reply(ResumedDeployment(deployment=name, result=what, new_generations=new))
+
+
+async def resume_deployment(request: web.Request) -> web.Response:
+    """Resume a halted or reverted rollout at its wave."""
+    return await _resume(request, retry=False)
+
+
+async def retry_deployment(request: web.Request) -> web.Response:
+    """Resume, and give the devices that failed, rolled back or rejected it a new generation."""
+    return await _resume(request, retry=True)
 
 
 async def list_deployments(request: web.Request) -> web.Response:
@@ -100,6 +194,11 @@ async def publish_pending(request: web.Request) -> web.Response:
 
 
 _MANIFEST_SCHEMA = {"schema": DeploymentManifest}
+_DRY_RUN = Param(
+    "dry_run",
+    "1: work it out and answer, store and publish nothing",
+    {"type": "string", "enum": ["0", "1", "true", "false"]},
+)
 
 ROUTES = (
     Route(
@@ -116,7 +215,7 @@ ROUTES = (
         apply_deployment,
         "Apply a deployment manifest (JSON or YAML)",
         "deployments",
-        response=ApplyResult,
+        response=AppliedDeployment,
         status=201,
         also=(200,),
         body=Body({JSON: _MANIFEST_SCHEMA, **{t: _MANIFEST_SCHEMA for t in YAML_TYPES}}),
@@ -127,10 +226,52 @@ ROUTES = (
                 {"type": "string"},
                 repeated=True,
             ),
+            _DRY_RUN,
         ),
         errors=(400, 413, 415),
-        description="Answers 201 when the deployment is new, 200 when it existed. Desired states the "
-        "broker did not acknowledge are stored as pending (see publish.pending in the result).",
+        description="Answers 201 when the deployment is new, 200 when it existed (or on a dry run). "
+        "Desired states the broker did not acknowledge are stored as pending (see "
+        "result.publish.pending); diff is the unified diff from the stored manifest.",
+    ),
+    Route(
+        "GET",
+        "/deployments/{name}/revisions",
+        deployment_revisions,
+        "Every revision of a deployment",
+        "deployments",
+        response=list[RevisionView],
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        "/deployments/{name}/rollback",
+        rollback_deployment,
+        "Apply an earlier revision again",
+        "deployments",
+        response=AppliedDeployment,
+        query=(
+            Param("to", "the revision (default: the one before the current)", {"type": "integer"}),
+            _DRY_RUN,
+        ),
+        errors=(400, 404),
+    ),
+    Route(
+        "POST",
+        "/deployments/{name}/resume",
+        resume_deployment,
+        "Resume a halted or reverted rollout at its wave",
+        "deployments",
+        response=ResumedDeployment,
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        "/deployments/{name}/retry",
+        retry_deployment,
+        "Resume and give the failed devices a new generation",
+        "deployments",
+        response=ResumedDeployment,
+        errors=(404,),
     ),
     Route(
         "GET",

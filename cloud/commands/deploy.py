@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import difflib
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from cloud import broker
 from cloud.commands.base import (
@@ -38,6 +35,7 @@ from cloud.commands.base import (
 from cloud.commands.views import module_lines
 from cloud.fleet.controller import INTERVAL_S, RECOMPUTE_EVERY_S, Controller
 from cloud.fleet.device_state import device_states
+from cloud.fleet.manifest_diff import manifest_diff
 from cloud.fleet.model_update import with_model, with_module_images
 from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.fleet.service import ApplyResult, Fleet, PublishReport, parse_model_refs
@@ -155,26 +153,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
     )
     _tell_publish(result.publish)
     return 0
-
-
-def manifest_diff(stored: DeploymentManifest | None, new: DeploymentManifest, source: str) -> list[str]:
-    """A unified diff from the stored manifest to ``new`` (defaults spelt out); empty when they are
-    equal or nothing is stored yet.
-
-    It shows what an apply changes, including pins the stored manifest got from ``deploy set-model``
-    that re-applying an older file would revert.
-    """
-    if stored is None:  # a new deployment: nothing to compare with
-        return []
-
-    def lines(m: DeploymentManifest) -> list[str]:
-        document = m.model_dump(mode="json")
-        return yaml.safe_dump(document, sort_keys=False, default_flow_style=False).splitlines()
-
-    old, current = lines(stored), lines(new)
-    if old == current:
-        return []
-    return list(difflib.unified_diff(old, current, f"deployment {new.name} (stored)", source, lineterm=""))
 
 
 def cmd_list(args: argparse.Namespace) -> int:

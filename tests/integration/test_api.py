@@ -436,6 +436,33 @@ async def test_deployment_apply_list_show_status_delete(api: Api) -> None:
     await api.error("DELETE", "/deployments/vision", 404)
 
 
+async def test_deployment_dry_run_revisions_rollback_and_resume(api: Api) -> None:
+    await add_device(api, "pump-1")
+    await api.call("POST", "/deployments", 201, json=manifest())
+    v2 = manifest(modules={"detector": {"images": {"cpu": "127.0.0.1:5000/det:2-cpu"}}})
+    dry = await api.call("POST", "/deployments?dry_run=1", 200, json=v2)
+    assert dry["dry_run"] and dry["manifest_changed"] and dry["revision"] is None
+    assert "+      cpu: 127.0.0.1:5000/det:2-cpu" in dry["diff"]
+    shown = await api.call("GET", "/deployments/vision", 200)
+    assert shown["manifest"]["modules"]["detector"]["images"]["cpu"] == "127.0.0.1:5000/det:1-cpu"
+    applied = await api.call("POST", "/deployments", 200, json=v2)
+    assert applied["revision"] == 2 and not applied["dry_run"]
+
+    revisions = await api.call("GET", "/deployments/vision/revisions", 200)
+    assert [(r["number"], r["current"]) for r in revisions] == [(1, False), (2, True)]
+    back = await api.call("POST", "/deployments/vision/rollback", 200)
+    assert (back["rolled_back_to"], back["revision"]) == (1, 3)
+    assert "+      cpu: 127.0.0.1:5000/det:1-cpu" in back["diff"]
+    await api.error("POST", "/deployments/vision/rollback?to=9", 404)
+    await api.error("POST", "/deployments/vision/rollback?to=x", 400)
+    await api.error("POST", "/deployments?dry_run=maybe", 400, json=v2)
+    resumed = await api.call("POST", "/deployments/vision/resume", 200)
+    assert resumed["result"].endswith("not halted: nothing to resume")
+    retried = await api.call("POST", "/deployments/vision/retry", 200)
+    assert retried["result"].endswith("0 failed or rolled-back device(s) get a new generation")
+    await api.error("POST", "/deployments/nope/resume", 404)
+
+
 async def test_deployment_errors(api: Api) -> None:
     await add_device(api)
     body = await api.error("POST", "/deployments", 400, json=manifest(modules={}, priority=5000))

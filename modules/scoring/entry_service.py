@@ -232,7 +232,7 @@ class EntryScriptService:
         return [self.name]
 
     def metadata(self, model: str) -> dict[str, Any] | None:
-        """Open Inference Protocol metadata; inputs and outputs are the script's business."""
+        """Open Inference Protocol metadata, with the inputs and outputs the script declares (if any)."""
         if model != self.name:
             return None
         return {

@@ -222,6 +222,28 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Why a device runs what it runs."""
+    with open_fleet(args) as fleet, store_errors():
+        why = fleet.explain(args.device)
+    if args.json:
+        print_json(_jsonable(why))
+        return 0
+    print(f"device {why.device} (profile {why.profile}; images tried in order: {' → '.join(why.chain)})")
+    if why.candidates:
+        print("deployments that select it:")
+        for c in why.candidates:
+            when = f"{c.applied_at:%Y-%m-%d %H:%M:%SZ}"
+            print(f"  {c.deployment}  priority {c.priority}, applied {when}: {c.outcome}")
+    if why.problem:
+        print(f"runs nothing: {why.problem}")
+        return 0
+    print("modules:")
+    for m in why.modules:
+        print(f"  {m.module}  from {m.deployment}: {m.image} (profile {m.profile}, {m.note})")
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     """The revisions of a deployment."""
     with open_fleet(args) as fleet, store_errors():
@@ -515,6 +537,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("name", metavar="NAME")
     add_broker_option(p)
+
+    p = add_command(
+        commands,
+        "explain",
+        cmd_explain,
+        help="why a device runs what it runs",
+        description="Show the deployments that select a device in the order they compete (priority, then "
+        "the later apply), which one wins, and for each module it gives the device the image and the "
+        "device profile it was chosen for (the device's own or a fallback).",
+        examples="  edgectl deploy explain cam-1\n  edgectl deploy explain cam-1 --json",
+    )
+    p.add_argument("device", metavar="DEVICE")
 
     p = add_command(
         commands,

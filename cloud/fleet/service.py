@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from cloud.config import Settings
 from cloud.fleet import outbox
 from cloud.fleet.desired import DEFAULT_TTL, content_hash
+from cloud.fleet.explain import Explanation, explain
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.progress import progress, summaries
 from cloud.fleet.queries import live_manifest, load_deployments, load_devices, models_of, stored_waves
@@ -280,6 +281,14 @@ class Fleet:
         if retry:
             what += f"; {len(force)} failed or rolled-back device(s) get a new generation"
         return what, new
+
+    def explain(self, device_id: str) -> Explanation:
+        """Why ``device_id`` runs what it runs: competing deployments, the winner, each module's image."""
+        with self.db.transaction() as s:
+            device = next((d for d in load_devices(s) if d.id == device_id), None)
+            if device is None:
+                raise NotFoundError(f"device {device_id!r} is not registered")
+            return explain(device, load_deployments(s), self.chains)
 
     def list_deployments(self) -> list[DeploymentSummary]:
         """Every deployment, by name, with its device counts."""

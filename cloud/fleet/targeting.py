@@ -138,7 +138,8 @@ def selected_ids(entry: DeploymentEntry, devices: Iterable[DeviceInfo]) -> list[
     return out
 
 
-def _rank(entry: DeploymentEntry) -> tuple[int, datetime, str]:
+def rank(entry: DeploymentEntry) -> tuple[int, datetime, str]:
+    """How deployments compete for a device: higher priority, then the later apply, then the name."""
     return (entry.manifest.priority, entry.applied_at, entry.name)
 
 
@@ -164,7 +165,7 @@ def resolve(
     modules are computed once per (deployment, profile), so large fleets resolve quickly.
     """
     result = Resolution()
-    ranked = sorted(deployments, key=_rank, reverse=True)
+    ranked = sorted(deployments, key=rank, reverse=True)
     by_id = [
         (e.name, frozenset(e.manifest.target.device_ids)) for e in ranked if e.manifest.target.device_ids
     ]

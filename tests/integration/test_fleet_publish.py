@@ -603,6 +603,13 @@ def test_apply_shows_the_diff_and_a_dry_run_changes_nothing(
     assert "has no revision 7 (revisions: 1, 2, 3)" in capsys.readouterr().err
     assert main(["deploy", "resume", "vision", *common]) == 0
     assert "not halted: nothing to resume" in capsys.readouterr().out
+    assert main(["deploy", "explain", "cam-1", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "device cam-1 (profile cpu; images tried in order: cpu)"
+    assert out[2].startswith("  vision  priority 0, applied ") and out[2].endswith(": wins")
+    assert out[-1] == "  detector  from vision: reg.local/det:1 (profile cpu, the device's profile)"
+    assert main(["deploy", "explain", "nope", "--data-dir", str(data)]) == 2
+    assert "device 'nope' is not registered" in capsys.readouterr().err
 
 
 def test_set_model_packages_pushes_and_rolls_out(

@@ -172,3 +172,43 @@ def test_set_model_swaps_only_the_module_images_given() -> None:
 def test_set_model_replaces_the_version_of_that_model_only() -> None:
     assert with_model(["digits:3", "iris:1"], "digits", 4) == [("digits", 4), ("iris", 1)]
     assert with_model([], "digits", 1) == [("digits", 1)]
+
+
+def test_explain_names_the_competitors_the_winner_and_each_module_s_fallback() -> None:
+    from cloud.fleet.explain import explain
+
+    cam = DeviceInfo("cam-1", "tensorrt", {"site": "a"})
+    deployments = [
+        entry("base", {"tags": {"site": "a"}}, priority=0),
+        entry(
+            "vision",
+            {"tags": {"site": "a"}},
+            priority=10,
+            images={"cpu": "reg.local/v:1", "cuda": "reg.local/v:1-cuda"},
+        ),
+        entry("old-vision", {"device_ids": ["cam-1"]}, priority=10, age=5),
+        entry("elsewhere", {"tags": {"site": "b"}}, priority=99),
+    ]
+    why = explain(cam, deployments, CHAINS)
+    assert why.chain == ["tensorrt", "cuda", "cpu"]
+    assert [(c.deployment, c.outcome) for c in why.candidates] == [
+        ("vision", "wins"),
+        ("old-vision", "loses: same priority, applied before the winner"),
+        ("base", "loses: priority 0 < 10"),
+    ]
+    [web] = why.modules
+    assert (web.deployment, web.profile, web.image) == ("vision", "cuda", "reg.local/v:1-cuda")
+    assert web.note == "fallback: no image for tensorrt"
+    assert why.problem is None
+    winner = resolve([cam], deployments, CHAINS).assignments["cam-1"]
+    assert winner.deployment.name == "vision", "explain agrees with resolve"
+
+
+def test_explain_says_why_a_device_runs_nothing() -> None:
+    from cloud.fleet.explain import explain
+
+    cam = DeviceInfo("cam-2", "openvino-myriad", {"site": "a"})
+    assert explain(cam, [], CHAINS).problem == "no deployment selects this device"
+    only_cuda = entry("gpu", {"tags": {"site": "a"}}, images={"cuda": "reg.local/g:1"})
+    why = explain(cam, [only_cuda], CHAINS)
+    assert why.modules == [] and why.problem is not None and "has no image for profile" in why.problem

@@ -36,7 +36,7 @@ import numpy as np
 
 from modules.contract import Batching
 from modules.scoring.backends import TensorSpec
-from modules.scoring.metrics import Histogram, label_value
+from modules.scoring.metrics import Histogram, MetricFamilies, label_value
 from modules.scoring.pool import PoolBusy, PoolClosed, PoolTimeout
 
 log = logging.getLogger(__name__)
@@ -331,9 +331,32 @@ class Batcher(Generic[T, R]):
         """Prometheus sample lines of ``scoring_batch_size`` for this model."""
         return self.sizes.render("scoring_batch_size", f'model="{label_value(self.name)}"')
 
-    def split_line(self) -> str:
-        """The Prometheus sample line of ``scoring_batch_splits_total`` for this model."""
-        return f'scoring_batch_splits_total{{model="{label_value(self.name)}"}} {self.split_batches}'
+
+def batch_metric_families(batchers: Sequence[Batcher[Any, Any]]) -> MetricFamilies:
+    """``/metrics`` families of these batchers: rows per batch, requests waiting, split batches."""
+    if not batchers:
+        return {}
+
+    def per_model(metric: str, value: Callable[[Batcher[Any, Any]], int]) -> Callable[[], list[str]]:
+        return lambda: [f'{metric}{{model="{label_value(b.name)}"}} {value(b)}' for b in batchers]
+
+    return {
+        "scoring_batch_size": (
+            "histogram",
+            "Rows per batch run, by model.",
+            lambda: [line for b in batchers for line in b.size_lines()],
+        ),
+        "scoring_batch_queued": (
+            "gauge",
+            "Requests waiting for a batch, by model.",
+            per_model("scoring_batch_queued", lambda b: b.queued),
+        ),
+        "scoring_batch_splits_total": (
+            "counter",
+            "Batches that failed and were run request by request, by model.",
+            per_model("scoring_batch_splits_total", lambda b: b.split_batches),
+        ),
+    }
 
 
 INLINE_RUN_S = 0.0001

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from modules.contract import Batching, ModuleInfo
 from modules.scoring.backends import TensorSpec
-from modules.scoring.batching import Batcher, one_row
+from modules.scoring.batching import Batcher, batch_metric_families, one_row
 from modules.scoring.entry import EntryScript, load_entry_script
 from modules.scoring.inference_schema_compat import declared_schemas, is_input_conversion_error
+from modules.scoring.metrics import MetricFamilies
 from modules.scoring.model_paths import MODEL_DIR_VARS
 from modules.scoring.oip import declared_specs, oip_reply, oip_request, result_tensors, spec_json
 from modules.scoring.openapi import schemas_from_samples
@@ -79,19 +79,9 @@ class EntryScriptService:
             return (), ()
         return declared_specs(info.input_sample), declared_specs(info.output_sample)
 
-    def metric_families(self) -> dict[str, tuple[str, str, Callable[[], list[str]]]]:
+    def metric_families(self) -> MetricFamilies:
         """Batch sizes, when the script's run_batch() is used."""
-        batcher = self.batcher
-        if batcher is None:
-            return {}
-        return {
-            "scoring_batch_size": ("histogram", "Rows per batch run, by model.", batcher.size_lines),
-            "scoring_batch_splits_total": (
-                "counter",
-                "Batches that failed and were run request by request, by model.",
-                lambda: [batcher.split_line()],
-            ),
-        }
+        return batch_metric_families([self.batcher] if self.batcher is not None else [])
 
     def close(self) -> None:
         """Let the batch thread end (run() calls are the pool's)."""

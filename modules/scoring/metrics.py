@@ -20,6 +20,10 @@ LATENCY_BUCKETS = (
 """Upper bounds in seconds: from a quarter millisecond (a small model's overhead) to a minute."""
 
 
+MetricFamilies = dict[str, tuple[str, str, Callable[[], list[str]]]]
+"""Metric families read at render time: name → (type, help, sample lines getter)."""
+
+
 def label_value(value: str) -> str:
     """``value`` escaped for a Prometheus label."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -73,8 +77,8 @@ class Metrics:
         self.ready = False
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         """Extra gauges read at render time: name → (help, getter)."""
-        self.families: dict[str, tuple[str, str, Callable[[], list[str]]]] = {}
-        """Extra metric families read at render time: name → (type, help, sample lines getter)."""
+        self.families: MetricFamilies = {}
+        """Extra metric families, e.g. the batchers'."""
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Count one finished request."""

@@ -17,9 +17,15 @@ from typing import Any
 
 from modules.contract import BATCH_SIZE_ENV
 from modules.scoring.backends import BackendError, InferenceBackend, InferenceError, load_backend
-from modules.scoring.batching import Batcher, batchable, feeds_key, tensor_batches
+from modules.scoring.batching import (
+    Batcher,
+    batch_metric_families,
+    batchable,
+    feeds_key,
+    tensor_batches,
+)
 from modules.scoring.config import ServerConfig
-from modules.scoring.metrics import label_value
+from modules.scoring.metrics import MetricFamilies
 from modules.scoring.model_paths import ModelLocation, list_models
 from modules.scoring.oip import oip_reply, oip_request, spec_json
 from modules.scoring.openapi import schemas_from_samples, schemas_from_specs
@@ -109,30 +115,9 @@ class OnnxService:
         for batcher in self.batchers.values():
             batcher.close()
 
-    def metric_families(self) -> dict[str, tuple[str, str, Callable[[], list[str]]]]:
-        """Batch sizes and split batches per batched model, for ``/metrics``."""
-        batchers = list(self.batchers.values())
-        if not batchers:
-            return {}
-        return {
-            "scoring_batch_size": (
-                "histogram",
-                "Rows per batch run, by model.",
-                lambda: [line for b in batchers for line in b.size_lines()],
-            ),
-            "scoring_batch_queued": (
-                "gauge",
-                "Requests waiting for a batch, by model.",
-                lambda: [
-                    f'scoring_batch_queued{{model="{label_value(b.name)}"}} {b.queued}' for b in batchers
-                ],
-            ),
-            "scoring_batch_splits_total": (
-                "counter",
-                "Batches that failed and were run request by request, by model.",
-                lambda: [b.split_line() for b in batchers],
-            ),
-        }
+    def metric_families(self) -> MetricFamilies:
+        """Batch sizes, queues and split batches per batched model, for ``/metrics``."""
+        return batch_metric_families(list(self.batchers.values()))
 
     def _only_model(self) -> str:
         if len(self.backends) != 1:

@@ -8,10 +8,11 @@ their batch on the loop and run it in the batcher's thread (``batching.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from modules.scoring.metrics import MetricFamilies
 from modules.scoring.pool import InferencePool
 from modules.scoring.replies import Reply
 
@@ -71,7 +72,7 @@ class ScoringService(Protocol):
         """Load the model(s) / run init(); blocking. Returns model name → execution provider."""
         ...
 
-    def metric_families(self) -> dict[str, tuple[str, str, Callable[[], list[str]]]]:
+    def metric_families(self) -> MetricFamilies:
         """Metric families of the service's own for ``/metrics`` (name → type, help, sample lines)."""
         ...
 

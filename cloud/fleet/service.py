@@ -17,6 +17,7 @@ class holds the database, the signing key, the profiles and the clock they share
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 
@@ -208,30 +209,19 @@ class Fleet:
             else:
                 waves = stored_waves(s, name)
             new = self._recompute(s, now, resolution, devices)
+            result = ApplyResult(
+                deployment=name,
+                created=created,
+                manifest_changed=changed,
+                selected=len(chosen),
+                winning=len(winning),
+                new_generations=new,
+                waves=[len(w) for w in waves],
+                publish=PublishReport(0, 0, None),
+            )
             if dry_run:
-                raise _DryRun(
-                    ApplyResult(
-                        deployment=name,
-                        created=created,
-                        manifest_changed=changed,
-                        selected=len(chosen),
-                        winning=len(winning),
-                        new_generations=new,
-                        waves=[len(w) for w in waves],
-                        publish=PublishReport(0, 0, None),
-                    )
-                )
-        return ApplyResult(
-            deployment=name,
-            created=created,
-            manifest_changed=changed,
-            selected=len(chosen),
-            winning=len(winning),
-            new_generations=new,
-            waves=[len(w) for w in waves],
-            publish=self._publish_or_count(endpoint),
-            revision=number,
-        )
+                raise _DryRun(result)
+        return dataclasses.replace(result, publish=self._publish_or_count(endpoint), revision=number)
 
     def delete(self, name: str, *, endpoint: Endpoint | None = None) -> tuple[int, PublishReport]:
         """Delete a deployment; its devices fall to the next deployment or to an empty desired state."""

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modules.contract import ModelRef, ModuleInfo
-from modules.examples._files import write_json, write_module_info
+from modules.examples._files import write_classifier_module
 
 INPUT_NAME = "image"
 SIZE = 28
@@ -121,18 +120,5 @@ def build_convnet_onnx(out_dir: str | Path, name: str = "convnet") -> Path:
     item = x[idx_test][hit]
     sample = {"data": item[None].tolist()}
     label = int(y[idx_test][hit])
-    write_json(out / "sample.json", sample)
-    write_json(out / "expected.json", {"label": label})
-    write_module_info(
-        out,
-        ModuleInfo(
-            name=name,
-            version="1",
-            profile="cpu",
-            models=[ModelRef(name=name, version=1, files=["model.onnx"])],
-            entry_script=None,
-            input_sample=sample,
-            output_sample={"label": [label], "probabilities": [[round(float(p), 6) for p in proba[hit]]]},
-        ),
-    )
+    write_classifier_module(out, name, sample, label, proba[hit])
     return model_path

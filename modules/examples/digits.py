@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modules.contract import ModelRef, ModuleInfo
-from modules.examples._files import write_json, write_module_info
+from modules.examples._files import write_classifier_module
 
 INPUT_NAME = "float_input"
 SEED = 0
@@ -80,18 +79,5 @@ def build_digits_onnx(out_dir: str | Path, image_size: int = 8, name: str | None
     sample = {"data": [[float(v) for v in x_test[hit]]]}
     label = int(y_test[hit])
     proba = clf.predict_proba(x_test[hit : hit + 1])[0]
-    write_json(out / "sample.json", sample)
-    write_json(out / "expected.json", {"label": label})
-    write_module_info(
-        out,
-        ModuleInfo(
-            name=name,
-            version="1",
-            profile="cpu",
-            models=[ModelRef(name=name, version=1, files=["model.onnx"])],
-            entry_script=None,
-            input_sample=sample,
-            output_sample={"label": [label], "probabilities": [[round(float(p), 6) for p in proba]]},
-        ),
-    )
+    write_classifier_module(out, name, sample, label, proba)
     return model_path

@@ -15,7 +15,17 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from cloud.api.errors import ApiError, invalid_body
-from cloud.api.routing import Body, Param, Route, call, read_text, reply, require_media, services
+from cloud.api.routing import (
+    Body,
+    Param,
+    Route,
+    call,
+    query_bool,
+    read_text,
+    reply,
+    require_media,
+    services,
+)
 from cloud.fleet.manifest_diff import manifest_diff
 from cloud.fleet.results import RevisionView
 from cloud.fleet.service import (
@@ -82,13 +92,6 @@ async def _manifest(request: web.Request) -> DeploymentManifest:
         raise invalid_body(e, "manifest") from None
 
 
-def _flag(request: web.Request, name: str) -> bool:
-    value = request.query.get(name, "0").lower()
-    if value not in ("0", "1", "true", "false"):
-        raise ApiError(400, f"query {name}={value!r}: expected 1 or 0")
-    return value in ("1", "true")
-
-
 def _stored(fleet: Fleet, name: str) -> DeploymentManifest | None:
     try:
         return fleet.manifest(name)[0]
@@ -101,7 +104,7 @@ async def apply_deployment(request: web.Request) -> web.Response:
     s = services(request)
     refs = request.query.getall("model", [])
     models = parse_model_refs(refs) if refs else None
-    dry_run = _flag(request, "dry_run")
+    dry_run = query_bool(request, "dry_run")
     manifest = await _manifest(request)
     stored = await call(_stored, s.fleet, manifest.name)
     result = await call(
@@ -129,7 +132,7 @@ async def rollback_deployment(request: web.Request) -> web.Response:
     raw = request.query.get("to")
     if raw is not None and not raw.isdigit():
         raise ApiError(400, f"query to={raw!r}: expected a revision number")
-    dry_run = _flag(request, "dry_run")
+    dry_run = query_bool(request, "dry_run")
     current = await call(_stored, s.fleet, name)
     number, target = await call(s.fleet.revision, name, int(raw) if raw is not None else None)
     result = await call(
@@ -194,11 +197,7 @@ async def publish_pending(request: web.Request) -> web.Response:
 
 
 _MANIFEST_SCHEMA = {"schema": DeploymentManifest}
-_DRY_RUN = Param(
-    "dry_run",
-    "1: work it out and answer, store and publish nothing",
-    {"type": "string", "enum": ["0", "1", "true", "false"]},
-)
+_DRY_RUN = Param("dry_run", "true: work it out and answer, store and publish nothing", {"type": "boolean"})
 
 ROUTES = (
     Route(

@@ -30,6 +30,7 @@ from cloud.api.routing import (
     Param,
     Route,
     call,
+    query_bool,
     query_tags,
     reply,
     require_media,
@@ -231,7 +232,7 @@ async def register_model(request: web.Request) -> web.Response:
             description=_one(fields, request, "description") or "",
             framework=_one(fields, request, "framework"),
             source="upload:" + ",".join(sorted(str(f) for f in spool.files)),
-            if_changed=request.query.get("if_changed", "").lower() in ("1", "true"),
+            if_changed=query_bool(request, "if_changed"),
         )
     finally:
         await call(shutil.rmtree, spool_dir, ignore_errors=True)
@@ -351,9 +352,9 @@ ROUTES = (
             ),
             Param(
                 "if_changed",
-                "1: store nothing when the files equal the latest version's; that version comes back "
-                "with 200 and created=false",
-                {"type": "string", "enum": ["0", "1", "true", "false"]},
+                "true: store nothing when the files equal the latest version's; that version comes "
+                "back with 200 and created=false",
+                {"type": "boolean"},
             ),
         ),
         errors=(400, 413, 415, 507),

@@ -77,11 +77,11 @@ def _parallel(session: Any, feeds: dict[str, np.ndarray], callers: int, duration
 def measure_limit(model_path: Path, sample: list[Any], cpus: int, point_s: float = 1.0) -> dict[str, Any]:
     """The sweep's every point, the best throughput and the best batch-1 latency."""
     item = np.asarray(sample, dtype=np.float32)
-    inputs_name = _session(model_path, 1, False).get_inputs()[0].name
     points: list[Point] = []
     for threads in range(1, cpus + 1):
         for spin in (False, True):
             session = _session(model_path, threads, spin)
+            inputs_name = session.get_inputs()[0].name
             for batch in BATCHES:
                 feeds = {inputs_name: np.repeat(item, batch, axis=0)}
                 calls, p50 = _one_caller(session, feeds, point_s)
@@ -89,6 +89,7 @@ def measure_limit(model_path: Path, sample: list[Any], cpus: int, point_s: float
                 points.append(Point(setting, batch, round(calls * batch, 1), round(p50, 4)))
     if cpus > 1:
         session = _session(model_path, 1, False)
+        inputs_name = session.get_inputs()[0].name
         for batch in PARALLEL_BATCHES:
             feeds = {inputs_name: np.repeat(item, batch, axis=0)}
             calls = _parallel(session, feeds, cpus, point_s)

@@ -468,18 +468,23 @@ async def test_a_wave_emptied_by_removed_devices_keeps_the_wave_numbers(
     assert [(d.device, d.wave) for d in progress.devices] == [("cam-1", 0), ("cam-3", 2)]
 
 
+def add_cpu_device(data: Path, device: str, **tags: str) -> None:
+    """Register ``device`` (profile cpu) straight in the data directory's database, as the CLI sees it."""
+    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
+    with db.transaction() as s:
+        s.add(Device(id=device, profile="cpu", password_hash="unused"))
+        s.flush()
+        s.add_all(DeviceTag(device_id=device, key=k, value=v) for k, v in tags.items())
+    db.dispose()
+
+
 def test_cli_apply_status_and_offline_logs(
     tmp_path: Path, mosquitto_factory: MosquittoFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from cloud.cli import main
 
     data = tmp_path / "data"
-    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
-    with db.transaction() as s:
-        s.add(Device(id="cam-1", profile="cpu", password_hash="unused"))
-        s.flush()
-        s.add(DeviceTag(device_id="cam-1", key="site", value="a"))
-    db.dispose()
+    add_cpu_device(data, "cam-1", site="a")
     (tmp_path / "vision.yaml").write_text(
         "name: vision\ntarget: {tags: {site: a}}\nmodules:\n  detector:\n    images: {cpu: reg.local/det:1}\n"
     )
@@ -553,10 +558,7 @@ def test_apply_shows_the_diff_and_a_dry_run_changes_nothing(
     from cloud.cli import main
 
     data = tmp_path / "data"
-    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
-    with db.transaction() as s:
-        s.add(Device(id="cam-1", profile="cpu", password_hash="unused"))
-    db.dispose()
+    add_cpu_device(data, "cam-1")
     manifest = "name: vision\ntarget: {device_ids: [cam-1]}\nmodules:\n  detector:\n"
     manifest += "    images: {cpu: reg.local/det:%d}\n"
     (tmp_path / "vision.yaml").write_text(manifest % 1)
@@ -632,10 +634,7 @@ def test_set_model_packages_pushes_and_rolls_out(
         store.register(train_digits(tmp_path / "v1", (32,), seed=0), "digits")
     finally:
         store.close()
-    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
-    with db.transaction() as s:
-        s.add(Device(id="cam-1", profile="cpu", password_hash="unused"))
-    db.dispose()
+    add_cpu_device(data, "cam-1")
     (tmp_path / "vision.yaml").write_text(
         "name: vision\ntarget: {device_ids: [cam-1]}\n"
         "modules:\n  digits:\n    images: {cpu: reg.local/digits:0}\n"

@@ -256,7 +256,7 @@ class Batcher(Generic[T, R]):
             self.sizes.observe(rows)
             if self._inline and self.costs.expected(rows) < INLINE_RUN_S:
                 self.inline_batches += 1
-                self._settle(batch, *self._run_batch([r.item for r in batch]))
+                self._settle(batch, *self._run_batch(batch))
                 continue
             self._busy = True
             if self._thread is None:
@@ -295,13 +295,14 @@ class Batcher(Generic[T, R]):
         """The batch thread: run each batch handed over, send the outcomes back to the loop."""
         while (job := self._jobs.get()) is not None:
             batch, loop = job
-            outcomes, split = self._run_batch([r.item for r in batch])
+            outcomes, split = self._run_batch(batch)
             with contextlib.suppress(RuntimeError):  # the loop has closed
                 loop.call_soon_threadsafe(self._finished, batch, outcomes, split)
             del job, batch, loop, outcomes
 
-    def _run_batch(self, items: list[T]) -> tuple[list[Outcome], bool]:
+    def _run_batch(self, batch: list[_Request[T, R]]) -> tuple[list[Outcome], bool]:
         """Outcomes of one batch; a failed batch is run request by request (True: it was split)."""
+        items = [r.item for r in batch]
         started = time.perf_counter()
         try:
             results = self._run_many(items)
@@ -317,7 +318,7 @@ class Batcher(Generic[T, R]):
                 exc,
             )
             return [self._run_alone(item) for item in items], True
-        self.costs.observe(sum(self._key(i)[1] for i in items), time.perf_counter() - started)
+        self.costs.observe(sum(r.rows for r in batch), time.perf_counter() - started)
         return [(result, None) for result in results], False
 
     def _run_alone(self, item: T) -> Outcome:

@@ -70,6 +70,7 @@ class ResumedDeployment(BaseModel):
     deployment: str
     result: str
     new_generations: int
+    publish: PublishReport
 
 
 class DeletedDeployment(BaseModel):
@@ -149,8 +150,8 @@ async def rollback_deployment(request: web.Request) -> web.Response:
 async def _resume(request: web.Request, retry: bool) -> web.Response:
     s = services(request)
     name = request.match_info["name"]
-    what, new = await call(s.fleet.resume, name, retry=retry, endpoint=s.endpoint)
-    return reply(ResumedDeployment(deployment=name, result=what, new_generations=new))
+    what, new, report = await call(s.fleet.resume, name, retry=retry, endpoint=s.endpoint)
+    return reply(ResumedDeployment(deployment=name, result=what, new_generations=new, publish=report))
 
 
 async def resume_deployment(request: web.Request) -> web.Response:

@@ -305,11 +305,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     endpoint = endpoint_from(args)
     retry = args.deploy_command == "retry"
     with open_fleet(args) as fleet, store_errors():
-        what, new = fleet.resume(args.name, retry=retry, endpoint=endpoint)
+        what, new, report = fleet.resume(args.name, retry=retry, endpoint=endpoint)
     if args.json:
-        print_json({"deployment": args.name, "result": what, "new_generations": new})
+        print_json(
+            {"deployment": args.name, "result": what, "new_generations": new, "publish": _jsonable(report)}
+        )
     else:
-        print(f"deployment {args.name}: {what}; {new} new desired state(s)")
+        print(f"deployment {args.name}: {what}; {_counts(new, report)}")
+    _tell_publish(report)
     return 0
 
 

@@ -257,9 +257,12 @@ class Fleet:
         with self.db.transaction() as s:
             return revision_manifest(s, name, number)
 
-    def resume(self, name: str, *, retry: bool = False, endpoint: Endpoint | None = None) -> tuple[str, int]:
+    def resume(
+        self, name: str, *, retry: bool = False, endpoint: Endpoint | None = None
+    ) -> tuple[str, int, PublishReport]:
         """Restart a halted or reverted rollout from its wave; with ``retry`` also give the devices that
-        failed or rolled back a new generation of the same content. (what happened, new states)."""
+        failed or rolled back a new generation of the same content. (what happened, new states,
+        what publishing them did)."""
         now = self.clock()
         with self.db.transaction() as s:
             if live_manifest(s, name) is None:
@@ -267,10 +270,10 @@ class Fleet:
             what = resume_rollout(s, name, now)
             force = retry_devices(s, name, now) if retry else frozenset()
             new = recompute_desired(s, now, self.key, self.ttl, self.chains, force=force)
-        self._publish_or_count(endpoint)
+        report = self._publish_or_count(endpoint)
         if retry:
             what += f"; {len(force)} failed or rolled-back device(s) get a new generation"
-        return what, new
+        return what, new, report
 
     def explain(self, device_id: str) -> Explanation:
         """Why ``device_id`` runs what it runs: competing deployments, the winner, each module's image."""

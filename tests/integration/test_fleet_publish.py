@@ -394,13 +394,15 @@ async def test_resume_restarts_a_halted_rollout_and_retry_gives_failed_devices_a
         )
         assert fleet.progress("vision").rollout_state == "halted"
 
-        what, new = fleet.resume("vision", endpoint=ep)
+        what, new, sent = fleet.resume("vision", endpoint=ep)
+        assert sent.error is None
         assert what == "resumed by the operator at wave 1 (was halted)" and new == 0
         assert fleet.progress("vision").rollout_state == "rolling"
         assert generations(fleet) == {"cam-1": 2, "cam-2": 2, "cam-3": 1}, "resume alone re-issues nothing"
 
         fleet.advance_rollouts(endpoint=ep)  # halts again: cam-2 still reports its rollback
-        what, new = fleet.resume("vision", retry=True, endpoint=ep)
+        what, new, sent = fleet.resume("vision", retry=True, endpoint=ep)
+        assert sent.published == 1, "the new generation went out"
         assert what.endswith("; 1 failed or rolled-back device(s) get a new generation") and new == 1
         assert generations(fleet) == {"cam-1": 2, "cam-2": 3, "cam-3": 1}, "same content, a new generation"
 
@@ -604,7 +606,10 @@ def test_apply_shows_the_diff_and_a_dry_run_changes_nothing(
     assert main(["deploy", "rollback", "vision", "--to", "7", *common]) == 2
     assert "has no revision 7 (revisions: 1, 2, 3)" in capsys.readouterr().err
     assert main(["deploy", "resume", "vision", *common]) == 0
-    assert "not halted: nothing to resume" in capsys.readouterr().out
+    assert (
+        "not halted: nothing to resume; 0 new desired state(s), 0 published, 0 pending"
+        in capsys.readouterr().out
+    )
     assert main(["deploy", "explain", "cam-1", "--data-dir", str(data)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "device cam-1 (profile cpu; images tried in order: cpu)"

@@ -219,6 +219,25 @@ def env_with_batching(env: dict[str, str], batching: Batching | None) -> dict[st
     return {**env, **batching.env()}
 
 
+def _env_names(v: dict[str, str]) -> dict[str, str]:
+    for key in v:
+        if not _ENV_RE.match(key):
+            raise ValueError(f"{key!r} is not a valid environment variable name")
+    return v
+
+
+def _unique_ports(v: list[PortMapping]) -> list[PortMapping]:
+    seen: set[tuple[int, str]] = set()
+    for p in v:
+        if p.host is None:
+            continue
+        key = (p.host, p.protocol)
+        if key in seen:
+            raise ValueError(f"host port {p.host}/{p.protocol} is published twice")
+        seen.add(key)
+    return v
+
+
 class ModuleSettings(Frozen):
     """What a module needs to run, apart from which image: shared by manifest and desired state."""
 
@@ -233,13 +252,7 @@ class ModuleSettings(Frozen):
     startup_order: int = Field(default=0, ge=0, le=1000)
     health: HealthCheck = Field(default_factory=HealthCheck)
 
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
-            if not _ENV_RE.match(key):
-                raise ValueError(f"{key!r} is not a valid environment variable name")
-        return v
+    _env = field_validator("env")(_env_names)
 
     @model_validator(mode="after")
     def _batching_once(self) -> ModuleSettings:
@@ -250,21 +263,10 @@ class ModuleSettings(Frozen):
         """The environment the module runs with: ``env`` plus the batching variables."""
         return env_with_batching(self.env, self.batching)
 
-    @field_validator("ports")
-    @classmethod
-    def _unique_ports(cls, v: list[PortMapping]) -> list[PortMapping]:
-        seen: set[tuple[int, str]] = set()
-        for p in v:
-            if p.host is None:
-                continue
-            key = (p.host, p.protocol)
-            if key in seen:
-                raise ValueError(f"host port {p.host}/{p.protocol} is published twice")
-            seen.add(key)
-        return v
+    _ports = field_validator("ports")(_unique_ports)
 
 
-def _host_ports_unique(modules: dict[str, ModuleSettings]) -> dict[str, ModuleSettings]:
+def host_ports_unique(modules: dict[str, ModuleSettings]) -> dict[str, ModuleSettings]:
     """Reject two modules publishing the same host port (they would fight over it on the device)."""
     owner: dict[tuple[int, str], str] = {}
     for name, m in modules.items():
@@ -299,6 +301,40 @@ class ModuleSpec(ModuleSettings):
     """A module in a deployment manifest: one image per device profile."""
 
     images: dict[Name, ImageRef] = Field(min_length=1, description="device profile → image reference")
+
+
+class ModuleOverride(Frozen):
+    """What a layered deployment changes in a module a deployment below it gives the device.
+
+    ``env`` is merged key by key (the layer's value wins); every other field given replaces the
+    module's; fields left out keep the module's value.
+    """
+
+    env: dict[str, str] = Field(default_factory=dict, description="variables added or replaced")
+    batching: Batching | None = None
+    ports: list[PortMapping] | None = None
+    restart_policy: RestartPolicy | None = None
+    desired_status: DesiredStatus | None = None
+    resources: Resources | None = None
+    startup_order: int | None = Field(default=None, ge=0, le=1000)
+    health: HealthCheck | None = None
+
+    _env = field_validator("env")(_env_names)
+    _ports = field_validator("ports")(lambda v: None if v is None else _unique_ports(v))
+
+    def changes(self) -> list[str]:
+        """The names of what this override changes (``env.NAME`` per variable)."""
+        fields = [f"env.{k}" for k in sorted(self.env)]
+        return fields + [n for n in type(self).model_fields if n != "env" and getattr(self, n) is not None]
+
+    def apply(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """``settings`` (a module's fields as data) with this override applied."""
+        out = {**settings, "env": {**settings.get("env", {}), **self.env}}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name != "env" and value is not None:
+                out[name] = value
+        return out
 
 
 class Target(Frozen):
@@ -355,13 +391,44 @@ class DeploymentManifest(Frozen):
     name: Name
     target: Target
     priority: int = Field(default=0, ge=-1000, le=1000)
-    modules: dict[Name, ModuleSpec] = Field(min_length=1)
+    layered: bool = Field(
+        default=False,
+        description="a layer: adds and overrides modules on top of the deployments below it "
+        "instead of replacing them",
+    )
+    modules: dict[Name, ModuleSpec] = Field(default_factory=dict, validate_default=True)
+    overrides: dict[Name, ModuleOverride] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="layered only: settings changed in modules from below",
+    )
     rollout: Rollout = Field(default_factory=Rollout)
     rollback: Literal["auto", "none"] = "auto"
     health_deadline_s: float = Field(default=120.0, gt=0, le=86400)
 
     _split_modules = field_validator("modules", mode="before")(_modules_from_list)
-    _ports = field_validator("modules")(_host_ports_unique)
+    _ports = field_validator("modules")(host_ports_unique)
+
+    @field_validator("modules")
+    @classmethod
+    def _some_modules(cls, v: dict[str, ModuleSpec], info: ValidationInfo) -> dict[str, ModuleSpec]:
+        if not v and not info.data.get("layered"):
+            raise ValueError("should have at least 1 item (only a layered deployment may have none)")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_layered(
+        cls, v: dict[str, ModuleOverride], info: ValidationInfo
+    ) -> dict[str, ModuleOverride]:
+        if v and not info.data.get("layered"):
+            raise ValueError("needs 'layered: true' (only a layer changes modules from below it)")
+        both = sorted(set(v) & set(info.data.get("modules") or {}))
+        if both:
+            raise ValueError(f"module(s) {', '.join(both)} are in 'modules' as well")
+        if info.data.get("layered") and not v and not info.data.get("modules", True):
+            raise ValueError("a layered deployment needs 'modules' or 'overrides'")
+        return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,7 +466,7 @@ class DesiredState(Frozen):
     signature: str | None = Field(default=None, description="base64 Ed25519 signature")
 
     _split_modules = field_validator("modules", mode="before")(_modules_from_list)
-    _ports = field_validator("modules")(_host_ports_unique)
+    _ports = field_validator("modules")(host_ports_unique)
 
     @field_validator("issued_at", "expires_at")
     @classmethod

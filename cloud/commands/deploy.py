@@ -39,6 +39,7 @@ from cloud.fleet.manifest_diff import manifest_diff
 from cloud.fleet.model_update import with_model, with_module_images
 from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.fleet.service import ApplyResult, Fleet, PublishReport, parse_model_refs
+from cloud.fleet.targeting import some_ids
 from cloud.keys import KeyFileError
 from cloud.store.errors import NotFoundError
 from modules.contract import DeploymentManifest, ModuleStatus, utcnow
@@ -139,6 +140,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 0
     if diff:
         print("\n".join(diff))
+    for p in result.placements:
+        print(f"  {p.module} {p.origin} on {len(p.devices)} device(s): {some_ids(p.devices)}")
     verb = "created" if result.created else "updated" if result.manifest_changed else "unchanged"
     if args.dry_run:
         print(
@@ -171,7 +174,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             [
                 (
                     r.name,
-                    r.priority,
+                    f"{r.priority} (layer)" if r.layered else r.priority,
                     ",".join(r.modules),
                     _target(r.target),
                     r.rollout_state,
@@ -240,7 +243,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 0
     print("modules:")
     for m in why.modules:
-        print(f"  {m.module}  from {m.deployment}: {m.image} (profile {m.profile}, {m.note})")
+        print(f"  {m.module}  {m.origin}: {m.image} (profile {m.profile}, {m.note})")
     return 0
 
 

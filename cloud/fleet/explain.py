@@ -1,5 +1,6 @@
-"""Why a device runs what it runs: the deployments that select it, the winner, each module's
-image and the profile it was chosen for. Pure: no I/O (``Fleet.explain`` loads the inputs)."""
+"""Why a device runs what it runs: the deployments that select it, the base that wins, the layers
+on top, each module's image, the profile it was chosen for and the deployments it comes from.
+Pure: no I/O (``Fleet.explain`` loads the inputs)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, TargetingError, device_modules, rank, selected
+from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, rank, resolve, selected
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class ModuleOrigin:
     image: str
     note: str
     """Why this profile's image: the device's own, or the fallback taken."""
+    origin: str
+    """The deployment it comes from and what layers replaced or changed, e.g. ``from 'a' (env.X by 'b')``."""
 
 
 @dataclass(frozen=True)
@@ -52,32 +55,39 @@ def explain(
     """The explanation for ``device`` among ``deployments`` (as ``resolve`` decides it)."""
     chain = list(chains.get(device.profile, ()) or (device.profile,))
     matching = sorted((e for e in deployments if selected(e, device)), key=rank, reverse=True)
-    candidates = []
-    for i, entry in enumerate(matching):
-        if i == 0:
-            outcome = "wins"
-        elif entry.manifest.priority < matching[0].manifest.priority:
-            outcome = f"loses: priority {entry.manifest.priority} < {matching[0].manifest.priority}"
-        else:
-            outcome = "loses: same priority, applied before the winner"
-        candidates.append(Candidate(entry.name, entry.manifest.priority, entry.applied_at, outcome))
     if not matching:
         return Explanation(device.id, device.profile, chain, [], [], "no deployment selects this device")
-    winner = matching[0]
-    try:
-        modules = device_modules(winner.manifest, device.profile, chain)
-    except TargetingError as e:
-        return Explanation(device.id, device.profile, chain, candidates, [], str(e))
+    resolution = resolve([device], matching, chains)
+    assignment = resolution.assignments.get(device.id)
+    left_out = assignment.layered.left_out if assignment is not None else {}
+    bases = [e for e in matching if not e.manifest.layered]
+    candidates = []
+    for entry in matching:
+        p = entry.manifest.priority
+        if entry.manifest.layered:
+            why = left_out.get(entry.name)
+            outcome = f"layer left out: {why}" if why else "layer: applies on top"
+        elif entry is bases[0]:
+            outcome = "wins"
+        elif p < bases[0].manifest.priority:
+            outcome = f"loses: priority {p} < {bases[0].manifest.priority}"
+        else:
+            outcome = "loses: same priority, applied before the winner"
+        candidates.append(Candidate(entry.name, p, entry.applied_at, outcome))
+    if assignment is None:
+        problem = "; ".join(resolution.problems) or "no deployment gives it a module"
+        return Explanation(device.id, device.profile, chain, candidates, [], problem)
     origins = [
         ModuleOrigin(
             name,
-            winner.name,
+            assignment.provenance[name].deployment,
             m.profile,
             m.image,
             "the device's profile"
             if m.profile == device.profile
             else f"fallback: no image for {' → '.join(chain[: chain.index(m.profile)])}",
+            assignment.provenance[name].describe(),
         )
-        for name, m in sorted(modules.items())
+        for name, m in sorted(assignment.modules.items())
     ]
     return Explanation(device.id, device.profile, chain, candidates, origins)

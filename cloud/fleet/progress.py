@@ -25,6 +25,10 @@ def summaries(s: Session) -> list[DeploymentSummary]:
     for deployment, status in statuses.values():
         if deployment is not None:
             per[deployment].append(status.status)
+    layer_devices: dict[str, list[str]] = defaultdict(list)
+    for (deployment, device), gate in load_gates(s).items():
+        if gate.released and not gate.reverted and device in statuses:
+            layer_devices[deployment].append(statuses[device][1].status)
     models = models_of(s)
     out = []
     for row in s.scalars(select(Deployment).order_by(Deployment.name)):
@@ -32,17 +36,20 @@ def summaries(s: Session) -> list[DeploymentSummary]:
             continue
         m = DeploymentManifest.model_validate(row.manifest)
         rollout = rollouts.get(row.name)
+        if m.layered:
+            per[row.name] = layer_devices[row.name]
         out.append(
             DeploymentSummary(
                 name=row.name,
                 priority=m.priority,
-                modules=sorted(m.modules),
+                modules=sorted({*m.modules, *m.overrides}),
                 target=m.target.model_dump(exclude_defaults=True),
                 rollout_state=rollout.state if rollout else "-",
                 devices=len(per[row.name]),
                 healthy=per[row.name].count("healthy"),
                 models=models.get(row.name, []),
                 updated_at=aware(row.updated_at),
+                layered=m.layered,
             )
         )
     return out
@@ -50,8 +57,10 @@ def summaries(s: Session) -> list[DeploymentSummary]:
 
 def progress(s: Session, name: str) -> DeploymentProgress:
     """Per-wave and per-device progress of a deployment; NotFoundError when it does not exist."""
-    if live_manifest(s, name) is None:
+    found = live_manifest(s, name)
+    if found is None:
         raise NotFoundError(f"deployment {name!r} does not exist")
+    layered = found[1].layered
     rollout = s.get(RolloutRecord, name)
     statuses = device_statuses(s, utcnow())
     generations: dict[str, int] = {
@@ -67,7 +76,7 @@ def progress(s: Session, name: str) -> DeploymentProgress:
             status, detail = "waiting", f"wave {gate.wave + 1} not started"
         elif gate is not None and gate.reverted:
             status, detail = "reverted", f"back to what it ran before; device is {st.status}"
-        elif deployment != name:
+        elif deployment != name and not layered:
             status = "superseded"
             detail = f"runs deployment {deployment!r}" if deployment else "runs nothing"
         else:

@@ -19,9 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud.fleet.desired import EMPTY, DesiredContent, Renderer, content_hash, next_generation
-from cloud.fleet.queries import fetch, load_deployments, load_devices, load_gates, reverted_to
+from cloud.fleet.layering import compose
+from cloud.fleet.queries import Gate, fetch, load_deployments, load_devices, load_gates, reverted_to
 from cloud.fleet.sql import bind_value, upsert
-from cloud.fleet.targeting import DeviceInfo, Resolution, resolve
+from cloud.fleet.targeting import Assignment, DeploymentEntry, DeviceInfo, Resolution, resolve
 from cloud.store.fleet import DesiredRecord
 
 
@@ -57,7 +58,7 @@ def recompute_desired(
     gates = load_gates(s)
     before = reverted_to(s)
     renderer = Renderer(key, now, ttl)
-    contents: dict[tuple[str, str], tuple[DesiredContent, str]] = {}
+    contents: dict[tuple[int, tuple[str, ...]], tuple[DesiredContent, str]] = {}
     reverted: dict[str, tuple[DesiredContent, str]] = {}
     empty = (EMPTY, EMPTY.hash)
     rows: list[tuple[Any, ...]] = []
@@ -78,11 +79,15 @@ def recompute_desired(
             elif gate is not None and not gate.released:
                 continue
             else:
-                cached = contents.get((entry.name, device.profile))
+                layers = tuple(
+                    layer
+                    for layer in assignment.layers
+                    if layer is entry or _released(gates.get((layer.name, device.id)))
+                )
+                which = (id(assignment), tuple(layer.name for layer in layers))
+                cached = contents.get(which)
                 if cached is None:
-                    m = entry.manifest
-                    c = DesiredContent(m.name, assignment.modules, m.rollback, m.health_deadline_s)
-                    cached = contents[(entry.name, device.profile)] = (c, c.hash)
+                    cached = contents[which] = _content(assignment, layers, device.profile, chains)
                 content, digest = cached
         generation = next_generation(stored.get(device.id), digest)
         if generation is None and device.id in stored and (device.id in expiring or device.id in force):
@@ -108,6 +113,27 @@ _COLUMNS = (
     "published_at",
     "expires_at",
 )
+
+
+def _released(gate: Gate | None) -> bool:
+    """Whether a layer's rollout lets the device have it (no rollout, or released and not reverted)."""
+    return gate is None or (gate.released and not gate.reverted)
+
+
+def _content(
+    assignment: Assignment,
+    layers: tuple[DeploymentEntry, ...],
+    profile: str,
+    chains: Mapping[str, Sequence[str]],
+) -> tuple[DesiredContent, str]:
+    """The content of a device that has the ``layers`` of its assignment released to it so far."""
+    modules = assignment.modules
+    if layers != assignment.layers:
+        base = assignment.base.name if assignment.base is not None else None
+        modules = compose(base, assignment.base_modules, layers, profile, chains.get(profile, ())).modules
+    m = assignment.deployment.manifest
+    content = DesiredContent(m.name, modules, m.rollback, m.health_deadline_s)
+    return content, content.hash
 
 
 def _previous(

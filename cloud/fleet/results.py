@@ -36,6 +36,16 @@ class RevisionView:
 
 
 @dataclass(frozen=True)
+class ModulePlacement:
+    """Which devices get a module from which deployment (``deploy apply`` lists them)."""
+
+    module: str
+    origin: str
+    """Where it comes from, e.g. ``from 'base' (env.LOG_LEVEL by 'debug')``."""
+    devices: list[str]
+
+
+@dataclass(frozen=True)
 class ApplyResult:
     """What an apply changed."""
 
@@ -49,6 +59,8 @@ class ApplyResult:
     publish: PublishReport
     revision: int | None = None
     """The revision this apply recorded (None when the manifest did not change, or a dry run)."""
+    placements: list[ModulePlacement] = field(default_factory=list)
+    """Per module and origin, the devices the deployment gives something to."""
 
 
 @dataclass(frozen=True)
@@ -97,3 +109,4 @@ class DeploymentSummary:
     healthy: int
     models: list[str] = field(default_factory=list)
     updated_at: datetime | None = None
+    layered: bool = False

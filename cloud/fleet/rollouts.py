@@ -75,7 +75,11 @@ def advance_rollouts(s: Session, now: datetime) -> list[str]:
         manifest = found[1]
         waves = stored_waves(s, rollout.deployment)
         released = {d for w in waves[: rollout.current_wave + 1] for d in w}
-        mine = {d: st for d, (dep, st) in statuses.items() if d in released and dep == rollout.deployment}
+        mine = {
+            d: st
+            for d, (dep, st) in statuses.items()
+            if d in released and (manifest.layered or dep == rollout.deployment)
+        }
         decision = evaluate(
             waves,
             rollout.current_wave,

@@ -48,7 +48,7 @@ from cloud.fleet.revisions import forget, list_revisions, record_revision, revis
 from cloud.fleet.rollout import split_waves
 from cloud.fleet.rollouts import advance_rollouts, resume_rollout, retry_devices, start_rollout
 from cloud.fleet.sql import aware
-from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, Resolution, resolve, selected_ids
+from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, Resolution, placements, resolve, selected_ids
 from cloud.keys import load_or_create_signing_key
 from cloud.store.db import Database, open_database
 from cloud.store.deployments import set_deployment_models
@@ -178,7 +178,7 @@ class Fleet:
             entry = DeploymentEntry(manifest, applied_at)
             resolution = resolve(devices, [*entries, entry], self.chains)
             chosen = selected_ids(entry, devices)
-            winning = sorted(d for d, a in resolution.assignments.items() if a.deployment.name == name)
+            winning = sorted(d for d, a in resolution.assignments.items() if a.involves(name))
             problems = [p for p in resolution.problems if p.startswith(f"deployment {name!r}")]
             problems += resolution.conflict_messages(name)
             if not chosen:
@@ -218,6 +218,7 @@ class Fleet:
                 new_generations=new,
                 waves=[len(w) for w in waves],
                 publish=PublishReport(0, 0, None),
+                placements=placements(resolution, name),
             )
             if dry_run:
                 raise _DryRun(result)

@@ -1,10 +1,11 @@
-"""Which deployment wins on each device, and which image each module gets there. Pure: no I/O.
+"""Which deployments apply on each device, and which image each module gets there. Pure: no I/O.
 
 A deployment selects a device when its ``Target`` matches (ids, tags and profile must all hold).
-Where several select the same device, the highest ``priority`` wins, and among equal priorities
-the most recently applied one. Two equal-priority deployments that would give a device
-*different* content are a conflict the operator must resolve (``conflicts``); identical content
-is not a conflict.
+Among the non-layered deployments that select a device, the highest ``priority`` wins (the
+*base*), and among equal priorities the most recently applied one. Two equal-priority deployments
+that would give a device *different* content are a conflict the operator must resolve
+(``conflicts``); identical content is not a conflict. Layered deployments then apply on top of
+the base (``layering.py``); two equal-priority layers that set one module differently conflict too.
 
 A module's image for a device is the one listed for the device's profile or, failing that, for
 the first profile of its fallback chain that the module lists (``tensorrt → cuda → cpu``).
@@ -14,47 +15,67 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 
-from modules.contract import DeploymentManifest, DesiredModule, ModuleSpec
+from cloud.fleet.layering import Layered, Provenance, base_provenance, compose, layer_conflicts
+from cloud.fleet.placement import (
+    DeploymentEntry,
+    DeviceInfo,
+    TargetingError,
+    choose_image,
+    device_modules,
+    rank,
+    selected,
+    selected_ids,
+)
+from cloud.fleet.results import ModulePlacement
+from modules.contract import DesiredModule
 
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """What targeting needs to know about a device."""
-
-    id: str
-    profile: str
-    tags: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DeploymentEntry:
-    """A stored deployment: its manifest and when it was last applied (newer wins ties)."""
-
-    manifest: DeploymentManifest
-    applied_at: datetime
-
-    @property
-    def name(self) -> str:
-        """The deployment's name."""
-        return self.manifest.name
-
-
-class TargetingError(ValueError):
-    """A deployment cannot be placed on a device; ``problems`` holds one line per device/module."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
+__all__ = [
+    "Assignment",
+    "DeploymentEntry",
+    "DeviceInfo",
+    "Resolution",
+    "TargetingError",
+    "choose_image",
+    "device_modules",
+    "placements",
+    "rank",
+    "resolve",
+    "same_content",
+    "selected",
+    "selected_ids",
+    "some_ids",
+]
 
 
 @dataclass(frozen=True)
 class Assignment:
-    """The deployment that wins on a device and the modules the device must run for it."""
+    """What applies on a device: its base deployment, the layers on top and the modules they make."""
 
-    deployment: DeploymentEntry
-    modules: dict[str, DesiredModule]
+    base: DeploymentEntry | None
+    base_modules: dict[str, DesiredModule]
+    layers: tuple[DeploymentEntry, ...]
+    """The layers that apply, lowest rank first."""
+    layered: Layered
+
+    @property
+    def deployment(self) -> DeploymentEntry:
+        """The deployment the device's desired state is named for: the base, else the top layer."""
+        return self.base if self.base is not None else self.layers[-1]
+
+    @property
+    def modules(self) -> dict[str, DesiredModule]:
+        """The modules the device must run."""
+        return self.layered.modules
+
+    @property
+    def provenance(self) -> dict[str, Provenance]:
+        """module → where it comes from."""
+        return self.layered.provenance
+
+    def involves(self, name: str) -> bool:
+        """Whether deployment ``name`` gives this device something (as its base or a layer)."""
+        return (self.base is not None and self.base.name == name) or any(e.name == name for e in self.layers)
 
 
 @dataclass
@@ -75,82 +96,18 @@ class Resolution:
         for (a, b), devices in sorted(pairs.items()):
             lines.append(
                 f"deployments {a!r} and {b!r} have the same priority and give different modules to "
-                f"{len(devices)} device(s) ({_some(devices)}): change one's priority or target"
+                f"{len(devices)} device(s) ({some_ids(devices)}): change one's priority or target"
             )
         return lines
-
-
-def choose_image(module: str, spec: ModuleSpec, profile: str, chain: Sequence[str]) -> tuple[str, str]:
-    """``(profile used, image)`` for a device of ``profile`` whose fallback chain is ``chain``.
-
-    Raises TargetingError naming the module and the profiles tried when none has an image.
-    """
-    for candidate in chain or (profile,):
-        image = spec.images.get(candidate)
-        if image is not None:
-            return candidate, image
-    tried = " → ".join(chain or (profile,))
-    raise TargetingError(
-        [
-            f"module {module!r} has no image for profile {profile!r} (tried {tried}; "
-            f"images given for: {', '.join(sorted(spec.images))})"
-        ]
-    )
-
-
-def device_modules(
-    manifest: DeploymentManifest, profile: str, chain: Sequence[str]
-) -> dict[str, DesiredModule]:
-    """The modules a device of ``profile`` must run for ``manifest``, each with its image."""
-    out: dict[str, DesiredModule] = {}
-    problems: list[str] = []
-    for name, spec in manifest.modules.items():
-        try:
-            used, image = choose_image(name, spec, profile, chain)
-        except TargetingError as e:
-            problems.extend(f"deployment {manifest.name!r}: {p}" for p in e.problems)
-            continue
-        settings = spec.model_dump(exclude={"images"})
-        out[name] = DesiredModule(**settings, image=image, profile=used)
-    if problems:
-        raise TargetingError(problems)
-    return out
-
-
-def selected(entry: DeploymentEntry, device: DeviceInfo) -> bool:
-    """Whether ``entry`` targets ``device``."""
-    return entry.manifest.target.matches(device.id, dict(device.tags), device.profile)
-
-
-def selected_ids(entry: DeploymentEntry, devices: Iterable[DeviceInfo]) -> list[str]:
-    """The ids of the ``devices`` that ``entry`` targets, decided once per profile and tags."""
-    listed = frozenset(entry.manifest.target.device_ids)
-    decided: dict[tuple[str, tuple[tuple[str, str], ...]], bool] = {}
-    out = []
-    for device in devices:
-        if listed and device.id not in listed:
-            continue
-        alike = (device.profile, tuple(sorted(device.tags.items())))
-        if alike not in decided:
-            decided[alike] = selected(entry, device)
-        if decided[alike]:
-            out.append(device.id)
-    return out
-
-
-def rank(entry: DeploymentEntry) -> tuple[int, datetime, str]:
-    """How deployments compete for a device: higher priority, then the later apply, then the name."""
-    return (entry.manifest.priority, entry.applied_at, entry.name)
 
 
 @dataclass(frozen=True)
 class _Placement:
     """What resolve decides for every device alike (same profile, tags and id-target memberships)."""
 
-    winner: DeploymentEntry
-    modules: dict[str, DesiredModule] | None
+    assignment: Assignment | None
     conflicts: list[tuple[str, str]]
-    unplaced: list[tuple[str, str]]
+    problems: list[str]
 
 
 def resolve(
@@ -158,7 +115,7 @@ def resolve(
     deployments: Sequence[DeploymentEntry],
     chains: Mapping[str, Sequence[str]],
 ) -> Resolution:
-    """The winning deployment and its modules for every selected device.
+    """The base deployment, the layers and the modules for every selected device.
 
     ``chains`` maps a profile to its fallback chain (itself first). Devices that no target tells
     apart (same profile and tags, listed by the same ``device_ids`` targets) are decided once, and
@@ -171,38 +128,52 @@ def resolve(
     ]
     cache: dict[tuple[str, str], dict[str, DesiredModule] | TargetingError] = {}
     placements: dict[tuple[object, ...], _Placement | None] = {}
-    unplaced: dict[tuple[str, str], list[str]] = {}
+    problems: dict[str, list[str]] = {}
 
-    def modules_of(entry: DeploymentEntry, profile: str) -> dict[str, DesiredModule] | None:
+    def modules_of(entry: DeploymentEntry, profile: str) -> dict[str, DesiredModule] | TargetingError:
         key = (entry.name, profile)
         if key not in cache:
             try:
                 cache[key] = device_modules(entry.manifest, profile, chains.get(profile, ()))
             except TargetingError as e:
                 cache[key] = e
-        found = cache[key]
-        return None if isinstance(found, TargetingError) else found
+        return cache[key]
 
     def place(device: DeviceInfo) -> _Placement | None:
         matching = [e for e in ranked if selected(e, device)]
+        bases = [e for e in matching if not e.manifest.layered]
+        layers = [e for e in reversed(matching) if e.manifest.layered]
         if not matching:
             return None
-        winner = matching[0]
-        modules = modules_of(winner, device.profile)
-        if modules is None:
-            return _Placement(winner, None, [], [(winner.name, device.profile)])
-        conflicts: list[tuple[str, str]] = []
-        missing: list[tuple[str, str]] = []
-        for other in matching[1:]:
-            if other.manifest.priority != winner.manifest.priority:
-                break
-            theirs = modules_of(other, device.profile)
-            if theirs is None:
-                missing.append((other.name, device.profile))
-            elif not same_content(winner, modules, other, theirs):
-                a, b = sorted((winner.name, other.name))
-                conflicts.append((a, b))
-        return _Placement(winner, modules, conflicts, missing)
+        conflicts: list[tuple[str, str]] = layer_conflicts(layers)
+        lines: list[str] = []
+        base = bases[0] if bases else None
+        base_modules: dict[str, DesiredModule] = {}
+        if base is not None:
+            found = modules_of(base, device.profile)
+            if isinstance(found, TargetingError):
+                return _Placement(None, [], list(found.problems))
+            base_modules = found
+            for other in bases[1:]:
+                if other.manifest.priority != base.manifest.priority:
+                    break
+                theirs = modules_of(other, device.profile)
+                if isinstance(theirs, TargetingError):
+                    lines.extend(theirs.problems)
+                elif not same_content(base, base_modules, other, theirs):
+                    a, b = sorted((base.name, other.name))
+                    conflicts.append((a, b))
+        chain = chains.get(device.profile, ())
+        layered = (
+            compose(base.name if base else None, base_modules, layers, device.profile, chain)
+            if layers
+            else Layered(base_modules, base_provenance(base.name, base_modules) if base else {})
+        )
+        lines.extend(f"deployment {n!r}: layer left out: {why}" for n, why in layered.left_out.items())
+        applied = tuple(e for e in layers if e.name in layered.applied)
+        if base is None and not applied:
+            return _Placement(None, conflicts, lines)
+        return _Placement(Assignment(base, base_modules, applied, layered), conflicts, lines)
 
     for device in devices:
         alike = (
@@ -215,21 +186,27 @@ def resolve(
         placement = placements[alike]
         if placement is None:
             continue
-        for missing in placement.unplaced:
-            unplaced.setdefault(missing, []).append(device.id)
-        if placement.modules is None:
-            continue
+        for line in placement.problems:
+            problems.setdefault(line, []).append(device.id)
         result.conflicts.extend((device.id, a, b) for a, b in placement.conflicts)
-        result.assignments[device.id] = Assignment(placement.winner, placement.modules)
-    for where, ids in sorted(unplaced.items()):
-        error = cache[where]
-        assert isinstance(error, TargetingError)
-        affected = f"{len(ids)} device(s): {_some(ids)}"
-        result.problems.extend(f"{p} ({affected})" for p in error.problems)
+        if placement.assignment is not None:
+            result.assignments[device.id] = placement.assignment
+    for line, ids in sorted(problems.items()):
+        result.problems.append(f"{line} ({len(ids)} device(s): {some_ids(ids)})")
     return result
 
 
-def _some(ids: Sequence[str], limit: int = 5) -> str:
+def placements(resolution: Resolution, name: str) -> list[ModulePlacement]:
+    """For the devices deployment ``name`` gives something to: each module, where from, on which devices."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for device, assignment in sorted(resolution.assignments.items()):
+        if assignment.involves(name):
+            for module, where in sorted(assignment.provenance.items()):
+                groups.setdefault((module, where.describe()), []).append(device)
+    return [ModulePlacement(module, origin, devices) for (module, origin), devices in sorted(groups.items())]
+
+
+def some_ids(ids: Sequence[str], limit: int = 5) -> str:
     shown = ", ".join(sorted(ids)[:limit])
     return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 

@@ -23,6 +23,7 @@ FILES = {
     "inference-config": "inference-config.yaml",
     "agent-config": "agent.yaml",
 }
+EXAMPLE_FILES = [*FILES.items(), ("deployment", "layer.yaml")]
 MODELS = {"deployment": DeploymentManifest, "inference-config": InferenceConfig, "agent-config": AgentConfig}
 
 
@@ -34,9 +35,9 @@ def test_the_shipped_agent_schema_is_what_the_agent_reads() -> None:
     )
 
 
-@pytest.mark.parametrize("kind", sorted(FILES))
-def test_each_example_validates_against_its_schema_and_its_model(kind: str) -> None:
-    path = EXAMPLES / FILES[kind]
+@pytest.mark.parametrize(("kind", "name"), EXAMPLE_FILES)
+def test_each_example_validates_against_its_schema_and_its_model(kind: str, name: str) -> None:
+    path = EXAMPLES / name
     document = yaml.safe_load(path.read_text())
     jsonschema.Draft202012Validator(schema_of(kind)).validate(document)
     load_model_file(MODELS[kind], path)

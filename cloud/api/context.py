@@ -5,8 +5,10 @@ These are the objects the ``edgectl`` commands use; the API calls the same metho
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -39,6 +41,8 @@ class Services:
     """The broker desired states are published to and commands go through."""
     upload_max: int = DEFAULT_UPLOAD_MAX
     controller: ControllerState = field(default_factory=ControllerState)
+    background: set[asyncio.Future[Any]] = field(default_factory=set)
+    """Work started by a request that outlives it (continuous deployment after a register)."""
 
     @classmethod
     def open(

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from cloud import continuous
 from cloud.api.errors import ApiError, invalid_body
 from cloud.api.routing import (
     Body,
@@ -49,6 +50,9 @@ class DeploymentDocument(BaseModel):
 
     manifest: DeploymentManifest
     models: list[str]
+    follows: dict[str, str] = Field(
+        default_factory=dict, description="module → the model whose newest version it follows"
+    )
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,13 @@ async def list_deployments(request: web.Request) -> web.Response:
 
 async def show_deployment(request: web.Request) -> web.Response:
     """A deployment's stored manifest and the model versions it uses."""
-    manifest, models = await call(services(request).fleet.manifest, request.match_info["name"])
-    return reply(DeploymentDocument(manifest=manifest, models=models))
+    s = services(request)
+    name = request.match_info["name"]
+    manifest, models = await call(s.fleet.manifest, name)
+    following = await call(continuous.follows, s.db, deployment=name)
+    return reply(
+        DeploymentDocument(manifest=manifest, models=models, follows={f.module: f.model for f in following})
+    )
 
 
 async def delete_deployment(request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ encoded part) is a 400 naming what is wrong, never a 500.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from aiohttp.helpers import parse_mimetype
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
+from cloud import continuous
+from cloud.api.context import Services
 from cloud.api.errors import ApiError
 from cloud.api.routing import (
     Body,
@@ -236,7 +239,26 @@ async def register_model(request: web.Request) -> web.Response:
         )
     finally:
         await call(shutil.rmtree, spool_dir, ignore_errors=True)
+    if view.created and not query_bool(request, "no_follow"):
+        view = await _follow(s, view)
     return reply(view, 201 if view.created else 200, {"Location": f"/models/{view.name}/{view.version}"})
+
+
+async def _follow(s: Services, view: VersionView) -> VersionView:
+    """Start rolling the new version out to the modules that follow the model, in the background.
+
+    Packaging takes minutes, so the answer only names them (``follows``); ``GET
+    /deployments/{name}`` and the server's log say how each rollout went.
+    """
+    following = await call(continuous.follows, s.db, model=view.name)
+    if not following:
+        return view
+    job = asyncio.ensure_future(
+        call(continuous.follow_new_version, s.fleet, s.registry, view.name, view.version, endpoint=s.endpoint)
+    )
+    s.background.add(job)
+    job.add_done_callback(s.background.discard)
+    return view.model_copy(update={"follows": [f"{f.deployment}/{f.module}" for f in following]})
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -354,6 +376,13 @@ ROUTES = (
                 "if_changed",
                 "true: store nothing when the files equal the latest version's; that version comes "
                 "back with 200 and created=false",
+                {"type": "boolean"},
+            ),
+            Param(
+                "no_follow",
+                "true: do not roll the new version out to the deployment modules that follow the model "
+                "(by default they are re-packaged and applied in the background; the answer's 'follows' "
+                "names them)",
                 {"type": "boolean"},
             ),
         ),

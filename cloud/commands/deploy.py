@@ -6,8 +6,9 @@ Which model versions a deployment uses is recorded from ``--model NAME:VERSION``
 
 ``set-model NAME MODULE MODEL[:VERSION]`` packages the model version (through
 ``cloud.packaging.package``) into one image per profile the module lists, pushes them, and applies
-the deployment with the new images: the rollout waves of the manifest apply. ``MODEL:latest``
-resolves to the newest version once; following later versions automatically is not implemented.
+the deployment with the new images: the rollout waves of the manifest apply. ``--follow`` keeps
+doing so for every version of the model registered later (``cloud/continuous.py``); a pinned
+``set-model`` or ``unfollow`` ends that.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from cloud import broker
 from cloud.commands.base import (
     EXIT_FAILURE,
+    EXIT_USAGE,
     CliError,
     add_command,
     format_table,
@@ -36,7 +38,6 @@ from cloud.commands.views import module_lines
 from cloud.fleet.controller import INTERVAL_S, RECOMPUTE_EVERY_S, Controller
 from cloud.fleet.device_state import device_states
 from cloud.fleet.manifest_diff import manifest_diff
-from cloud.fleet.model_update import with_model, with_module_images
 from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.fleet.service import ApplyResult, Fleet, PublishReport, parse_model_refs
 from cloud.fleet.targeting import some_ids
@@ -201,14 +202,20 @@ def _target(target: dict[str, Any]) -> str:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Show a deployment's manifest and the model versions it uses."""
+    from cloud.continuous import follows
+
     with open_fleet(args) as fleet, store_errors():
         manifest, models = fleet.manifest(args.name)
-    doc = {"manifest": manifest.model_dump(mode="json"), "models": models}
+        following = {f.module: f.model for f in follows(fleet.db, deployment=args.name)}
+    doc = {"manifest": manifest.model_dump(mode="json"), "models": models, "follows": following}
     if args.json:
         print_json(doc)
     else:
         print_json(doc["manifest"])
         print(f"models: {', '.join(models) or '-'}")
+        for module, model in sorted(following.items()):
+            unfollow = f"edgectl deploy unfollow {args.name} {module}"
+            print(f"module {module} follows {model}:latest ({unfollow} to pin)")
     return 0
 
 
@@ -398,66 +405,81 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_set_model(args: argparse.Namespace) -> int:
     """Package a model version into a deployment's module and roll the new images out."""
-    from cloud.commands.package import packaging_errors
-    from cloud.inference_config import InferenceConfig, InferenceConfigError, load_inference_config
-    from cloud.packaging.models import models_from_registry
-    from cloud.packaging.package import PackageRequest, package
+    from cloud.continuous import Follow, end_follow, roll_out_model, set_follow
     from cloud.packaging.progress import LinePrinter
     from cloud.store import Registry
+    from cloud.store.refs import parse_model_ref
 
-    try:
-        config = load_inference_config(Path(args.config)) if args.config else InferenceConfig()
-    except InferenceConfigError as e:
-        raise CliError(str(e)) from e
+    model_name, version = parse_model_ref(args.model)
+    if args.follow and version is not None:
+        raise CliError(f"--follow follows the newest version: give {model_name} or {model_name}:latest")
+    config = str(Path(args.config).resolve()) if args.config else None
+    follow = Follow(
+        args.name, args.module, model_name, config, args.registry, args.repository, not args.no_smoke
+    )
     endpoint = endpoint_from(args)
-    with open_fleet(args) as fleet, store_errors():
-        manifest, current = fleet.manifest(args.name)
-        spec = manifest.modules.get(args.module)
-        if spec is None:
-            raise CliError(
-                f"deployment {args.name!r} has no module {args.module!r} "
-                f"(modules: {', '.join(sorted(manifest.modules))})"
-            )
+    with open_fleet(args) as fleet, store_errors(), rollout_errors():
         registry = Registry.open(settings_from(args))
         try:
-            inputs = models_from_registry(registry, [args.model])
+            done = roll_out_model(
+                fleet, registry, follow, args.model, endpoint=endpoint, progress=LinePrinter(sys.stderr)
+            )
         finally:
             registry.close()
-        request = PackageRequest(
-            models=inputs,
-            config=config,
-            profiles=sorted(spec.images),
-            name=args.module,
-            registry=args.registry,
-            repository=args.repository,
-            smoke=not args.no_smoke,
-        )
-        with packaging_errors():
-            images = package(request, progress=LinePrinter(sys.stderr))
-        unpushed = [i.profile for i in images if i.ref is None]
-        if unpushed:
-            raise CliError(
-                f"no pushed image for profile(s) {', '.join(unpushed)}; nothing was applied", EXIT_FAILURE
-            )
-        model = inputs[0]
-        updated = with_module_images(manifest, args.module, {i.profile: str(i.ref) for i in images})
-        result = fleet.apply(
-            updated,
-            models=with_model(current, model.name, model.version),
-            endpoint=endpoint,
-            source=args.name,
-        )
+        if args.follow:
+            set_follow(fleet.db, follow)
+            ended = None
+        else:
+            ended = end_follow(fleet.db, args.name, args.module)
+    result = done.apply
     if args.json:
-        print_json({"images": {i.profile: i.ref for i in images}, "apply": _jsonable(result)})
+        print_json({"images": done.images, "apply": _jsonable(result), "follows": args.follow})
     else:
-        for i in images:
-            print(f"{args.module} ({i.profile}): {i.ref}")
+        for profile, image in sorted(done.images.items()):
+            print(f"{args.module} ({profile}): {image}")
         print(
-            f"deployment {result.deployment} now uses {model.label}: "
+            f"deployment {result.deployment} now uses {done.model}: "
             f"{_counts(result.new_generations, result.publish)} (waves: {_waves(result)})"
         )
+        if args.follow:
+            print(f"{args.name}/{args.module} follows {model_name}: each new version registered rolls out")
+        elif ended is not None:
+            print(f"{args.name}/{args.module} no longer follows {ended.model} (pinned to {done.model})")
     _tell_publish(result.publish)
     return 0
+
+
+def cmd_unfollow(args: argparse.Namespace) -> int:
+    """Stop a module following a model's newest version; it keeps what it runs."""
+    from cloud.continuous import end_follow
+
+    with open_fleet(args) as fleet, store_errors():
+        fleet.manifest(args.name)
+        ended = end_follow(fleet.db, args.name, args.module)
+    if args.json:
+        print_json(
+            {"deployment": args.name, "module": args.module, "followed": ended.model if ended else None}
+        )
+    elif ended is None:
+        print(f"{args.name}/{args.module} follows no model", file=sys.stderr)
+    else:
+        print(f"{args.name}/{args.module} no longer follows {ended.model}; it keeps the images it has")
+    return 0
+
+
+@contextmanager
+def rollout_errors() -> Iterator[None]:
+    """Packaging failures of a model rollout as one-line CliErrors (with the module's log tail)."""
+    from cloud.continuous import RolloutError
+
+    try:
+        yield
+    except RolloutError as e:
+        if e.log_tail:
+            print("---- module log (last lines) ----", file=sys.stderr)
+            print(e.log_tail, file=sys.stderr)
+            print("---------------------------------", file=sys.stderr)
+        raise CliError(str(e), EXIT_USAGE if e.usage else EXIT_FAILURE) from e
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -639,7 +661,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "changed) and apply the deployment with them. Give the inference config the module was packaged "
         "with.",
         examples="  edgectl deploy set-model vision detector digits:4 --config inference.yaml\n"
-        "  edgectl deploy set-model vision detector digits:latest --registry 127.0.0.1:5000",
+        "  edgectl deploy set-model vision detector digits:latest --registry 127.0.0.1:5000\n"
+        "  edgectl deploy set-model vision detector digits --follow   # and every later version",
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("module", metavar="MODULE")
@@ -648,7 +671,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--registry", metavar="HOST:PORT", help="image registry (default: from the config)")
     p.add_argument("--repository", metavar="REPO", help="repository in the registry (default: the module)")
     p.add_argument("--no-smoke", action="store_true", help="skip starting each image before pushing")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep following MODEL: every version registered later is packaged and rolled out the same way",
+    )
     add_broker_option(p)
+
+    p = add_command(
+        commands,
+        "unfollow",
+        cmd_unfollow,
+        help="stop a module following a model's newest version",
+        description="End the continuous deployment that 'set-model ... --follow' started; the module keeps "
+        "the images it has (a 'set-model' with a version ends it too).",
+        examples="  edgectl deploy unfollow vision detector",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("module", metavar="MODULE")
 
     p = add_command(
         commands,

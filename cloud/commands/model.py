@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cloud import continuous
 from cloud.commands.base import (
+    EXIT_FAILURE,
     CliError,
     add_command,
     format_size,
@@ -18,10 +20,11 @@ from cloud.commands.base import (
     settings_from,
     store_errors,
 )
+from cloud.commands.deploy import add_broker_option
 from cloud.commands.package import register_model_profile
 from cloud.commands.progress import ByteProgress
 from cloud.store import Registry
-from cloud.store.views import FRAMEWORKS, VersionSummary
+from cloud.store.views import FRAMEWORKS, VersionSummary, VersionView
 
 REF_HELP = "NAME or NAME:VERSION (default: the latest version)"
 
@@ -70,8 +73,11 @@ def cmd_register(args: argparse.Namespace) -> int:
             )
         finally:
             progress.finish()
+    outcomes = _follow(args, view) if view.created and not args.no_follow else []
+    if outcomes:
+        view = view.model_copy(update={"follows": [_where(o) for o in outcomes]})
     if args.json:
-        print_json(view.model_dump(mode="json"))
+        print_json({**view.model_dump(mode="json"), "rollouts": [_rollout_json(o) for o in outcomes]})
     elif not view.created:
         print(
             f"{view.name}:{view.version} unchanged: its files are identical, "
@@ -88,7 +94,51 @@ def cmd_register(args: argparse.Namespace) -> int:
                 "use --if-changed to register only when they differ",
                 file=sys.stderr,
             )
-    return 0
+        for o in outcomes:
+            if o.rollout is not None:
+                done = o.rollout.apply
+                print(
+                    f"{_where(o)} follows {view.name}: rolled out {o.rollout.model}, {done.new_generations} "
+                    f"new desired state(s), {done.publish.published} published, "
+                    f"{done.publish.pending} pending"
+                )
+            else:
+                print(f"{_where(o)} follows {view.name}: not rolled out: {o.error}", file=sys.stderr)
+    return EXIT_FAILURE if any(o.error for o in outcomes) else 0
+
+
+def _where(outcome: continuous.FollowOutcome) -> str:
+    return f"{outcome.follow.deployment}/{outcome.follow.module}"
+
+
+def _rollout_json(outcome: continuous.FollowOutcome) -> dict[str, object]:
+    done = outcome.rollout
+    return {
+        "deployment": outcome.follow.deployment,
+        "module": outcome.follow.module,
+        "error": outcome.error,
+        "images": done.images if done else None,
+        "new_generations": done.apply.new_generations if done else 0,
+    }
+
+
+def _follow(args: argparse.Namespace, view: VersionView) -> list[continuous.FollowOutcome]:
+    """Roll the new version out to the modules that follow the model (continuous deployment)."""
+    from cloud.commands.deploy import endpoint_from, open_fleet
+    from cloud.packaging.progress import LinePrinter
+
+    with _registry(args) as registry:
+        if not continuous.follows(registry.db, model=view.name):
+            return []
+        with open_fleet(args) as fleet, store_errors():
+            return continuous.follow_new_version(
+                fleet,
+                registry,
+                view.name,
+                view.version,
+                endpoint=endpoint_from(args),
+                progress=LinePrinter(sys.stderr),
+            )
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -209,6 +259,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--progress", action="store_true", help="report bytes hashed on stderr (always on a terminal)"
     )
+    p.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="do not roll the new version out to the deployments that follow this model",
+    )
+    add_broker_option(p)
 
     p = add_command(
         commands,

@@ -54,7 +54,7 @@ from cloud.store.db import Database, open_database
 from cloud.store.deployments import set_deployment_models
 from cloud.store.errors import NotFoundError
 from cloud.store.fleet import RolloutDevice, RolloutRecord
-from cloud.store.models import Deployment, DeploymentModel
+from cloud.store.models import Deployment, DeploymentModel, ModelFollow
 from cloud.store.refs import parse_model_ref
 from modules.contract import DeploymentManifest, DeviceProfile, utcnow
 from modules.profiles import fallback_chain, load_profiles
@@ -234,6 +234,7 @@ class Fleet:
             s.execute(delete(RolloutDevice).where(RolloutDevice.deployment == name))
             s.execute(delete(RolloutRecord).where(RolloutRecord.deployment == name))
             s.execute(delete(DeploymentModel).where(DeploymentModel.deployment_name == name))
+            s.execute(delete(ModelFollow).where(ModelFollow.deployment == name))
             forget(s, name)
             s.delete(found[0])
             s.flush()

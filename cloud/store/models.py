@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -146,6 +147,25 @@ class DeploymentRevision(Base):
     models: Mapped[list[str]] = mapped_column(JSON, default=list)
     source: Mapped[str] = mapped_column(Text, default="")
     applied_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelFollow(Base):
+    """A deployment's module that follows the newest version of a model (continuous deployment):
+    registering a version packages it into the module's images and applies the deployment."""
+
+    __tablename__ = "model_follows"
+
+    deployment: Mapped[str] = mapped_column(
+        ForeignKey("deployments.name", ondelete="CASCADE"), primary_key=True
+    )
+    module: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    model: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
+    config_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The inference config file packaging reads (absolute; None: no-code ONNX)."""
+    image_registry: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    repository: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    smoke: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class DeploymentModel(Base):

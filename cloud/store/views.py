@@ -46,6 +46,11 @@ class VersionView(VersionSummary):
     deployments: list[str] = Field(default_factory=list)
     identical_to: int | None = None
     """On registration: the latest version already had exactly these files."""
+    follows: list[str] = Field(
+        default_factory=list,
+        description="on registration: the deployment/module pairs that follow this model (continuous "
+        "deployment) and get the new version",
+    )
     created: bool = True
     """On registration with ``if_changed``: false when nothing new was stored."""
 

@@ -27,6 +27,7 @@ from tests.services import MosquittoFactory
 pytestmark = pytest.mark.integration
 __all__ = ["fleet"]
 
+
 def status_of(fleet: Fleet, device: str) -> str:
     """The device's status in the layer's rollout."""
     return next(d.status for d in fleet.progress("debug").devices if d.device == device)

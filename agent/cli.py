@@ -58,7 +58,9 @@ def build_runtime(config: AgentConfig, images_dir: Path | None = None) -> Module
     from agent.runtime.docker import DockerRuntime
 
     credentials = {name: (s.username, s.read_password()) for name, s in config.registry_secrets.items()}
-    return DockerRuntime(device_id=config.device_id, credentials=credentials)
+    return DockerRuntime(
+        device_id=config.device_id, credentials=credentials, sealing_key=config.sealing_private_key()
+    )
 
 
 async def run_agent(config: AgentConfig, images_dir: Path | None = None) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -42,6 +43,7 @@ from agent.planner import PlannerConfig
 from agent.restart import BackoffConfig, RestartPolicyConfig
 from modules.contract import Name
 from modules.documents import DocumentError, load_model_file, read_text
+from modules.sealing import SealingError, load_private
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 FOLDER_FIELDS = frozenset({"state_dir", "images_dir"})
@@ -205,6 +207,25 @@ class AgentConfig(_Settings):
         default=None, ge=0, le=65535, description="Prometheus metrics on 127.0.0.1; 0 or absent = off"
     )
     registry_secrets: dict[str, RegistrySecret] = Field(default_factory=dict)
+    sealing_key: SecretStr | None = Field(
+        default=None,
+        description="X25519 private key (base64) that opens the registry credentials the cloud seals to "
+        "this device; written by edgectl device add",
+    )
+
+    @field_validator("sealing_key")
+    @classmethod
+    def _sealing_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            try:
+                load_private(v.get_secret_value())
+            except SealingError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    def sealing_private_key(self) -> X25519PrivateKey | None:
+        """The sealing key, loaded (None when the config has none)."""
+        return load_private(self.sealing_key.get_secret_value()) if self.sealing_key else None
 
     @field_validator("images_dir", mode="before")
     @classmethod

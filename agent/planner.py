@@ -56,11 +56,10 @@ from modules.contract import (
     ModuleStatus,
     RegistryCredentialRef,
     RuntimeStatus,
-    split_image_ref,
+    registry_of,
 )
 
 NO_BOOK = RestartBook()
-DEFAULT_REGISTRY = "docker.io"
 
 
 @dataclass(frozen=True)
@@ -69,14 +68,6 @@ class PlannerConfig:
 
     restart: RestartPolicyConfig = field(default_factory=RestartPolicyConfig)
     pull_retry: BackoffConfig = field(default_factory=BackoffConfig)
-
-
-def registry_of(image: str) -> str:
-    """The registry host of an image reference, Docker's way (``docker.io`` when none is named)."""
-    first, sep, _ = split_image_ref(image).repository.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        return first
-    return DEFAULT_REGISTRY
 
 
 def credentials_for(image: str, credentials: list[RegistryCredentialRef]) -> RegistryCredentialRef | None:

@@ -15,6 +15,7 @@ from types import ModuleType
 
 from cloud.commands import (
     broker,
+    credential,
     demo,
     deploy,
     device,
@@ -33,6 +34,7 @@ GROUPS: tuple[ModuleType, ...] = (
     package,
     device,
     broker,
+    credential,
     deploy,
     device_ops,
     serve,

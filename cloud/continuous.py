@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, select
 
+from cloud.fleet.credentials import pull_auth
 from cloud.fleet.model_update import with_model, with_module_images
 from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.service import ApplyResult, Fleet
@@ -89,6 +90,8 @@ def roll_out_model(
             f"(modules: {', '.join(sorted(manifest.modules))})"
         )
     inputs = models_from_registry(registry, [model_ref])
+    with fleet.db.transaction() as s:
+        auth = pull_auth(s)
     request = PackageRequest(
         models=inputs,
         config=config,
@@ -97,6 +100,7 @@ def roll_out_model(
         registry=follow.registry,
         repository=follow.repository,
         smoke=follow.smoke,
+        pull_auth=auth,
     )
     with _packaging_errors():
         images = package(request, progress=progress)

@@ -44,6 +44,7 @@ from cloud.store.refs import check_name
 from cloud.store.registry import check_tags
 from modules.contract import utcnow
 from modules.profiles import ProfileError, get_profile
+from modules.sealing import new_key_pair
 
 DEVICES_DIR = "devices"
 AGENT_CONFIG_FILE = "agent.yaml"
@@ -276,14 +277,22 @@ class DeviceManager:
                 raise _exists(device_id)
             if is_clear_pending(session, device_id):
                 raise _not_cleared(device_id)
-            device = Device(id=device_id, profile=profile, password_hash=broker.hash_password(password))
+            sealing_private, sealing_public = new_key_pair()
+            device = Device(
+                id=device_id,
+                profile=profile,
+                password_hash=broker.hash_password(password),
+                sealing_public_key=sealing_public,
+            )
             device.tags = [DeviceTag(key=k, value=v) for k, v in sorted(tags.items())]
             session.add(device)
             try:
                 session.flush()
             except IntegrityError:
                 raise _exists(device_id) from None
-            self._write_bundle(device_id, out_dir, url, ca_file, password, public_pem, bundle)
+            self._write_bundle(
+                device_id, out_dir, url, ca_file, password, sealing_private, public_pem, bundle
+            )
             written.append(out_dir / AGENT_CONFIG_FILE)
             return _view(device)
 
@@ -294,6 +303,7 @@ class DeviceManager:
         url: str,
         ca_file: Path | None,
         password: str,
+        sealing_key: str,
         public_pem: bytes,
         bundle: AgentBundle,
     ) -> None:
@@ -306,10 +316,12 @@ class DeviceManager:
             "cloud_public_key": PUBLIC_KEY_FILE,
             "state_dir": bundle.state_dir,
             "runtime": bundle.runtime,
+            "sealing_key": sealing_key,
         }
         header = (
             f"# edge-agent configuration for device {device_id}, written by edgectl device add.\n"
-            "# It holds the device's MQTT password: keep it mode 0600 and copy it only to the device.\n"
+            "# It holds the device's MQTT password and the key that opens registry credentials sealed to\n"
+            "# it: keep it mode 0600 and copy it only to the device.\n"
         )
         try:
             out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

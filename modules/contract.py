@@ -107,6 +107,17 @@ def split_image_ref(ref: str) -> ImageParts:
     return ImageParts(repository=m.group("name"), tag=m.group("tag"), digest=m.group("digest"))
 
 
+DEFAULT_REGISTRY = "docker.io"
+
+
+def registry_of(image: str) -> str:
+    """The registry host of an image reference, Docker's way (``docker.io`` when none is named)."""
+    first, sep, _ = split_image_ref(image).repository.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return DEFAULT_REGISTRY
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware in UTC (every timestamp in the contract is aware)."""
     return datetime.now(timezone.utc)
@@ -402,12 +413,25 @@ class DeploymentManifest(Frozen):
         validate_default=True,
         description="layered only: settings changed in modules from below",
     )
+    registry_credentials: list[Name] = Field(
+        default_factory=list,
+        description="cloud credentials (edgectl credential set NAME) the devices pull this deployment's "
+        "images with; each reaches a device sealed to its key",
+    )
     rollout: Rollout = Field(default_factory=Rollout)
     rollback: Literal["auto", "none"] = "auto"
     health_deadline_s: float = Field(default=120.0, gt=0, le=86400)
 
     _split_modules = field_validator("modules", mode="before")(_modules_from_list)
     _ports = field_validator("modules")(host_ports_unique)
+
+    @field_validator("registry_credentials")
+    @classmethod
+    def _credentials_once(cls, v: list[str]) -> list[str]:
+        twice = sorted({n for n in v if v.count(n) > 1})
+        if twice:
+            raise ValueError(f"credential(s) {', '.join(twice)} listed twice")
+        return v
 
     @field_validator("modules")
     @classmethod
@@ -437,10 +461,42 @@ class DeploymentManifest(Frozen):
 
 
 class RegistryCredentialRef(Frozen):
-    """Credentials for a registry, by reference: the agent resolves ``secret`` from its own config."""
+    """Credentials for a registry: sealed to the device by the cloud, or named in the agent's config.
+
+    A cloud credential (``name``) carries the username and the password sealed to the device's
+    X25519 key (``modules/sealing.py``), bound to ``sealing_context``; only that device opens it.
+    A ``secret`` names credentials the agent's own config holds (``registry_secrets``).
+    """
 
     registry: str = Field(min_length=1)
-    secret: str = Field(min_length=1, description="name of the credential in the agent's secret store")
+    secret: str | None = Field(
+        default=None, min_length=1, description="name of the credential in the agent's secret store"
+    )
+    name: Name | None = Field(default=None, description="the cloud's credential name (edgectl credential)")
+    revision: int | None = Field(default=None, ge=1, description="the credential's revision (rotation)")
+    username: str | None = Field(default=None, min_length=1)
+    sealed: str | None = Field(
+        default=None, description="the password sealed to the device's key (base64; modules/sealing.py)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RegistryCredentialRef:
+        if (self.secret is None) == (self.name is None):
+            raise ValueError(
+                "give exactly one of 'secret' (agent's secret store) or 'name' (cloud credential)"
+            )
+        if self.name is not None and (self.username is None or self.revision is None):
+            raise ValueError(f"cloud credential {self.name!r} needs 'username' and 'revision'")
+        return self
+
+    def sealing_context(self, device_id: str) -> bytes:
+        """What a sealed password is bound to: the device, the registry, the credential and revision."""
+        return "\0".join((device_id, self.registry, self.name or "", str(self.revision or 0))).encode()
+
+
+CREDENTIAL_FIELDS_OMITTED_WHEN_UNSET = ("secret", "name", "revision", "username", "sealed")
+"""Credential fields left out of the signed document while unset (a state with only
+``registry``/``secret`` signs as it did before cloud credentials existed)."""
 
 
 class DesiredModule(ModuleSettings):
@@ -489,6 +545,10 @@ class DesiredState(Frozen):
             for name in LATER_MODULE_FIELDS:
                 if module.get(name) is None:
                     module.pop(name, None)
+        for credential in data["registry_credentials"]:
+            for name in CREDENTIAL_FIELDS_OMITTED_WHEN_UNSET:
+                if credential.get(name) is None:
+                    credential.pop(name, None)
         return data
 
     def canonical_bytes(self) -> bytes:

@@ -248,19 +248,33 @@ class RegistryServer(ManagedProcess):
 
     name = "registry"
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, users: dict[str, str] | None = None) -> None:
+        """``users`` (username → password): require HTTP basic auth, from an htpasswd (bcrypt) file."""
         super().__init__(workdir, port)
         self.binary = _require_binary("docker-registry", "docker-registry")
         self.config_path = workdir / "config.yml"
+        self.users = users
         storage = workdir / "storage"
         storage.mkdir(exist_ok=True)
+        auth = ""
+        if users:
+            import bcrypt
+
+            htpasswd = workdir / "htpasswd"
+            htpasswd.write_text(
+                "".join(
+                    f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=5)).decode()}\n"
+                    for u, p in users.items()
+                )
+            )
+            auth = f"auth:\n  htpasswd:\n    realm: edgedeploy-test\n    path: {htpasswd}\n"
         self.config_path.write_text(
             "version: 0.1\n"
             "log:\n  level: info\n  formatter: text\n"
             "storage:\n"
             f"  filesystem:\n    rootdirectory: {storage}\n"
             "  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}:{self.port}\n"
+            f"http:\n  addr: {self.host}:{self.port}\n" + auth
         )
 
     @property
@@ -277,7 +291,7 @@ class RegistryServer(ManagedProcess):
         return [self.binary, "serve", str(self.config_path)]
 
     def ready(self) -> bool:
-        return http_status(f"{self.url}/v2/") == 200
+        return http_status(f"{self.url}/v2/") == (401 if self.users else 200)
 
 
 def connect_docker() -> Any:

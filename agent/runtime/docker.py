@@ -9,8 +9,9 @@ device nodes, cgroup rules, volumes and groups.
 
 Pulls run in the background (``PullTracker``) and are skipped when the image is already local,
 by digest for pinned references, so a device boots offline from what it has. Registry
-credentials are looked up by ``RegistryCredentialRef.secret`` in the mapping given at
-construction (``{secret: (username, password)}``). All SDK calls run in worker threads.
+credentials are the cloud's, sealed to this device (opened with ``sealing_key``), or looked up by
+``RegistryCredentialRef.secret`` in the mapping given at construction (``agent/credentials.py``).
+All SDK calls run in worker threads.
 
 Memory: the SDK's ``requests`` would import ``charset_normalizer`` (about 4 MB resident with the
 codecs it loads) only to guess the encoding of responses that declare none. Docker Engine's
@@ -31,7 +32,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from agent.actions import Create, Pull, Remove, Restart, Start, Stop
+from agent.credentials import CredentialError, Credentials, resolve_credential
 from agent.observed import ObservedModule, ObservedStatus
 from agent.runtime import Observation, RuntimeActionError
 from agent.runtime import labels as lb
@@ -60,9 +64,6 @@ import docker.errors  # noqa: E402
 from docker.types import LogConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-Credentials = Mapping[str, tuple[str, str]]
-"""Registry secrets by name (``RegistryCredentialRef.secret``): ``(username, password)``."""
 
 _STATES: frozenset[str] = frozenset(
     {"created", "running", "paused", "restarting", "removing", "exited", "dead"}
@@ -112,6 +113,7 @@ class DockerRuntime:
         *,
         profiles: Mapping[str, DeviceProfile] | None = None,
         credentials: Credentials | None = None,
+        sealing_key: X25519PrivateKey | None = None,
         device_id: str | None = None,
         name_prefix: str | None = None,
         stop_timeout_s: int = 10,
@@ -132,6 +134,7 @@ class DockerRuntime:
         self.client = client or docker.from_env()
         self.profiles = profiles
         self.credentials: Credentials = credentials or {}
+        self.sealing_key = sealing_key
         self.device_id = device_id
         if name_prefix is None:
             name_prefix = f"{lb.DEFAULT_NAME_PREFIX}{device_id}-" if device_id else lb.DEFAULT_NAME_PREFIX
@@ -230,19 +233,19 @@ class DockerRuntime:
         """Start pulling ``action.image`` in the background (skipped when it is already local)."""
         auth = None
         if action.credentials is not None:
-            found = self.credentials.get(action.credentials.secret)
-            if found is None:
-                problem = (
-                    f"registry credential {action.credentials.secret!r} (for {action.credentials.registry}) "
-                    "is not in the agent's secret store"
+            try:
+                username, password = resolve_credential(
+                    action.credentials, self.device_id or "", self.credentials, self.sealing_key
                 )
+            except CredentialError as e:
+                problem = str(e)
 
                 async def fail() -> None:
                     raise RuntimeError(problem)
 
                 self.pulls.start(action.image, fail)
                 return
-            auth = {"username": found[0], "password": found[1]}
+            auth = {"username": username, "password": password}
         self.pulls.start(action.image, lambda: asyncio.to_thread(self._pull_blocking, action.image, auth))
 
     def _pull_blocking(self, image: str, auth: dict[str, str] | None) -> None:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from cloud.api.errors import ApiError
 from cloud.api.routing import Body, Route, call, json_body, reply, services
+from cloud.fleet.credentials import pull_auth
 from cloud.inference_config import InferenceConfig
 from cloud.packaging.errors import PackagingError
 from cloud.packaging.models import models_from_registry
@@ -202,6 +203,8 @@ async def package_jobs_context(app: web.Application) -> AsyncIterator[None]:
 
 def _prepare(request: web.Request, body: PackageBody) -> PackageRequest:
     s = services(request)
+    with s.db.transaction() as session:
+        auth = pull_auth(session)
     prepared = PackageRequest(
         models=models_from_registry(s.registry, list(body.models)),
         config=body.inference_config(),
@@ -212,6 +215,7 @@ def _prepare(request: web.Request, body: PackageBody) -> PackageRequest:
         repository=body.repository,
         smoke=body.smoke,
         push=body.push,
+        pull_auth=auth,
     )
     check_request(prepared)
     return prepared

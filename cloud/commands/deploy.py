@@ -95,7 +95,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _tell_publish(report: PublishReport) -> None:
+def tell_publish(report: PublishReport) -> None:
     if report.error:
         print(
             f"warning: {report.error}\nwarning: {report.pending} desired state(s) are stored and pending; "
@@ -137,12 +137,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         )
     if args.json:
         print_json({**_jsonable(result), "dry_run": args.dry_run, "diff": diff})
-        _tell_publish(result.publish)
+        tell_publish(result.publish)
         return 0
     if diff:
         print("\n".join(diff))
-    for p in result.placements:
-        print(f"  {p.module} {p.origin} on {len(p.devices)} device(s): {some_ids(p.devices)}")
     verb = "created" if result.created else "updated" if result.manifest_changed else "unchanged"
     if args.dry_run:
         print(
@@ -150,13 +148,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
             f"{result.winning} would run it (waves: {_waves(result)}); {result.new_generations} new desired "
             "state(s); nothing was stored or published"
         )
+        _print_placements(result)
         return 0
     print(
         f"deployment {result.deployment} {verb}: {result.selected} device(s) selected, {result.winning} "
         f"run it (waves: {_waves(result)}); {_counts(result.new_generations, result.publish)}"
     )
-    _tell_publish(result.publish)
+    _print_placements(result)
+    tell_publish(result.publish)
     return 0
+
+
+def _print_placements(result: ApplyResult) -> None:
+    """Which devices get which module from which deployment (layers change and add modules)."""
+    for p in result.placements:
+        print(f"  {p.module} {p.origin} on {len(p.devices)} device(s): {some_ids(p.devices)}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -228,7 +234,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
         print_json({"deployment": args.name, "new_generations": changed, "publish": _jsonable(report)})
     else:
         print(f"deleted deployment {args.name}: {_counts(changed, report)}")
-    _tell_publish(report)
+    tell_publish(report)
     return 0
 
 
@@ -291,7 +297,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     diff = manifest_diff(current, target, f"revision {number}")
     if args.json:
         print_json({**_jsonable(result), "rolled_back_to": number, "dry_run": args.dry_run, "diff": diff})
-        _tell_publish(result.publish)
+        tell_publish(result.publish)
         return 0
     if diff:
         print("\n".join(diff))
@@ -306,7 +312,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         f"deployment {args.name} rolled back to revision {number} ({now}): "
         f"{_counts(result.new_generations, result.publish)}"
     )
-    _tell_publish(result.publish)
+    tell_publish(result.publish)
     return 0
 
 
@@ -322,7 +328,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         )
     else:
         print(f"deployment {args.name}: {what}; {_counts(new, report)}")
-    _tell_publish(report)
+    tell_publish(report)
     return 0
 
 
@@ -445,7 +451,7 @@ def cmd_set_model(args: argparse.Namespace) -> int:
             print(f"{args.name}/{args.module} follows {model_name}: each new version registered rolls out")
         elif ended is not None:
             print(f"{args.name}/{args.module} no longer follows {ended.model} (pinned to {done.model})")
-    _tell_publish(result.publish)
+    tell_publish(result.publish)
     return 0
 
 

@@ -22,6 +22,7 @@ from cloud.commands.base import (
     settings_from,
     store_errors,
 )
+from cloud.fleet.credentials import pull_auth
 from cloud.inference_config import InferenceConfig, InferenceConfigError, load_inference_config
 from cloud.packaging.base import ensure_base_image
 from cloud.packaging.errors import InputError, PackagingError, SmokeTestError
@@ -74,6 +75,8 @@ def cmd_package(args: argparse.Namespace) -> int:
         registry = Registry.open(settings_from(args))
         try:
             models = models_from_registry(registry, args.model)
+            with registry.db.transaction() as s:
+                auth = pull_auth(s)
             request = PackageRequest(
                 models=models,
                 config=config,
@@ -85,6 +88,7 @@ def cmd_package(args: argparse.Namespace) -> int:
                 dockerfile_dir=Path(args.dockerfile) if args.dockerfile else None,
                 smoke=not args.no_smoke,
                 push=not args.no_push,
+                pull_auth=auth,
             )
             with packaging_errors():
                 results = package(request, cache_dir=_cache_dir(args), progress=LinePrinter(sys.stderr))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -44,7 +44,9 @@ class DesiredContent:
             "modules": {name: m.model_dump(mode="json") for name, m in sorted(self.modules.items())},
             "rollback": self.rollback,
             "health_deadline_s": self.health_deadline_s,
-            "registry_credentials": [c.model_dump(mode="json") for c in self.registry_credentials],
+            "registry_credentials": [
+                c.model_dump(mode="json", exclude={"sealed"}) for c in self.registry_credentials
+            ],
         }
 
     @classmethod
@@ -83,7 +85,7 @@ def content_from_payload(payload: str | bytes) -> DesiredContent:
         modules=state.modules,
         rollback=state.rollback,
         health_deadline_s=state.health_deadline_s,
-        registry_credentials=tuple(state.registry_credentials),
+        registry_credentials=tuple(c.model_copy(update={"sealed": None}) for c in state.registry_credentials),
     )
 
 
@@ -95,12 +97,27 @@ def next_generation(previous: tuple[int, str] | None, new_hash: str) -> int | No
     return None if old_hash == new_hash else generation + 1
 
 
-class Renderer:
-    """Signs desired states issued at one instant; caches one validated template per content."""
+Sealer = Callable[[str, RegistryCredentialRef], RegistryCredentialRef]
+"""``(device id, credential)`` → the credential with its password sealed to that device."""
 
-    def __init__(self, key: Ed25519PrivateKey, issued_at: datetime, ttl: timedelta = DEFAULT_TTL) -> None:
+
+class Renderer:
+    """Signs desired states issued at one instant; caches one validated template per content.
+
+    Content with registry credentials is rendered per device instead: ``sealer`` seals each
+    credential's password to the device, so no two devices' states share those bytes.
+    """
+
+    def __init__(
+        self,
+        key: Ed25519PrivateKey,
+        issued_at: datetime,
+        ttl: timedelta = DEFAULT_TTL,
+        sealer: Sealer | None = None,
+    ) -> None:
         if issued_at.tzinfo is None:
             raise ValueError("issued_at needs a timezone")
+        self.sealer = sealer
         self.key = key
         self.issued_at = issued_at
         self.expires_at = issued_at + ttl
@@ -128,12 +145,25 @@ class Renderer:
         orjson, which escapes a string exactly as ``canonical_json`` does) and signed. The result
         is byte for byte ``canonical_json`` of the state (the signature sorts last).
         """
+        if content.registry_credentials:
+            return self._sealed_payload(device_id, generation, content)
         pieces = self._templates.get(content_key)
         if pieces is None:
             pieces = self._template(content)
             self._templates[content_key] = pieces
         head, middle, tail = pieces
-        unsigned = b"".join((head, orjson.dumps(device_id), middle, b"%d" % generation, tail))
+        return self._signed(b"".join((head, orjson.dumps(device_id), middle, b"%d" % generation, tail)))
+
+    def _sealed_payload(self, device_id: str, generation: int, content: DesiredContent) -> bytes:
+        sealer = self.sealer
+        credentials = [sealer(device_id, c) if sealer else c for c in content.registry_credentials]
+        state = self.state(device_id, generation, content).model_copy(
+            update={"registry_credentials": credentials}
+        )
+        return self._signed(state.canonical_bytes())
+
+    def _signed(self, unsigned: bytes) -> bytes:
+        """``unsigned`` canonical JSON with its signature added (it sorts last)."""
         signature = base64.b64encode(self.key.sign(unsigned))
         return b"".join((unsigned[:-1], b',"signature":"', signature, b'"}'))
 

@@ -18,12 +18,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cloud.fleet.credentials import DeviceSealer, credential_refs
 from cloud.fleet.desired import EMPTY, DesiredContent, Renderer, content_hash, next_generation
 from cloud.fleet.layering import compose
 from cloud.fleet.queries import Gate, fetch, load_deployments, load_devices, load_gates, reverted_to
 from cloud.fleet.sql import bind_value, upsert
 from cloud.fleet.targeting import Assignment, DeploymentEntry, DeviceInfo, Resolution, resolve
 from cloud.store.fleet import DesiredRecord
+from modules.contract import RegistryCredentialRef
 
 
 def recompute_desired(
@@ -57,7 +59,8 @@ def recompute_desired(
     }
     gates = load_gates(s)
     before = reverted_to(s)
-    renderer = Renderer(key, now, ttl)
+    credentials = credential_refs(s)
+    renderer = Renderer(key, now, ttl, DeviceSealer.load(s) if credentials else None)
     contents: dict[tuple[int, tuple[str, ...]], tuple[DesiredContent, str]] = {}
     reverted: dict[str, tuple[DesiredContent, str]] = {}
     empty = (EMPTY, EMPTY.hash)
@@ -87,7 +90,9 @@ def recompute_desired(
                 which = (id(assignment), tuple(layer.name for layer in layers))
                 cached = contents.get(which)
                 if cached is None:
-                    cached = contents[which] = _content(assignment, layers, device.profile, chains)
+                    cached = contents[which] = _content(
+                        assignment, layers, device.profile, chains, credentials
+                    )
                 content, digest = cached
         generation = next_generation(stored.get(device.id), digest)
         if generation is None and device.id in stored and (device.id in expiring or device.id in force):
@@ -125,14 +130,24 @@ def _content(
     layers: tuple[DeploymentEntry, ...],
     profile: str,
     chains: Mapping[str, Sequence[str]],
+    credentials: Mapping[str, RegistryCredentialRef],
 ) -> tuple[DesiredContent, str]:
-    """The content of a device that has the ``layers`` of its assignment released to it so far."""
+    """The content of a device that has the ``layers`` of its assignment released to it so far.
+
+    Its registry credentials are those its base and those layers list (unsealed: sealing is per
+    device, at rendering).
+    """
     modules = assignment.modules
     if layers != assignment.layers:
         base = assignment.base.name if assignment.base is not None else None
         modules = compose(base, assignment.base_modules, layers, profile, chains.get(profile, ())).modules
+    sources = ([assignment.base] if assignment.base is not None else []) + [
+        e for e in layers if e is not assignment.base
+    ]
+    names = dict.fromkeys(n for e in sources for n in e.manifest.registry_credentials)
+    refs = tuple(credentials[n] for n in names if n in credentials)
     m = assignment.deployment.manifest
-    content = DesiredContent(m.name, modules, m.rollback, m.health_deadline_s)
+    content = DesiredContent(m.name, modules, m.rollback, m.health_deadline_s, refs)
     return content, content.hash
 
 

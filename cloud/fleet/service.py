@@ -27,6 +27,13 @@ from sqlalchemy.orm import Session
 
 from cloud.config import Settings
 from cloud.fleet import outbox
+from cloud.fleet.credentials import (
+    CredentialView,
+    check_credentials,
+    list_credentials,
+    remove_credential,
+    set_credential,
+)
 from cloud.fleet.desired import DEFAULT_TTL, content_hash
 from cloud.fleet.explain import Explanation, explain
 from cloud.fleet.mqtt import Endpoint
@@ -55,7 +62,7 @@ from cloud.store.deployments import set_deployment_models
 from cloud.store.errors import NotFoundError
 from cloud.store.fleet import RolloutDevice, RolloutRecord
 from cloud.store.models import Deployment, DeploymentModel, ModelFollow
-from cloud.store.refs import parse_model_ref
+from cloud.store.refs import check_name, parse_model_ref
 from modules.contract import DeploymentManifest, DeviceProfile, utcnow
 from modules.profiles import fallback_chain, load_profiles
 
@@ -181,6 +188,7 @@ class Fleet:
             winning = sorted(d for d, a in resolution.assignments.items() if a.involves(name))
             problems = [p for p in resolution.problems if p.startswith(f"deployment {name!r}")]
             problems += resolution.conflict_messages(name)
+            problems += check_credentials(s, manifest, winning, source)
             if not chosen:
                 problems.append(
                     f"{source}: target selects no provisioned device ({_describe_target(manifest)}); "
@@ -276,6 +284,33 @@ class Fleet:
         if retry:
             what += f"; {len(force)} failed or rolled-back device(s) get a new generation"
         return what, new, report
+
+    # ---- registry credentials ----------------------------------------------------------------
+
+    def set_credential(
+        self, name: str, registry: str, username: str, password: str, *, endpoint: Endpoint | None = None
+    ) -> tuple[int, bool, int, PublishReport]:
+        """Create or rotate a registry credential; re-seal it to the devices that use it.
+
+        Returns ``(revision, created, new desired states, publish report)``.
+        """
+        check_name(name, "credential name")
+        now = self.clock()
+        with self.db.transaction() as s:
+            revision, created = set_credential(s, name, registry, username, password, now)
+            s.flush()
+            new = self._recompute(s, now)
+        return revision, created, new, self._publish_or_count(endpoint)
+
+    def credentials(self) -> list[CredentialView]:
+        """Every registry credential (never a password) with the deployments that use it."""
+        with self.db.transaction() as s:
+            return list_credentials(s)
+
+    def remove_credential(self, name: str) -> None:
+        """Delete a registry credential no deployment uses."""
+        with self.db.transaction() as s:
+            remove_credential(s, name)
 
     def explain(self, device_id: str) -> Explanation:
         """Why ``device_id`` runs what it runs: competing deployments, the winner, each module's image."""

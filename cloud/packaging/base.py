@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from cloud.packaging.progress import LinePrinter, Progress, human_bytes
 from cloud.packaging.push import push_image
 from cloud.packaging.pydeps import profile_requirements
 from cloud.packaging.registry_client import Credentials, RegistryClient
-from modules.contract import DeviceProfile, split_image_ref
+from modules.contract import DeviceProfile, registry_of, split_image_ref
 
 BUILDER_VERSION = "1"
 """Bump when the base image recipe changes: every base is rebuilt."""
@@ -132,10 +133,15 @@ def resolve_base(
     progress: Progress,
     *,
     rebuild: bool = False,
+    pull_auth: Mapping[str, tuple[str, str]] | None = None,
 ) -> BaseImage:
-    """The profile's base image, present in Docker Engine and (when ``registry``) pushed there."""
+    """The profile's base image, present in Docker Engine and (when ``registry``) pushed there.
+
+    ``pull_auth`` (registry host → ``(username, password)``): a vendor base image found neither
+    here nor in ``registry`` is pulled from its own registry with these credentials.
+    """
     if profile.base.source == "vendor":
-        return _vendor_base(profile, registry, client, cache, progress)
+        return _vendor_base(profile, registry, client, cache, progress, pull_auth or {})
     key = inputs_hash(profile)
     tag = key[:16]
     repo = repository_path(profile.base.image)
@@ -305,11 +311,18 @@ def _vendor_base(
     client: docker.DockerClient,
     cache: BuildCache,
     progress: Progress,
+    pull_auth: Mapping[str, tuple[str, str]],
 ) -> BaseImage:
-    """A vendor base image from Docker Engine or the registry, or a clear error saying where to get it."""
+    """A vendor base image from Docker Engine, the registry or (with a credential) its own registry,
+    or a clear error saying where to get it."""
     image = profile.base.image
     repo = repository_path(image)
     local = engine.find_image(client, image)
+    auth = pull_auth.get(registry_of(image))
+    if local is None and auth is not None:
+        progress.step(f"pulling base image {image} with the stored credential for {registry_of(image)}")
+        engine.pull(client, image, progress, auth)
+        local = engine.find_image(client, image)
     if local is None and registry is not None:
         mirrored = f"{registry.address}/{repo}:{_tag_of(image)}"
         try:

@@ -58,13 +58,23 @@ def load_archive(client: docker.DockerClient, archive: Path, progress: Progress)
         raise EngineError(f"docker load failed: {exc.explanation or exc}") from None
 
 
-def pull(client: docker.DockerClient, ref: str, progress: Progress) -> None:
-    """Pull ``ref`` (``repo:tag`` or ``repo@digest``; the digest wins over a tag), relaying layer progress."""
+def pull(
+    client: docker.DockerClient, ref: str, progress: Progress, auth: tuple[str, str] | None = None
+) -> None:
+    """Pull ``ref`` (``repo:tag`` or ``repo@digest``; the digest wins over a tag), relaying layer progress.
+
+    ``auth``: ``(username, password)`` for the registry (never logged).
+    """
     parts = _split(ref)
+    auth_config = {"username": auth[0], "password": auth[1]} if auth else None
     try:
         follow_engine_stream(
             client.api.pull(
-                parts.repository, tag=parts.digest or parts.tag or "latest", stream=True, decode=True
+                parts.repository,
+                tag=parts.digest or parts.tag or "latest",
+                auth_config=auth_config,
+                stream=True,
+                decode=True,
             ),
             progress,
             f"pull {ref}",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,8 @@ class PackageRequest:
     """Write build contexts here instead of building (one sub-folder per profile when several)."""
     smoke: bool = True
     push: bool = True
+    pull_auth: Mapping[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    """registry host → ``(username, password)`` for pulling a vendor ``base_image`` (never printed)."""
 
 
 @dataclass
@@ -197,8 +199,9 @@ def _base_for(
     client: docker.DockerClient,
     cache: BuildCache,
     progress: Progress,
+    pull_auth: Mapping[str, tuple[str, str]],
 ) -> BaseImage:
-    base = resolve_base(profile, registry, client, cache, progress)
+    base = resolve_base(profile, registry, client, cache, progress, pull_auth=pull_auth)
     if base.source == "vendor" and not base.python:
         labels = (base.config.get("config") or {}).get("Labels") or {}
         if labels.get(LABEL_PYTHON):
@@ -259,7 +262,7 @@ def _base_or_none(
     effective = _with_base_override(profile, request.config.base_image)
     if request.dockerfile_dir is not None and effective.base.source == "vendor":
         return None
-    return _base_for(effective, registry, engine.connect(client), cache, out)
+    return _base_for(effective, registry, engine.connect(client), cache, out, request.pull_auth)
 
 
 def _one_profile(

@@ -25,12 +25,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from cloud.store.credentials import RegistryCredential  # noqa: F401  (registers the credential table)
 from cloud.store.devices import Device  # noqa: F401  (registers the device tables)
 from cloud.store.errors import InvalidInputError, ReadOnlyError, SchemaError
 from cloud.store.fleet import DesiredRecord  # noqa: F401  (registers the fleet tables)
 from cloud.store.models import Base, SchemaVersion
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Below this, SQLite cannot create its WAL index and journal: the directory counts as full.
 MIN_FREE_BYTES = 256 * 1024
@@ -200,6 +201,7 @@ UPGRADES: dict[int, tuple[tuple[str, str, str], ...]] = {
         ("device_online", "ordering", "BIGINT NOT NULL DEFAULT 0"),
     ),
     2: (("device_reported", "heartbeat_s", "FLOAT"),),
+    3: (("devices", "sealing_public_key", "VARCHAR(64)"),),
 }
 """The columns ``(table, column, type)`` that take a database from schema version N to N + 1
 (a table that ``create_all`` just made has them already)."""

@@ -28,6 +28,8 @@ class Device(Base):
     id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     profile: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
     password_hash: Mapped[str] = mapped_column(String(HASH_LEN))
+    sealing_public_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """X25519 public key (base64) registry credentials are sealed to; None: added before they existed."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 

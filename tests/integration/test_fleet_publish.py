@@ -575,7 +575,8 @@ def test_apply_shows_the_diff_and_a_dry_run_changes_nothing(
     assert "-      cpu: reg.local/det:1\n+      cpu: reg.local/det:2\n" in out
     assert out.strip().endswith(
         "dry run: deployment vision would be updated: 1 device(s) selected, 1 would run it (waves: 1); "
-        "1 new desired state(s); nothing was stored or published"
+        "1 new desired state(s); nothing was stored or published\n"
+        "  detector from 'vision' on 1 device(s): cam-1"
     )
     assert main(["deploy", "show", "vision", "--json", "--data-dir", str(data)]) == 0
     shown = json.loads(capsys.readouterr().out)

@@ -17,7 +17,9 @@ class RecordingApi:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
-    def pull(self, repository: str, tag: str, stream: bool, decode: bool) -> list[dict[str, str]]:
+    def pull(
+        self, repository: str, tag: str, stream: bool, decode: bool, auth_config: object = None
+    ) -> list[dict[str, str]]:
         self.calls.append(("pull", repository, tag))
         return []
 

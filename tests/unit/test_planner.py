@@ -10,9 +10,16 @@ import pytest
 
 from agent.actions import Create, Plan, Pull, SetRestartBook, Wait
 from agent.observed import ImageAvailability, ObservedModule, PullFailure, config_hash
-from agent.planner import PlannerConfig, credentials_for, module_status, plan, registry_of
+from agent.planner import PlannerConfig, credentials_for, module_status, plan
 from agent.restart import RestartBook, RestartPolicyConfig
-from modules.contract import Batching, DesiredModule, DesiredState, ModuleHealth, RegistryCredentialRef
+from modules.contract import (
+    Batching,
+    DesiredModule,
+    DesiredState,
+    ModuleHealth,
+    RegistryCredentialRef,
+    registry_of,
+)
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 OLD = NOW - timedelta(hours=1)

@@ -615,7 +615,7 @@ def test_apply_shows_the_diff_and_a_dry_run_changes_nothing(
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "device cam-1 (profile cpu; images tried in order: cpu)"
     assert out[2].startswith("  vision  priority 0, applied ") and out[2].endswith(": wins")
-    assert out[-1] == "  detector  from vision: reg.local/det:1 (profile cpu, the device's profile)"
+    assert out[-1] == "  detector  from 'vision': reg.local/det:1 (profile cpu, the device's profile)"
     assert main(["deploy", "explain", "nope", "--data-dir", str(data)]) == 2
     assert "device 'nope' is not registered" in capsys.readouterr().err
 

@@ -29,7 +29,7 @@ import importlib.metadata
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +42,7 @@ from agent.actions import Plan, SetRestartBook
 from agent.admission import Rejected, admit
 from agent.commands import CommandHandler
 from agent.config import AgentConfig
+from agent.fallback import Choice, choose, effective
 from agent.health import HealthProber, HealthResult, ProbeTarget, probe_interval
 from agent.link import DesiredSlot
 from agent.metrics import AgentMetrics
@@ -164,12 +165,15 @@ class Agent:
         store: StateStore | None = None,
         metrics: AgentMetrics | None = None,
         accelerators: Sequence[Accelerator] | None = None,
+        present_profiles: Collection[str] | None = None,
         sampler: SystemSampler | None = None,
         clock: Callable[[], datetime] = utcnow,
         expiry_leeway_s: float = 30.0,
         local_report: bool = True,
     ) -> None:
-        """``accelerators``: detected at start-up from the device profiles when not given;
+        """``accelerators``: detected at start-up from the device profiles when not given, with
+        ``present_profiles`` (the profiles whose hardware is here; given accelerators and no
+        profiles, every profile counts as present and only a failed start falls back);
         ``clock``: aware UTC time (tests inject one); ``expiry_leeway_s``: clock skew tolerated
         when checking ``expires_at``; ``local_report``: keep the last report in ``reported.json``
         for ``edge-agent status`` (a simulator, which has no such command, turns it off)."""
@@ -182,6 +186,10 @@ class Agent:
         self.metrics = metrics or AgentMetrics()
         self.metrics.connected = lambda: bool(link is not None and link.connected)
         self.accelerators: list[Accelerator] | None = list(accelerators) if accelerators is not None else None
+        self.present_profiles: Collection[str] | None = present_profiles
+        self.strict_profiles: frozenset[str] = frozenset()
+        self._choices: dict[str, Choice] = {}
+        """Which of each module's profile images runs (``agent/fallback.py``)."""
         self.sampler = sampler or SystemSampler(Path(config.state_dir))
         self.clock = clock
         self.expiry_leeway_s = expiry_leeway_s
@@ -229,7 +237,11 @@ class Agent:
             else:
                 log.info("no desired state stored in %s yet: waiting for one", self.store.path)
         if self.accelerators is None:
-            self.accelerators = await asyncio.to_thread(_detect_accelerators)
+            found = await asyncio.to_thread(_detect)
+            self.accelerators = found.accelerators
+            if self.present_profiles is None:
+                self.present_profiles = found.profiles
+            self.strict_profiles = found.strict
         return self.state
 
     def wake(self) -> None:
@@ -294,9 +306,18 @@ class Agent:
         now = self.clock()
         self.metrics.passes += 1
         await self._take_desired(now)
-        desired = self.state.active
+        raw = self.state.active
+        desired = self._choose(raw, {}, {})
         images = sorted({m.image for m in desired.modules.values()}) if desired else []
         observed, availability = await self.runtime.observe(images)
+        errors = {name: str(e) for name, e in self.runner.module_errors().items()}
+        chosen = self._choose(raw, observed, errors)
+        if chosen is not desired and chosen is not None and desired is not None and chosen != desired:
+            self.runner.reset()  # the failures were the previous image's
+            missing = sorted({m.image for m in chosen.modules.values()} - set(images))
+            if missing:
+                observed, availability = await self.runtime.observe(sorted({*images, *missing}))
+        desired = chosen
         health = await self._probe(desired, observed)
         observed = {
             name: replace(o, health=health[name].health, health_failures=health[name].failures)
@@ -309,7 +330,7 @@ class Agent:
         self._evaluate(now, observed, availability)
         if self._dirty:
             await self._save()
-        if self.state.active is not desired:
+        if self.state.active is not raw:
             return await self.reconcile_once()  # rolled back: plan and report the known good state now
         report = self._report(desired, observed, availability, planned, health, now)
         published = await self._publish(report, now)
@@ -356,6 +377,24 @@ class Agent:
             desired.health_deadline_s,
         )
 
+    def _choose(
+        self, raw: DesiredState | None, observed: Mapping[str, ObservedModule], errors: Mapping[str, str]
+    ) -> DesiredState | None:
+        """``raw`` with each module's image as its profile fallback chooses now (logs what it takes)."""
+        present = self.present_profiles
+        everywhere = {c.profile for m in (raw.modules.values() if raw else ()) for c in m.candidates()}
+        self._choices, lines = choose(
+            raw,
+            self._choices,
+            observed,
+            errors,
+            everywhere if present is None else present,
+            self.strict_profiles,
+        )
+        for line in lines:
+            log.warning("%s", line)
+        return effective(raw, self._choices)
+
     def _is_redelivery(self, rejection: Rejected, raw: bytes) -> bool:
         """The applied state arriving again (same generation and content): nothing to report."""
         if not rejection.is_redelivery(self.state.last_generation):
@@ -396,7 +435,13 @@ class Agent:
         if state.status != "applying" or state.last_applied is None or state.applied_at is None:
             self._pending = None
             return
-        verdict = evaluate_rollout(state.last_applied, state.applied_at, observed, now, images)
+        verdict = evaluate_rollout(
+            effective(state.last_applied, self._choices) or state.last_applied,
+            state.applied_at,
+            observed,
+            now,
+            images,
+        )
         if isinstance(verdict, Pending):
             self._pending = verdict
             return
@@ -468,6 +513,10 @@ class Agent:
             result = health.get(name)
             if result is not None and result.execution_provider and status.runtime_status == "running":
                 update["execution_provider"] = result.execution_provider
+            choice = self._choices.get(name)
+            update["profile"] = m.profile
+            if choice is not None and choice.note:
+                update["profile_note"] = choice.note
             error = errors.get(name)
             if error is not None:
                 update["message"] = str(error)
@@ -591,15 +640,31 @@ class Agent:
                 log.warning("cannot answer command %s: %s", request.id, exc)
 
 
-def _detect_accelerators() -> list[Accelerator]:
+@dataclass(frozen=True)
+class _Found:
+    accelerators: list[Accelerator]
+    profiles: list[str] | None
+    strict: frozenset[str]
+
+
+def _detect() -> _Found:
+    """The accelerators and present profiles (detection rules), and which profiles are strict."""
     from agent.detect import detect
     from modules.profiles import load_profiles
 
     try:
-        return detect(load_profiles().values()).accelerators
+        profiles = load_profiles()
+    except Exception as exc:
+        log.warning("device profiles could not be read, so no accelerator detection or fallback: %s", exc)
+        return _Found([], None, frozenset())
+    strict = frozenset(p.name for p in profiles.values() if p.strict)
+    try:
+        found = detect(profiles.values())
     except Exception as exc:
         log.warning("accelerator detection failed: %s", exc)
-        return []
+        return _Found([], None, strict)
+    log.info("profiles present on this device: %s", ", ".join(found.profiles) or "none")
+    return _Found(found.accelerators, found.profiles, strict)
 
 
 def _write_report(path: Path, report: ReportedState) -> None:

@@ -197,7 +197,7 @@ class HealthCheck(Frozen):
         return v
 
 
-LATER_MODULE_FIELDS = ("batching",)
+LATER_MODULE_FIELDS = ("batching", "fallbacks")
 """Optional module settings added after the first release: unset, they are not part of signatures."""
 
 BATCH_SIZE_ENV = "SCORING_MAX_BATCH_SIZE"
@@ -499,12 +499,29 @@ CREDENTIAL_FIELDS_OMITTED_WHEN_UNSET = ("secret", "name", "revision", "username"
 ``registry``/``secret`` signs as it did before cloud credentials existed)."""
 
 
+class ProfileImage(Frozen):
+    """A module's image for one device profile (a step of the device's fallback chain)."""
+
+    profile: Name
+    image: ImageRef
+
+
 class DesiredModule(ModuleSettings):
     """A module as one device must run it: the image already chosen for the device's profile."""
 
     image: ImageRef
     profile: Name = "cpu"
     version: str | None = Field(default=None, description="module version, for reporting")
+    fallbacks: list[ProfileImage] | None = Field(
+        default=None,
+        description="the images of the profiles after 'profile' in the device's fallback chain, in order: "
+        "the agent runs the first whose accelerator it detects and falls back when a start fails for "
+        "an accelerator reason (never for a strict profile)",
+    )
+
+    def candidates(self) -> list[ProfileImage]:
+        """``(profile, image)`` first, then the fallbacks."""
+        return [ProfileImage(profile=self.profile, image=self.image), *(self.fallbacks or [])]
 
 
 class DesiredState(Frozen):
@@ -591,6 +608,10 @@ class ModuleStatus(Frozen):
     )
     health: ModuleHealth | None = None
     message: str | None = None
+    profile: Name | None = Field(default=None, description="the device profile whose image runs")
+    profile_note: str | None = Field(
+        default=None, description="why that profile and not the first choice (a fallback taken on the device)"
+    )
 
 
 class SystemMetrics(Frozen):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cloud.fleet.placement import DeploymentEntry, TargetingError, choose_image
+from cloud.fleet.placement import DeploymentEntry, TargetingError, desired_module
 from modules.contract import DesiredModule, host_ports_unique
 
 
@@ -88,11 +88,10 @@ def _apply_layer(
     manifest = layer.manifest
     for name, spec in manifest.modules.items():
         try:
-            used, image = choose_image(name, spec, profile, chain)
+            out[name] = desired_module(name, spec, profile, chain)
         except TargetingError as e:
             problems.extend(e.problems)
             continue
-        out[name] = DesiredModule(**spec.model_dump(exclude={"images"}), image=image, profile=used)
         before = where.get(name)
         replaced = (*before.replaced, before.deployment) if before is not None else ()
         where[name] = Provenance(layer.name, replaced)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from modules.contract import DeploymentManifest, DesiredModule, ModuleSpec
+from modules.contract import DeploymentManifest, DesiredModule, ModuleSpec, ProfileImage
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,17 @@ def choose_image(module: str, spec: ModuleSpec, profile: str, chain: Sequence[st
     )
 
 
+def desired_module(module: str, spec: ModuleSpec, profile: str, chain: Sequence[str]) -> DesiredModule:
+    """``spec`` for a device of ``profile``: the chosen image, and the images of the rest of the chain
+    as on-device fallbacks (the agent falls back when the accelerator is missing or fails)."""
+    used, image = choose_image(module, spec, profile, chain)
+    steps = list(chain or (profile,))
+    rest = steps[steps.index(used) + 1 :] if used in steps else []
+    fallbacks = [ProfileImage(profile=p, image=spec.images[p]) for p in rest if p in spec.images]
+    settings = spec.model_dump(exclude={"images"})
+    return DesiredModule(**settings, image=image, profile=used, fallbacks=fallbacks or None)
+
+
 def device_modules(
     manifest: DeploymentManifest, profile: str, chain: Sequence[str]
 ) -> dict[str, DesiredModule]:
@@ -66,12 +77,9 @@ def device_modules(
     problems: list[str] = []
     for name, spec in manifest.modules.items():
         try:
-            used, image = choose_image(name, spec, profile, chain)
+            out[name] = desired_module(name, spec, profile, chain)
         except TargetingError as e:
             problems.extend(f"deployment {manifest.name!r}: {p}" for p in e.problems)
-            continue
-        settings = spec.model_dump(exclude={"images"})
-        out[name] = DesiredModule(**settings, image=image, profile=used)
     if problems:
         raise TargetingError(problems)
     return out

@@ -224,12 +224,16 @@ def status_is(status: str, generation: int | None = None) -> Callable[[ReportedS
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    config: AgentConfig, runtime: ModuleRuntime, keys: Keys, *, close_runtime: bool = True
+    config: AgentConfig, runtime: ModuleRuntime, keys: Keys, *, close_runtime: bool = True, **options: Any
 ) -> AsyncIterator[Agent]:
-    """Run an agent (real link, real runtime) as a task of the current loop until the block ends."""
+    """Run an agent (real link, real runtime) as a task of the current loop until the block ends.
+
+    ``options`` go to ``Agent`` (e.g. ``present_profiles``)."""
     async with Link(config) as link:
         prober = HealthProber(start_period_s=config.health_start_period_s)
-        agent = Agent(config, runtime, link, public_key=keys.public, accelerators=[], prober=prober)
+        agent = Agent(
+            config, runtime, link, public_key=keys.public, accelerators=[], prober=prober, **options
+        )
         task = asyncio.create_task(agent.run(), name=f"agent {config.device_id}")
         try:
             yield agent

@@ -182,3 +182,16 @@ def test_explain_shows_the_base_the_layers_and_every_module_s_provenance() -> No
 def test_bad_layers_name_the_field(doc: dict[str, Any], field: str, message: str) -> None:
     lines = problems(DeploymentManifest, {"name": "x", "target": LAB, **doc})
     assert any(line.startswith(f"{field}: ") and message in line for line in lines), lines
+
+
+def test_each_module_carries_the_rest_of_the_chain_as_on_device_fallbacks() -> None:
+    trt = DeviceInfo("trt-1", "tensorrt", {"site": "lab"})
+    full = deployment(
+        "full", modules={"web": {"images": {"tensorrt": "r/w:trt", "cuda": "r/w:cu", "cpu": "r/w:cpu"}}}
+    )
+    web = resolve([trt], [full], CHAINS).assignments["trt-1"].modules["web"]
+    assert (web.profile, web.image) == ("tensorrt", "r/w:trt")
+    assert [(f.profile, f.image) for f in web.fallbacks or []] == [("cuda", "r/w:cu"), ("cpu", "r/w:cpu")]
+    only_cpu = deployment("cpu-only", modules={"web": {"images": {"cpu": "r/w:cpu"}}})
+    web = resolve([trt], [only_cpu], CHAINS).assignments["trt-1"].modules["web"]
+    assert (web.profile, web.fallbacks) == ("cpu", None)

@@ -37,7 +37,7 @@ from cloud.commands.base import (
 from cloud.commands.views import module_lines
 from cloud.fleet.controller import INTERVAL_S, RECOMPUTE_EVERY_S, Controller
 from cloud.fleet.device_state import device_states
-from cloud.fleet.manifest_diff import manifest_diff
+from cloud.fleet.manifest_diff import manifest_diff, replaced_pins
 from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.fleet.service import ApplyResult, Fleet, PublishReport, parse_model_refs
 from cloud.fleet.targeting import some_ids
@@ -114,6 +114,8 @@ def _waves(result: ApplyResult) -> str:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Apply a deployment manifest."""
+    from cloud.continuous import follows
+
     path = Path(args.file)
     try:
         manifest = load_model_file(DeploymentManifest, path)
@@ -124,10 +126,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     endpoint = endpoint_from(args)
     with open_fleet(args) as fleet, store_errors():
         try:
-            stored: DeploymentManifest | None = fleet.manifest(manifest.name)[0]
+            stored, recorded = fleet.manifest(manifest.name)
         except NotFoundError:
-            stored = None
+            stored, recorded = None, []
         diff = manifest_diff(stored, manifest, str(path))
+        following = {f.module: f.model for f in follows(fleet.db, deployment=manifest.name)}
+        for line in replaced_pins(stored, manifest, recorded, following):
+            print(line, file=sys.stderr)
         result = fleet.apply(
             manifest,
             models=models,

@@ -7,8 +7,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cloud import continuous
 from cloud.commands.base import (
     EXIT_FAILURE,
     CliError,
@@ -25,6 +25,9 @@ from cloud.commands.package import register_model_profile
 from cloud.commands.progress import ByteProgress
 from cloud.store import Registry
 from cloud.store.views import FRAMEWORKS, VersionSummary, VersionView
+
+if TYPE_CHECKING:
+    from cloud.continuous import FollowOutcome
 
 REF_HELP = "NAME or NAME:VERSION (default: the latest version)"
 
@@ -107,11 +110,11 @@ def cmd_register(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(o.error for o in outcomes) else 0
 
 
-def _where(outcome: continuous.FollowOutcome) -> str:
+def _where(outcome: FollowOutcome) -> str:
     return f"{outcome.follow.deployment}/{outcome.follow.module}"
 
 
-def _rollout_json(outcome: continuous.FollowOutcome) -> dict[str, object]:
+def _rollout_json(outcome: FollowOutcome) -> dict[str, object]:
     done = outcome.rollout
     return {
         "deployment": outcome.follow.deployment,
@@ -122,8 +125,9 @@ def _rollout_json(outcome: continuous.FollowOutcome) -> dict[str, object]:
     }
 
 
-def _follow(args: argparse.Namespace, view: VersionView) -> list[continuous.FollowOutcome]:
+def _follow(args: argparse.Namespace, view: VersionView) -> list[FollowOutcome]:
     """Roll the new version out to the modules that follow the model (continuous deployment)."""
+    from cloud import continuous
     from cloud.commands.deploy import endpoint_from, open_fleet
     from cloud.packaging.progress import LinePrinter
 

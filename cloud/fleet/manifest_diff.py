@@ -27,3 +27,26 @@ def manifest_diff(stored: DeploymentManifest | None, new: DeploymentManifest, so
     if old == current:
         return []
     return list(difflib.unified_diff(old, current, f"deployment {new.name} (stored)", source, lineterm=""))
+
+
+def replaced_pins(
+    stored: DeploymentManifest | None, new: DeploymentManifest, models: list[str], following: dict[str, str]
+) -> list[str]:
+    """A warning per module whose images ``new`` changes although a model rollout set them.
+
+    ``models``: the model versions the stored deployment records (``deploy set-model``);
+    ``following``: module → the model it follows. Re-applying an old file then reverts the model.
+    """
+    if stored is None or not (models or following):
+        return []
+    out = []
+    for name, spec in sorted(new.modules.items()):
+        before = stored.modules.get(name)
+        if before is None or before.images == spec.images:
+            continue
+        why = f"it follows {following[name]}" if name in following else f"it runs {', '.join(models)}"
+        out.append(
+            f"note: this apply replaces module {name}'s images, which a model rollout set ({why}); "
+            "to keep the model, re-run 'edgectl deploy set-model' or put its images in the file"
+        )
+    return out

@@ -93,3 +93,15 @@ async def test_a_following_module_gets_each_new_version_until_it_is_pinned(
         assert not api.services.background
         shown = await api.call("GET", "/deployments/vision", 200)
         assert shown["models"] == ["digits:3"]
+
+    # Re-applying the original file would revert the model: apply says so before it changes anything.
+    code = main(
+        ["deploy", "apply", "-f", str(tmp_path / "vision.yaml"), "--dry-run", "--data-dir", str(data)]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "-      cpu: " in out and "+      cpu: reg.local/digits:0" in out
+    assert (
+        "note: this apply replaces module digits's images, which a model rollout set (it runs digits:3)"
+        in err
+    )

@@ -481,15 +481,13 @@ def cmd_unfollow(args: argparse.Namespace) -> int:
 @contextmanager
 def rollout_errors() -> Iterator[None]:
     """Packaging failures of a model rollout as one-line CliErrors (with the module's log tail)."""
+    from cloud.commands.package import print_log_tail
     from cloud.continuous import RolloutError
 
     try:
         yield
     except RolloutError as e:
-        if e.log_tail:
-            print("---- module log (last lines) ----", file=sys.stderr)
-            print(e.log_tail, file=sys.stderr)
-            print("---------------------------------", file=sys.stderr)
+        print_log_tail(e.log_tail)
         raise CliError(str(e), EXIT_USAGE if e.usage else EXIT_FAILURE) from e
 
 

@@ -35,16 +35,21 @@ from cloud.store import Registry
 Subparsers = argparse._SubParsersAction
 
 
+def print_log_tail(tail: str | None) -> None:
+    """The last lines of a module's log that a smoke test kept, framed, on stderr."""
+    if tail:
+        print("---- module log (last lines) ----", file=sys.stderr)
+        print(tail, file=sys.stderr)
+        print("---------------------------------", file=sys.stderr)
+
+
 @contextmanager
 def packaging_errors() -> Iterator[None]:
     """Turn packaging errors into one-line CliErrors (bad input exits 2, failures 1)."""
     try:
         yield
     except SmokeTestError as e:
-        if e.log_tail:
-            print("---- module log (last lines) ----", file=sys.stderr)
-            print(e.log_tail, file=sys.stderr)
-            print("---------------------------------", file=sys.stderr)
+        print_log_tail(e.log_tail)
         raise CliError(str(e), EXIT_FAILURE) from e
     except InputError as e:
         raise CliError(str(e), EXIT_USAGE) from e

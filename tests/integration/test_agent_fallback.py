@@ -9,29 +9,18 @@ keeps failing loudly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration import module_image as images
 from tests.integration.agent_rig import module_running, running_agent
-from tests.integration.test_agent_docker import DockerDevice, spec
-from tests.services import MosquittoBroker
+from tests.integration.test_agent_docker import DockerDevice, device, spec
 
 pytestmark = pytest.mark.integration
 digits_build = images.digits_build
 module_image = images.module_image
-
-
-@pytest.fixture
-def device(
-    tmp_path: Path, mosquitto: MosquittoBroker, docker_client: Any, module_image: str
-) -> Iterator[DockerDevice]:
-    d = DockerDevice(tmp_path, mosquitto, docker_client, module_image)
-    yield d
-    d.cleanup()
+__all__ = ["device", "digits_build", "module_image"]
 
 
 def gpu_module(device: DockerDevice) -> dict[str, Any]:

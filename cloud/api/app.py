@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 from sqlalchemy import text
 
-from cloud.api import routes_deployments, routes_devices, routes_models, routes_packages
+from cloud.api import routes_credentials, routes_deployments, routes_devices, routes_models, routes_packages
 from cloud.api.auth import Tokens, bearer_token
 from cloud.api.context import ControllerState, Services, services_key
 from cloud.api.controller import controller_context
@@ -117,6 +117,7 @@ ALL_ROUTES: tuple[Route, ...] = (
     *routes_devices.ROUTES,
     *routes_deployments.ROUTES,
     *routes_packages.ROUTES,
+    *routes_credentials.ROUTES,
 )
 
 

@@ -463,6 +463,29 @@ async def test_deployment_dry_run_revisions_rollback_and_resume(api: Api) -> Non
     await api.error("POST", "/deployments/nope/resume", 404)
 
 
+async def test_credentials_set_list_rotate_and_remove_never_show_the_password(api: Api) -> None:
+    secret = "Very-Secret-" + uuid.uuid4().hex
+    body = {"registry": "reg.example:5000", "username": "puller", "password": secret}
+    created = await api.call("PUT", "/credentials/site", 201, json=body)
+    assert (created["revision"], created["created"]) == (1, True)
+    again = await api.call("PUT", "/credentials/site", 200, json={**body, "password": secret + "2"})
+    assert (again["revision"], again["created"]) == (2, False)
+    listed = await api.call("GET", "/credentials", 200)
+    assert [(c["name"], c["registry"], c["username"], c["revision"]) for c in listed] == [
+        ("site", "reg.example:5000", "puller", 2)
+    ]
+    assert secret not in json.dumps(listed)
+    bad = await api.error("PUT", "/credentials/site", 400, json={"registry": "r", "username": "u"})
+    assert "password" in json.dumps(bad["detail"])
+    await add_device(api, "pump-1")
+    await api.call("POST", "/deployments", 201, json=manifest(registry_credentials=["site"]))
+    busy = await api.error("DELETE", "/credentials/site", 409)
+    assert "used by deployment(s) vision" in busy["error"]
+    await api.call("DELETE", "/deployments/vision", 200)
+    assert await api.call("DELETE", "/credentials/site", 200) == {"removed": "site"}
+    await api.error("DELETE", "/credentials/site", 404)
+
+
 async def test_deployment_errors(api: Api) -> None:
     await add_device(api)
     body = await api.error("POST", "/deployments", 400, json=manifest(modules={}, priority=5000))

@@ -312,7 +312,7 @@ class Agent:
         observed, availability = await self.runtime.observe(images)
         errors = {name: str(e) for name, e in self.runner.module_errors().items()}
         chosen = self._choose(raw, observed, errors)
-        if chosen is not desired and chosen is not None and desired is not None and chosen != desired:
+        if chosen is not None and chosen != desired:
             self.runner.reset()  # the failures were the previous image's
             missing = sorted({m.image for m in chosen.modules.values()} - set(images))
             if missing:

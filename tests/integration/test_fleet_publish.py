@@ -165,21 +165,23 @@ def test_reapply_unchanged_publishes_nothing(fleet: Fleet, mosquitto_factory: Mo
         recorder.wait_for(set(before))
         retained = recorder.count
         again = fleet.apply(manifest(), endpoint=endpoint(broker))
+        # Only the cuda image changes: the cuda and tensorrt devices run it (their cpu fallback
+        # stays), the cpu device's content is unchanged.
         changed = fleet.apply(
             manifest(
                 modules={
-                    "detector": {"images": {"cpu": "reg.local/det:2-cpu", "cuda": "reg.local/det:1-cuda"}}
+                    "detector": {"images": {"cpu": "reg.local/det:1-cpu", "cuda": "reg.local/det:2-cuda"}}
                 }
             ),
             endpoint=endpoint(broker),
         )
-        recorder.wait_for({"cam-1"}, generation=2)
+        recorder.wait_for({"cam-2", "cam-3"}, generation=2)
     finally:
         recorder.close()
     assert (again.manifest_changed, again.new_generations, again.publish.published) == (False, 0, 0)
-    assert (changed.new_generations, changed.publish.published) == (1, 1)  # only the cpu device changed
-    assert generations(fleet) == {**before, "cam-1": 2}
-    assert recorder.count == retained + 1
+    assert (changed.new_generations, changed.publish.published) == (2, 2)
+    assert generations(fleet) == {**before, "cam-2": 2, "cam-3": 2}
+    assert recorder.count == retained + 2
 
 
 def test_broker_down_at_apply_publishes_when_it_returns(

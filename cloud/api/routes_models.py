@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import shutil
 import tempfile
 import unicodedata
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import quote, unquote
 
 from aiohttp import BodyPartReader, MultipartReader, web
@@ -52,6 +53,8 @@ PLAIN_TRANSFER_ENCODINGS = ("", "binary", "7bit", "8bit")
 TAG_PARAM = Param(
     "tag", "KEY=VALUE; repeatable; versions must carry every tag", {"type": "string"}, repeated=True
 )
+
+log = logging.getLogger(__name__)
 
 
 def _relative_path(raw: str | None, where: str) -> PurePosixPath:
@@ -244,6 +247,12 @@ async def register_model(request: web.Request) -> web.Response:
     return reply(view, 201 if view.created else 200, {"Location": f"/models/{view.name}/{view.version}"})
 
 
+def _log_failure(job: asyncio.Future[Any]) -> None:
+    """A continuous deployment that failed unexpectedly is logged, not lost."""
+    if not job.cancelled() and job.exception() is not None:
+        log.error("continuous deployment failed", exc_info=job.exception())
+
+
 async def _follow(s: Services, view: VersionView) -> VersionView:
     """Start rolling the new version out to the modules that follow the model, in the background.
 
@@ -258,6 +267,7 @@ async def _follow(s: Services, view: VersionView) -> VersionView:
     )
     s.background.add(job)
     job.add_done_callback(s.background.discard)
+    job.add_done_callback(_log_failure)
     return view.model_copy(update={"follows": [f"{f.deployment}/{f.module}" for f in following]})
 
 

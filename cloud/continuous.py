@@ -91,7 +91,7 @@ def roll_out_model(
         )
     inputs = models_from_registry(registry, [model_ref])
     with fleet.db.transaction() as s:
-        auth = pull_auth(s)
+        auth = pull_auth(s, fleet.key)
     request = PackageRequest(
         models=inputs,
         config=config,

@@ -204,7 +204,7 @@ async def package_jobs_context(app: web.Application) -> AsyncIterator[None]:
 def _prepare(request: web.Request, body: PackageBody) -> PackageRequest:
     s = services(request)
     with s.db.transaction() as session:
-        auth = pull_auth(session)
+        auth = pull_auth(session, s.fleet.key)
     prepared = PackageRequest(
         models=models_from_registry(s.registry, list(body.models)),
         config=body.inference_config(),

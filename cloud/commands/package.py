@@ -24,6 +24,7 @@ from cloud.commands.base import (
 )
 from cloud.fleet.credentials import pull_auth
 from cloud.inference_config import InferenceConfig, InferenceConfigError, load_inference_config
+from cloud.keys import KeyFileError, load_or_create_signing_key
 from cloud.packaging.base import ensure_base_image
 from cloud.packaging.errors import InputError, PackagingError, SmokeTestError
 from cloud.packaging.models import models_from_registry
@@ -76,12 +77,17 @@ def _config(path: str | None) -> InferenceConfig:
 def cmd_package(args: argparse.Namespace) -> int:
     """Package registered models into module images (or build contexts), one per profile."""
     config = _config(args.config)
+    settings = settings_from(args)
+    try:
+        signing_key = load_or_create_signing_key(settings.data_dir)
+    except KeyFileError as e:
+        raise CliError(str(e), EXIT_FAILURE) from e
     with store_errors():
-        registry = Registry.open(settings_from(args))
+        registry = Registry.open(settings)
         try:
             models = models_from_registry(registry, args.model)
             with registry.db.transaction() as s:
-                auth = pull_auth(s)
+                auth = pull_auth(s, signing_key)
             request = PackageRequest(
                 models=models,
                 config=config,

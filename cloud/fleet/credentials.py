@@ -9,10 +9,18 @@ that uses it gets a new generation with only the credential changed: its modules
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -23,6 +31,38 @@ from cloud.store.errors import InUseError, InvalidInputError, NotFoundError
 from cloud.store.models import Deployment
 from modules.contract import DeploymentManifest, RegistryCredentialRef
 from modules.sealing import seal
+
+_AT_REST = "enc1:"
+"""Prefix of a password stored encrypted (ChaCha20-Poly1305, key derived from the signing key)."""
+
+
+def _at_rest_box(key: Ed25519PrivateKey) -> ChaCha20Poly1305:
+    """The cipher for passwords at rest: its key derives from the cloud's signing key, which lives
+    in the data directory, not in the database, so a database dump or backup holds no password."""
+    raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"edgedeploy credentials at rest v1")
+    return ChaCha20Poly1305(derived.derive(raw))
+
+
+def encrypt_password(key: Ed25519PrivateKey, name: str, password: str) -> str:
+    """``password`` as stored for credential ``name``."""
+    nonce = os.urandom(12)
+    box = _at_rest_box(key).encrypt(nonce, password.encode(), name.encode())
+    return _AT_REST + base64.b64encode(nonce + box).decode("ascii")
+
+
+def decrypt_password(key: Ed25519PrivateKey, name: str, stored: str) -> str:
+    """The password of credential ``name`` from its stored form; InvalidInputError when the signing
+    key is not the one it was stored with."""
+    if not stored.startswith(_AT_REST):
+        return stored  # written before passwords were encrypted at rest
+    data = base64.b64decode(stored[len(_AT_REST) :])
+    try:
+        return _at_rest_box(key).decrypt(data[:12], data[12:], name.encode()).decode()
+    except InvalidTag:
+        raise InvalidInputError(
+            f"registry credential {name!r} was stored with another signing key: set it again"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -39,7 +79,7 @@ class CredentialView:
 
 
 def set_credential(
-    s: Session, name: str, registry: str, username: str, password: str, now: datetime
+    s: Session, key: Ed25519PrivateKey, name: str, registry: str, username: str, password: str, now: datetime
 ) -> tuple[int, bool]:
     """Create or rotate credential ``name``; returns ``(revision, created)``.
 
@@ -65,8 +105,13 @@ def set_credential(
             )
         )
         return 1, True
-    if (row.registry_host, row.username, row.password) != (registry, username, password):
-        row.registry_host, row.username, row.password = registry, username, password
+    try:
+        before: str | None = decrypt_password(key, name, row.password)
+    except InvalidInputError:
+        before = None  # stored under another signing key: setting it again replaces it
+    if (row.registry_host, row.username, before) != (registry, username, password):
+        row.registry_host, row.username = registry, username
+        row.password = encrypt_password(key, name, password)
         row.revision += 1
         row.updated_at = now
     return row.revision, False
@@ -117,9 +162,12 @@ def credential_refs(s: Session) -> dict[str, RegistryCredentialRef]:
     }
 
 
-def pull_auth(s: Session) -> dict[str, tuple[str, str]]:
+def pull_auth(s: Session, key: Ed25519PrivateKey) -> dict[str, tuple[str, str]]:
     """registry host → ``(username, password)`` for the cloud's own pulls (packaging base images)."""
-    return {r.registry_host: (r.username, r.password) for r in s.scalars(select(RegistryCredential))}
+    return {
+        r.registry_host: (r.username, decrypt_password(key, r.name, r.password))
+        for r in s.scalars(select(RegistryCredential))
+    }
 
 
 def check_credentials(
@@ -156,9 +204,11 @@ class DeviceSealer:
         self.keys = keys
 
     @classmethod
-    def load(cls, s: Session) -> DeviceSealer:
-        """Passwords and device keys from the store."""
-        passwords = {r.name: r.password for r in s.scalars(select(RegistryCredential))}
+    def load(cls, s: Session, key: Ed25519PrivateKey) -> DeviceSealer:
+        """Passwords (decrypted with the signing key's derived key) and device keys from the store."""
+        passwords = {
+            r.name: decrypt_password(key, r.name, r.password) for r in s.scalars(select(RegistryCredential))
+        }
         keys = {d: k for d, k in s.execute(select(Device.id, Device.sealing_public_key))}
         return cls(passwords, keys)
 

@@ -60,7 +60,7 @@ def recompute_desired(
     gates = load_gates(s)
     before = reverted_to(s)
     credentials = credential_refs(s)
-    renderer = Renderer(key, now, ttl, DeviceSealer.load(s) if credentials else None)
+    renderer = Renderer(key, now, ttl, DeviceSealer.load(s, key) if credentials else None)
     contents: dict[tuple[int, tuple[str, ...]], tuple[DesiredContent, str]] = {}
     reverted: dict[str, tuple[DesiredContent, str]] = {}
     empty = (EMPTY, EMPTY.hash)

@@ -297,7 +297,7 @@ class Fleet:
         check_name(name, "credential name")
         now = self.clock()
         with self.db.transaction() as s:
-            revision, created = set_credential(s, name, registry, username, password, now)
+            revision, created = set_credential(s, self.key, name, registry, username, password, now)
             s.flush()
             new = self._recompute(s, now)
         return revision, created, new, self._publish_or_count(endpoint)

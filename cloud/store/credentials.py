@@ -1,7 +1,9 @@
 """The cloud's registry credentials: named, revisioned, and never shown once stored.
 
 ``registry_credentials``: one row per credential an operator set (``edgectl credential set``):
-the registry it is for, the username, the password, and a revision that every change moves on.
+the registry it is for, the username, the password (encrypted with a key derived from the cloud's
+signing key, which is not in the database: ``cloud/fleet/credentials.py``), and a revision that
+every change moves on.
 Desired states carry only the password sealed to each device (``cloud/fleet/sealer.py``); the
 password itself leaves this table only to be sealed, or for the cloud's own pulls at packaging.
 """

@@ -329,9 +329,11 @@ def test_packaging_pulls_a_private_base_image_with_the_stored_credential(
 def test_apply_refuses_unknown_credentials_and_keyless_devices_and_recompute_keeps_generations(
     tmp_path: Path,
 ) -> None:
+    from cloud.fleet.credentials import decrypt_password
     from cloud.fleet.service import ApplyError, Fleet
     from cloud.keys import load_or_create_signing_key
     from cloud.store.devices import Device
+    from cloud.store.errors import InvalidInputError
     from modules.contract import DeploymentManifest
     from modules.profiles import load_profiles
 
@@ -365,6 +367,12 @@ def test_apply_refuses_unknown_credentials_and_keyless_devices_and_recompute_kee
         assert (revision, new) == (2, 1)
         with db.transaction() as s:
             payloads = [p for (p,) in s.execute(text("SELECT payload FROM device_desired"))]
+            stored = [p for (p,) in s.execute(text("SELECT password FROM registry_credentials"))]
         assert payloads and not any(PASSWORD in p for p in payloads)
+        assert stored and not any(PASSWORD in p for p in stored), "passwords are encrypted at rest"
+        other = load_or_create_signing_key(tmp_path / "other")
+        with pytest.raises(InvalidInputError, match="stored with another signing key: set it again"):
+            decrypt_password(other, "site", stored[0])
+        assert decrypt_password(fleet.key, "site", stored[0]) == "rotated-" + PASSWORD
     finally:
         fleet.close()

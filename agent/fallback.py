@@ -28,7 +28,6 @@ ACCELERATOR_ERRORS = (
     "nvidia-container-cli",
     "unknown or invalid runtime name: nvidia",
     "error gathering device information",
-    "no such file or directory: unknown",
     "error creating device nodes",
 )
 """Docker Engine answers that mean the accelerator is not usable here (lower case)."""

@@ -47,6 +47,8 @@ def test_accelerator_failures_are_recognised_and_others_are_not() -> None:
     assert accelerator_failure(exited("r/m:trt", 3), None) is not None
     assert accelerator_failure(exited("r/m:trt", 1), None) is None
     assert accelerator_failure(None, "pull of r/m:trt failed: not found") is None
+    missing_binary = 'exec: "/missing-binary": stat /missing-binary: no such file or directory: unknown'
+    assert accelerator_failure(None, missing_binary) is None, "a broken image is not an accelerator failure"
 
 
 def test_choose_falls_back_one_step_per_failure_and_stops_at_the_end() -> None:

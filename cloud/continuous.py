@@ -21,6 +21,7 @@ from sqlalchemy import delete, select
 from cloud.fleet.credentials import pull_auth
 from cloud.fleet.model_update import with_model, with_module_images
 from cloud.fleet.mqtt import Endpoint
+from cloud.fleet.results import DeploymentDocument
 from cloud.fleet.service import ApplyResult, Fleet
 from cloud.inference_config import InferenceConfig, InferenceConfigError, load_inference_config
 from cloud.packaging.errors import InputError, PackagingError, SmokeTestError
@@ -201,6 +202,13 @@ def follows(
             Follow(r.deployment, r.module, r.model, r.config_path, r.image_registry, r.repository, r.smoke)
             for r in s.scalars(query)
         ]
+
+
+def deployment_document(fleet: Fleet, name: str) -> DeploymentDocument:
+    """``deploy show``: the stored manifest, the model versions it uses and what its modules follow."""
+    manifest, models = fleet.manifest(name)
+    following = {f.module: f.model for f in follows(fleet.db, deployment=name)}
+    return DeploymentDocument(manifest=manifest, models=models, follows=following)
 
 
 def _config(path: str | None) -> InferenceConfig:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from cloud import continuous
 from cloud.api.errors import ApiError, invalid_body
@@ -28,7 +28,7 @@ from cloud.api.routing import (
     services,
 )
 from cloud.fleet.manifest_diff import manifest_diff
-from cloud.fleet.results import RevisionView
+from cloud.fleet.results import DeploymentDocument, RevisionView
 from cloud.fleet.service import (
     ApplyResult,
     DeploymentProgress,
@@ -43,16 +43,6 @@ from modules.documents import load_document
 
 JSON = "application/json"
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
-
-
-class DeploymentDocument(BaseModel):
-    """What ``edgectl deploy show --json`` prints: the stored manifest and the model versions used."""
-
-    manifest: DeploymentManifest
-    models: list[str]
-    follows: dict[str, str] = Field(
-        default_factory=dict, description="module → the model whose newest version it follows"
-    )
 
 
 @dataclass(frozen=True)
@@ -174,14 +164,9 @@ async def list_deployments(request: web.Request) -> web.Response:
 
 
 async def show_deployment(request: web.Request) -> web.Response:
-    """A deployment's stored manifest and the model versions it uses."""
+    """A deployment's stored manifest, the model versions it uses and what its modules follow."""
     s = services(request)
-    name = request.match_info["name"]
-    manifest, models = await call(s.fleet.manifest, name)
-    following = await call(continuous.follows, s.db, deployment=name)
-    return reply(
-        DeploymentDocument(manifest=manifest, models=models, follows={f.module: f.model for f in following})
-    )
+    return reply(await call(continuous.deployment_document, s.fleet, request.match_info["name"]))
 
 
 async def delete_deployment(request: web.Request) -> web.Response:

@@ -212,19 +212,17 @@ def _target(target: dict[str, Any]) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    """Show a deployment's manifest and the model versions it uses."""
-    from cloud.continuous import follows
+    """Show a deployment's manifest, the model versions it uses and what its modules follow."""
+    from cloud.continuous import deployment_document
 
     with open_fleet(args) as fleet, store_errors():
-        manifest, models = fleet.manifest(args.name)
-        following = {f.module: f.model for f in follows(fleet.db, deployment=args.name)}
-    doc = {"manifest": manifest.model_dump(mode="json"), "models": models, "follows": following}
+        doc = deployment_document(fleet, args.name)
     if args.json:
-        print_json(doc)
+        print_json(doc.model_dump(mode="json"))
     else:
-        print_json(doc["manifest"])
-        print(f"models: {', '.join(models) or '-'}")
-        for module, model in sorted(following.items()):
+        print_json(doc.manifest.model_dump(mode="json"))
+        print(f"models: {', '.join(doc.models) or '-'}")
+        for module, model in sorted(doc.follows.items()):
             unfollow = f"edgectl deploy unfollow {args.name} {module}"
             print(f"module {module} follows {model}:latest ({unfollow} to pin)")
     return 0

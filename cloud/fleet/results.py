@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from cloud.store.errors import InvalidInputError
+from modules.contract import DeploymentManifest
 
 
 class ApplyError(InvalidInputError):
@@ -110,3 +113,13 @@ class DeploymentSummary:
     models: list[str] = field(default_factory=list)
     updated_at: datetime | None = None
     layered: bool = False
+
+
+class DeploymentDocument(BaseModel):
+    """What ``edgectl deploy show --json`` prints: the stored manifest and the model versions used."""
+
+    manifest: DeploymentManifest
+    models: list[str]
+    follows: dict[str, str] = Field(
+        default_factory=dict, description="module → the model whose newest version it follows"
+    )

@@ -76,7 +76,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             )
         finally:
             progress.finish()
-    outcomes = _follow(args, view) if view.created and not args.no_follow else []
+        outcomes = _follow(args, registry, view) if view.created and not args.no_follow else []
     if outcomes:
         view = view.model_copy(update={"follows": [_where(o) for o in outcomes]})
     if args.json:
@@ -125,24 +125,23 @@ def _rollout_json(outcome: FollowOutcome) -> dict[str, object]:
     }
 
 
-def _follow(args: argparse.Namespace, view: VersionView) -> list[FollowOutcome]:
+def _follow(args: argparse.Namespace, registry: Registry, view: VersionView) -> list[FollowOutcome]:
     """Roll the new version out to the modules that follow the model (continuous deployment)."""
     from cloud import continuous
     from cloud.commands.deploy import endpoint_from, open_fleet
     from cloud.packaging.progress import LinePrinter
 
-    with _registry(args) as registry:
-        if not continuous.follows(registry.db, model=view.name):
-            return []
-        with open_fleet(args) as fleet, store_errors():
-            return continuous.follow_new_version(
-                fleet,
-                registry,
-                view.name,
-                view.version,
-                endpoint=endpoint_from(args),
-                progress=LinePrinter(sys.stderr),
-            )
+    if not continuous.follows(registry.db, model=view.name):
+        return []
+    with open_fleet(args) as fleet, store_errors():
+        return continuous.follow_new_version(
+            fleet,
+            registry,
+            view.name,
+            view.version,
+            endpoint=endpoint_from(args),
+            progress=LinePrinter(sys.stderr),
+        )
 
 
 def cmd_list(args: argparse.Namespace) -> int:

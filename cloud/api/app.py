@@ -27,6 +27,8 @@ from cloud.api.controller import controller_context
 from cloud.api.errors import ApiError, invalid_body, message_of, status_of
 from cloud.api.openapi import build_document
 from cloud.api.routing import Route, call, reply, services
+from cloud.dashboard import is_dashboard_path
+from cloud.dashboard import setup as setup_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 openapi_key = web.AppKey("openapi", dict)
 tokens_key = web.AppKey("tokens", Tokens)
 public_key = web.AppKey("public_paths", frozenset)
+dashboard_key = web.AppKey("dashboard", bool)
 
 
 def _version() -> str:
@@ -179,7 +182,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """401 unless the request carries one of the operator tokens (public paths excepted)."""
-    if request.path not in request.app[public_key]:
+    if request.path not in request.app[public_key] and not (
+        request.app[dashboard_key] and is_dashboard_path(request.path)
+    ):
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
             raise ApiError(401, "authentication required: send 'Authorization: Bearer <token>'")
@@ -193,21 +198,26 @@ def create_app(
     tokens: Tokens,
     *,
     controller_interval_s: float | None = None,
+    dashboard: bool = True,
 ) -> web.Application:
     """The API over ``s`` (closed when the app shuts down).
 
-    With ``controller_interval_s`` the rollout controller runs as a background task too.
+    With ``controller_interval_s`` the rollout controller runs as a background task too; with
+    ``dashboard`` the operator dashboard is served under ``/ui/`` (session cookies, not tokens).
     """
     app = web.Application(middlewares=[request_id_middleware, error_middleware, auth_middleware])
     app[services_key] = s
     app[tokens_key] = tokens
     app[public_key] = frozenset(r.path for r in ALL_ROUTES if r.public)
+    app[dashboard_key] = dashboard
     app[openapi_key] = build_document(ALL_ROUTES, title="edgedeploy operator API", version=_version())
     for route in ALL_ROUTES:
         app.router.add_route(route.method, route.path, route.handler, name=route.operation_id)
     app.cleanup_ctx.append(routes_packages.package_jobs_context)
     if controller_interval_s is not None:
         app.cleanup_ctx.append(controller_context(controller_interval_s))
+    if dashboard:
+        setup_dashboard(app, tokens)
 
     async def close(_app: web.Application) -> None:
         await call(s.close)

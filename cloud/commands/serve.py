@@ -55,7 +55,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(str(e), EXIT_FAILURE) from e
         except DocumentError as e:
             raise CliError(f"device profiles: {e}", EXIT_FAILURE) from e
-    app = create_app(services, tokens, controller_interval_s=None if args.no_controller else args.interval)
+    app = create_app(
+        services,
+        tokens,
+        controller_interval_s=None if args.no_controller else args.interval,
+        dashboard=not args.no_dashboard,
+    )
     if tokens.generated:
         print(f"generated an operator token (shown once; stored in {tokens.source}):", flush=True)
         print(tokens.generated, flush=True)
@@ -67,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     controller = "off" if args.no_controller else f"on, broker {endpoint.url}"
+    dashboard = "" if args.no_dashboard else f"dashboard at http://{args.host}:{args.port}/ui/; "
     try:
         web.run_app(
             app,
@@ -75,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             access_log_format=ACCESS_LOG_FORMAT,
             print=lambda _message: print(
                 f"edgectl serve: listening on http://{args.host}:{args.port} (tokens from {tokens.source}; "
-                f"OpenAPI at /openapi.json; controller {controller})",
+                f"OpenAPI at /openapi.json; {dashboard}controller {controller})",
                 flush=True,
             ),
         )
@@ -95,7 +101,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "OpenAPI document at /openapi.json. Every route except /healthz and /openapi.json needs "
         f"'Authorization: Bearer <token>'; tokens come from ${TOKEN_ENV} or the token file (generated on "
         "first use, mode 0600, the new token printed once). Unless --no-controller, the server also "
-        "runs the rollout controller (as 'edgectl deploy watch' does).",
+        "runs the rollout controller (as 'edgectl deploy watch' does). The operator dashboard is at /ui/ "
+        "(log in with an operator token; unless --no-dashboard).",
         examples="  edgectl serve\n"
         "  edgectl serve --port 9000 --token-file /etc/edgedeploy/api-tokens\n"
         f"  {TOKEN_ENV}=... edgectl serve --no-controller\n"
@@ -117,6 +124,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"largest model upload (default {DEFAULT_UPLOAD_MAX // 1024**3} GiB)",
     )
     p.add_argument("--no-controller", action="store_true", help="do not ingest reports or advance rollouts")
+    p.add_argument(
+        "--no-dashboard",
+        action="store_true",
+        help="serve the REST API only (no operator dashboard under /ui/)",
+    )
     p.add_argument(
         "--interval",
         type=float,

@@ -1,0 +1,78 @@
+"""``/ui/events``: server-sent events that keep a page's live regions current.
+
+The stream names a view and what it shows (``view=devices&ids=a,b,c``; ``view=device&key=ID``).
+It sends every region once, then waits for the store watcher; after each change (and at least
+every ``REFRESH_S``, for devices going stale as time passes) it computes the view's regions
+again and sends only those whose HTML changed, as ``event: fragment`` with
+``{"id": element id, "html": ...}``. At most one recompute per ``MIN_GAP_S`` per stream: with
+a fleet reporting continuously, a page is updated about once a second, never once per report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from cloud.api.errors import ApiError
+from cloud.api.routing import call, services
+from cloud.dashboard.regions import DEVICE_ID_RE, MAX_LIVE_ROWS, LiveView, live_regions
+from cloud.dashboard.session import Session
+from cloud.dashboard.web import env_key, handler, secure, sessions_key, watcher
+from cloud.store.errors import NotFoundError
+
+REFRESH_S = 5.0
+MIN_GAP_S = 0.75
+VIEWS = ("overview", "devices", "device", "deployments", "deployment")
+
+
+def parse_live(request: web.Request) -> LiveView:
+    """The view a stream asks for; 400 naming what is wrong."""
+    view = request.query.get("view", "")
+    if view not in VIEWS:
+        raise ApiError(400, f"view {view!r}: expected one of {', '.join(VIEWS)}")
+    ids = tuple(i for i in request.query.get("ids", "").split(",") if i)
+    if len(ids) > MAX_LIVE_ROWS or not all(DEVICE_ID_RE.match(i) for i in ids):
+        raise ApiError(400, f"ids: at most {MAX_LIVE_ROWS} device ids, separated by commas")
+    key = request.query.get("key", "")
+    if view in ("device", "deployment") and not key:
+        raise ApiError(400, f"view {view} needs key=")
+    return LiveView(view, key, ids)
+
+
+@handler("stream")
+async def events(request: web.Request, session: Session) -> web.StreamResponse:
+    """The live stream of one page; see the module docstring."""
+    live = parse_live(request)
+    s, watch, env = services(request), watcher(request), request.app[env_key]
+    response = secure(
+        web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
+    )
+    await response.prepare(request)
+    await response.write(b"retry: 2000\n\n")
+    sent: dict[str, str] = {}
+    version = watch.version
+    sessions = request.app[sessions_key]
+    try:
+        while sessions.get(session.id) is not None:
+            try:
+                regions = await call(live_regions, env, s, watch, live, session.csrf)
+            except NotFoundError as e:
+                await response.write(
+                    b"event: gone\ndata: " + json.dumps({"error": str(e)}).encode() + b"\n\n"
+                )
+                break
+            chunks = []
+            for element_id, html in regions.items():
+                if sent.get(element_id) != html:
+                    sent[element_id] = str(html)
+                    data = json.dumps({"id": element_id, "html": str(html)})
+                    chunks.append(f"event: fragment\ndata: {data}\n\n")
+            chunks.append(": tick\n\n")
+            await response.write("".join(chunks).encode())
+            version = await watch.wait(version, REFRESH_S)
+            await asyncio.sleep(MIN_GAP_S)
+    except ConnectionResetError:
+        pass  # the page was closed
+    return response

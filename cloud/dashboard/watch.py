@@ -1,0 +1,112 @@
+"""Notice store changes for live pages, and keep a short history of healthy devices per deployment.
+
+The watcher reads a cheap fingerprint of the store (counts and newest times of reports, online
+messages, desired states, rollouts, deployments and devices) every ``POLL_S``. It sees writes of
+this server's controller and of any other process on the same database (``edgectl deploy apply``
+from a shell, a second ``edgectl serve``) alike, and it costs the same whether ten or ten thousand
+browsers watch. When the fingerprint changes it bumps ``version`` and wakes every live page, which
+then re-reads only what it shows. It also samples ``(devices, healthy)`` per deployment (one
+grouped query) for the rollout sparklines; that history lives in memory only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from cloud.api.context import services_key
+from cloud.api.routing import call
+from cloud.dashboard.queries import fingerprint, healthy_by_deployment
+from cloud.store.db import Database
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+SAMPLE_EVERY_S = 2.0
+HISTORY = 300
+"""Samples kept per deployment (10 minutes at one sample every 2 s)."""
+
+
+class Watcher:
+    """Store-change notifications for live pages; see the module docstring."""
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+        self.version = 0
+        self._changed = asyncio.Condition()
+        self._last: tuple[object, ...] | None = None
+        self._sampled_at = 0.0
+        self.history: dict[str, deque[tuple[float, int, int]]] = {}
+        """deployment → ``(unix time, devices, healthy)`` samples, oldest first."""
+
+    async def wait(self, seen: int, timeout_s: float) -> int:
+        """The version once it is past ``seen`` (or after ``timeout_s``, whichever is first)."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.version > seen), timeout_s)
+            return self.version
+
+    def _read(self) -> tuple[tuple[object, ...], dict[str, tuple[int, int]] | None]:
+        with self.db.transaction() as s:
+            mark = fingerprint(s)
+            due = self.clock() - self._sampled_at >= SAMPLE_EVERY_S
+            return mark, healthy_by_deployment(s) if due and mark != self._last else None
+
+    async def poll_once(self) -> bool:
+        """Read the store once; True (and every page woken) when it changed."""
+        mark, counts = await call(self._read)
+        if counts is not None:
+            self._sample(counts)
+        if mark == self._last:
+            return False
+        self._last = mark
+        async with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+        return True
+
+    def _sample(self, counts: dict[str, tuple[int, int]]) -> None:
+        now = self.clock()
+        self._sampled_at = now
+        for name in set(self.history) - set(counts):
+            del self.history[name]
+        for name, (devices, healthy) in counts.items():
+            samples = self.history.setdefault(name, deque(maxlen=HISTORY))
+            if not samples or samples[-1][1:] != (devices, healthy):
+                samples.append((now, devices, healthy))
+
+    async def run(self, poll_s: float = POLL_S) -> None:
+        """Poll until cancelled; a failed read is logged and tried again."""
+        failing = False
+        while True:
+            try:
+                await self.poll_once()
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not failing:
+                    log.warning("dashboard: cannot read the store for live updates: %s", e)
+                failing = True
+            await asyncio.sleep(poll_s)
+
+
+watcher_key = web.AppKey("dashboard_watcher", Watcher)
+
+
+async def watcher_context(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx`` entry: the watcher runs for the app's lifetime."""
+    watcher = Watcher(app[services_key].db)
+    app[watcher_key] = watcher
+    task = asyncio.create_task(watcher.run(), name="dashboard-watcher")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

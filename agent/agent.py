@@ -48,7 +48,7 @@ from agent.link import DesiredSlot
 from agent.metrics import AgentMetrics
 from agent.observed import ImageAvailability, ObservedModule
 from agent.planner import module_status, plan
-from agent.restart import RestartBook
+from agent.restart import RestartBook, record_restart
 from agent.rollback import Failed, Healthy, Pending, RollBack, decide_rollback, evaluate_rollout
 from agent.runner import PlanRunner, RunResult
 from agent.runtime import ModuleRuntime, executors
@@ -200,7 +200,7 @@ class Agent:
         table["set_restart_book"] = self._set_book
         self.runner = PlanRunner(table, counter=self.metrics)
         self.commands = CommandHandler(
-            runtime, self.runner, lambda: self.state.active, self._ping_status, after_restart=self.wake
+            runtime, self.runner, lambda: self.state.active, self._ping_status, after_restart=self._restarted
         )
         self.state = AgentState()
         self._loaded = False
@@ -247,6 +247,13 @@ class Agent:
     def wake(self) -> None:
         """Run the next pass now (a command changed something)."""
         self._kick.set()
+
+    def _restarted(self, module: str) -> None:
+        """An operator restarted ``module``: it counts in its restart count, and the loop looks again."""
+        book = self.state.restart_books.get(module, RestartBook())
+        self.state = self.state.with_book(module, record_restart(book, self.clock()))
+        self._dirty = True
+        self.wake()
 
     def stop(self) -> None:
         """Make ``run`` return after the current pass; modules keep running."""

@@ -39,10 +39,11 @@ class CommandHandler:
         runner: PlanRunner,
         active: Callable[[], DesiredState | None],
         status: Callable[[], dict[str, object]],
-        after_restart: Callable[[], None] = lambda: None,
+        after_restart: Callable[[str], None] = lambda _module: None,
     ) -> None:
         """``active``: the desired state the agent runs; ``status``: what ``ping`` answers with;
-        ``after_restart``: called after a restart (the agent wakes its loop to look again)."""
+        ``after_restart``: called with the module after a restart (the agent counts it and wakes its
+        loop to look again)."""
         self.runtime = runtime
         self.runner = runner
         self.active = active
@@ -86,7 +87,7 @@ class CommandHandler:
             )
         action = Restart(module=request.module, reason=f"restart command {request.id}")
         error = await self.runner.run_now(action, utcnow())
-        self.after_restart()
+        self.after_restart(request.module)
         if error is not None:
             return CommandResponse(id=request.id, ok=False, error=error)
         return CommandResponse(id=request.id, ok=True, output=f"module {request.module} restarted")

@@ -5,7 +5,8 @@ form, an API-ish endpoint answers 401), checks the CSRF token and the ``Origin``
 turns store errors into an HTML page (or JSON for ``kind="json"``) with the status the REST API
 would use, and puts the security headers on every answer: a Content-Security-Policy that allows
 scripts, styles and connections only from this server (no inline script, no inline style, no
-frames), ``nosniff``, no referrer, and ``no-store`` so pages with fleet data are not cached.
+frames), ``nosniff``, referrers only to this server (with ``no-referrer`` browsers send ``Origin: null`` on
+form posts, which the origin check would refuse), and ``no-store`` so pages with fleet data are not cached.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ CSP = (
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }

@@ -175,6 +175,14 @@ def timed(label: str, path: str, fetch: Callable[[], bytes], rounds: int) -> Tim
     return Timing(label, path, statistics.median(times), max(times), size)
 
 
+def _page(opener: urllib.request.OpenerDirector, url: str) -> Callable[[], bytes]:
+    return lambda: bytes(opener.open(url, timeout=300).read())
+
+
+def _rest(url: str) -> Callable[[], bytes]:
+    return lambda: rest(url)
+
+
 def _stream(opener: urllib.request.OpenerDirector, url: str, seconds: float) -> None:
     with opener.open(url, timeout=seconds + 10) as response:
         end = time.monotonic() + seconds
@@ -256,9 +264,7 @@ def measure(n: int, rounds: int, streams: int, work: Path) -> Result:
                 ("deployment", "/ui/deployments/bench"),
             ]
             for label, path in pages:
-                timings.append(
-                    timed(label, path, lambda p=path: opener.open(url + p, timeout=300).read(), rounds)
-                )
+                timings.append(timed(label, path, _page(opener, url + path), rounds))
                 log(f"{label}: {timings[-1].median_s * 1000:.0f} ms")
             threads = [
                 threading.Thread(target=_stream, args=(opener, f"{url}/ui/events?view={view}", 5.0))
@@ -273,7 +279,7 @@ def measure(n: int, rounds: int, streams: int, work: Path) -> Result:
                 ("REST GET /devices (all)", "/devices"),
                 ("REST GET /deployments", "/deployments"),
             ):
-                timings.append(timed(label, path, lambda p=path: rest(url + p), max(1, rounds // 2)))
+                timings.append(timed(label, path, _rest(url + path), max(1, rounds // 2)))
                 log(f"{label}: {timings[-1].median_s * 1000:.0f} ms")
     return Result(n, fill_s, timings, rss_idle, rss_after, os.getloadavg())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
@@ -27,8 +28,6 @@ from cloud.api.controller import controller_context
 from cloud.api.errors import ApiError, invalid_body, message_of, status_of
 from cloud.api.openapi import build_document
 from cloud.api.routing import Route, call, reply, services
-from cloud.dashboard import is_dashboard_path
-from cloud.dashboard import setup as setup_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,8 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 openapi_key = web.AppKey("openapi", dict)
 tokens_key = web.AppKey("tokens", Tokens)
 public_key = web.AppKey("public_paths", frozenset)
-dashboard_key = web.AppKey("dashboard", bool)
+dashboard_key = web.AppKey("dashboard_paths", Callable[[str], bool])
+"""Whether a path is the dashboard's (it checks its own session cookie instead of a token)."""
 
 
 def _version() -> str:
@@ -182,9 +182,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """401 unless the request carries one of the operator tokens (public paths excepted)."""
-    if request.path not in request.app[public_key] and not (
-        request.app[dashboard_key] and is_dashboard_path(request.path)
-    ):
+    if request.path not in request.app[public_key] and not (request.app[dashboard_key](request.path)):
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
             raise ApiError(401, "authentication required: send 'Authorization: Bearer <token>'")
@@ -209,7 +207,7 @@ def create_app(
     app[services_key] = s
     app[tokens_key] = tokens
     app[public_key] = frozenset(r.path for r in ALL_ROUTES if r.public)
-    app[dashboard_key] = dashboard
+    app[dashboard_key] = lambda _path: False
     app[openapi_key] = build_document(ALL_ROUTES, title="edgedeploy operator API", version=_version())
     for route in ALL_ROUTES:
         app.router.add_route(route.method, route.path, route.handler, name=route.operation_id)
@@ -217,7 +215,11 @@ def create_app(
     if controller_interval_s is not None:
         app.cleanup_ctx.append(controller_context(controller_interval_s))
     if dashboard:
-        setup_dashboard(app, tokens)
+        # Imported here: the dashboard uses the API's helpers (routing, errors, services).
+        from cloud.dashboard.routes import is_dashboard_path, setup
+
+        app[dashboard_key] = is_dashboard_path
+        setup(app, tokens)
 
     async def close(_app: web.Application) -> None:
         await call(s.close)

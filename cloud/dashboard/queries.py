@@ -151,7 +151,7 @@ class Overview:
         return sum(self.statuses[s] for s in FAILING)
 
 
-def _filtered_ids(f: DeviceFilter) -> Select[tuple[str, str]]:
+def _filtered_ids(f: DeviceFilter) -> Select[str, str]:
     query = select(Device.id, Device.profile)
     if f.q:
         escaped = f.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -170,7 +170,11 @@ def _filtered_ids(f: DeviceFilter) -> Select[tuple[str, str]]:
     return query
 
 
-def _light_rows(s: Session, query: Select[tuple[str, str]], now: datetime) -> list[Light]:
+def _aware(dt: datetime | None) -> datetime | None:
+    return None if dt is None else aware(dt)
+
+
+def _light_rows(s: Session, query: Select[str, str], now: datetime) -> list[Light]:
     sub = query.subquery()
     rows = s.connection().execute(
         select(
@@ -188,7 +192,7 @@ def _light_rows(s: Session, query: Select[tuple[str, str]], now: datetime) -> li
     )
     out = []
     for device_id, profile, online, online_seen, made, arrived, heartbeat, status in rows:
-        made, arrived, online_seen = aware(made), aware(arrived), aware(online_seen)
+        made, arrived, online_seen = _aware(made), _aware(arrived), _aware(online_seen)
         presence, _ = judge_presence(None if online is None else bool(online), made, arrived, heartbeat, now)
         seen = [t for t in (arrived, online_seen) if t is not None]
         out.append(Light(device_id, profile, presence, status, max(seen) if seen else None))

@@ -36,7 +36,7 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 openapi_key = web.AppKey("openapi", dict)
 tokens_key = web.AppKey("tokens", Tokens)
 public_key = web.AppKey("public_paths", frozenset)
-dashboard_key = web.AppKey("dashboard_paths", Callable[[str], bool])
+dashboard_key: web.AppKey[Callable[[str], bool]] = web.AppKey("dashboard_paths")
 """Whether a path is the dashboard's (it checks its own session cookie instead of a token)."""
 
 

@@ -6,18 +6,24 @@ every ``REFRESH_S``, for devices going stale as time passes) it computes the vie
 again and sends only those whose HTML changed, as ``event: fragment`` with
 ``{"id": element id, "html": ...}``. At most one recompute per ``MIN_GAP_S`` per stream: with
 a fleet reporting continuously, a page is updated about once a second, never once per report.
+
+Streams of the same view share one computation per store version (``SharedRegions``): ten
+operators on the overview of a 10,000-device fleet cost the server one overview per change, not
+ten. Only the device view differs per session (its forms carry the session's CSRF token).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from cloud.api.errors import ApiError
 from cloud.api.routing import call, services
-from cloud.dashboard.regions import DEVICE_ID_RE, MAX_LIVE_ROWS, LiveView, live_regions
+from cloud.dashboard.regions import DEVICE_ID_RE, MAX_LIVE_ROWS, LiveView, Regions, live_regions
 from cloud.dashboard.session import Session
 from cloud.dashboard.web import env_key, handler, secure, sessions_key, watcher
 from cloud.store.errors import NotFoundError
@@ -25,6 +31,40 @@ from cloud.store.errors import NotFoundError
 REFRESH_S = 5.0
 MIN_GAP_S = 0.75
 VIEWS = ("overview", "devices", "device", "deployments", "deployment")
+MAX_SHARED = 1000
+"""Views kept in ``SharedRegions`` before the ones computed longest ago are dropped."""
+
+Key = tuple[LiveView, str]
+
+
+class SharedRegions:
+    """The latest regions of each view, computed once per store version for every stream showing it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._entries: dict[Key, tuple[int, float, Regions]] = {}
+        self._locks: dict[Key, asyncio.Lock] = {}
+
+    async def get(self, key: Key, version: int, compute: Callable[[], Awaitable[Regions]]) -> Regions:
+        """The regions of ``key`` at store ``version`` (at most ``REFRESH_S`` old), computing them once."""
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == version and self.clock() - entry[1] < REFRESH_S:
+                return entry[2]
+            regions = await compute()
+            self._entries[key] = (version, self.clock(), regions)
+        if len(self._entries) > MAX_SHARED:
+            oldest = sorted(self._entries, key=lambda k: self._entries[k][1])[
+                : len(self._entries) - MAX_SHARED
+            ]
+            for k in oldest:
+                self._entries.pop(k, None)
+                self._locks.pop(k, None)
+        return regions
+
+
+shared_key = web.AppKey("dashboard_shared_regions", SharedRegions)
 
 
 def parse_live(request: web.Request) -> LiveView:
@@ -53,11 +93,16 @@ async def events(request: web.Request, session: Session) -> web.StreamResponse:
     await response.write(b"retry: 2000\n\n")
     sent: dict[str, str] = {}
     version = watch.version
-    sessions = request.app[sessions_key]
+    sessions, shared = request.app[sessions_key], request.app[shared_key]
+    key = (live, session.csrf if live.view == "device" else "")
+
+    async def compute() -> Regions:
+        return await call(live_regions, env, s, watch, live, session.csrf)
+
     try:
         while sessions.get(session.id) is not None:
             try:
-                regions = await call(live_regions, env, s, watch, live, session.csrf)
+                regions = await shared.get(key, version, compute)
             except NotFoundError as e:
                 await response.write(
                     b"event: gone\ndata: " + json.dumps({"error": str(e)}).encode() + b"\n\n"

@@ -34,6 +34,7 @@ def setup(app: web.Application, tokens: Tokens) -> None:
     """Add the dashboard's routes, templates, sessions and store watcher to ``app``."""
     app[env_key] = environment()
     app[sessions_key] = Sessions()
+    app[events.shared_key] = events.SharedRegions()
     app[login.tokens_key] = tokens
     app.cleanup_ctx.append(watcher_context)
     app.on_response_prepare.append(_security_headers)

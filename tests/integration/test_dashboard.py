@@ -147,12 +147,14 @@ class Rig:
             *extra,
         )
 
-    def api(self, method: str, path: str, body: str | None = None) -> Any:
+    def api(
+        self, method: str, path: str, body: str | bytes | None = None, media: str = "application/yaml"
+    ) -> Any:
         request = urllib.request.Request(
             self.url + path,
-            data=body.encode() if body is not None else None,
+            data=body.encode() if isinstance(body, str) else body,
             method=method,
-            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/yaml"},
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": media},
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
@@ -412,8 +414,15 @@ def test_hostile_device_data_runs_no_script(rig: Rig, page: Any) -> None:
 
 
 def test_models_page_and_logout(rig: Rig, page: Any) -> None:
+    rig.api(
+        "POST", "/models/digits?filename=model.onnx&tag=stage=prod", b"onnx-bytes", "application/octet-stream"
+    )
+    rig.api("POST", "/deployments?model=digits:1", _manifest("classify", [EVIL]))
     page.goto(f"{rig.url}/ui/models")
     assert page.locator("h1").inner_text() == "Models"
+    assert "stage=prod" in page.inner_text("#versions tbody tr")
+    packages = page.inner_text("#packages")
+    assert "digits:1" in packages and "127.0.0.1:5000/det" in packages and "deployment classify" in packages
     shot(page, "models")
     page.click("form.logout button")
     page.wait_for_url(re.compile(r"/ui/login$"))

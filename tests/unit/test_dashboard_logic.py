@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from markupsafe import Markup
 
+from cloud.dashboard.events import REFRESH_S, SharedRegions
 from cloud.dashboard.queries import DeviceFilter, FilterError, Light
+from cloud.dashboard.regions import LiveView, Regions
 from cloud.dashboard.render import ago, environment, size, sparkline, status_class, wave_segments
 from cloud.dashboard.session import SESSION_TTL_S, Sessions
 from cloud.fleet.device_state import judge_presence
@@ -129,3 +133,25 @@ def test_wave_segments_cover_the_wave() -> None:
 def test_templates_escape_what_devices_write() -> None:
     html = environment().from_string("<p>{{ reason }}</p>").render(reason='<img src=x onerror="alert(1)">')
     assert html == "<p>&lt;img src=x onerror=&#34;alert(1)&#34;&gt;</p>"
+
+
+async def test_streams_of_one_view_share_one_computation_per_store_version() -> None:
+    now = [0.0]
+    shared = SharedRegions(clock=lambda: now[0])
+    calls: list[int] = []
+
+    async def compute() -> Regions:
+        calls.append(1)
+        await asyncio.sleep(0.01)
+        return {"ov-counts": Markup(f"<p>{len(calls)}</p>")}
+
+    key = (LiveView("overview"), "")
+    first = await asyncio.gather(*(shared.get(key, 1, compute) for _ in range(5)))
+    assert len(calls) == 1 and all(r == first[0] for r in first)
+    await shared.get(key, 2, compute)  # the store changed
+    assert len(calls) == 2
+    now[0] += REFRESH_S  # time passes: presence may have changed without a store change
+    await shared.get(key, 2, compute)
+    assert len(calls) == 3
+    await shared.get((LiveView("devices", ids=("a",)), ""), 2, compute)
+    assert len(calls) == 4

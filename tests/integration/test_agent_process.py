@@ -249,7 +249,10 @@ async def test_commands_over_mqtt(device: Device) -> None:
         restarted = await device.cloud.response("restart-1")
         assert restarted.ok, restarted.error
         assert device.records()["web"]["pid"] != pid
-        await device.cloud.next_report(module_running("web"), "web running after the restart")
+        await device.cloud.next_report(
+            lambda r: module_running("web")(r) and r.modules["web"].restart_count == 1,
+            "web running after the restart, which counts as one",
+        )
 
 
 async def test_missing_image_is_reported_and_others_run(device: Device) -> None:

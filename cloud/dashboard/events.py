@@ -25,7 +25,7 @@ from cloud.api.errors import ApiError
 from cloud.api.routing import call, services
 from cloud.dashboard.regions import DEVICE_ID_RE, MAX_LIVE_ROWS, LiveView, Regions, live_regions
 from cloud.dashboard.session import Session
-from cloud.dashboard.web import env_key, handler, secure, sessions_key, watcher
+from cloud.dashboard.web import env_key, handler, sessions_key, watcher
 from cloud.store.errors import NotFoundError
 
 REFRESH_S = 5.0
@@ -86,9 +86,7 @@ async def events(request: web.Request, session: Session) -> web.StreamResponse:
     """The live stream of one page; see the module docstring."""
     live = parse_live(request)
     s, watch, env = services(request), watcher(request), request.app[env_key]
-    response = secure(
-        web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
-    )
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
     await response.prepare(request)
     await response.write(b"retry: 2000\n\n")
     sent: dict[str, str] = {}

@@ -21,7 +21,7 @@ from cloud.dashboard.session import (
     Session,
     set_cookie,
 )
-from cloud.dashboard.web import PREFIX, handler, redirect, render, same_origin, secure, sessions_key
+from cloud.dashboard.web import PREFIX, handler, redirect, render, same_origin, sessions_key
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +49,25 @@ async def login_form(request: web.Request) -> web.StreamResponse:
     """The login form (straight to the overview when already logged in)."""
     if request.app[sessions_key].get(request.cookies.get(SESSION_COOKIE)) is not None:
         raise redirect(f"{PREFIX}/")
-    return secure(_form(request))
+    return _form(request)
 
 
 async def login(request: web.Request) -> web.StreamResponse:
     """Check the token of the form; on success a new session cookie and a redirect to the overview."""
     sessions = request.app[sessions_key]
     if request.content_type != "application/x-www-form-urlencoded":
-        return secure(_form(request, 415, "send the login form"))
+        return _form(request, 415, "send the login form")
     form = await request.post()
     nonce = request.cookies.get(LOGIN_COOKIE, "")
     expected = sessions.login_csrf(nonce) if nonce else ""
     given = str(form.get("csrf", ""))
     if not same_origin(request) or not nonce or not secrets.compare_digest(given, expected):
-        return secure(_form(request, 403, "the login form expired or came from elsewhere: try again"))
+        return _form(request, 403, "the login form expired or came from elsewhere: try again")
     token = str(form.get("token", "")).strip()[:MAX_TOKEN_FIELD]
     if not token or not request.app[tokens_key].accepts(token):
         log.warning("dashboard: failed login from %s", request.remote)
         await asyncio.sleep(FAILED_LOGIN_DELAY_S)
-        return secure(_form(request, 401, "that token is not one of this server's operator tokens"))
+        return _form(request, 401, "that token is not one of this server's operator tokens")
     session = sessions.create()
     log.info("dashboard: login from %s", request.remote)
     response = redirect(f"{PREFIX}/")

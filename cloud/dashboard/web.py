@@ -47,7 +47,8 @@ Handler = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
 
 
 def secure(response: web.StreamResponse) -> web.StreamResponse:
-    """Put the security headers on ``response`` (before it is prepared)."""
+    """Put the security headers on ``response`` (before it is prepared; ``routes.py`` does it for
+    every answer under the dashboard's paths, static files and errors included)."""
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     return response
@@ -124,9 +125,7 @@ def handler(
             if session is None:
                 if kind == "page" and request.method == "GET":
                     raise redirect(f"{PREFIX}/login")
-                return secure(
-                    _error(request, kind, 401, "not logged in (or the session expired): log in again")
-                )
+                return _error(request, kind, 401, "not logged in (or the session expired): log in again")
             request["session"] = session
             try:
                 if request.method == "POST":
@@ -135,16 +134,16 @@ def handler(
             except web.HTTPException as e:
                 if e.status < 400:
                     raise
-                return secure(_error(request, kind, e.status, e.text or e.reason))
+                return _error(request, kind, e.status, e.text or e.reason)
             except ApiError as e:
-                return secure(_error(request, kind, e.status, e.message))
+                return _error(request, kind, e.status, e.message)
             except Exception as e:
                 status = status_of(e)
                 if status is None:
                     log.exception("dashboard %s %s failed", request.method, request.path)
-                    return secure(_error(request, kind, 500, f"internal error: {type(e).__name__}"))
-                return secure(_error(request, kind, status, message_of(e)[0]))
-            return secure(response) if not response.prepared else response
+                    return _error(request, kind, 500, f"internal error: {type(e).__name__}")
+                return _error(request, kind, status, message_of(e)[0])
+            return response
 
         return run
 

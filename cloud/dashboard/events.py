@@ -98,7 +98,10 @@ async def events(request: web.Request, session: Session) -> web.StreamResponse:
         return await call(live_regions, env, s, watch, live, session.csrf)
 
     try:
+        computed_at = -MIN_GAP_S
         while sessions.get(session.id) is not None:
+            await asyncio.sleep(max(0.0, computed_at + MIN_GAP_S - time.monotonic()))
+            computed_at = time.monotonic()
             try:
                 regions = await shared.get(key, version, compute)
             except NotFoundError as e:
@@ -115,7 +118,6 @@ async def events(request: web.Request, session: Session) -> web.StreamResponse:
             chunks.append(": tick\n\n")
             await response.write("".join(chunks).encode())
             version = await watch.wait(version, REFRESH_S)
-            await asyncio.sleep(MIN_GAP_S)
     except ConnectionResetError:
         pass  # the page was closed
     return response

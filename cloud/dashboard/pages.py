@@ -131,7 +131,9 @@ async def devices_page(request: web.Request, _session: Session) -> web.StreamRes
 async def device_page_view(request: web.Request, session: Session) -> web.StreamResponse:
     """A device: status, modules (logs, restart), system metrics, last rejection."""
     device_id = request.match_info["id"]
-    regions = await call(device_regions, request.app[env_key], services(request), device_id, session.csrf)
+    regions = await call(
+        device_regions, request.app[env_key], services(request), watcher(request), device_id, session.csrf
+    )
     return _page(
         request,
         "device.html",

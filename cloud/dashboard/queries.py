@@ -333,6 +333,16 @@ def fingerprint(s: Session) -> tuple[object, ...]:
     return tuple(out)
 
 
+def online_rows(s: Session) -> list[tuple[str, bool, datetime]]:
+    """``(device, online, since)`` of every device's latest online message."""
+    return [
+        (d, bool(online), aware(since))
+        for d, online, since in s.execute(
+            select(OnlineRecord.device_id, OnlineRecord.online, OnlineRecord.since)
+        )
+    ]
+
+
 def known_values(s: Session) -> tuple[list[str], list[str]]:
     """Profiles and deployments that exist, for the devices page's filter menus."""
     profiles = list(s.scalars(select(Device.profile).distinct().order_by(Device.profile)))

@@ -66,13 +66,17 @@ def device_list_regions(env: jinja2.Environment, s: Services, ids: tuple[str, ..
     return {f"row-{r.id}": _part(env, "device_row", r=r) for r in rows}
 
 
-def device_regions(env: jinja2.Environment, s: Services, device_id: str, csrf: str) -> Regions:
-    """A device's status, modules (with the session's CSRF token in their forms) and system metrics."""
+def device_regions(
+    env: jinja2.Environment, s: Services, watcher: Watcher, device_id: str, csrf: str
+) -> Regions:
+    """A device's status and online history, modules (with the session's CSRF token in their forms)
+    and system metrics."""
     view = s.devices.show(device_id)
     with s.db.transaction() as session:
         state = device_states(session, [device_id], utcnow())[device_id]
     return {
         "device-summary": _part(env, "device_summary", d=view, st=state),
+        "device-history": _part(env, "device_history", changes=watcher.presence.history(device_id)),
         "device-modules": _part(env, "device_modules", d=view, st=state, csrf=csrf),
         "device-system": _part(env, "device_system", st=state),
     }
@@ -105,7 +109,7 @@ def live_regions(
     makers: Mapping[str, Callable[[], Regions]] = {
         "overview": lambda: overview_regions(env, s, watcher),
         "devices": lambda: device_list_regions(env, s, live.ids),
-        "device": lambda: device_regions(env, s, live.key, csrf),
+        "device": lambda: device_regions(env, s, watcher, live.key, csrf),
         "deployments": lambda: deployments_regions(env, s, watcher),
         "deployment": lambda: deployment_regions(env, s, watcher, live.key),
     }

@@ -389,6 +389,8 @@ def test_device_going_offline_is_shown(rig: Rig, page: Any) -> None:
     rig.stop("gone")
     until(page, "document.getElementById('presence').textContent === 'offline'")
     assert "offline" in page.inner_text("#offline-note")
+    until(page, "document.querySelectorAll('#online-history li').length >= 2")
+    assert page.locator("#online-history li").first.get_attribute("data-online") == "no"
     page.goto(f"{rig.url}/ui/")
     page.wait_for_selector(f"#ov-events li[data-kind=offline] >> text={GONE}")
     shot(page, "overview")

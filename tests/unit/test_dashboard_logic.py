@@ -13,6 +13,7 @@ from cloud.dashboard.queries import DeviceFilter, FilterError, Light
 from cloud.dashboard.regions import LiveView, Regions
 from cloud.dashboard.render import ago, environment, size, sparkline, status_class, wave_segments
 from cloud.dashboard.session import SESSION_TTL_S, Sessions
+from cloud.dashboard.watch import PresenceLog
 from cloud.fleet.device_state import judge_presence
 
 NOW = datetime(2026, 1, 2, 12, 0, 0, tzinfo=timezone.utc)
@@ -155,3 +156,16 @@ async def test_streams_of_one_view_share_one_computation_per_store_version() -> 
     assert len(calls) == 3
     await shared.get((LiveView("devices", ids=("a",)), ""), 2, compute)
     assert len(calls) == 4
+
+
+def test_presence_log_keeps_the_changes_it_sees() -> None:
+    log = PresenceLog()
+    t = [NOW + timedelta(minutes=i) for i in range(4)]
+    log.update([("a", True, t[0]), ("b", True, t[0])])
+    assert log.history("a") == [(t[0], True)] and log.history("nope") == []
+    log.update([("a", True, t[0]), ("b", True, t[0])])  # nothing new: nothing noted
+    assert log.changes == {}
+    log.update([("a", False, t[1])])
+    log.update([("a", True, t[2])])
+    assert log.history("a") == [(t[2], True), (t[1], False), (t[0], True)]
+    assert log.history("b") == [(t[0], True)]

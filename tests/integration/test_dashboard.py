@@ -213,8 +213,9 @@ def rig(mosquitto: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def page(rig: Rig) -> Iterator[Any]:
-    """A chromium page (headless); skips loudly when Playwright or chromium cannot start."""
+def page() -> Iterator[Any]:
+    """A chromium page (headless); skips loudly when Playwright or chromium cannot start (before the
+    tests start the fleet: they ask for it first)."""
     try:
         from playwright.sync_api import Error as PlaywrightError
         from playwright.sync_api import sync_playwright
@@ -268,7 +269,7 @@ def no_script_ran(page: Any) -> None:
 # ---- the tests, in order ------------------------------------------------------------------------
 
 
-def test_login_with_the_operator_token(rig: Rig, page: Any) -> None:
+def test_login_with_the_operator_token(page: Any, rig: Rig) -> None:
     page.goto(f"{rig.url}/ui/devices")
     assert page.url.endswith("/ui/login")
     shot(page, "login")
@@ -285,7 +286,7 @@ def test_login_with_the_operator_token(rig: Rig, page: Any) -> None:
     assert TOKEN not in rig.logs["serve"].read_text()
 
 
-def test_devices_turn_healthy_without_reload(rig: Rig, page: Any) -> None:
+def test_devices_turn_healthy_without_reload(page: Any, rig: Rig) -> None:
     page.goto(f"{rig.url}/ui/devices?q=sim-")
     rows = page.locator("#devices tbody tr[data-device]")
     rows.first.wait_for()
@@ -310,7 +311,7 @@ def test_devices_turn_healthy_without_reload(rig: Rig, page: Any) -> None:
     shot(page, "devices")
 
 
-def test_device_page_shows_module_status(rig: Rig, page: Any) -> None:
+def test_device_page_shows_module_status(page: Any, rig: Rig) -> None:
     device = SIM_DEVICES[0]
     page.goto(f"{rig.url}/ui/devices/{device}")
     until(
@@ -323,14 +324,14 @@ def test_device_page_shows_module_status(rig: Rig, page: Any) -> None:
     shot(page, "device")
 
 
-def test_log_tail_over_the_command_topics(rig: Rig, page: Any) -> None:
+def test_log_tail_over_the_command_topics(page: Any, rig: Rig) -> None:
     page.goto(f"{rig.url}/ui/devices/{SIM_DEVICES[0]}")
     page.click("button.show-logs[data-module=det]")
     until(page, "document.getElementById('log-lines').textContent.includes('simulated module det')")
     assert SIM_DEVICES[0] in page.inner_text("#log-lines")
 
 
-def test_restart_raises_the_restart_count(rig: Rig, page: Any) -> None:
+def test_restart_raises_the_restart_count(page: Any, rig: Rig) -> None:
     page.goto(f"{rig.url}/ui/devices/{SIM_DEVICES[1]}")
     before = int(page.inner_text("tr[data-module=det] [data-field=restarts]"))
     page.click("tr[data-module=det] button.restart")
@@ -342,7 +343,7 @@ def test_restart_raises_the_restart_count(rig: Rig, page: Any) -> None:
     )
 
 
-def test_rollout_waves_advance_live(rig: Rig, page: Any) -> None:
+def test_rollout_waves_advance_live(page: Any, rig: Rig) -> None:
     page.goto(f"{rig.url}/ui/deployments/vision")
     assert page.locator("#rollout-state").inner_text() == "complete"
     revision = _manifest(
@@ -372,7 +373,7 @@ def test_rollout_waves_advance_live(rig: Rig, page: Any) -> None:
     shot(page, "deployment")
 
 
-def test_halted_rollout_shows_its_reason(rig: Rig, page: Any) -> None:
+def test_halted_rollout_shows_its_reason(page: Any, rig: Rig) -> None:
     page.goto(f"{rig.url}/ui/deployments/broken")
     until(page, "document.getElementById('dep-rollout').dataset.state === 'halted'")
     message = page.inner_text("#rollout-message")
@@ -383,7 +384,7 @@ def test_halted_rollout_shows_its_reason(rig: Rig, page: Any) -> None:
     shot(page, "deployments")
 
 
-def test_device_going_offline_is_shown(rig: Rig, page: Any) -> None:
+def test_device_going_offline_is_shown(page: Any, rig: Rig) -> None:
     page.goto(f"{rig.url}/ui/devices/{GONE}")
     until(page, "document.getElementById('presence').textContent === 'online'")
     rig.stop("gone")
@@ -396,7 +397,7 @@ def test_device_going_offline_is_shown(rig: Rig, page: Any) -> None:
     shot(page, "overview")
 
 
-def test_hostile_device_data_runs_no_script(rig: Rig, page: Any) -> None:
+def test_hostile_device_data_runs_no_script(page: Any, rig: Rig) -> None:
     page.goto(f"{rig.url}/ui/devices/{EVIL}")
     until(page, "document.getElementById('reason') !== null")
     assert HOSTILE in page.inner_text("#reason")  # shown as text
@@ -415,7 +416,7 @@ def test_hostile_device_data_runs_no_script(rig: Rig, page: Any) -> None:
     assert PAGE_ERRORS == []
 
 
-def test_models_page_and_logout(rig: Rig, page: Any) -> None:
+def test_models_page_and_logout(page: Any, rig: Rig) -> None:
     rig.api(
         "POST", "/models/digits?filename=model.onnx&tag=stage=prod", b"onnx-bytes", "application/octet-stream"
     )
@@ -432,7 +433,7 @@ def test_models_page_and_logout(rig: Rig, page: Any) -> None:
     assert page.url.endswith("/ui/login")
 
 
-def test_posts_without_the_csrf_token_are_refused(rig: Rig, page: Any) -> None:
+def test_posts_without_the_csrf_token_are_refused(page: Any, rig: Rig) -> None:
     page.goto(f"{rig.url}/ui/login")
     page.fill("#token", TOKEN)
     page.click("#login")

@@ -93,7 +93,7 @@ class Watcher:
     async def wait(self, seen: int, timeout_s: float) -> int:
         """The version once it is past ``seen`` (or after ``timeout_s``, whichever is first)."""
         async with self._changed:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.version > seen), timeout_s)
             return self.version
 

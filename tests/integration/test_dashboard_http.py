@@ -19,16 +19,24 @@ from cloud.api import Services, create_app
 from cloud.api.auth import Tokens
 from cloud.config import resolve_settings
 from cloud.fleet.mqtt import Endpoint
+from tests.integration import test_store_postgres
 from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "dashboard-http-token-0123456789"
+postgres = test_store_postgres.postgres
+fresh_database = test_store_postgres.db_url
+"""The store tests' PostgreSQL server and a fresh database on it (pytest names a fixture by the
+module attribute that holds it)."""
 
 
-async def _client(tmp_path: Path, dashboard: bool = True) -> AsyncIterator[TestClient]:
+async def _client(
+    tmp_path: Path, dashboard: bool = True, database: str | None = None
+) -> AsyncIterator[TestClient]:
     services = Services.open(
-        resolve_settings(tmp_path / "data", env={}), Endpoint.parse(f"mqtt://127.0.0.1:{free_port()}")
+        resolve_settings(tmp_path / "data", database, env={}),
+        Endpoint.parse(f"mqtt://127.0.0.1:{free_port()}"),
     )
     app = create_app(services, Tokens((TOKEN.encode(),), "test"), dashboard=dashboard)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
@@ -144,6 +152,15 @@ async def test_the_session_does_not_open_the_rest_api(client: TestClient) -> Non
 
 
 async def test_devices_page_filters_sorts_and_pages_in_the_store(client: TestClient) -> None:
+    await _devices_page(client)
+
+
+async def test_devices_page_on_postgresql(tmp_path: Path, fresh_database: str) -> None:
+    async for client in _client(tmp_path, database=fresh_database):
+        await _devices_page(client)
+
+
+async def _devices_page(client: TestClient) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     for i in range(60):
         body = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from cloud.dashboard.watch import watcher_context
 from cloud.dashboard.web import PREFIX, env_key, redirect, secure, sessions_key
 
 STATIC_DIR = Path(__file__).parent / "static"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def is_dashboard_path(path: str) -> bool:
@@ -23,6 +25,26 @@ def is_dashboard_path(path: str) -> bool:
 
 async def _root(_request: web.Request) -> web.StreamResponse:
     raise redirect(f"{PREFIX}/")
+
+
+ROUTES: tuple[tuple[str, str, Handler, str], ...] = (
+    ("GET", "/", _root, "root"),
+    ("GET", PREFIX, _root, "prefix"),
+    ("GET", f"{PREFIX}/login", login.login_form, "login_form"),
+    ("POST", f"{PREFIX}/login", login.login, "login"),
+    ("POST", f"{PREFIX}/logout", login.logout, "logout"),
+    ("GET", f"{PREFIX}/", pages.overview_page, "overview"),
+    ("GET", f"{PREFIX}/devices", pages.devices_page, "devices"),
+    ("GET", f"{PREFIX}/devices/{{id}}", pages.device_page_view, "device"),
+    ("GET", f"{PREFIX}/devices/{{id}}/modules/{{module}}/logs", actions.module_logs, "logs"),
+    ("POST", f"{PREFIX}/devices/{{id}}/modules/{{module}}/restart", actions.restart_module, "restart"),
+    ("GET", f"{PREFIX}/deployments", pages.deployments_page, "deployments"),
+    ("GET", f"{PREFIX}/deployments/{{name}}", pages.deployment_page, "deployment"),
+    ("POST", f"{PREFIX}/deployments/{{name}}/{{action}}", actions.deployment_action, "deployment_action"),
+    ("GET", f"{PREFIX}/models", pages.models_page, "models"),
+    ("GET", f"{PREFIX}/events", events.events, "events"),
+)
+"""``(method, path, handler, name)``; each route is named ``dashboard_<name>``."""
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -38,28 +60,6 @@ def setup(app: web.Application, tokens: Tokens) -> None:
     app[login.tokens_key] = tokens
     app.cleanup_ctx.append(watcher_context)
     app.on_response_prepare.append(_security_headers)
-    r = app.router
-    r.add_get("/", _root, name="dashboard_root")
-    r.add_get(PREFIX, _root, name="dashboard_prefix")
-    r.add_get(f"{PREFIX}/login", login.login_form, name="dashboard_login_form")
-    r.add_post(f"{PREFIX}/login", login.login, name="dashboard_login")
-    r.add_post(f"{PREFIX}/logout", login.logout, name="dashboard_logout")
-    r.add_get(f"{PREFIX}/", pages.overview_page, name="dashboard_overview")
-    r.add_get(f"{PREFIX}/devices", pages.devices_page, name="dashboard_devices")
-    r.add_get(f"{PREFIX}/devices/{{id}}", pages.device_page_view, name="dashboard_device")
-    r.add_get(f"{PREFIX}/devices/{{id}}/modules/{{module}}/logs", actions.module_logs, name="dashboard_logs")
-    r.add_post(
-        f"{PREFIX}/devices/{{id}}/modules/{{module}}/restart",
-        actions.restart_module,
-        name="dashboard_restart",
-    )
-    r.add_get(f"{PREFIX}/deployments", pages.deployments_page, name="dashboard_deployments")
-    r.add_get(f"{PREFIX}/deployments/{{name}}", pages.deployment_page, name="dashboard_deployment")
-    r.add_post(
-        f"{PREFIX}/deployments/{{name}}/{{action}}",
-        actions.deployment_action,
-        name="dashboard_deployment_action",
-    )
-    r.add_get(f"{PREFIX}/models", pages.models_page, name="dashboard_models")
-    r.add_get(f"{PREFIX}/events", events.events, name="dashboard_events")
-    r.add_static(f"{PREFIX}/static", STATIC_DIR, name="dashboard_static", append_version=True)
+    for method, path, fn, name in ROUTES:
+        app.router.add_route(method, path, fn, name=f"dashboard_{name}")
+    app.router.add_static(f"{PREFIX}/static", STATIC_DIR, name="dashboard_static", append_version=True)

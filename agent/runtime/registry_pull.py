@@ -1,0 +1,484 @@
+"""A resumable, verified OCI distribution client: the agent's own image pulls (asyncio, aiohttp).
+
+``RegistryPuller.pull(image, auth)`` reads the manifest (Docker v2 schema 2 or OCI; a multi-arch
+index or manifest list resolves to ``linux/<this machine's arch>``), then fetches the config and
+every layer into the ``BlobStore``:
+
+- a blob already in the store is never fetched again (a model-only update moves only the model
+  layer when the lower layers came with an earlier pull);
+- a download goes to ``<digest>.partial`` and, after a link drop or an agent restart, resumes
+  with an HTTP ``Range`` request from the bytes already there;
+- every blob's sha256 is checked before it is kept (the manifest's too, against the pinned
+  digest or the index entry): a mismatch is refused loudly (``PullError``) and deleted;
+- all pulls share one ``TokenBucket`` (the device's bandwidth budget);
+- a stalled link (no byte for ``stall_timeout_s``) or a dropped connection is retried with
+  back-off, resuming each time; after ``retries`` tries in a row without a new byte the pull fails
+  (the partial file stays, the next pull resumes it).
+
+Auth: anonymous, HTTP basic, or the registry token flow (``WWW-Authenticate: Bearer realm=...``,
+the token fetched with the credentials as basic auth). Registries on loopback addresses and those
+in ``plain_http`` are spoken to over plain HTTP (like Docker's insecure registries); others over
+HTTPS. ``progress`` is called with a ``PullProgress`` as bytes arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import json
+import logging
+import platform
+import re
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from agent.runtime.blobs import BlobStore, DigestMismatch, Hasher, digest_hex, sha256_digest
+from agent.runtime.pull_policy import TokenBucket
+from modules.contract import DEFAULT_REGISTRY, PullProgress, registry_of, split_image_ref
+
+log = logging.getLogger(__name__)
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+ACCEPT = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
+CHUNK = 64 * 1024
+MAX_MANIFEST = 4 * 1024 * 1024
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
+_CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
+
+ProgressSink = Callable[[PullProgress], None]
+
+
+class PullError(Exception):
+    """A pull that cannot complete; the message says what the registry or the link did."""
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A blob named by a manifest."""
+
+    digest: str
+    size: int
+    media_type: str = ""
+
+
+@dataclass(frozen=True)
+class PulledImage:
+    """An image whose manifest, config and layers are all in the blob store, verified."""
+
+    reference: str
+    manifest_digest: str
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+
+    @property
+    def digests(self) -> frozenset[str]:
+        """Every blob the image is made of (manifest, config, layers)."""
+        return frozenset({self.manifest_digest, self.config.digest, *(d.digest for d in self.layers)})
+
+    @property
+    def size(self) -> int:
+        """Bytes of config and layers (compressed, as stored)."""
+        return self.config.size + sum(d.size for d in self.layers)
+
+
+def machine_arch() -> str:
+    """This machine's architecture as OCI platforms name it (``amd64``, ``arm64``, ...)."""
+    machine = platform.machine().lower()
+    return _ARCH.get(machine, machine)
+
+
+def _is_loopback(registry: str) -> bool:
+    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _descriptor(raw: Mapping[str, Any], where: str) -> Descriptor:
+    try:
+        digest, size = str(raw["digest"]), int(raw["size"])
+        digest_hex(digest)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PullError(f"{where}: a malformed descriptor ({e})") from None
+    if size < 0:
+        raise PullError(f"{where}: negative size {size}")
+    return Descriptor(digest, size, str(raw.get("mediaType", "")))
+
+
+def choose_platform(index: Mapping[str, Any], arch: str, os_name: str = "linux") -> Descriptor:
+    """The index entry for ``os_name/arch``; ``PullError`` listing what the index offers otherwise."""
+    offered = []
+    for entry in index.get("manifests") or []:
+        plat = entry.get("platform") or {}
+        offered.append(f"{plat.get('os')}/{plat.get('architecture')}")
+        if plat.get("os") == os_name and plat.get("architecture") == arch:
+            return _descriptor(entry, "image index")
+    raise PullError(f"the image has no {os_name}/{arch} variant (it offers {', '.join(offered) or 'none'})")
+
+
+def parse_manifest(body: bytes) -> tuple[Descriptor, tuple[Descriptor, ...]]:
+    """``(config, layers)`` of an image manifest; ``PullError`` when it is not one."""
+    try:
+        doc = json.loads(body)
+        config = _descriptor(doc["config"], "manifest config")
+        layers = tuple(_descriptor(layer, f"manifest layer {i}") for i, layer in enumerate(doc["layers"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise PullError(f"the manifest is not an image manifest ({e})") from None
+    return config, layers
+
+
+@dataclass
+class _Progress:
+    """Running totals of one pull, turned into ``PullProgress`` for the sink."""
+
+    image: str
+    sink: ProgressSink | None
+    total: int | None = None
+    done: int = 0
+    resumed: int = 0
+    started: float = field(default_factory=time.monotonic)
+    fetched: int = 0
+
+    def emit(self) -> None:
+        if self.sink is None:
+            return
+        elapsed = time.monotonic() - self.started
+        rate = self.fetched / elapsed if elapsed > 1 and self.fetched else None
+        eta = None
+        if rate and self.total is not None:
+            eta = max(self.total - self.done, 0) / rate
+        self.sink(
+            PullProgress(
+                image=self.image,
+                bytes_done=self.done,
+                bytes_total=self.total,
+                bytes_per_s=round(rate, 1) if rate else None,
+                eta_s=round(eta, 1) if eta is not None else None,
+                resumed_bytes=self.resumed,
+            )
+        )
+
+
+class RegistryPuller:
+    """Pulls images into a ``BlobStore`` over HTTP(S), resuming and verifying (module docstring)."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        *,
+        bucket: TokenBucket | None = None,
+        plain_http: Collection[str] = (),
+        stall_timeout_s: float = 30.0,
+        retries: int = 5,
+        retry_max_s: float = 30.0,
+        arch: str | None = None,
+    ) -> None:
+        self.store = store
+        self.bucket = bucket
+        self.plain_http = frozenset(plain_http)
+        self.stall_timeout_s = stall_timeout_s
+        self.retries = retries
+        self.retry_max_s = retry_max_s
+        self.arch = arch or machine_arch()
+        self.bytes_received = 0
+        """Body bytes received from registries by this puller (all pulls), for tests and benchmarks."""
+        self._tokens: dict[tuple[str, str], str] = {}
+
+    def base_url(self, registry: str) -> str:
+        """``http(s)://registry/v2`` for ``registry`` (Docker Hub's API host for ``docker.io``)."""
+        host = "registry-1.docker.io" if registry == DEFAULT_REGISTRY else registry
+        scheme = "http" if registry in self.plain_http or _is_loopback(registry) else "https"
+        return f"{scheme}://{host}/v2"
+
+    async def pull(
+        self, image: str, auth: tuple[str, str] | None = None, progress: ProgressSink | None = None
+    ) -> PulledImage:
+        """Fetch ``image`` (manifest, config, layers) into the blob store; see the module docstring."""
+        parts = split_image_ref(image)
+        registry = registry_of(image)
+        repository = parts.repository
+        if repository.startswith(registry + "/"):
+            repository = repository[len(registry) + 1 :]
+        elif registry == DEFAULT_REGISTRY and "/" not in repository:
+            repository = f"library/{repository}"
+        reference = parts.digest or parts.tag or "latest"
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.stall_timeout_s, sock_read=self.stall_timeout_s
+        )
+        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+            repo = _Repo(self, session, self.base_url(registry), repository, auth)
+            manifest_digest, body = await self._manifest(repo, reference, parts.digest)
+            config, layers = parse_manifest(body)
+            track = _Progress(image, progress)
+            track.total = config.size + sum(d.size for d in layers)
+            for blob in (config, *layers):
+                if await asyncio.to_thread(self.store.has, blob.digest):
+                    track.done += blob.size
+            track.emit()
+            for blob in (config, *layers):
+                await self._blob(repo, blob, track)
+            if not await asyncio.to_thread(self.store.has, manifest_digest):
+                await asyncio.to_thread(self.store.put, manifest_digest, body)
+        return PulledImage(image, manifest_digest, config, layers)
+
+    async def _manifest(self, repo: _Repo, reference: str, pinned: str | None) -> tuple[str, bytes]:
+        """The image manifest's digest and bytes (through an index when the reference names one)."""
+        if pinned is not None and await asyncio.to_thread(self.store.has, pinned):
+            body = await asyncio.to_thread(self.store.read, pinned)
+            if json.loads(body).get("mediaType") not in INDEX_TYPES:
+                return pinned, body  # pinned and kept from an earlier pull: no registry needed
+        media_type, body = await repo.manifest(reference)
+        actual = sha256_digest(body)
+        if pinned is not None and actual != pinned:
+            raise PullError(f"the registry sent a manifest with digest {actual} for {pinned}: refused")
+        doc = _json(body, "manifest")
+        kind = doc.get("mediaType") or media_type
+        if kind in INDEX_TYPES or "manifests" in doc:
+            child = choose_platform(doc, self.arch)
+            _, body = await repo.manifest(child.digest)
+            actual = sha256_digest(body)
+            if actual != child.digest:
+                raise PullError(
+                    f"the registry sent a manifest with digest {actual} for {child.digest}: refused"
+                )
+        elif kind not in IMAGE_TYPES and "layers" not in doc:
+            raise PullError(f"unsupported manifest type {kind!r} (schema 1 images are not supported)")
+        return actual, body
+
+    async def _blob(self, repo: _Repo, blob: Descriptor, track: _Progress) -> None:
+        """Download one blob into the store, resuming after link drops; verify it."""
+        store = self.store
+        if await asyncio.to_thread(store.has, blob.digest):
+            return
+        fruitless = 0
+        while True:
+            have = await asyncio.to_thread(store.partial_size, blob.digest)
+            if have > blob.size:
+                await asyncio.to_thread(store.remove, [blob.digest])
+                have = 0
+            if have:
+                track.resumed += have
+                track.done += have
+                log.info("resuming %s of %s at byte %d of %d", blob.digest[:19], track.image, have, blob.size)
+            before = have
+            try:
+                have = await self._fetch(repo, blob, have, track)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                now_have = await asyncio.to_thread(store.partial_size, blob.digest)
+                track.done -= now_have  # re-counted from the partial file on the next round
+                fruitless = 0 if now_have > before else fruitless + 1
+                if fruitless >= self.retries:
+                    raise PullError(
+                        f"link to {repo.base} lost while fetching {blob.digest} ({_why(exc)}); "
+                        f"{now_have} of {blob.size} bytes kept, the next pull resumes there"
+                    ) from None
+                delay = min(2.0**fruitless, self.retry_max_s)
+                log.warning(
+                    "pull of %s: %s; %d of %d bytes of %s kept, resuming in %.0f s",
+                    track.image,
+                    _why(exc),
+                    now_have,
+                    blob.size,
+                    blob.digest[:19],
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            return
+
+    async def _fetch(self, repo: _Repo, blob: Descriptor, have: int, track: _Progress) -> int:
+        """One GET of the blob from byte ``have``; returns the size once verified and committed."""
+        store = self.store
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        async with repo.get(f"blobs/{blob.digest}", headers) as resp:
+            if resp.status == 416 and have:  # the partial is whole already (or longer than the blob)
+                return await self._commit(blob, have)
+            if resp.status not in (200, 206):
+                raise PullError(f"blob {blob.digest}: {await _registry_error(resp)}")
+            if resp.status == 200 and have:
+                log.info(
+                    "the registry ignored the Range request: %s starts again from zero", blob.digest[:19]
+                )
+                track.done -= have
+                track.resumed -= have
+                have = 0
+            hasher = await asyncio.to_thread(Hasher.resume, store.partial(blob.digest), have)
+            f = await asyncio.to_thread(store.open_partial, blob.digest, have)
+            try:
+                last_emit = 0.0
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    if self.bucket is not None:
+                        await self.bucket.take(len(chunk))
+                    self.bytes_received += len(chunk)
+                    have += len(chunk)
+                    if have > blob.size:
+                        raise PullError(f"blob {blob.digest} is longer than the manifest's {blob.size} bytes")
+                    hasher.update(chunk)
+                    await asyncio.to_thread(f.write, chunk)
+                    track.done += len(chunk)
+                    track.fetched += len(chunk)
+                    if time.monotonic() - last_emit >= 0.5:
+                        last_emit = time.monotonic()
+                        track.emit()
+            finally:
+                await asyncio.to_thread(f.close)
+        if have != blob.size:
+            raise aiohttp.ClientPayloadError(f"connection ended at byte {have} of {blob.size}")
+        try:
+            await asyncio.to_thread(store.commit, blob.digest, hasher.digest())
+        except DigestMismatch as e:
+            track.done -= have
+            raise PullError(str(e)) from None
+        track.emit()
+        return have
+
+    async def _commit(self, blob: Descriptor, have: int) -> int:
+        hasher = await asyncio.to_thread(Hasher.resume, self.store.partial(blob.digest), have)
+        try:
+            await asyncio.to_thread(self.store.commit, blob.digest, hasher.digest())
+        except DigestMismatch as e:
+            raise PullError(str(e)) from None
+        return have
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no data (stalled)"
+    return str(exc) or type(exc).__name__
+
+
+def _json(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except ValueError as e:
+        raise PullError(f"the {what} is not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise PullError(f"the {what} is not a JSON object")
+    return doc
+
+
+async def _registry_error(resp: aiohttp.ClientResponse) -> str:
+    """``HTTP <status>: <the registry's error codes and messages>``."""
+    try:
+        body = await resp.read()
+        errors = json.loads(body).get("errors") or []
+        text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or body[:200].decode()
+    except Exception:
+        text = resp.reason or ""
+    return f"HTTP {resp.status} {text}".strip()
+
+
+class _Repo:
+    """One repository on one registry, with the auth the registry asks for (basic or bearer token)."""
+
+    def __init__(
+        self,
+        puller: RegistryPuller,
+        session: aiohttp.ClientSession,
+        base: str,
+        repository: str,
+        auth: tuple[str, str] | None,
+    ) -> None:
+        self.puller = puller
+        self.session = session
+        self.base = base
+        self.repository = repository
+        self.auth = auth
+        self._authorization = puller._tokens.get((base, repository))
+
+    async def manifest(self, reference: str) -> tuple[str, bytes]:
+        """``(content type, body)`` of the manifest ``reference`` (tag or digest)."""
+        try:
+            async with self.get(f"manifests/{reference}", {"Accept": ACCEPT}) as resp:
+                if resp.status != 200:
+                    raise PullError(f"manifest {self.repository}:{reference}: {await _registry_error(resp)}")
+                body = await resp.content.read(MAX_MANIFEST + 1)
+                if len(body) > MAX_MANIFEST:
+                    raise PullError(
+                        f"manifest {self.repository}:{reference} is larger than {MAX_MANIFEST} bytes"
+                    )
+                self.puller.bytes_received += len(body)
+                return resp.headers.get("Content-Type", "").split(";")[0].strip(), body
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise PullError(f"cannot reach {self.base}: {_why(e)}") from None
+
+    def get(self, path: str, headers: Mapping[str, str]) -> _AuthedGet:
+        """A GET of ``<base>/<repository>/<path>`` that answers the registry's auth challenge once."""
+        return _AuthedGet(self, f"{self.base}/{self.repository}/{path}", dict(headers))
+
+    async def authorize(self, challenge: str) -> None:
+        """Set the ``Authorization`` header the challenge asks for (basic, or a fetched token)."""
+        scheme, _, params = challenge.partition(" ")
+        if scheme.lower() == "basic":
+            if self.auth is None:
+                raise PullError(f"{self.base} needs credentials and the desired state gives none")
+            self._authorization = "Basic " + base64.b64encode(":".join(self.auth).encode()).decode()
+        elif scheme.lower() == "bearer":
+            self._authorization = "Bearer " + await self._token(dict(_CHALLENGE_RE.findall(params)))
+        else:
+            raise PullError(f"{self.base} asks for unsupported auth {scheme!r}")
+        self.puller._tokens[(self.base, self.repository)] = self._authorization
+
+    async def _token(self, params: dict[str, str]) -> str:
+        realm = params.get("realm")
+        if not realm:
+            raise PullError(f"{self.base} sent a bearer challenge without a realm")
+        query = {"scope": params.get("scope") or f"repository:{self.repository}:pull"}
+        if params.get("service"):
+            query["service"] = params["service"]
+        basic = aiohttp.BasicAuth(*self.auth) if self.auth else None
+        async with self.session.get(realm, params=query, auth=basic) as resp:
+            if resp.status != 200:
+                raise PullError(f"token from {realm} refused: {await _registry_error(resp)}")
+            doc = await resp.json(content_type=None)
+        token = doc.get("token") or doc.get("access_token")
+        if not token:
+            raise PullError(f"{realm} answered without a token")
+        return str(token)
+
+
+class _AuthedGet:
+    """``async with`` a GET that retries once with the credentials a 401 challenge asked for."""
+
+    def __init__(self, repo: _Repo, url: str, headers: dict[str, str]) -> None:
+        self.repo, self.url, self.headers = repo, url, headers
+        self._resp: aiohttp.ClientResponse | None = None
+
+    async def _send(self) -> aiohttp.ClientResponse:
+        headers = dict(self.headers)
+        if self.repo._authorization:
+            headers["Authorization"] = self.repo._authorization
+        return await self.repo.session.get(self.url, headers=headers)
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        resp = await self._send()
+        if resp.status == 401:
+            challenge = resp.headers.get("WWW-Authenticate", "")
+            resp.release()
+            if self.repo._authorization and not challenge.lower().startswith("bearer"):
+                raise PullError(f"{self.url}: the registry refused the credentials (HTTP 401)")
+            await self.repo.authorize(challenge)
+            resp = await self._send()
+            if resp.status == 401:
+                resp.release()
+                raise PullError(f"{self.url}: the registry refused the credentials (HTTP 401)")
+        self._resp = resp
+        return resp
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._resp is not None:
+            self._resp.release()

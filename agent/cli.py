@@ -51,15 +51,28 @@ log = logging.getLogger("agent")
 
 def build_runtime(config: AgentConfig, images_dir: Path | None = None) -> ModuleRuntime:
     """The module runtime the configuration names (Docker Engine or local processes)."""
+    credentials = {name: (s.username, s.read_password()) for name, s in config.registry_secrets.items()}
+    puller, pulls = config.pull.puller(config.state_dir), config.pull.tracker()
     if config.runtime == "process":
         from agent.runtime.process import ProcessRuntime
 
-        return ProcessRuntime(config.state_dir, images_dir or config.images_dir)
+        return ProcessRuntime(
+            config.state_dir,
+            images_dir or config.images_dir,
+            credentials=credentials,
+            sealing_key=config.sealing_private_key(),
+            device_id=config.device_id,
+            puller=puller,
+            pulls=pulls,
+        )
     from agent.runtime.docker import DockerRuntime
 
-    credentials = {name: (s.username, s.read_password()) for name, s in config.registry_secrets.items()}
     return DockerRuntime(
-        device_id=config.device_id, credentials=credentials, sealing_key=config.sealing_private_key()
+        device_id=config.device_id,
+        credentials=credentials,
+        sealing_key=config.sealing_private_key(),
+        puller=puller,
+        pulls=pulls,
     )
 
 

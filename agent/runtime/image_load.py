@@ -3,8 +3,6 @@
 ``docker_archive`` streams the ``docker save`` layout (``manifest.json``, the config, one file
 per layer) straight from the blob store, without a temporary copy; Docker Engine accepts the
 layers compressed as the registry served them and skips the layers it already has.
-``loaded_tag`` is the tag the image gets: its own tag, or ``<repo>:sha256-<hex>`` for a
-reference pinned by digest (``docker load`` cannot set a repository digest).
 ``unpack_module`` lays the image's ``/module`` folder out for the process runtime, applying the
 layers in order (whiteouts included) into a temporary folder renamed into place when complete.
 Blocking: call these off the event loop.
@@ -23,18 +21,9 @@ from pathlib import Path
 
 from agent.runtime.blobs import READ_CHUNK, BlobStore, digest_hex
 from agent.runtime.registry_pull import PulledImage
-from modules.contract import split_image_ref
 
 BLOCK = 512
 MODULE_ROOT = "module"
-
-
-def loaded_tag(image: str) -> str:
-    """The ``repo:tag`` Docker Engine knows an image by after the agent loaded it."""
-    parts = split_image_ref(image)
-    if parts.digest:
-        return f"{parts.repository}:sha256-{digest_hex(parts.digest)}"
-    return f"{parts.repository}:{parts.tag or 'latest'}"
 
 
 def _header(name: str, size: int) -> bytes:

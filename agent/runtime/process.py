@@ -7,9 +7,11 @@ unpacked module directory, laid out like ``/module`` inside an image (``module.j
     <images_dir>/<repository>/<tag>/            for  registry/repo:tag
     <images_dir>/<repository>/sha256-<hex>/     for  registry/repo@sha256:<hex> (the digest wins)
 
-(image references keep the contract's grammar; a directory path is not one). This runtime cannot
-download anything: ``pull`` succeeds when the directory is there and otherwise fails with the
-path it expected, so whatever provisions the device (or the simulator) unpacks modules there.
+(image references keep the contract's grammar; a directory path is not one). Without a
+``RegistryPuller`` this runtime downloads nothing: ``pull`` succeeds when the directory is there
+and otherwise fails with the path it expected, so whatever provisions the device (or the
+simulator) unpacks modules there. With one (``pull.method: resumable``), ``pull`` fetches the
+image from its registry (resuming, verified) and unpacks its ``/module`` folder there.
 
 Each module has a folder ``<state_dir>/modules/<name>/`` with ``record.json`` (what a container's
 labels and state would hold) and ``module.log`` (stdout and stderr; ``logs`` tails it). The
@@ -48,6 +50,7 @@ import shutil
 import signal
 import socket
 import sys
+import tarfile
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -55,11 +58,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 import modules
 from agent.actions import Create, Pull, Remove, Restart, Start, Stop
+from agent.credentials import CredentialError, Credentials, pull_auth
 from agent.observed import ObservedModule
 from agent.runtime import Observation, RuntimeActionError
+from agent.runtime.image_load import unpack_module
 from agent.runtime.pulls import PullTracker
+from agent.runtime.registry_pull import RegistryPuller
 from modules.contract import (
     INSTANCE_ENV,
     DesiredModule,
@@ -215,13 +223,25 @@ class ProcessRuntime:
         python: str = sys.executable,
         stop_timeout_s: float = 10.0,
         proc_root: Path = Path("/proc"),
+        puller: RegistryPuller | None = None,
+        pulls: PullTracker | None = None,
+        credentials: Credentials | None = None,
+        sealing_key: X25519PrivateKey | None = None,
+        device_id: str = "",
     ) -> None:
+        """``puller``: fetch missing images from their registry and unpack them (else a missing
+        module directory fails the pull); ``pulls``: the tracker (update window); ``credentials``,
+        ``sealing_key`` and ``device_id`` open the registry credentials of the desired state."""
         self.root = Path(state_dir) / "modules"
         self.images_dir = Path(images_dir)
         self.python = python
         self.stop_timeout_s = stop_timeout_s
         self.proc_root = proc_root
-        self.pulls = PullTracker()
+        self.puller = puller
+        self.pulls = pulls or PullTracker()
+        self.credentials: Credentials = credentials or {}
+        self.sealing_key = sealing_key
+        self.device_id = device_id
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._records: dict[str, ProcessRecord] = {}
@@ -381,15 +401,31 @@ class ProcessRuntime:
     # --- pulling -------------------------------------------------------------------------------
 
     async def pull(self, action: Pull) -> None:
-        """Check in the background that the module directory for ``action.image`` is unpacked."""
+        """In the background: fetch and unpack ``action.image`` (with a puller), else check that its
+        module directory is unpacked."""
         path = image_dir(self.images_dir, action.image)
+        puller = self.puller
 
         async def check() -> None:
-            if not (path / "module.json").is_file():
+            if (path / "module.json").is_file():
+                return
+            if puller is None:
                 raise RuntimeError(
-                    "the process runtime cannot download images; "
+                    "the process runtime has no registry puller (pull.method: engine); "
                     f"unpack the module (module.json, models/) into {path}"
                 )
+            try:
+                auth = pull_auth(action.credentials, self.device_id, self.credentials, self.sealing_key)
+            except CredentialError as e:
+                raise RuntimeError(str(e)) from None
+            pulled = await puller.pull(
+                action.image, auth, progress=lambda p: self.pulls.report(action.image, p)
+            )
+            try:
+                await asyncio.to_thread(unpack_module, puller.store, pulled, path)
+            except (OSError, ValueError, tarfile.TarError) as e:
+                raise RuntimeError(f"cannot unpack {action.image} into {path}: {e}") from None
+            log.info("unpacked %s into %s", action.image, path)
 
         self.pulls.start(action.image, check)
 

@@ -33,13 +33,14 @@ import re
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from agent.runtime.blobs import BlobStore, DigestMismatch, Hasher, digest_hex, sha256_digest
 from agent.runtime.pull_policy import TokenBucket
 from modules.contract import DEFAULT_REGISTRY, PullProgress, registry_of, split_image_ref
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,8 @@ class RegistryPuller:
         self, image: str, auth: tuple[str, str] | None = None, progress: ProgressSink | None = None
     ) -> PulledImage:
         """Fetch ``image`` (manifest, config, layers) into the blob store; see the module docstring."""
+        import aiohttp  # here, not at import: an agent that never pulls does not carry it (~10 MB)
+
         parts = split_image_ref(image)
         registry = registry_of(image)
         repository = parts.repository
@@ -261,6 +264,8 @@ class RegistryPuller:
 
     async def _blob(self, repo: _Repo, blob: Descriptor, track: _Progress) -> None:
         """Download one blob into the store, resuming after link drops; verify it."""
+        import aiohttp
+
         store = self.store
         if await asyncio.to_thread(store.has, blob.digest):
             return
@@ -302,6 +307,8 @@ class RegistryPuller:
 
     async def _fetch(self, repo: _Repo, blob: Descriptor, have: int, track: _Progress) -> int:
         """One GET of the blob from byte ``have``; returns the size once verified and committed."""
+        import aiohttp
+
         store = self.store
         headers = {"Range": f"bytes={have}-"} if have else {}
         async with repo.get(f"blobs/{blob.digest}", headers) as resp:
@@ -402,6 +409,8 @@ class _Repo:
 
     async def manifest(self, reference: str) -> tuple[str, bytes]:
         """``(content type, body)`` of the manifest ``reference`` (tag or digest)."""
+        import aiohttp
+
         try:
             async with self.get(f"manifests/{reference}", {"Accept": ACCEPT}) as resp:
                 if resp.status != 200:
@@ -434,6 +443,8 @@ class _Repo:
         self.puller._tokens[(self.base, self.repository)] = self._authorization
 
     async def _token(self, params: dict[str, str]) -> str:
+        import aiohttp
+
         realm = params.get("realm")
         if not realm:
             raise PullError(f"{self.base} sent a bearer challenge without a realm")

@@ -58,7 +58,7 @@ def _used_networks() -> set[ipaddress.IPv4Network]:
     for line in text.splitlines():
         parts = line.split()
         if "inet" in parts:
-            used.add(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
+            used.add(ipaddress.IPv4Interface(parts[parts.index("inet") + 1]).network)  # "ip -4": IPv4 only
     return used
 
 

@@ -27,6 +27,7 @@ import gc
 import logging
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ def build_runtime(config: AgentConfig, images_dir: Path | None = None) -> Module
             device_id=config.device_id,
             puller=puller,
             pulls=pulls,
+            images=config.pull.image_book(config.state_dir),
+            gc_grace=timedelta(seconds=config.pull.gc_grace_s),
         )
     from agent.runtime.docker import DockerRuntime
 
@@ -73,6 +76,8 @@ def build_runtime(config: AgentConfig, images_dir: Path | None = None) -> Module
         sealing_key=config.sealing_private_key(),
         puller=puller,
         pulls=pulls,
+        images=config.pull.image_book(config.state_dir),
+        gc_grace=timedelta(seconds=config.pull.gc_grace_s),
     )
 
 

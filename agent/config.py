@@ -46,6 +46,7 @@ from agent.health import DEFAULT_START_PERIOD_S
 from agent.planner import PlannerConfig
 from agent.restart import BackoffConfig, RestartPolicyConfig
 from agent.runtime.blobs import BlobStore
+from agent.runtime.image_gc import BOOK_FILE, ImageBook
 from agent.runtime.pull_policy import TokenBucket, UpdateWindow
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import RegistryPuller
@@ -208,6 +209,18 @@ class PullSettings(_Settings):
     )
     stall_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="no byte this long: reconnect")
     progress_every_s: float = Field(default=10.0, gt=0, le=3600, description="report progress this often")
+    gc_grace_s: float = Field(
+        default=86400.0,
+        ge=0,
+        le=365 * 86400,
+        description="images the agent pulled that are neither desired nor last known good are removed "
+        "this long after they stopped being needed",
+    )
+    min_free_mb: int = Field(
+        default=200,
+        ge=0,
+        description="a pull that would leave less free disk than this fails before it starts",
+    )
 
     @field_validator("window")
     @classmethod
@@ -224,12 +237,17 @@ class PullSettings(_Settings):
         """The pull tracker with this window and progress interval."""
         return PullTracker(window=self.update_window(), progress_every_s=self.progress_every_s)
 
+    def image_book(self, state_dir: Path) -> ImageBook:
+        """The book of the images the agent pulled (``<state_dir>/images.json``)."""
+        return ImageBook(Path(state_dir) / BOOK_FILE)
+
     def puller(self, state_dir: Path) -> RegistryPuller | None:
         """The resumable puller over ``<state_dir>/blobs`` (None for ``method: engine``)."""
         if self.method != "resumable":
             return None
         return RegistryPuller(
             BlobStore(Path(state_dir) / BLOBS_DIR),
+            min_free_bytes=self.min_free_mb * 1024 * 1024,
             bucket=TokenBucket(self.max_bytes_per_s) if self.max_bytes_per_s else None,
             plain_http=self.plain_http_registries,
             stall_timeout_s=self.stall_timeout_s,

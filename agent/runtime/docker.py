@@ -32,7 +32,7 @@ import sys
 import uuid
 import warnings
 from collections.abc import Collection, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from agent.observed import ObservedModule, ObservedStatus
 from agent.runtime import Observation, RuntimeActionError
 from agent.runtime import labels as lb
 from agent.runtime.access import AccessError, docker_access
+from agent.runtime.image_gc import ImageBook, collect, unreferenced_blobs
 from agent.runtime.image_load import docker_archive
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import PulledImage, RegistryPuller
@@ -129,6 +130,8 @@ class DockerRuntime:
         init: bool = True,
         puller: RegistryPuller | None = None,
         pulls: PullTracker | None = None,
+        images: ImageBook | None = None,
+        gc_grace: timedelta = timedelta(days=1),
     ) -> None:
         """``device_id`` labels (and filters) containers so several agents may share one engine, and
         names them ``edge-<device>-<module>`` unless ``name_prefix`` says otherwise;
@@ -136,7 +139,9 @@ class DockerRuntime:
         ``log_max_size`` keeping ``log_max_files`` files; ``init`` runs Docker's init (tini) as
         PID 1, so SIGTERM reaches a server that has not installed its handler yet; ``puller``: pull
         with the agent's resumable client instead of Docker Engine's; ``pulls``: the tracker (with
-        the update window), a plain one when not given."""
+        the update window), a plain one when not given; ``images``: the book of the images this
+        agent pulled, which ``collect_images`` removes ``gc_grace`` after nothing needs them (no
+        book: nothing is ever removed)."""
         if profiles is None:
             from modules.profiles import load_profiles
 
@@ -157,6 +162,8 @@ class DockerRuntime:
         self.init = init
         self.puller = puller
         self.pulls = pulls or PullTracker()
+        self.images = images
+        self.gc_grace = gc_grace
         self._ports: dict[str, dict[str, Any]] = {}
 
     def container_name(self, module: str) -> str:
@@ -284,6 +291,8 @@ class DockerRuntime:
         if not self._image_present(image):
             raise RuntimeError(f"docker load finished but {tag} is not in Docker Engine")
         log.info("loaded %s into Docker Engine as %s (%d layers)", image, tag, len(pulled.layers))
+        if self.images is not None:
+            self.images.add(image, pulled.digests)
 
     def _pull_blocking(self, image: str, auth: dict[str, str] | None) -> None:
         if self._image_present(image):
@@ -302,6 +311,8 @@ class DockerRuntime:
             raise RuntimeError(_error_text(exc)) from None
         if not self._image_present(image):
             raise RuntimeError("the pull finished but the image is not in Docker Engine")
+        if self.images is not None:
+            self.images.add(image)
 
     def _image_present(self, image: str) -> bool:
         keys = lb.presence_keys(image)
@@ -309,6 +320,56 @@ class DockerRuntime:
             if keys & {*(found.get("RepoTags") or []), *(found.get("RepoDigests") or [])}:
                 return True
         return False
+
+    # --- image garbage collection --------------------------------------------------------------
+
+    async def collect_images(self, keep: Collection[str], now: datetime) -> list[str]:
+        """Remove the images this agent pulled that neither ``keep`` nor any of its containers
+        needed for ``gc_grace``, then the blobs no remaining image uses; the references removed."""
+        if self.images is None:
+            return []
+        return await asyncio.to_thread(self._collect_blocking, set(keep), now)
+
+    def _collect_blocking(self, keep: set[str], now: datetime) -> list[str]:
+        assert self.images is not None
+        for summary in self.client.api.containers(
+            all=True, filters={"label": lb.ownership_filters(self.device_id)}
+        ):
+            image = (summary.get("Labels") or {}).get(lb.IMAGE)
+            if image:
+                keep.add(image)  # a module that still exists keeps its image (a held old version)
+        before = self.images.load()
+        decision = collect(before, keep, now, self.gc_grace)
+        removed = []
+        book = dict(decision.book)
+        for ref in decision.remove:
+            if self._remove_image(ref):
+                removed.append(ref)
+            else:
+                book[ref] = before[ref]  # still in use (another container): tried again next time
+        if book != before:
+            self.images.save(book)
+        if self.puller is not None:
+            blobs = unreferenced_blobs(self.puller.store.digests(), book)
+            freed = self.puller.store.remove(blobs)
+            if blobs:
+                log.info("removed %d blobs nothing uses any more (%d bytes)", len(blobs), freed)
+        return removed
+
+    def _remove_image(self, ref: str) -> bool:
+        """Untag ``ref`` in Docker Engine (the image goes with its last tag); False when still in use."""
+        names = {lb.local_reference(ref), lb.loaded_tag(ref)}
+        gone = True
+        for name in sorted(names):
+            try:
+                self.client.api.remove_image(name)
+                log.info("removed image %s: neither desired nor last known good", name)
+            except docker.errors.ImageNotFound:
+                continue
+            except docker.errors.APIError as exc:
+                log.warning("image %s is kept: %s", name, _error_text(exc))
+                gone = False
+        return gone
 
     # --- lifecycle -----------------------------------------------------------------------------
 

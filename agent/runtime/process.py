@@ -54,7 +54,7 @@ import tarfile
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +65,7 @@ from agent.actions import Create, Pull, Remove, Restart, Start, Stop
 from agent.credentials import CredentialError, Credentials, pull_auth
 from agent.observed import ObservedModule
 from agent.runtime import Observation, RuntimeActionError
+from agent.runtime.image_gc import ImageBook, collect, unreferenced_blobs
 from agent.runtime.image_load import unpack_module
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import RegistryPuller
@@ -228,10 +229,14 @@ class ProcessRuntime:
         credentials: Credentials | None = None,
         sealing_key: X25519PrivateKey | None = None,
         device_id: str = "",
+        images: ImageBook | None = None,
+        gc_grace: timedelta = timedelta(days=1),
     ) -> None:
         """``puller``: fetch missing images from their registry and unpack them (else a missing
         module directory fails the pull); ``pulls``: the tracker (update window); ``credentials``,
-        ``sealing_key`` and ``device_id`` open the registry credentials of the desired state."""
+        ``sealing_key`` and ``device_id`` open the registry credentials of the desired state;
+        ``images``: the book of the modules this runtime unpacked, removed by ``collect_images``
+        ``gc_grace`` after nothing needs them (no book: nothing is ever removed)."""
         self.root = Path(state_dir) / "modules"
         self.images_dir = Path(images_dir)
         self.python = python
@@ -242,6 +247,8 @@ class ProcessRuntime:
         self.credentials: Credentials = credentials or {}
         self.sealing_key = sealing_key
         self.device_id = device_id
+        self.images = images
+        self.gc_grace = gc_grace
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._records: dict[str, ProcessRecord] = {}
@@ -426,8 +433,33 @@ class ProcessRuntime:
             except (OSError, ValueError, tarfile.TarError) as e:
                 raise RuntimeError(f"cannot unpack {action.image} into {path}: {e}") from None
             log.info("unpacked %s into %s", action.image, path)
+            if self.images is not None:
+                await asyncio.to_thread(self.images.add, action.image, pulled.digests)
 
         self.pulls.start(action.image, check)
+
+    # --- image garbage collection --------------------------------------------------------------
+
+    async def collect_images(self, keep: Collection[str], now: datetime) -> list[str]:
+        """Remove the module directories this runtime unpacked that neither ``keep`` nor a recorded
+        module needed for ``gc_grace``, then the blobs no remaining image uses; the references removed."""
+        if self.images is None:
+            return []
+        used = {record.image for record in self._records.values()}
+        return await asyncio.to_thread(self._collect_blocking, set(keep) | used, now)
+
+    def _collect_blocking(self, keep: set[str], now: datetime) -> list[str]:
+        assert self.images is not None
+        before = self.images.load()
+        decision = collect(before, keep, now, self.gc_grace)
+        for ref in decision.remove:
+            shutil.rmtree(image_dir(self.images_dir, ref), ignore_errors=True)
+            log.info("removed module image %s: neither desired nor last known good", ref)
+        if decision.book != before:
+            self.images.save(decision.book)
+        if self.puller is not None:
+            self.puller.store.remove(unreferenced_blobs(self.puller.store.digests(), decision.book))
+        return list(decision.remove)
 
     # --- lifecycle -----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import json
 import logging
 import platform
 import re
+import shutil
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ class RegistryPuller:
         retries: int = 5,
         retry_max_s: float = 30.0,
         arch: str | None = None,
+        min_free_bytes: int = 0,
     ) -> None:
         self.store = store
         self.bucket = bucket
@@ -195,6 +197,7 @@ class RegistryPuller:
         self.retries = retries
         self.retry_max_s = retry_max_s
         self.arch = arch or machine_arch()
+        self.min_free_bytes = min_free_bytes
         self.bytes_received = 0
         """Body bytes received from registries by this puller (all pulls), for tests and benchmarks."""
         self._tokens: dict[tuple[str, str], str] = {}
@@ -232,11 +235,23 @@ class RegistryPuller:
                 if await asyncio.to_thread(self.store.has, blob.digest):
                     track.done += blob.size
             track.emit()
+            await asyncio.to_thread(self._check_disk, image, track.total - track.done)
             for blob in (config, *layers):
                 await self._blob(repo, blob, track)
             if not await asyncio.to_thread(self.store.has, manifest_digest):
                 await asyncio.to_thread(self.store.put, manifest_digest, body)
         return PulledImage(image, manifest_digest, config, layers)
+
+    def _check_disk(self, image: str, needed: int) -> None:
+        """``PullError`` (before any byte is fetched) when ``needed`` bytes would leave less than
+        ``min_free_bytes`` free where the blobs go."""
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.store.root).free
+        if free - needed < self.min_free_bytes:
+            raise PullError(
+                f"disk low: {image} needs {needed / 1e6:.1f} MB more, {free / 1e6:.1f} MB are free in "
+                f"{self.store.root} and {self.min_free_bytes / 1e6:.1f} MB must stay free (pull.min_free_mb)"
+            )
 
     async def _manifest(self, repo: _Repo, reference: str, pinned: str | None) -> tuple[str, bytes]:
         """The image manifest's digest and bytes (through an index when the reference names one)."""

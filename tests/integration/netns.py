@@ -101,6 +101,7 @@ class DeviceLink:
         used = _used_networks()
         subnet = next(n for n in BASE_NET.subnets(new_prefix=30) if not any(n.overlaps(u) for u in used))
         self.host_ip, self.device_ip = (str(a) for a in subnet.hosts())
+        self.subnet = str(subnet)
         self.netem = _netem_available()
         self.relay: DelayRelay | None = None
         self._nft = False
@@ -111,6 +112,9 @@ class DeviceLink:
             _run(["ip", "link", "set", self.device_dev, "netns", self.name])
             _run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_dev])
             _run(["ip", "link", "set", self.host_dev, "up"])
+            # While the link is cut its route is gone: without this, the host would send what it
+            # meant for the device to its default gateway (which may answer) instead of losing it.
+            _run(["ip", "route", "replace", "blackhole", self.subnet, "metric", "4000"])
             self.exec(["ip", "addr", "add", f"{self.device_ip}/30", "dev", self.device_dev])
             self.exec(["ip", "link", "set", self.device_dev, "up"])
             self.exec(["ip", "link", "set", "lo", "up"])
@@ -194,6 +198,7 @@ class DeviceLink:
             self.relay.close()
         _run(["ip", "netns", "del", self.name], check=False)  # takes the device end, hence the pair
         _run(["ip", "link", "del", self.host_dev], check=False)
+        _run(["ip", "route", "del", "blackhole", self.subnet, "metric", "4000"], check=False)
 
 
 @dataclass

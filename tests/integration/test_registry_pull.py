@@ -13,6 +13,7 @@ import hashlib
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from agent.actions import Pull
 from agent.runtime.blobs import BlobStore
 from agent.runtime.docker import DockerRuntime
+from agent.runtime.image_gc import ImageBook
 from agent.runtime.process import ProcessRuntime, image_dir
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import PullError, RegistryPuller
@@ -232,3 +234,68 @@ async def test_the_process_runtime_unpacks_the_module_with_whiteouts(
         assert not (tmp_path / "images" / "etc").exists()  # only /module is unpacked
     finally:
         await runtime.close()
+
+
+async def test_gc_frees_what_it_should_and_nothing_else(
+    registry: RegistryServer, docker_client: Any, tmp_path: Path, loaded_images: list[str]
+) -> None:
+    name = repo()
+    shared = base_layer(20_000)
+    refs = {}
+    for tag in ("desired", "good", "old", "busy"):
+        pushed = push_image(registry.address, name, tag, [shared, model_layer(10_000)])
+        refs[tag] = pushed
+        loaded_images.append(pushed.reference)
+    foreign = push_image(registry.address, name, "foreign", [shared, model_layer(10_000)])
+    loaded_images.append(foreign.reference)
+    store = BlobStore(tmp_path / "blobs")
+    book = ImageBook(tmp_path / "images.json")
+    puller = RegistryPuller(store)
+    runtime = DockerRuntime(
+        docker_client, profiles={}, device_id="d13gc", puller=puller, images=book, gc_grace=timedelta(0)
+    )
+    busy_container = None
+    try:
+        for pushed in refs.values():
+            await runtime.pull(Pull(module="m", image=pushed.reference, reason="test"))
+            await runtime.pulls.wait(pushed.reference)
+        # Loaded by someone else (not through this agent): never the agent's to remove.
+        other = RegistryPuller(BlobStore(tmp_path / "other-blobs"))
+        DockerRuntime(docker_client, profiles={}, puller=other)._load_blocking(
+            await other.pull(foreign.reference)
+        )
+        # A container nobody labelled uses "busy": Docker refuses to remove it, so it stays.
+        busy_container = docker_client.containers.create(
+            refs["busy"].reference, name=f"gc-busy-{uuid.uuid4().hex[:8]}"
+        )
+        keep = {refs["desired"].reference, refs["good"].reference}
+        now = datetime.now(timezone.utc)
+        assert await runtime.collect_images(keep, now) == []  # first seen unneeded: marked only
+        removed = await runtime.collect_images(keep, now + timedelta(seconds=1))
+        assert removed == [refs["old"].reference]
+        present = {t for image in docker_client.images.list() for t in image.tags}
+        for tag in ("desired", "good", "busy"):
+            assert refs[tag].reference in present, tag
+        assert foreign.reference in present
+        assert refs["old"].reference not in present
+        assert set(book.load()) == {refs["desired"].reference, refs["good"].reference, refs["busy"].reference}
+        assert not store.has(refs["old"].layers[1].digest)  # its own model layer is gone
+        assert store.has(shared.digest)  # the layer other images share stays
+        assert store.has(refs["desired"].layers[1].digest)
+    finally:
+        if busy_container is not None:
+            busy_container.remove(force=True)
+        await runtime.close()
+
+
+async def test_disk_low_fails_the_pull_before_any_blob_is_fetched(
+    registry: RegistryServer, store: BlobStore
+) -> None:
+    pushed = push_image(registry.address, repo(), "1", [base_layer(10_000)])
+    puller = RegistryPuller(store, min_free_bytes=1 << 62)
+    with pytest.raises(
+        PullError, match=r"disk low: .* needs 0\.0\d* MB more, .* MB are free in .*pull\.min_free_mb"
+    ):
+        await puller.pull(pushed.reference)
+    assert puller.bytes_received == len(pushed.manifest)
+    assert store.digests() == set()

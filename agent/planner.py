@@ -8,9 +8,10 @@ Its rules, per module:
   after a failure), else ``create`` (+ ``start`` when its desired status is ``running``);
 - desired, config changed (``config_hash``): the new image is pulled first while the old module
   keeps running (and restarting); once present: ``stop`` + ``remove`` + ``create`` (+ ``start``);
-- download first, switch later: while any image of the desired state is missing, nothing is
-  created, replaced or removed (old modules keep serving, and restarting); the pulls run, and
-  ``Plan.holding`` says how many images are still awaited; the switch comes when all are here;
+- download first, switch later: while any image of the desired state is missing, no module is
+  replaced or removed (old modules keep serving, and restarting); the pulls run, and
+  ``Plan.holding`` says how many images are still awaited; the switch comes when all are here.
+  A module that is new (nothing of it runs) starts once its own image is here: it replaces nothing;
 - desired status ``stopped``: ``stop`` when it runs;
 - exited, or unhealthy: ``restart`` as its restart policy and back-off allow, else a ``wait``;
 - observed but not desired: ``stop`` + ``remove`` (the runtime only shows this agent's modules).
@@ -174,7 +175,8 @@ def _plan_module(
     replace_it = o is None or o.config_hash != want_hash
     if replace_it and not images.is_present(m.image):
         _pull(name, m.image, images, now, cfg, credentials, keeping_old=o is not None, out=out)
-    if replace_it and out.holding is not None:
+    switch_held = out.holding is not None and o is not None  # a running version waits for all images
+    if replace_it and (switch_held or not images.is_present(m.image)):
         if o is None or o.status == "dead":
             return
         replace_it = False  # the current module keeps running (and restarting) until all images are here
@@ -351,11 +353,9 @@ def module_status(
     message: str | None = None
     if failure is not None and not pulling:
         message = f"pull of {m.image} failed: {failure.error}"
-    held = planned.holding is not None and (o is None or o.config_hash != config_hash(m))
+    held = planned.holding is not None and o is not None and o.config_hash != config_hash(m)
     if o is None:
         status: RuntimeStatus = "pulling" if pulling else "failed" if failure is not None else "stopped"
-        if held and status == "stopped":
-            status, message = "pulling", f"image here; {planned.holding}"
         return ModuleStatus(runtime_status=status, image=m.image, message=message, pull=progress)
     if pulling and o.config_hash != config_hash(m):
         message = f"runs {o.image} while pulling {m.image}"

@@ -418,8 +418,8 @@ class ProcessRuntime:
                 return
             if puller is None:
                 raise RuntimeError(
-                    "the process runtime has no registry puller (pull.method: engine); "
-                    f"unpack the module (module.json, models/) into {path}"
+                    "the process runtime cannot download images without its registry client "
+                    f"(pull.method: resumable); unpack the module (module.json, models/) into {path}"
                 )
             try:
                 auth = pull_auth(action.credentials, self.device_id, self.credentials, self.sealing_key)

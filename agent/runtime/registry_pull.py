@@ -494,14 +494,17 @@ class _AuthedGet:
         resp = await self._send()
         if resp.status == 401:
             challenge = resp.headers.get("WWW-Authenticate", "")
-            resp.release()
             if self.repo._authorization and not challenge.lower().startswith("bearer"):
-                raise PullError(f"{self.url}: the registry refused the credentials (HTTP 401)")
+                raise PullError(
+                    f"{self.url}: the registry refused the credentials ({await _registry_error(resp)})"
+                )
+            resp.release()
             await self.repo.authorize(challenge)
             resp = await self._send()
             if resp.status == 401:
-                resp.release()
-                raise PullError(f"{self.url}: the registry refused the credentials (HTTP 401)")
+                raise PullError(
+                    f"{self.url}: the registry refused the credentials ({await _registry_error(resp)})"
+                )
         self._resp = resp
         return resp
 

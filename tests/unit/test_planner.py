@@ -318,10 +318,10 @@ ROWS = {
         pulling={API1},
         expect=[("set_restart_book", "b"), ("restart", "b")],
     ),
-    "pulls come first; nothing is created before every image is here": Row(
+    "pulls come first, then a new module whose image is here starts (it replaces nothing)": Row(
         {"a": mod(API1, startup_order=1), "b": mod(WEB1, startup_order=0)},
         present={WEB1},
-        expect=[("pull", "a")],
+        expect=[("pull", "a"), ("create", "b"), ("start", "b")],
     ),
     # --- download first, switch later: a generation switches only when all its images are here --
     "update of two, one image here: pull the other, both old keep running": Row(
@@ -363,6 +363,12 @@ ROWS = {
             ("create", "web"),
             ("start", "web"),
         ],
+    ),
+    "new module beside an update whose image is missing: it starts, the update waits": Row(
+        {"web": mod(WEB2), "api": mod(API1)},
+        [seen("web", web)],
+        present={WEB1, API1},
+        expect=[("pull", "web"), ("create", "api"), ("start", "api")],
     ),
     "held old module still restarts under its policy": Row(
         {"web": mod(WEB2), "api": mod(API1)},
@@ -553,10 +559,10 @@ STATUS = {
         "running",
         f"runs {WEB1} while pulling {WEB2}",
     ),
-    "pulls come first; nothing is created before every image is here": (
-        "b",
-        "pulling",
-        "image here; waiting for 1 of 2 images of generation 1 before switching",
+    "new module beside an update whose image is missing: it starts, the update waits": (
+        "web",
+        "running",
+        f"runs {WEB1} while pulling {WEB2}",
     ),
     "update of two, one image here: pull the other, both old keep running": (
         "api",

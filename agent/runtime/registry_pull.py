@@ -200,7 +200,9 @@ class RegistryPuller:
         self.min_free_bytes = min_free_bytes
         self.bytes_received = 0
         """Body bytes received from registries by this puller (all pulls), for tests and benchmarks."""
-        self._tokens: dict[tuple[str, str], str] = {}
+        self._tokens: dict[tuple[str, str, tuple[str, str] | None], str] = {}
+        """``Authorization`` values by (registry API, repository, credentials): new credentials
+        (a rotation) never reuse what the old ones earned."""
 
     def base_url(self, registry: str) -> str:
         """``http(s)://registry/v2`` for ``registry`` (Docker Hub's API host for ``docker.io``)."""
@@ -420,7 +422,7 @@ class _Repo:
         self.base = base
         self.repository = repository
         self.auth = auth
-        self._authorization = puller._tokens.get((base, repository))
+        self._authorization = puller._tokens.get((base, repository, auth))
 
     async def manifest(self, reference: str) -> tuple[str, bytes]:
         """``(content type, body)`` of the manifest ``reference`` (tag or digest)."""
@@ -455,7 +457,7 @@ class _Repo:
             self._authorization = "Bearer " + await self._token(dict(_CHALLENGE_RE.findall(params)))
         else:
             raise PullError(f"{self.base} asks for unsupported auth {scheme!r}")
-        self.puller._tokens[(self.base, self.repository)] = self._authorization
+        self.puller._tokens[(self.base, self.repository, self.auth)] = self._authorization
 
     async def _token(self, params: dict[str, str]) -> str:
         import aiohttp

@@ -401,6 +401,11 @@ class RegistryPuller:
         return have
 
 
+def _basic(auth: tuple[str, str]) -> str:
+    """An HTTP basic ``Authorization`` value."""
+    return "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+
+
 def _why(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "no data (stalled)"
@@ -474,7 +479,7 @@ class _Repo:
         if scheme.lower() == "basic":
             if self.auth is None:
                 raise PullError(f"{self.base} needs credentials and the desired state gives none")
-            self._authorization = "Basic " + base64.b64encode(":".join(self.auth).encode()).decode()
+            self._authorization = _basic(self.auth)
         elif scheme.lower() == "bearer":
             self._authorization = "Bearer " + await self._token(dict(_CHALLENGE_RE.findall(params)))
         else:
@@ -482,16 +487,14 @@ class _Repo:
         self.puller._tokens[(self.base, self.repository, self.auth)] = self._authorization
 
     async def _token(self, params: dict[str, str]) -> str:
-        import aiohttp
-
         realm = params.get("realm")
         if not realm:
             raise PullError(f"{self.base} sent a bearer challenge without a realm")
         query = {"scope": params.get("scope") or f"repository:{self.repository}:pull"}
         if params.get("service"):
             query["service"] = params["service"]
-        basic = aiohttp.BasicAuth(*self.auth) if self.auth else None
-        async with self.session.get(realm, params=query, auth=basic) as resp:
+        headers = {"Authorization": _basic(self.auth)} if self.auth else {}
+        async with self.session.get(realm, params=query, headers=headers) as resp:
             if resp.status != 200:
                 raise PullError(f"token from {realm} refused: {await _registry_error(resp)}")
             doc = await resp.json(content_type=None)

@@ -8,6 +8,7 @@ Engine (layers as the config's diff ids) or unpacks for the process runtime.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import urllib.request
@@ -28,7 +29,8 @@ from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import PullError, RegistryPuller
 from modules.contract import PullProgress
 from tests.integration.oci_push import Layer, layer, push_image, random_bytes
-from tests.services import RegistryServer, start_or_skip
+from tests.integration.token_auth import ISSUER, SERVICE, TokenIssuer, serve_tokens
+from tests.services import RegistryServer, http_status, start_or_skip
 
 MODULE_JSON = b'{"name": "digits", "version": "1", "profile": "cpu", "models": []}'
 
@@ -163,7 +165,7 @@ async def test_basic_auth_registry(request: pytest.FixtureRequest, tmp_path: Pat
         puller = RegistryPuller(store)  # one puller throughout: a rotated credential is used at once
         with pytest.raises(PullError, match="needs credentials"):
             await puller.pull(pushed.reference)
-        with pytest.raises(PullError, match="refused the credentials .*UNAUTHORIZED"):
+        with pytest.raises(PullError, match=r"refused the credentials .*UNAUTHORIZED"):
             await puller.pull(pushed.reference, auth=("puller", "wrong"))
         pulled = await puller.pull(pushed.reference, auth=("puller", "s3cret"))
         assert pulled.manifest_digest == pushed.manifest_digest
@@ -300,3 +302,45 @@ async def test_disk_low_fails_the_pull_before_any_blob_is_fetched(
         await puller.pull(pushed.reference)
     assert puller.bytes_received == len(pushed.manifest)
     assert store.digests() == set()
+
+
+class _TokenRegistry(RegistryServer):
+    """The same registry storage, served with Docker token auth (``auth: token``)."""
+
+    def __init__(self, workdir: Path, realm: str, bundle: Path) -> None:
+        super().__init__(workdir)
+        self.config_path.write_text(
+            self.config_path.read_text()
+            + f"auth:\n  token:\n    realm: {realm}\n    service: {SERVICE}\n    issuer: {ISSUER}\n"
+            f"    rootcertbundle: {bundle}\n"
+        )
+
+    def ready(self) -> bool:
+        return http_status(f"{self.url}/v2/") == 401
+
+
+async def test_token_auth_registry(request: pytest.FixtureRequest, tmp_path: Path, store: BlobStore) -> None:
+    workdir = tmp_path / "registry"
+    workdir.mkdir()
+    plain = start_or_skip(request.config, "registry", lambda: _started(RegistryServer(workdir)))
+    name = repo()
+    try:
+        pushed = push_image(plain.address, name, "1", [base_layer(5000), model_layer(3000)])
+    finally:
+        plain.stop()
+    issuer = TokenIssuer({"puller": "s3cret"})
+    runner, realm = await serve_tokens(issuer)
+    secured = _TokenRegistry(workdir, realm, issuer.write_bundle(tmp_path / "token.pem"))
+    try:
+        await asyncio.to_thread(secured.start)
+        ref = f"{secured.address}/{name}:1"
+        puller = RegistryPuller(store)
+        with pytest.raises(PullError, match=r"token from .* refused"):
+            await puller.pull(ref, auth=("puller", "wrong"))
+        pulled = await puller.pull(ref, auth=("puller", "s3cret"))
+        assert pulled.manifest_digest == pushed.manifest_digest
+        assert issuer.issued and all(scope == f"repository:{name}:pull" for scope in issuer.issued)
+        assert len(issuer.issued) == 1, "one token serves the manifest and every blob"
+    finally:
+        secured.stop()
+        await runner.cleanup()

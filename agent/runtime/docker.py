@@ -272,8 +272,31 @@ class DockerRuntime:
         if await asyncio.to_thread(self._image_present, image):
             log.info("pull of %s skipped: the image is already here", image)
             return
-        pulled = await self.puller.pull(image, auth, progress=lambda p: self.pulls.report(image, p))
+        pulled = await self.puller.pull(
+            image, auth, progress=lambda p: self.pulls.report(image, p), present_layers=self._present_layers
+        )
         await asyncio.to_thread(self._load_blocking, pulled)
+
+    def _present_layers(self, diff_ids: list[str]) -> int:
+        """How many leading layers of ``diff_ids`` Docker Engine has (the longest prefix of an
+        image's layers): a model-only update after an engine pull fetches only the new layers."""
+        best = 0
+        for summary in self.client.api.images():
+            try:
+                layers = (self.client.api.inspect_image(summary["Id"]).get("RootFS") or {}).get(
+                    "Layers"
+                ) or []
+            except docker.errors.NotFound:
+                continue
+            common = 0
+            for mine, theirs in zip(diff_ids, layers, strict=False):
+                if mine != theirs:
+                    break
+                common += 1
+            best = max(best, common)
+            if best == len(diff_ids):
+                break
+        return best
 
     def _load_blocking(self, pulled: PulledImage) -> None:
         """``docker load`` the pulled image from the blob store, tagged ``labels.loaded_tag``."""

@@ -2,7 +2,9 @@
 
 ``docker_archive`` streams the ``docker save`` layout (``manifest.json``, the config, one file
 per layer) straight from the blob store, without a temporary copy; Docker Engine accepts the
-layers compressed as the registry served them and skips the layers it already has.
+layers compressed as the registry served them and reads a layer file only when it lacks that
+layer (by chain id), so the leading layers it already has (``PulledImage.skipped``) are named in
+``manifest.json`` but not sent.
 ``unpack_module`` lays the image's ``/module`` folder out for the process runtime, applying the
 layers in order (whiteouts included) into a temporary folder renamed into place when complete.
 Blocking: call these off the event loop.
@@ -44,9 +46,8 @@ def docker_archive(store: BlobStore, image: PulledImage, tag: str) -> Iterator[b
     manifest = json.dumps([{"Config": config_name, "RepoTags": [tag], "Layers": layer_names}]).encode()
     yield _header("manifest.json", len(manifest)) + manifest + _padding(len(manifest))
     seen: set[str] = set()
-    for name, digest in [(config_name, image.config.digest)] + [
-        (n, d.digest) for n, d in zip(layer_names, image.layers, strict=True)
-    ]:
+    kept = list(zip(layer_names, image.layers, strict=True))[image.skipped :]
+    for name, digest in [(config_name, image.config.digest)] + [(n, d.digest) for n, d in kept]:
         if name in seen:  # the same layer twice in one image: one file serves both
             continue
         seen.add(name)

@@ -61,6 +61,8 @@ _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm6
 _CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
 
 ProgressSink = Callable[[PullProgress], None]
+PresentLayers = Callable[[list[str]], int]
+"""Given an image's diff ids (bottom first): how many leading layers the destination already has."""
 
 
 class PullError(Exception):
@@ -84,11 +86,14 @@ class PulledImage:
     manifest_digest: str
     config: Descriptor
     layers: tuple[Descriptor, ...]
+    skipped: int = 0
+    """Leading layers not fetched because the destination has them (``present_layers``)."""
 
     @property
     def digests(self) -> frozenset[str]:
-        """Every blob the image is made of (manifest, config, layers)."""
-        return frozenset({self.manifest_digest, self.config.digest, *(d.digest for d in self.layers)})
+        """The blobs of the image in the store (manifest, config, layers not skipped)."""
+        kept = self.layers[self.skipped :]
+        return frozenset({self.manifest_digest, self.config.digest, *(d.digest for d in kept)})
 
     @property
     def size(self) -> int:
@@ -216,9 +221,17 @@ class RegistryPuller:
         return f"{scheme}://{host}/v2"
 
     async def pull(
-        self, image: str, auth: tuple[str, str] | None = None, progress: ProgressSink | None = None
+        self,
+        image: str,
+        auth: tuple[str, str] | None = None,
+        progress: ProgressSink | None = None,
+        present_layers: PresentLayers | None = None,
     ) -> PulledImage:
-        """Fetch ``image`` (manifest, config, layers) into the blob store; see the module docstring."""
+        """Fetch ``image`` (manifest, config, layers) into the blob store; see the module docstring.
+
+        ``present_layers(diff_ids)`` (blocking, run in a thread) may say how many leading layers
+        the destination already has (Docker Engine, from any earlier pull): those missing from the
+        store are not fetched (``PulledImage.skipped``)."""
         import aiohttp  # here, not at import: an agent that never pulls does not carry it (~10 MB)
 
         parts = split_image_ref(image)
@@ -238,15 +251,25 @@ class RegistryPuller:
             config, layers = parse_manifest(body)
             track = _Progress(image, progress)
             track.total = config.size + sum(d.size for d in layers)
-            for blob in (config, *layers):
-                if await asyncio.to_thread(self.store.has, blob.digest):
+            await self._blobs(repo, [config], track)
+            skipped = 0
+            if present_layers is not None:
+                diff_ids = await asyncio.to_thread(_diff_ids, self.store.read(config.digest), len(layers))
+                skipped = await asyncio.to_thread(present_layers, diff_ids)
+            fetch = []
+            for i, blob in enumerate(layers):
+                if i < skipped or await asyncio.to_thread(self.store.has, blob.digest):
                     track.done += blob.size
+                else:
+                    fetch.append(blob)
             track.emit()
-            await asyncio.to_thread(self._check_disk, image, track.total - track.done)
-            await self._blobs(repo, [config, *layers], track)
+            await asyncio.to_thread(self._check_disk, image, sum(b.size for b in fetch))
+            await self._blobs(repo, fetch, track)
             if not await asyncio.to_thread(self.store.has, manifest_digest):
                 await asyncio.to_thread(self.store.put, manifest_digest, body)
-        return PulledImage(image, manifest_digest, config, layers)
+        if skipped:
+            log.info("%s: %d lower layers are in Docker Engine already, not fetched", image, skipped)
+        return PulledImage(image, manifest_digest, config, layers, skipped)
 
     async def _blobs(self, repo: _Repo, blobs: list[Descriptor], track: _Progress) -> None:
         """Fetch ``blobs``, ``parallel`` at a time (one failure cancels the others, and is raised)."""
@@ -404,6 +427,17 @@ class RegistryPuller:
 def _basic(auth: tuple[str, str]) -> str:
     """An HTTP basic ``Authorization`` value."""
     return "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+
+
+def _diff_ids(config: bytes, count: int) -> list[str]:
+    """The config's ``rootfs.diff_ids``; ``PullError`` unless there is one per layer."""
+    try:
+        diff_ids = [str(d) for d in json.loads(config)["rootfs"]["diff_ids"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PullError(f"the image config has no rootfs.diff_ids ({e})") from None
+    if len(diff_ids) != count:
+        raise PullError(f"the image config names {len(diff_ids)} layers, the manifest {count}")
+    return diff_ids
 
 
 def _why(exc: BaseException) -> str:

@@ -28,7 +28,7 @@ from agent.runtime.process import ProcessRuntime, image_dir
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import PullError, RegistryPuller
 from modules.contract import PullProgress
-from tests.integration.oci_push import Layer, layer, push_image, random_bytes
+from tests.integration.oci_push import Layer, layer, push_image, random_bytes, sha256
 from tests.integration.token_auth import ISSUER, SERVICE, TokenIssuer, serve_tokens
 from tests.services import RegistryServer, http_status, start_or_skip
 
@@ -291,7 +291,7 @@ async def test_gc_frees_what_it_should_and_nothing_else(
         await runtime.close()
 
 
-async def test_disk_low_fails_the_pull_before_any_blob_is_fetched(
+async def test_disk_low_fails_the_pull_before_any_layer_is_fetched(
     registry: RegistryServer, store: BlobStore
 ) -> None:
     pushed = push_image(registry.address, repo(), "1", [base_layer(10_000)])
@@ -300,8 +300,8 @@ async def test_disk_low_fails_the_pull_before_any_blob_is_fetched(
         PullError, match=r"disk low: .* needs 0\.0\d* MB more, .* MB are free in .*pull\.min_free_mb"
     ):
         await puller.pull(pushed.reference)
-    assert puller.bytes_received == len(pushed.manifest)
-    assert store.digests() == set()
+    assert puller.bytes_received == len(pushed.manifest) + len(pushed.config)  # the config says which layers
+    assert store.digests() == {sha256(pushed.config)}
 
 
 class _TokenRegistry(RegistryServer):
@@ -344,3 +344,27 @@ async def test_token_auth_registry(request: pytest.FixtureRequest, tmp_path: Pat
     finally:
         secured.stop()
         await runner.cleanup()
+
+
+async def test_after_an_engine_pull_a_model_only_update_fetches_only_the_model(
+    registry: RegistryServer, docker_client: Any, tmp_path: Path, loaded_images: list[str]
+) -> None:
+    name = repo()
+    base = base_layer(150_000)
+    old = push_image(registry.address, name, "1", [base, model_layer()])
+    new = push_image(registry.address, name, "2", [base, model_layer(40_000)])
+    loaded_images += [old.reference, new.reference]
+    docker_client.images.pull(f"{registry.address}/{name}", tag="1")  # Docker Engine's own pull
+    puller = RegistryPuller(BlobStore(tmp_path / "blobs"))  # an empty store: nothing from that pull
+    runtime = DockerRuntime(docker_client, profiles={}, device_id="d13m", puller=puller)
+    try:
+        await runtime.pull(Pull(module="m", image=new.reference, reason="test"))
+        await runtime.pulls.wait(new.reference)
+        _, images = await runtime.observe([new.reference])
+        assert images.is_present(new.reference), dict(images.failed)
+    finally:
+        await runtime.close()
+    assert puller.bytes_received == len(new.manifest) + len(new.config) + len(new.layers[1].blob)
+    assert docker_client.images.get(new.reference).attrs["RootFS"]["Layers"] == [
+        x.diff_id for x in new.layers
+    ]

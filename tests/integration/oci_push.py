@@ -1,4 +1,4 @@
-"""Images made byte by byte and pushed to a real registry over its HTTP API (no Docker needed).
+"""Images made byte by byte and pushed to a real registry (with the cloud's registry client; no Docker).
 
 ``layer({path: bytes})`` builds a gzip'd tar layer; ``push_image`` uploads the layers and a config
 (Docker v2 schema 2 or OCI manifest) and returns a ``PushedImage`` with every digest, so tests
@@ -14,9 +14,11 @@ import io
 import json
 import os
 import tarfile
-import urllib.request
+import tempfile
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+
+from cloud.packaging.registry_client import Credentials, RegistryClient
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -85,29 +87,20 @@ class PushedImage:
         return len(self.config) + sum(len(x.blob) for x in self.layers)
 
 
-def _request(
-    url: str, method: str = "GET", data: bytes | None = None, headers: dict[str, str] | None = None
-) -> Any:
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    return urllib.request.urlopen(req, timeout=60)
-
-
-def upload_blob(registry: str, repository: str, blob: bytes) -> str:
-    """Upload one blob (monolithic POST + PUT); returns its digest."""
+def upload_blob(client: RegistryClient, repository: str, blob: bytes) -> str:
+    """Upload one blob (with the cloud's registry client); returns its digest."""
     digest = sha256(blob)
-    with _request(f"http://{registry}/v2/{repository}/blobs/uploads/", "POST", b"") as resp:
-        location = resp.headers["Location"]
-    if location.startswith("/"):
-        location = f"http://{registry}{location}"
-    sep = "&" if "?" in location else "?"
-    headers = {"Content-Type": "application/octet-stream"}
-    with _request(f"{location}{sep}digest={digest}", "PUT", blob, headers):
-        pass
+    if client.blob_exists(repository, digest):
+        return digest
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "blob"
+        path.write_bytes(blob)
+        client.upload_blob(repository, path, digest)
     return digest
 
 
 def _push_manifest(
-    registry: str, repository: str, layers: list[Layer], arch: str, ref: str | None
+    client: RegistryClient, repository: str, layers: list[Layer], arch: str, ref: str | None
 ) -> tuple[str, bytes, bytes]:
     config = json.dumps(
         {
@@ -118,7 +111,7 @@ def _push_manifest(
         },
         sort_keys=True,
     ).encode()
-    upload_blob(registry, repository, config)
+    upload_blob(client, repository, config)
     manifest = json.dumps(
         {
             "schemaVersion": 2,
@@ -128,9 +121,7 @@ def _push_manifest(
         }
     ).encode()
     digest = sha256(manifest)
-    url = f"http://{registry}/v2/{repository}/manifests/{ref or digest}"
-    with _request(url, "PUT", manifest, {"Content-Type": DOCKER_MANIFEST}):
-        pass
+    client.put_manifest(repository, ref or digest, manifest, DOCKER_MANIFEST)
     return digest, manifest, config
 
 
@@ -142,15 +133,17 @@ def push_image(
     *,
     arch: str = "amd64",
     index: bool = False,
+    credentials: tuple[str, str] | None = None,
 ) -> PushedImage:
     """Push ``layers`` with a config as ``registry/repository:tag``; with ``index``, tag an OCI
     index of this image for ``arch`` and a decoy for another architecture."""
+    client = RegistryClient(registry, Credentials(*credentials) if credentials else None)
     for x in layers:
-        upload_blob(registry, repository, x.blob)
-    digest, manifest, config = _push_manifest(registry, repository, layers, arch, None if index else tag)
+        upload_blob(client, repository, x.blob)
+    digest, manifest, config = _push_manifest(client, repository, layers, arch, None if index else tag)
     if index:
         other = "arm64" if arch != "arm64" else "amd64"
-        decoy, decoy_manifest, _ = _push_manifest(registry, repository, layers, other, None)
+        decoy, decoy_manifest, _ = _push_manifest(client, repository, layers, other, None)
         doc = {
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,
@@ -164,7 +157,5 @@ def push_image(
                 for d, m, a in ((decoy, decoy_manifest, other), (digest, manifest, arch))
             ],
         }
-        url = f"http://{registry}/v2/{repository}/manifests/{tag}"
-        with _request(url, "PUT", json.dumps(doc).encode(), {"Content-Type": OCI_INDEX}):
-            pass
+        client.put_manifest(repository, tag, json.dumps(doc).encode(), OCI_INDEX)
     return PushedImage(f"{registry}/{repository}:{tag}", digest, manifest, config, tuple(layers))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -153,15 +152,7 @@ async def test_basic_auth_registry(request: pytest.FixtureRequest, tmp_path: Pat
     try:
         name = repo()
         layers = [base_layer(1000)]
-        # Push with credentials (the helper's urllib honours a global basic-auth opener).
-        manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
-        manager.add_password(None, private.url, "puller", "s3cret")
-        opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(manager))
-        urllib.request.install_opener(opener)
-        try:
-            pushed = push_image(private.address, name, "1", layers)
-        finally:
-            urllib.request.install_opener(urllib.request.build_opener())
+        pushed = push_image(private.address, name, "1", layers, credentials=("puller", "s3cret"))
         puller = RegistryPuller(store)  # one puller throughout: a rotated credential is used at once
         with pytest.raises(PullError, match="needs credentials"):
             await puller.pull(pushed.reference)

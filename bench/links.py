@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-mb", type=float, default=5, help="new model layer of the model-only update")
     parser.add_argument("--base-mb", type=float, default=10, help="lower layers the device already has")
     parser.add_argument("--image-mb", type=float, default=20, help="size of the full image pull")
-    parser.add_argument("--stall-s", type=float, default=5, help="the agent's stall_timeout_s")
+    parser.add_argument("--stall-s", type=float, default=30, help="the agent's stall_timeout_s (its default)")
     parser.add_argument("--timeout-s", type=float, default=900, help="give a pull up after N s")
     parser.add_argument("--idle-s", type=float, default=120, help="idle traffic window (0: skip)")
     parser.add_argument("--idle-settle-s", type=float, default=10, help="wait before the idle window")

@@ -13,10 +13,10 @@ every layer into the ``BlobStore``:
 - up to ``parallel`` blobs download at once (Docker Engine fetches 3 at a time too: one TCP
   stream alone gets little of a lossy, long link), and all pulls share one ``TokenBucket`` (the
   device's bandwidth budget);
-- a stalled link (no byte for ``stall_timeout_s``) or a dropped connection is retried with
-  back-off (1 s doubling to ``retry_max_s``: a link that comes back is used again within
-  seconds), resuming each time; after ``retries`` tries in a row without a new byte the pull
-  fails (the partial file stays, the next pull resumes it).
+- a stalled link (no byte for ``stall_timeout_s``) or a dropped connection is retried every
+  ``retry_s`` (a reconnect attempt on a dead link costs a SYN; a link that comes back is used
+  again within seconds), resuming each time; after ``give_up_s`` without a new byte the pull
+  fails (the partial file stays, and the next pull, after the planner's back-off, resumes it).
 
 Auth: anonymous, HTTP basic, or the registry token flow (``WWW-Authenticate: Bearer realm=...``,
 the token fetched with the credentials as basic auth). Registries on loopback addresses and those
@@ -193,8 +193,8 @@ class RegistryPuller:
         bucket: TokenBucket | None = None,
         plain_http: Collection[str] = (),
         stall_timeout_s: float = 30.0,
-        retries: int = 5,
-        retry_max_s: float = 8.0,
+        retry_s: float = 2.0,
+        give_up_s: float = 60.0,
         arch: str | None = None,
         min_free_bytes: int = 0,
         parallel: int = 3,
@@ -203,8 +203,8 @@ class RegistryPuller:
         self.bucket = bucket
         self.plain_http = frozenset(plain_http)
         self.stall_timeout_s = stall_timeout_s
-        self.retries = retries
-        self.retry_max_s = retry_max_s
+        self.retry_s = retry_s
+        self.give_up_s = give_up_s
         self.arch = arch or machine_arch()
         self.min_free_bytes = min_free_bytes
         self.parallel = parallel
@@ -331,7 +331,8 @@ class RegistryPuller:
         store = self.store
         if await asyncio.to_thread(store.has, blob.digest):
             return
-        fruitless = 0
+        loop = asyncio.get_running_loop()
+        last_progress = loop.time()
         while True:
             have = await asyncio.to_thread(store.partial_size, blob.digest)
             if have > blob.size:
@@ -347,13 +348,14 @@ class RegistryPuller:
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
                 now_have = await asyncio.to_thread(store.partial_size, blob.digest)
                 track.done -= now_have  # re-counted from the partial file on the next round
-                fruitless = 0 if now_have > before else fruitless + 1
-                if fruitless >= self.retries:
+                if now_have > before:
+                    last_progress = loop.time()
+                elif loop.time() - last_progress >= self.give_up_s:
                     raise PullError(
                         f"link to {repo.base} lost while fetching {blob.digest} ({_why(exc)}); "
                         f"{now_have} of {blob.size} bytes kept, the next pull resumes there"
                     ) from None
-                delay = min(2.0**fruitless, self.retry_max_s)
+                delay = self.retry_s
                 log.warning(
                     "pull of %s: %s; %d of %d bytes of %s kept, resuming in %.0f s",
                     track.image,

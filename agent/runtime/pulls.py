@@ -42,6 +42,7 @@ class PullTracker:
         self.progress_every_s = progress_every_s
         self.clock = clock
         self._live: dict[str, PullProgress] = {}
+        self._waiting: set[str] = set()
         self._shown: dict[str, tuple[float, PullProgress]] = {}
 
     def report(self, image: str, progress: PullProgress) -> None:
@@ -59,11 +60,15 @@ class PullTracker:
     async def _wait_for_window(self, image: str) -> None:
         if self.window is None:
             return
-        while not self.window.contains(now := self.clock()):
-            opens = self.window.next_open(now)
-            self.report(image, PullProgress(image=image, waiting_until=opens))
-            log.info("pull of %s waits for the update window %s (opens %s)", image, self.window, opens)
-            await asyncio.sleep(min(max((opens - now).total_seconds(), 1.0), 3600.0))
+        try:
+            while not self.window.contains(now := self.clock()):
+                self._waiting.add(image)
+                opens = self.window.next_open(now)
+                self.report(image, PullProgress(image=image, waiting_until=opens))
+                log.info("pull of %s waits for the update window %s (opens %s)", image, self.window, opens)
+                await asyncio.sleep(min(max((opens - now).total_seconds(), 1.0), 3600.0))
+        finally:
+            self._waiting.discard(image)
 
     async def _run(self, image: str, fetch: Fetch) -> None:
         try:
@@ -88,8 +93,8 @@ class PullTracker:
 
     @property
     def pulling(self) -> frozenset[str]:
-        """Images with a pull in flight."""
-        return frozenset(self._tasks)
+        """Images being downloaded now (not those waiting for the update window: nothing to poll)."""
+        return frozenset(self._tasks) - self._waiting
 
     async def wait(self, image: str) -> None:
         """Wait until the pull of ``image`` in flight (if any) has finished."""
@@ -100,7 +105,7 @@ class PullTracker:
     def availability(self, present: Collection[str]) -> ImageAvailability:
         """``ImageAvailability`` from the images found locally and the pulls in flight or failed."""
         here = frozenset(present)
-        pulling = self.pulling - here
+        pulling = frozenset(self._tasks) - here  # waiting for the window counts: it is asked for
         return ImageAvailability(
             present=here,
             pulling=pulling,

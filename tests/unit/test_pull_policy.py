@@ -106,6 +106,7 @@ async def test_a_pull_outside_the_window_waits_and_says_until_when() -> None:
     await asyncio.sleep(0.05)
     images = tracker.availability([])
     assert images.is_pulling("r/x:1") and not started.is_set()
+    assert tracker.pulling == frozenset()  # nothing downloads: the agent need not poll
     assert images.progress["r/x:1"].waiting_until == datetime(2026, 12, 7, 1, 0, tzinfo=timezone.utc)
     await tracker.close()
 

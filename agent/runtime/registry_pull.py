@@ -254,7 +254,7 @@ class RegistryPuller:
             await self._blobs(repo, [config], track)
             skipped = 0
             if present_layers is not None:
-                diff_ids = await asyncio.to_thread(_diff_ids, self.store.read(config.digest), len(layers))
+                diff_ids = _diff_ids(await asyncio.to_thread(self.store.read, config.digest), len(layers))
                 skipped = await asyncio.to_thread(present_layers, diff_ids)
             fetch = []
             for i, blob in enumerate(layers):

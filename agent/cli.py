@@ -213,6 +213,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name, m in sorted(report.modules.items()):
             extra = f" restarts={m.restart_count}" if m.restart_count else ""
             lines.append(f"  {name}: {m.runtime_status}{extra} {m.image or ''}".rstrip())
+            if m.pull is not None:
+                lines.append(f"    {m.pull.describe()}")
             if m.message:
                 lines.append(f"    {m.message}")
     _print(data, args.json, "\n".join(lines))

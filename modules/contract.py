@@ -618,6 +618,25 @@ class PullProgress(Frozen):
             return None
         return min(100.0, 100.0 * self.bytes_done / self.bytes_total)
 
+    def describe(self) -> str:
+        """One line for people: ``pull 3.0 MB of 12.0 MB (25%), 31.0 kB/s, ETA 5 min`` (or the wait)."""
+        if self.waiting_until is not None:
+            return (
+                f"pull of {self.image} waits for the update window "
+                f"(opens {self.waiting_until:%Y-%m-%d %H:%M} UTC)"
+            )
+        if self.bytes_total is None:
+            return f"pull of {self.image}: reading the manifest"
+        done, total = self.bytes_done / 1e6, self.bytes_total / 1e6
+        parts = [f"pull {done:.1f} MB of {total:.1f} MB ({self.percent or 0:.0f}%)"]
+        if self.bytes_per_s:
+            parts.append(f"{self.bytes_per_s / 1e3:.1f} kB/s")
+        if self.eta_s is not None:
+            parts.append(f"ETA {self.eta_s / 60:.0f} min" if self.eta_s >= 90 else f"ETA {self.eta_s:.0f} s")
+        if self.resumed_bytes:
+            parts.append(f"{self.resumed_bytes / 1e6:.1f} MB kept across link drops")
+        return ", ".join(parts)
+
 
 class ModuleStatus(Frozen):
     """What the agent observes of one module."""

@@ -4,27 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from modules.contract import ModuleStatus, PullProgress
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def pull_line(p: PullProgress) -> str:
-    """``pull 3.2 of 12.0 MB (27%), 31 kB/s, ETA 4 min`` (or what the pull waits for)."""
-    if p.waiting_until is not None:
-        return f"pull of {p.image} waits for the update window (opens {p.waiting_until:%Y-%m-%d %H:%M} UTC)"
-    if p.bytes_total is None:
-        return f"pull of {p.image}: reading the manifest"
-    parts = [f"pull {_mb(p.bytes_done)} of {_mb(p.bytes_total)} ({p.percent or 0:.0f}%)"]
-    if p.bytes_per_s:
-        parts.append(f"{p.bytes_per_s / 1e3:.1f} kB/s")
-    if p.eta_s is not None:
-        parts.append(f"ETA {p.eta_s / 60:.0f} min" if p.eta_s >= 90 else f"ETA {p.eta_s:.0f} s")
-    if p.resumed_bytes:
-        parts.append(f"{_mb(p.resumed_bytes)} kept across link drops")
-    return ", ".join(parts)
+from modules.contract import ModuleStatus
 
 
 def module_lines(modules: Mapping[str, ModuleStatus]) -> list[str]:
@@ -52,7 +32,7 @@ def module_lines(modules: Mapping[str, ModuleStatus]) -> list[str]:
         if m.profile_note:
             lines.append(f"    fallback: {m.profile_note}")
         if m.pull is not None:
-            lines.append(f"    {pull_line(m.pull)}")
+            lines.append(f"    {m.pull.describe()}")
         if m.message:
             lines.append(f"    {m.message}")
         if health is not None and health.error:

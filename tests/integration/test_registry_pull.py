@@ -359,3 +359,40 @@ async def test_after_an_engine_pull_a_model_only_update_fetches_only_the_model(
     assert docker_client.images.get(new.reference).attrs["RootFS"]["Layers"] == [
         x.diff_id for x in new.layers
     ]
+
+
+async def test_process_runtime_gc_removes_unneeded_module_dirs_and_their_blobs(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    name = repo()
+    shared = layer({"module/module.json": MODULE_JSON})
+    kept = push_image(registry.address, name, "kept", [shared, model_layer(2000)])
+    old = push_image(registry.address, name, "old", [shared, model_layer(2000)])
+    store = BlobStore(tmp_path / "blobs")
+    runtime = ProcessRuntime(
+        tmp_path / "state",
+        tmp_path / "images",
+        puller=RegistryPuller(store),
+        images=ImageBook(tmp_path / "images.json"),
+        gc_grace=timedelta(hours=1),
+    )
+    unrelated = image_dir(tmp_path / "images", f"{registry.address}/{name}:provisioned")
+    unrelated.mkdir(parents=True)
+    (unrelated / "module.json").write_bytes(MODULE_JSON)  # unpacked by whoever provisioned the device
+    try:
+        for pushed in (kept, old):
+            await runtime.pull(Pull(module="m", image=pushed.reference, reason="test"))
+            await runtime.pulls.wait(pushed.reference)
+        now = datetime.now(timezone.utc)
+        keep = [kept.reference]
+        assert await runtime.collect_images(keep, now) == []
+        assert await runtime.collect_images(keep, now + timedelta(minutes=59)) == []  # within the grace
+        assert await runtime.collect_images(keep, now + timedelta(hours=1)) == [old.reference]
+    finally:
+        await runtime.close()
+    assert not image_dir(tmp_path / "images", old.reference).exists()
+    assert (image_dir(tmp_path / "images", kept.reference) / "module.json").is_file()
+    assert (unrelated / "module.json").is_file()
+    assert (
+        not store.has(old.layers[1].digest) and store.has(shared.digest) and store.has(kept.layers[1].digest)
+    )

@@ -27,46 +27,41 @@ HTTPS. ``progress`` is called with a ``PullProgress`` as bytes arrive.
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import json
 import logging
 import platform
-import re
 import shutil
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.runtime.blobs import BlobStore, DigestMismatch, Hasher, digest_hex, sha256_digest
 from agent.runtime.pull_policy import TokenBucket
+from agent.runtime.registry_http import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    PullError,
+    RepoClient,
+    Tokens,
+    registry_error,
+    why,
+)
 from modules.contract import DEFAULT_REGISTRY, PullProgress, registry_of, split_image_ref
-
-if TYPE_CHECKING:
-    import aiohttp
 
 log = logging.getLogger(__name__)
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-ACCEPT = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 CHUNK = 64 * 1024
-MAX_MANIFEST = 4 * 1024 * 1024
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
-_CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
 
 ProgressSink = Callable[[PullProgress], None]
 PresentLayers = Callable[[list[str]], int]
 """Given an image's diff ids (bottom first): how many leading layers the destination already has."""
-
-
-class PullError(Exception):
-    """A pull that cannot complete; the message says what the registry or the link did."""
 
 
 @dataclass(frozen=True)
@@ -210,9 +205,12 @@ class RegistryPuller:
         self.parallel = parallel
         self.bytes_received = 0
         """Body bytes received from registries by this puller (all pulls), for tests and benchmarks."""
-        self._tokens: dict[tuple[str, str, tuple[str, str] | None], str] = {}
+        self._tokens: Tokens = {}
         """``Authorization`` values by (registry API, repository, credentials): new credentials
         (a rotation) never reuse what the old ones earned."""
+
+    def _count(self, n: int) -> None:
+        self.bytes_received += n
 
     def base_url(self, registry: str) -> str:
         """``http(s)://registry/v2`` for ``registry`` (Docker Hub's API host for ``docker.io``)."""
@@ -246,7 +244,7 @@ class RegistryPuller:
             total=None, sock_connect=self.stall_timeout_s, sock_read=self.stall_timeout_s
         )
         async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
-            repo = _Repo(self, session, self.base_url(registry), repository, auth)
+            repo = RepoClient(session, self.base_url(registry), repository, auth, self._tokens, self._count)
             manifest_digest, body = await self._manifest(repo, reference, parts.digest)
             config, layers = parse_manifest(body)
             track = _Progress(image, progress)
@@ -271,7 +269,7 @@ class RegistryPuller:
             log.info("%s: %d lower layers are in Docker Engine already, not fetched", image, skipped)
         return PulledImage(image, manifest_digest, config, layers, skipped)
 
-    async def _blobs(self, repo: _Repo, blobs: list[Descriptor], track: _Progress) -> None:
+    async def _blobs(self, repo: RepoClient, blobs: list[Descriptor], track: _Progress) -> None:
         """Fetch ``blobs``, ``parallel`` at a time (one failure cancels the others, and is raised)."""
         gate = asyncio.Semaphore(self.parallel)
         unique = list(dict.fromkeys(blobs))
@@ -300,7 +298,7 @@ class RegistryPuller:
                 f"{self.store.root} and {self.min_free_bytes / 1e6:.1f} MB must stay free (pull.min_free_mb)"
             )
 
-    async def _manifest(self, repo: _Repo, reference: str, pinned: str | None) -> tuple[str, bytes]:
+    async def _manifest(self, repo: RepoClient, reference: str, pinned: str | None) -> tuple[str, bytes]:
         """The image manifest's digest and bytes (through an index when the reference names one)."""
         if pinned is not None and await asyncio.to_thread(self.store.has, pinned):
             body = await asyncio.to_thread(self.store.read, pinned)
@@ -324,7 +322,7 @@ class RegistryPuller:
             raise PullError(f"unsupported manifest type {kind!r} (schema 1 images are not supported)")
         return actual, body
 
-    async def _blob(self, repo: _Repo, blob: Descriptor, track: _Progress) -> None:
+    async def _blob(self, repo: RepoClient, blob: Descriptor, track: _Progress) -> None:
         """Download one blob into the store, resuming after link drops; verify it."""
         import aiohttp
 
@@ -352,14 +350,14 @@ class RegistryPuller:
                     last_progress = loop.time()
                 elif loop.time() - last_progress >= self.give_up_s:
                     raise PullError(
-                        f"link to {repo.base} lost while fetching {blob.digest} ({_why(exc)}); "
+                        f"link to {repo.base} lost while fetching {blob.digest} ({why(exc)}); "
                         f"{now_have} of {blob.size} bytes kept, the next pull resumes there"
                     ) from None
                 delay = self.retry_s
                 log.warning(
                     "pull of %s: %s; %d of %d bytes of %s kept, resuming in %.0f s",
                     track.image,
-                    _why(exc),
+                    why(exc),
                     now_have,
                     blob.size,
                     blob.digest[:19],
@@ -369,7 +367,7 @@ class RegistryPuller:
                 continue
             return
 
-    async def _fetch(self, repo: _Repo, blob: Descriptor, have: int, track: _Progress) -> int:
+    async def _fetch(self, repo: RepoClient, blob: Descriptor, have: int, track: _Progress) -> int:
         """One GET of the blob from byte ``have``; returns the size once verified and committed."""
         import aiohttp
 
@@ -379,7 +377,7 @@ class RegistryPuller:
             if resp.status == 416 and have:  # the partial is whole already (or longer than the blob)
                 return await self._commit(blob, have)
             if resp.status not in (200, 206):
-                raise PullError(f"blob {blob.digest}: {await _registry_error(resp)}")
+                raise PullError(f"blob {blob.digest}: {await registry_error(resp)}")
             if resp.status == 200 and have:
                 log.info(
                     "the registry ignored the Range request: %s starts again from zero", blob.digest[:19]
@@ -426,11 +424,6 @@ class RegistryPuller:
         return have
 
 
-def _basic(auth: tuple[str, str]) -> str:
-    """An HTTP basic ``Authorization`` value."""
-    return "Basic " + base64.b64encode(":".join(auth).encode()).decode()
-
-
 def _diff_ids(config: bytes, count: int) -> list[str]:
     """The config's ``rootfs.diff_ids``; ``PullError`` unless there is one per layer."""
     try:
@@ -442,12 +435,6 @@ def _diff_ids(config: bytes, count: int) -> list[str]:
     return diff_ids
 
 
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "no data (stalled)"
-    return str(exc) or type(exc).__name__
-
-
 def _json(body: bytes, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(body)
@@ -456,121 +443,3 @@ def _json(body: bytes, what: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise PullError(f"the {what} is not a JSON object")
     return doc
-
-
-async def _registry_error(resp: aiohttp.ClientResponse) -> str:
-    """``HTTP <status>: <the registry's error codes and messages>``."""
-    try:
-        body = await resp.read()
-        errors = json.loads(body).get("errors") or []
-        text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or body[:200].decode()
-    except Exception:
-        text = resp.reason or ""
-    return f"HTTP {resp.status} {text}".strip()
-
-
-class _Repo:
-    """One repository on one registry, with the auth the registry asks for (basic or bearer token)."""
-
-    def __init__(
-        self,
-        puller: RegistryPuller,
-        session: aiohttp.ClientSession,
-        base: str,
-        repository: str,
-        auth: tuple[str, str] | None,
-    ) -> None:
-        self.puller = puller
-        self.session = session
-        self.base = base
-        self.repository = repository
-        self.auth = auth
-        self._authorization = puller._tokens.get((base, repository, auth))
-
-    async def manifest(self, reference: str) -> tuple[str, bytes]:
-        """``(content type, body)`` of the manifest ``reference`` (tag or digest)."""
-        import aiohttp
-
-        try:
-            async with self.get(f"manifests/{reference}", {"Accept": ACCEPT}) as resp:
-                if resp.status != 200:
-                    raise PullError(f"manifest {self.repository}:{reference}: {await _registry_error(resp)}")
-                body = await resp.content.read(MAX_MANIFEST + 1)
-                if len(body) > MAX_MANIFEST:
-                    raise PullError(
-                        f"manifest {self.repository}:{reference} is larger than {MAX_MANIFEST} bytes"
-                    )
-                self.puller.bytes_received += len(body)
-                return resp.headers.get("Content-Type", "").split(";")[0].strip(), body
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise PullError(f"cannot reach {self.base}: {_why(e)}") from None
-
-    def get(self, path: str, headers: Mapping[str, str]) -> _AuthedGet:
-        """A GET of ``<base>/<repository>/<path>`` that answers the registry's auth challenge once."""
-        return _AuthedGet(self, f"{self.base}/{self.repository}/{path}", dict(headers))
-
-    async def authorize(self, challenge: str) -> None:
-        """Set the ``Authorization`` header the challenge asks for (basic, or a fetched token)."""
-        scheme, _, params = challenge.partition(" ")
-        if scheme.lower() == "basic":
-            if self.auth is None:
-                raise PullError(f"{self.base} needs credentials and the desired state gives none")
-            self._authorization = _basic(self.auth)
-        elif scheme.lower() == "bearer":
-            self._authorization = "Bearer " + await self._token(dict(_CHALLENGE_RE.findall(params)))
-        else:
-            raise PullError(f"{self.base} asks for unsupported auth {scheme!r}")
-        self.puller._tokens[(self.base, self.repository, self.auth)] = self._authorization
-
-    async def _token(self, params: dict[str, str]) -> str:
-        realm = params.get("realm")
-        if not realm:
-            raise PullError(f"{self.base} sent a bearer challenge without a realm")
-        query = {"scope": params.get("scope") or f"repository:{self.repository}:pull"}
-        if params.get("service"):
-            query["service"] = params["service"]
-        headers = {"Authorization": _basic(self.auth)} if self.auth else {}
-        async with self.session.get(realm, params=query, headers=headers) as resp:
-            if resp.status != 200:
-                raise PullError(f"token from {realm} refused: {await _registry_error(resp)}")
-            doc = await resp.json(content_type=None)
-        token = doc.get("token") or doc.get("access_token")
-        if not token:
-            raise PullError(f"{realm} answered without a token")
-        return str(token)
-
-
-class _AuthedGet:
-    """``async with`` a GET that retries once with the credentials a 401 challenge asked for."""
-
-    def __init__(self, repo: _Repo, url: str, headers: dict[str, str]) -> None:
-        self.repo, self.url, self.headers = repo, url, headers
-        self._resp: aiohttp.ClientResponse | None = None
-
-    async def _send(self) -> aiohttp.ClientResponse:
-        headers = dict(self.headers)
-        if self.repo._authorization:
-            headers["Authorization"] = self.repo._authorization
-        return await self.repo.session.get(self.url, headers=headers)
-
-    async def __aenter__(self) -> aiohttp.ClientResponse:
-        resp = await self._send()
-        if resp.status == 401:
-            challenge = resp.headers.get("WWW-Authenticate", "")
-            if self.repo._authorization and not challenge.lower().startswith("bearer"):
-                raise PullError(
-                    f"{self.url}: the registry refused the credentials ({await _registry_error(resp)})"
-                )
-            resp.release()
-            await self.repo.authorize(challenge)
-            resp = await self._send()
-            if resp.status == 401:
-                raise PullError(
-                    f"{self.url}: the registry refused the credentials ({await _registry_error(resp)})"
-                )
-        self._resp = resp
-        return resp
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._resp is not None:
-            self._resp.release()

@@ -4,8 +4,9 @@
 index or manifest list resolves to ``linux/<this machine's arch>``), then fetches the config and
 every layer into the ``BlobStore``:
 
-- a blob already in the store is never fetched again (a model-only update moves only the model
-  layer when the lower layers came with an earlier pull);
+- a blob already in the store is never fetched again, nor a leading layer the destination
+  already has (``present_layers``: Docker Engine's own images), so a model-only update moves only
+  the model layer;
 - a download goes to ``<digest>.partial`` and, after a link drop or an agent restart, resumes
   with an HTTP ``Range`` request from the bytes already there;
 - every blob's sha256 is checked before it is kept (the manifest's too, against the pinned
@@ -18,10 +19,11 @@ every layer into the ``BlobStore``:
   again within seconds), resuming each time; after ``give_up_s`` without a new byte the pull
   fails (the partial file stays, and the next pull, after the planner's back-off, resumes it).
 
-Auth: anonymous, HTTP basic, or the registry token flow (``WWW-Authenticate: Bearer realm=...``,
-the token fetched with the credentials as basic auth). Registries on loopback addresses and those
-in ``plain_http`` are spoken to over plain HTTP (like Docker's insecure registries); others over
-HTTPS. ``progress`` is called with a ``PullProgress`` as bytes arrive.
+Auth (``agent/runtime/registry_http.py``): anonymous, HTTP basic, or the registry token flow
+(``WWW-Authenticate: Bearer realm=...``, the token fetched with the credentials as basic auth).
+Registries on loopback addresses and those in ``plain_http`` are spoken to over plain HTTP (like
+Docker's insecure registries); others over HTTPS. ``progress`` is called with a ``PullProgress``
+as bytes arrive.
 """
 
 from __future__ import annotations

@@ -82,30 +82,40 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
+def _store(data_dir: Path, state: ReportedState, online: bool | None = None) -> None:
+    """``state`` as cam-1's latest report in the cloud's store (and an online message)."""
+    now = state.reported_at
+    manager = DeviceManager.open(resolve_settings(data_dir))
+    try:
+        with manager.db.transaction() as s:
+            s.add(
+                ReportedRecord(
+                    device_id=state.device_id,
+                    generation_applied=state.generation_applied,
+                    generation_received=state.generation_applied,
+                    deployment_status=state.deployment_status,
+                    payload=state.model_dump_json(),
+                    reported_at=now,
+                    received_at=now,
+                )
+            )
+            if online is not None:
+                s.add(
+                    OnlineRecord(
+                        device_id=state.device_id, online=online, since=now, received_at=now, ordering=1
+                    )
+                )
+    finally:
+        manager.close()
+
+
 def test_device_show_and_list_print_what_the_store_knows(
     data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["device", "add", "cam-1"]) == 0
     now = datetime.now(timezone.utc)
     rejection = Rejection(code="not_json", reason="not JSON: line 1", at=now)
-    state = report(at=now, last_rejection=rejection)
-    manager = DeviceManager.open(resolve_settings(data_dir))
-    try:
-        with manager.db.transaction() as s:
-            s.add(
-                ReportedRecord(
-                    device_id="cam-1",
-                    generation_applied=4,
-                    generation_received=4,
-                    deployment_status="healthy",
-                    payload=state.model_dump_json(),
-                    reported_at=now,
-                    received_at=now,
-                )
-            )
-            s.add(OnlineRecord(device_id="cam-1", online=True, since=now, received_at=now, ordering=1))
-    finally:
-        manager.close()
+    _store(data_dir, report(at=now, last_rejection=rejection), online=True)
     capsys.readouterr()
     assert main(["device", "show", "cam-1", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)["state"]
@@ -158,23 +168,7 @@ def test_device_show_prints_pull_progress(data_dir: Path, capsys: pytest.Capture
             image="localhost:5000/cls:1", waiting_until=datetime(2026, 12, 2, 1, 0, tzinfo=timezone.utc)
         ),
     )
-    state = report(at=now, deployment_status="applying", modules={"det": pulling, "cls": waiting})
-    manager = DeviceManager.open(resolve_settings(data_dir))
-    try:
-        with manager.db.transaction() as s:
-            s.add(
-                ReportedRecord(
-                    device_id="cam-1",
-                    generation_applied=4,
-                    generation_received=4,
-                    deployment_status="applying",
-                    payload=state.model_dump_json(),
-                    reported_at=now,
-                    received_at=now,
-                )
-            )
-    finally:
-        manager.close()
+    _store(data_dir, report(at=now, deployment_status="applying", modules={"det": pulling, "cls": waiting}))
     capsys.readouterr()
     assert main(["device", "show", "cam-1"]) == 0
     text = capsys.readouterr().out

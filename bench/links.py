@@ -64,6 +64,8 @@ from tests.integration.oci_push import Layer, PushedImage, layer, push_image, ra
 from tests.services import MosquittoBroker, wait_for_http
 
 MB = 1_000_000
+UPDATES = {"model-only": "model-only", "full": "full", "interrupted": "full, interrupted"}
+"""``--updates`` names → the rows they measure."""
 
 
 @dataclass
@@ -257,7 +259,7 @@ async def measure_pulls(
         assert _docker_pull(images["previous"]["docker pull"].reference, time.monotonic() + 300)[1]
         assert (await _agent_pull(runtime, images["previous"]["agent"].reference, time.monotonic() + 300))[1]
         how = link.shape(args.loss, args.delay_ms, args.rate_kbit)
-        for update in ("model-only", "full", "full, interrupted"):
+        for update in [UPDATES[u] for u in args.updates.split(",")]:
             for who in ("docker pull", "agent"):
                 pushed = images[update][who]
                 new_bytes = (
@@ -367,8 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-s", type=float, default=120, help="idle traffic window (0: skip)")
     parser.add_argument("--idle-settle-s", type=float, default=10, help="wait before the idle window")
     parser.add_argument("--skip-pulls", action="store_true", help="only measure idle traffic")
+    parser.add_argument(
+        "--updates",
+        default="model-only,full,interrupted",
+        help="which updates to measure, comma-separated (default: model-only,full,interrupted)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.updates.split(",")) - set(UPDATES))
+    if unknown:
+        parser.error(f"--updates: unknown {', '.join(unknown)} (known: {', '.join(UPDATES)})")
     if os.geteuid() != 0 or shutil.which("ip") is None:
         print("bench.links needs root and iproute2 (it creates a network namespace)", file=sys.stderr)
         return 2

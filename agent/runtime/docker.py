@@ -44,7 +44,7 @@ from agent.observed import ObservedModule, ObservedStatus
 from agent.runtime import Observation, RuntimeActionError
 from agent.runtime import labels as lb
 from agent.runtime.access import AccessError, docker_access
-from agent.runtime.image_gc import ImageBook, collect, unreferenced_blobs
+from agent.runtime.image_gc import ImageBook, PulledRecord, collect, unreferenced_blobs
 from agent.runtime.image_load import docker_archive
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import PulledImage, RegistryPuller
@@ -348,8 +348,9 @@ class DockerRuntime:
 
     async def collect_images(self, keep: Collection[str], now: datetime) -> list[str]:
         """Remove the images this agent pulled that neither ``keep`` nor any of its containers
-        needed for ``gc_grace``, then the blobs no remaining image uses; the references removed."""
-        if self.images is None:
+        needed for ``gc_grace``, then the blobs no remaining image uses; the references removed.
+        Nothing is collected while a download runs (its blobs are not in the book yet)."""
+        if self.images is None or self.pulls.pulling:
             return []
         return await asyncio.to_thread(self._collect_blocking, set(keep), now)
 
@@ -361,22 +362,24 @@ class DockerRuntime:
             image = (summary.get("Labels") or {}).get(lb.IMAGE)
             if image:
                 keep.add(image)  # a module that still exists keeps its image (a held old version)
-        before = self.images.load()
-        decision = collect(before, keep, now, self.gc_grace)
-        removed = []
-        book = dict(decision.book)
-        for ref in decision.remove:
-            if self._remove_image(ref):
-                removed.append(ref)
-            else:
-                book[ref] = before[ref]  # still in use (another container): tried again next time
-        if book != before:
-            self.images.save(book)
-        if self.puller is not None:
-            blobs = unreferenced_blobs(self.puller.store.digests(), book)
-            freed = self.puller.store.remove(blobs)
-            if blobs:
-                log.info("removed %d blobs nothing uses any more (%d bytes)", len(blobs), freed)
+        removed: list[str] = []
+
+        def change(before: dict[str, PulledRecord]) -> dict[str, PulledRecord]:
+            decision = collect(before, keep, now, self.gc_grace)
+            book = dict(decision.book)
+            for ref in decision.remove:
+                if self._remove_image(ref):
+                    removed.append(ref)
+                else:
+                    book[ref] = before[ref]  # still in use (another container): tried again next time
+            if self.puller is not None:
+                blobs = unreferenced_blobs(self.puller.store.digests(), book)
+                freed = self.puller.store.remove(blobs)
+                if blobs:
+                    log.info("removed %d blobs nothing uses any more (%d bytes)", len(blobs), freed)
+            return book
+
+        self.images.update(change)
         return removed
 
     def _remove_image(self, ref: str) -> bool:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Collection, Iterable, Mapping
+import threading
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -65,10 +66,12 @@ def unreferenced_blobs(stored: Iterable[str], book: Mapping[str, PulledRecord]) 
 
 
 class ImageBook:
-    """The images this agent pulled, kept in one JSON file (atomic replace). Blocking: off the loop."""
+    """The images this agent pulled, kept in one JSON file (atomic replace). Blocking: off the loop;
+    ``add`` and ``update`` may run in several worker threads at once (pulls end in parallel)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.Lock()
 
     def load(self) -> dict[str, PulledRecord]:
         """The book; empty when there is none yet, or when it cannot be read (logged: nothing is
@@ -109,6 +112,15 @@ class ImageBook:
 
     def add(self, ref: str, blobs: Collection[str] = ()) -> None:
         """Record that the agent pulled ``ref`` (made of ``blobs``); it is needed now."""
-        book = self.load()
-        book[ref] = PulledRecord(frozenset(blobs))
-        self.save(book)
+        with self._lock:
+            book = self.load()
+            book[ref] = PulledRecord(frozenset(blobs))
+            self.save(book)
+
+    def update(self, change: Callable[[dict[str, PulledRecord]], dict[str, PulledRecord]]) -> None:
+        """Replace the book with ``change(book)``, with no ``add`` in between."""
+        with self._lock:
+            before = self.load()
+            after = change(dict(before))
+            if after != before:
+                self.save(after)

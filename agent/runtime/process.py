@@ -65,7 +65,7 @@ from agent.actions import Create, Pull, Remove, Restart, Start, Stop
 from agent.credentials import CredentialError, Credentials, pull_auth
 from agent.observed import ObservedModule
 from agent.runtime import Observation, RuntimeActionError
-from agent.runtime.image_gc import ImageBook, collect, unreferenced_blobs
+from agent.runtime.image_gc import ImageBook, PulledRecord, collect, unreferenced_blobs
 from agent.runtime.image_load import unpack_module
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import RegistryPuller
@@ -442,24 +442,29 @@ class ProcessRuntime:
 
     async def collect_images(self, keep: Collection[str], now: datetime) -> list[str]:
         """Remove the module directories this runtime unpacked that neither ``keep`` nor a recorded
-        module needed for ``gc_grace``, then the blobs no remaining image uses; the references removed."""
-        if self.images is None:
+        module needed for ``gc_grace``, then the blobs no remaining image uses; the references
+        removed. Nothing is collected while a download runs (its blobs are not in the book yet)."""
+        if self.images is None or self.pulls.pulling:
             return []
         used = {record.image for record in self._records.values()}
         return await asyncio.to_thread(self._collect_blocking, set(keep) | used, now)
 
     def _collect_blocking(self, keep: set[str], now: datetime) -> list[str]:
         assert self.images is not None
-        before = self.images.load()
-        decision = collect(before, keep, now, self.gc_grace)
-        for ref in decision.remove:
-            shutil.rmtree(image_dir(self.images_dir, ref), ignore_errors=True)
-            log.info("removed module image %s: neither desired nor last known good", ref)
-        if decision.book != before:
-            self.images.save(decision.book)
-        if self.puller is not None:
-            self.puller.store.remove(unreferenced_blobs(self.puller.store.digests(), decision.book))
-        return list(decision.remove)
+        removed: list[str] = []
+
+        def change(before: dict[str, PulledRecord]) -> dict[str, PulledRecord]:
+            decision = collect(before, keep, now, self.gc_grace)
+            for ref in decision.remove:
+                shutil.rmtree(image_dir(self.images_dir, ref), ignore_errors=True)
+                log.info("removed module image %s: neither desired nor last known good", ref)
+                removed.append(ref)
+            if self.puller is not None:
+                self.puller.store.remove(unreferenced_blobs(self.puller.store.digests(), decision.book))
+            return dict(decision.book)
+
+        self.images.update(change)
+        return removed
 
     # --- lifecycle -----------------------------------------------------------------------------
 

@@ -387,6 +387,16 @@ async def test_process_runtime_gc_removes_unneeded_module_dirs_and_their_blobs(
         keep = [kept.reference]
         assert await runtime.collect_images(keep, now) == []
         assert await runtime.collect_images(keep, now + timedelta(minutes=59)) == []  # within the grace
+        release = asyncio.Event()
+
+        async def downloading() -> None:
+            await release.wait()
+
+        runtime.pulls.start("elsewhere/busy:1", downloading)
+        # While a download runs nothing is collected: its blobs are not in the book yet.
+        assert await runtime.collect_images(keep, now + timedelta(hours=2)) == []
+        release.set()
+        await runtime.pulls.wait("elsewhere/busy:1")
         assert await runtime.collect_images(keep, now + timedelta(hours=1)) == [old.reference]
     finally:
         await runtime.close()

@@ -105,6 +105,8 @@ class Plan:
     """An immutable ordered list of actions, as the planner returns it."""
 
     actions: tuple[Action, ...] = ()
+    holding: str | None = None
+    """Why changes of the desired state are held back (its images are not all here yet), or None."""
 
     @property
     def is_empty(self) -> bool:

@@ -78,6 +78,7 @@ IDLE_BASE_S = 1.0
 IDLE_MAX_S = 30.0
 MIN_WAKE_S = 0.05
 ERROR_BACKOFF_MAX_S = 60.0
+GC_EVERY_S = 60.0
 
 
 @functools.cache
@@ -214,6 +215,7 @@ class Agent:
         self._last_published: datetime | None = None
         self._reported_in_session = 0
         self._idle_passes = 0
+        self._gc_at: datetime | None = None
         self._kick = asyncio.Event()
         self._stop = asyncio.Event()
         self._started = time.monotonic()
@@ -335,6 +337,7 @@ class Agent:
         planned = plan(desired, observed, availability, self.state.restart_books, now, self.planner_config)
         ran = await self.runner.run(planned, now)
         self._evaluate(now, observed, availability)
+        await self._collect_images(now)
         if self._dirty:
             await self._save()
         if self.state.active is not raw:
@@ -342,6 +345,20 @@ class Agent:
         report = self._report(desired, observed, availability, planned, health, now)
         published = await self._publish(report, now)
         return PassResult(planned, ran, report, published, self._next_wake(planned, ran, observed, now))
+
+    async def _collect_images(self, now: datetime) -> None:
+        """Every ``GC_EVERY_S``: let the runtime remove the images it pulled that neither the last
+        applied nor the last known good state names (``agent/runtime/image_gc.py``)."""
+        collect = getattr(self.runtime, "collect_images", None)
+        if collect is None or (self._gc_at is not None and (now - self._gc_at).total_seconds() < GC_EVERY_S):
+            return
+        self._gc_at = now
+        states = (self.state.last_applied, self.state.last_known_good)
+        keep = {c.image for s in states if s for m in s.modules.values() for c in m.candidates()}
+        try:
+            await collect(keep, now)
+        except Exception:
+            log.exception("image garbage collection failed (tried again in %.0f s)", GC_EVERY_S)
 
     async def _take_desired(self, now: datetime) -> None:
         raw = self.link.desired.take() if self.link is not None else None

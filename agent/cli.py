@@ -27,6 +27,7 @@ import gc
 import logging
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +52,32 @@ log = logging.getLogger("agent")
 
 def build_runtime(config: AgentConfig, images_dir: Path | None = None) -> ModuleRuntime:
     """The module runtime the configuration names (Docker Engine or local processes)."""
+    credentials = {name: (s.username, s.read_password()) for name, s in config.registry_secrets.items()}
+    puller, pulls = config.pull.puller(config.state_dir), config.pull.tracker()
     if config.runtime == "process":
         from agent.runtime.process import ProcessRuntime
 
-        return ProcessRuntime(config.state_dir, images_dir or config.images_dir)
+        return ProcessRuntime(
+            config.state_dir,
+            images_dir or config.images_dir,
+            credentials=credentials,
+            sealing_key=config.sealing_private_key(),
+            device_id=config.device_id,
+            puller=puller,
+            pulls=pulls,
+            images=config.pull.image_book(config.state_dir),
+            gc_grace=timedelta(seconds=config.pull.gc_grace_s),
+        )
     from agent.runtime.docker import DockerRuntime
 
-    credentials = {name: (s.username, s.read_password()) for name, s in config.registry_secrets.items()}
     return DockerRuntime(
-        device_id=config.device_id, credentials=credentials, sealing_key=config.sealing_private_key()
+        device_id=config.device_id,
+        credentials=credentials,
+        sealing_key=config.sealing_private_key(),
+        puller=puller,
+        pulls=pulls,
+        images=config.pull.image_book(config.state_dir),
+        gc_grace=timedelta(seconds=config.pull.gc_grace_s),
     )
 
 
@@ -195,6 +213,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name, m in sorted(report.modules.items()):
             extra = f" restarts={m.restart_count}" if m.restart_count else ""
             lines.append(f"  {name}: {m.runtime_status}{extra} {m.image or ''}".rstrip())
+            if m.pull is not None:
+                lines.append(f"    {m.pull.describe()}")
             if m.message:
                 lines.append(f"    {m.message}")
     _print(data, args.json, "\n".join(lines))

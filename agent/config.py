@@ -14,6 +14,10 @@ errors)::
     health_start_period_s: 120
     registry_secrets:
       site-registry: {username: puller, password_file: secrets/registry}
+    pull:
+      method: resumable          # or engine: Docker Engine's own pull
+      max_bytes_per_s: 32768     # the device's bandwidth budget for pulls (absent: no limit)
+      window: "01:00-05:00"      # pulls start only inside this daily UTC window (absent: any time)
 
 ``images_dir`` (where the process runtime finds unpacked modules) defaults to
 ``<state_dir>/images``. Relative paths are resolved against the folder of the file.
@@ -41,11 +45,18 @@ from pydantic import (
 from agent.health import DEFAULT_START_PERIOD_S
 from agent.planner import PlannerConfig
 from agent.restart import BackoffConfig, RestartPolicyConfig
+from agent.runtime.blobs import BlobStore
+from agent.runtime.image_gc import BOOK_FILE, ImageBook
+from agent.runtime.pull_policy import TokenBucket, UpdateWindow
+from agent.runtime.pulls import PullTracker
+from agent.runtime.registry_pull import RegistryPuller
 from modules.contract import Name
 from modules.documents import DocumentError, load_model_file, read_text
 from modules.sealing import SealingError, load_private
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+BLOBS_DIR = "blobs"
+"""Under ``state_dir``: the resumable puller's blob store."""
 FOLDER_FIELDS = frozenset({"state_dir", "images_dir"})
 """Path fields that name folders (checked to be folders when they exist, never required)."""
 
@@ -180,6 +191,69 @@ class RegistrySecret(_Settings):
         return secret
 
 
+class PullSettings(_Settings):
+    """How the agent downloads images: method, bandwidth budget, update window, link tolerance."""
+
+    method: Literal["resumable", "engine"] = Field(
+        default="resumable",
+        description="resumable: the agent's own registry client (Range resume, digests checked, blobs "
+        "kept in <state_dir>/blobs); engine: Docker Engine's pull (restarts interrupted layers)",
+    )
+    max_bytes_per_s: int | None = Field(
+        default=None, ge=1024, description="bandwidth budget for all pulls together (resumable only)"
+    )
+    window: str | None = Field(default=None, description="HH:MM-HH:MM (UTC): pulls start only inside it")
+    plain_http_registries: list[str] = Field(
+        default_factory=list,
+        description="registries (host:port) spoken to over plain HTTP; loopback ones always are",
+    )
+    stall_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="no byte this long: reconnect")
+    progress_every_s: float = Field(default=10.0, gt=0, le=3600, description="report progress this often")
+    gc_grace_s: float = Field(
+        default=86400.0,
+        ge=0,
+        le=365 * 86400,
+        description="images the agent pulled that are neither desired nor last known good are removed "
+        "this long after they stopped being needed",
+    )
+    min_free_mb: int = Field(
+        default=200,
+        ge=0,
+        description="a pull that would leave less free disk than this fails before it starts",
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: str | None) -> str | None:
+        if v is not None:
+            UpdateWindow.parse(v)
+        return v
+
+    def update_window(self) -> UpdateWindow | None:
+        """The window, parsed (None when pulls may start any time)."""
+        return UpdateWindow.parse(self.window) if self.window else None
+
+    def tracker(self) -> PullTracker:
+        """The pull tracker with this window and progress interval."""
+        return PullTracker(window=self.update_window(), progress_every_s=self.progress_every_s)
+
+    def image_book(self, state_dir: Path) -> ImageBook:
+        """The book of the images the agent pulled (``<state_dir>/images.json``)."""
+        return ImageBook(Path(state_dir) / BOOK_FILE)
+
+    def puller(self, state_dir: Path) -> RegistryPuller | None:
+        """The resumable puller over ``<state_dir>/blobs`` (None for ``method: engine``)."""
+        if self.method != "resumable":
+            return None
+        return RegistryPuller(
+            BlobStore(Path(state_dir) / BLOBS_DIR),
+            min_free_bytes=self.min_free_mb * 1024 * 1024,
+            bucket=TokenBucket(self.max_bytes_per_s) if self.max_bytes_per_s else None,
+            plain_http=self.plain_http_registries,
+            stall_timeout_s=self.stall_timeout_s,
+        )
+
+
 class AgentConfig(_Settings):
     """Everything one agent needs to know about itself, its broker and its device."""
 
@@ -196,6 +270,7 @@ class AgentConfig(_Settings):
     )
     restart: RestartSettings = Field(default_factory=RestartSettings)
     pull_retry: BackoffSettings = Field(default_factory=BackoffSettings)
+    pull: PullSettings = Field(default_factory=PullSettings)
     health_start_period_s: float = Field(
         default=DEFAULT_START_PERIOD_S,
         ge=0,

@@ -44,3 +44,10 @@ def resolve_credential(
         raise CredentialError(f"{what} cannot be opened with this device's key: {e}") from None
     assert ref.username is not None
     return ref.username, password.decode()
+
+
+def pull_auth(
+    ref: RegistryCredentialRef | None, device_id: str, secrets: Credentials, key: X25519PrivateKey | None
+) -> tuple[str, str] | None:
+    """``(username, password)`` for a pull, or None when the desired state names no credential."""
+    return None if ref is None else resolve_credential(ref, device_id, secrets, key)

@@ -17,7 +17,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Literal
 
-from modules.contract import LATER_MODULE_FIELDS, DesiredModule, ModuleHealth, canonical_json
+from modules.contract import LATER_MODULE_FIELDS, DesiredModule, ModuleHealth, PullProgress, canonical_json
 
 ObservedStatus = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead"]
 """Docker's container states; the process runtime uses ``created``, ``running`` and ``exited``."""
@@ -102,16 +102,19 @@ class ImageAvailability:
     ``present``: references that resolve to a local image. ``pulling``: pulls in flight (started
     by a ``Pull`` action, still running in the background). ``failed``: the last failure of each
     reference whose most recent pull failed; the runtime drops the entry once a pull succeeds.
+    ``progress``: how far each pull in flight has come, where the runtime knows.
     """
 
     present: AbstractSet[str] = frozenset()
     pulling: AbstractSet[str] = frozenset()
     failed: Mapping[str, PullFailure] = field(default_factory=dict)
+    progress: Mapping[str, PullProgress] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "present", frozenset(self.present))
         object.__setattr__(self, "pulling", frozenset(self.pulling))
         object.__setattr__(self, "failed", _frozen_map(self.failed))
+        object.__setattr__(self, "progress", MappingProxyType(dict(self.progress)))
 
     def is_present(self, image: str) -> bool:
         """True when ``image`` can be used to create a module without pulling."""

@@ -8,6 +8,10 @@ Its rules, per module:
   after a failure), else ``create`` (+ ``start`` when its desired status is ``running``);
 - desired, config changed (``config_hash``): the new image is pulled first while the old module
   keeps running (and restarting); once present: ``stop`` + ``remove`` + ``create`` (+ ``start``);
+- download first, switch later: while any image of the desired state is missing, no module is
+  replaced or removed (old modules keep serving, and restarting); the pulls run, and
+  ``Plan.holding`` says how many images are still awaited; the switch comes when all are here.
+  A module that is new (nothing of it runs) starts once its own image is here: it replaces nothing;
 - desired status ``stopped``: ``stop`` when it runs;
 - exited, or unhealthy: ``restart`` as its restart policy and back-off allow, else a ``wait``;
 - observed but not desired: ``stop`` + ``remove`` (the runtime only shows this agent's modules).
@@ -87,6 +91,7 @@ class _Builder:
     bringup: dict[tuple[int, str], list[Action]] = field(default_factory=dict)
     books: list[Action] = field(default_factory=list)
     waits: list[Action] = field(default_factory=list)
+    holding: str | None = None
 
     def build(self) -> Plan:
         actions: list[Action] = list(self.pulls.values())
@@ -95,7 +100,7 @@ class _Builder:
             actions += self.teardown[key]
         for key in sorted(self.bringup):
             actions += self.bringup[key]
-        return Plan(tuple(actions + self.books + self.waits))
+        return Plan(tuple(actions + self.books + self.waits), holding=self.holding)
 
 
 def plan(
@@ -113,6 +118,13 @@ def plan(
         return Plan()
     cfg = cfg or PlannerConfig()
     out = _Builder(generation=desired.generation)
+    wanted = sorted({m.image for m in desired.modules.values()})
+    missing = [image for image in wanted if not images.is_present(image)]
+    if missing:
+        out.holding = (
+            f"waiting for {len(missing)} of {len(wanted)} images of generation {desired.generation} "
+            "before switching"
+        )
     ordered = sorted(desired.modules.items(), key=lambda kv: (kv[1].startup_order, kv[0]))
     for name, module in ordered:
         _plan_module(
@@ -127,7 +139,8 @@ def plan(
             out,
         )
     for name in sorted(observed.keys() - desired.modules.keys()):
-        _plan_removal(observed[name], name in books, out)
+        if out.holding is None:  # a module that goes away keeps serving until the switch
+            _plan_removal(observed[name], name in books, out)
     for name in sorted(books.keys() - desired.modules.keys() - observed.keys()):
         out.books.append(SetRestartBook(module=name, book=None, reason="module is gone"))
     return out.build()
@@ -162,9 +175,11 @@ def _plan_module(
     replace_it = o is None or o.config_hash != want_hash
     if replace_it and not images.is_present(m.image):
         _pull(name, m.image, images, now, cfg, credentials, keeping_old=o is not None, out=out)
+    switch_held = out.holding is not None and o is not None  # a running version waits for all images
+    if replace_it and (switch_held or not images.is_present(m.image)):
         if o is None or o.status == "dead":
             return
-        replace_it = False  # the current module keeps running (and restarting) until the image is here
+        replace_it = False  # the current module keeps running (and restarting) until all images are here
     if replace_it:
         _recreate(name, m, o, want_hash, book, key, out)
         return
@@ -334,14 +349,18 @@ def module_status(
     actions = planned.for_module(name)
     pulling = images.is_pulling(m.image) or any(isinstance(a, Pull) and a.image == m.image for a in planned)
     failure = images.failed.get(m.image) if not images.is_present(m.image) else None
+    progress = images.progress.get(m.image) if pulling else None
     message: str | None = None
     if failure is not None and not pulling:
         message = f"pull of {m.image} failed: {failure.error}"
+    held = planned.holding is not None and o is not None and o.config_hash != config_hash(m)
     if o is None:
         status: RuntimeStatus = "pulling" if pulling else "failed" if failure is not None else "stopped"
-        return ModuleStatus(runtime_status=status, image=m.image, message=message)
+        return ModuleStatus(runtime_status=status, image=m.image, message=message, pull=progress)
     if pulling and o.config_hash != config_hash(m):
         message = f"runs {o.image} while pulling {m.image}"
+    elif held and message is None:
+        message = f"runs {o.image}: {planned.holding}"
     if o.status == "running":
         status = "unhealthy" if o.is_unhealthy(m.health.failure_threshold) else "running"
     elif o.status == "created":
@@ -365,4 +384,5 @@ def module_status(
         image_digest=o.image_id,
         health=o.health,
         message=message,
+        pull=progress,
     )

@@ -593,6 +593,51 @@ class ModuleHealth(Frozen):
     error: str | None = None
 
 
+class PullProgress(Frozen):
+    """How far the download of a module's image has come (only while it is being pulled).
+
+    ``bytes_done`` counts what is on the device already (blobs kept from earlier pulls included),
+    ``bytes_total`` the image's compressed size; both are ``None`` before the manifest is read.
+    ``waiting_until`` is set while the pull waits for the update window.
+    """
+
+    image: str
+    bytes_done: int = Field(default=0, ge=0)
+    bytes_total: int | None = Field(default=None, ge=0)
+    bytes_per_s: float | None = Field(default=None, ge=0)
+    eta_s: float | None = Field(default=None, ge=0)
+    resumed_bytes: int = Field(
+        default=0, ge=0, description="bytes of partial downloads kept across a link drop or agent restart"
+    )
+    waiting_until: datetime | None = None
+
+    @property
+    def percent(self) -> float | None:
+        """``bytes_done`` as a percentage of ``bytes_total`` (``None`` while the total is unknown)."""
+        if not self.bytes_total:
+            return None
+        return min(100.0, 100.0 * self.bytes_done / self.bytes_total)
+
+    def describe(self) -> str:
+        """One line for people: ``pull 3.0 MB of 12.0 MB (25%), 31.0 kB/s, ETA 5 min`` (or the wait)."""
+        if self.waiting_until is not None:
+            return (
+                f"pull of {self.image} waits for the update window "
+                f"(opens {self.waiting_until:%Y-%m-%d %H:%M} UTC)"
+            )
+        if self.bytes_total is None:
+            return f"pull of {self.image}: reading the manifest"
+        done, total = self.bytes_done / 1e6, self.bytes_total / 1e6
+        parts = [f"pull {done:.1f} MB of {total:.1f} MB ({self.percent or 0:.0f}%)"]
+        if self.bytes_per_s:
+            parts.append(f"{self.bytes_per_s / 1e3:.1f} kB/s")
+        if self.eta_s is not None:
+            parts.append(f"ETA {self.eta_s / 60:.0f} min" if self.eta_s >= 90 else f"ETA {self.eta_s:.0f} s")
+        if self.resumed_bytes:
+            parts.append(f"{self.resumed_bytes / 1e6:.1f} MB kept across link drops")
+        return ", ".join(parts)
+
+
 class ModuleStatus(Frozen):
     """What the agent observes of one module."""
 
@@ -611,6 +656,9 @@ class ModuleStatus(Frozen):
     profile: Name | None = Field(default=None, description="the device profile whose image runs")
     profile_note: str | None = Field(
         default=None, description="why that profile and not the first choice (a fallback taken on the device)"
+    )
+    pull: PullProgress | None = Field(
+        default=None, description="download progress of the image this module waits for (absent otherwise)"
     )
 
 

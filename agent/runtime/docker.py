@@ -8,7 +8,11 @@ unless the desired state says otherwise. A device profile's ``container`` sectio
 device nodes, cgroup rules, volumes and groups.
 
 Pulls run in the background (``PullTracker``) and are skipped when the image is already local,
-by digest for pinned references, so a device boots offline from what it has. Registry
+by digest for pinned references, so a device boots offline from what it has. With a
+``RegistryPuller`` (``pull.method: resumable``, the agent's default) the agent downloads the blobs
+itself (resuming, verified, ``agent/runtime/registry_pull.py``) and streams them into ``docker
+load`` (``agent/runtime/image_load.py``); a pinned reference is then tagged ``<repo>:sha256-<hex>``
+(``labels.loaded_tag``), which counts as present. Without one, Docker Engine pulls. Registry
 credentials are the cloud's, sealed to this device (opened with ``sealing_key``), or looked up by
 ``RegistryCredentialRef.secret`` in the mapping given at construction (``agent/credentials.py``).
 All SDK calls run in worker threads.
@@ -28,19 +32,22 @@ import sys
 import uuid
 import warnings
 from collections.abc import Collection, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.actions import Create, Pull, Remove, Restart, Start, Stop
-from agent.credentials import CredentialError, Credentials, resolve_credential
+from agent.credentials import CredentialError, Credentials, pull_auth
 from agent.observed import ObservedModule, ObservedStatus
 from agent.runtime import Observation, RuntimeActionError
 from agent.runtime import labels as lb
 from agent.runtime.access import AccessError, docker_access
+from agent.runtime.image_gc import ImageBook, PulledRecord, collect, unreferenced_blobs
+from agent.runtime.image_load import docker_archive
 from agent.runtime.pulls import PullTracker
+from agent.runtime.registry_pull import PulledImage, RegistryPuller
 from modules.contract import INSTANCE_ENV, DesiredModule, DeviceProfile, HealthCheck
 
 
@@ -121,12 +128,20 @@ class DockerRuntime:
         log_max_size: str = "10m",
         log_max_files: int = 3,
         init: bool = True,
+        puller: RegistryPuller | None = None,
+        pulls: PullTracker | None = None,
+        images: ImageBook | None = None,
+        gc_grace: timedelta = timedelta(days=1),
     ) -> None:
         """``device_id`` labels (and filters) containers so several agents may share one engine, and
         names them ``edge-<device>-<module>`` unless ``name_prefix`` says otherwise;
         ``host_root`` is where the profile's device nodes are looked up; logs rotate at
         ``log_max_size`` keeping ``log_max_files`` files; ``init`` runs Docker's init (tini) as
-        PID 1, so SIGTERM reaches a server that has not installed its handler yet."""
+        PID 1, so SIGTERM reaches a server that has not installed its handler yet; ``puller``: pull
+        with the agent's resumable client instead of Docker Engine's; ``pulls``: the tracker (with
+        the update window), a plain one when not given; ``images``: the book of the images this
+        agent pulled, which ``collect_images`` removes ``gc_grace`` after nothing needs them (no
+        book: nothing is ever removed)."""
         if profiles is None:
             from modules.profiles import load_profiles
 
@@ -145,7 +160,10 @@ class DockerRuntime:
             type=LogConfig.types.JSON, config={"max-size": log_max_size, "max-file": str(log_max_files)}
         )
         self.init = init
-        self.pulls = PullTracker()
+        self.puller = puller
+        self.pulls = pulls or PullTracker()
+        self.images = images
+        self.gc_grace = gc_grace
         self._ports: dict[str, dict[str, Any]] = {}
 
     def container_name(self, module: str) -> str:
@@ -171,7 +189,7 @@ class DockerRuntime:
             repo_digests = image.get("RepoDigests") or []
             local.update(image.get("RepoTags") or [], repo_digests)
             digests[image["Id"]] = repo_digests
-        present = {ref for ref in wanted if lb.presence_key(ref) in local}
+        present = {ref for ref in wanted if lb.presence_keys(ref) & local}
         modules: dict[str, ObservedModule] = {}
         ports: dict[str, dict[str, Any]] = {}
         summaries = api.containers(all=True, filters={"label": lb.ownership_filters(self.device_id)})
@@ -231,22 +249,73 @@ class DockerRuntime:
 
     async def pull(self, action: Pull) -> None:
         """Start pulling ``action.image`` in the background (skipped when it is already local)."""
-        auth = None
-        if action.credentials is not None:
+        try:
+            auth = pull_auth(action.credentials, self.device_id or "", self.credentials, self.sealing_key)
+        except CredentialError as e:
+            problem = str(e)
+
+            async def fail() -> None:
+                raise RuntimeError(problem)
+
+            self.pulls.start(action.image, fail)
+            return
+        if self.puller is not None:
+            self.pulls.start(action.image, lambda: self._pull_resumable(action.image, auth))
+            return
+        engine_auth = {"username": auth[0], "password": auth[1]} if auth else None
+        self.pulls.start(
+            action.image, lambda: asyncio.to_thread(self._pull_blocking, action.image, engine_auth)
+        )
+
+    async def _pull_resumable(self, image: str, auth: tuple[str, str] | None) -> None:
+        assert self.puller is not None
+        if await asyncio.to_thread(self._image_present, image):
+            log.info("pull of %s skipped: the image is already here", image)
+            return
+        pulled = await self.puller.pull(
+            image, auth, progress=lambda p: self.pulls.report(image, p), present_layers=self._present_layers
+        )
+        await asyncio.to_thread(self._load_blocking, pulled)
+
+    def _present_layers(self, diff_ids: list[str]) -> int:
+        """How many leading layers of ``diff_ids`` Docker Engine has (the longest prefix of an
+        image's layers): a model-only update after an engine pull fetches only the new layers."""
+        best = 0
+        for summary in self.client.api.images():
             try:
-                username, password = resolve_credential(
-                    action.credentials, self.device_id or "", self.credentials, self.sealing_key
-                )
-            except CredentialError as e:
-                problem = str(e)
+                layers = (self.client.api.inspect_image(summary["Id"]).get("RootFS") or {}).get(
+                    "Layers"
+                ) or []
+            except docker.errors.NotFound:
+                continue
+            common = 0
+            for mine, theirs in zip(diff_ids, layers, strict=False):
+                if mine != theirs:
+                    break
+                common += 1
+            best = max(best, common)
+            if best == len(diff_ids):
+                break
+        return best
 
-                async def fail() -> None:
-                    raise RuntimeError(problem)
-
-                self.pulls.start(action.image, fail)
-                return
-            auth = {"username": username, "password": password}
-        self.pulls.start(action.image, lambda: asyncio.to_thread(self._pull_blocking, action.image, auth))
+    def _load_blocking(self, pulled: PulledImage) -> None:
+        """``docker load`` the pulled image from the blob store, tagged ``labels.loaded_tag``."""
+        assert self.puller is not None
+        image = pulled.reference
+        tag = lb.loaded_tag(image)
+        try:
+            for event in self.client.api.load_image(docker_archive(self.puller.store, pulled, tag)):
+                if isinstance(event, dict) and event.get("error"):
+                    raise RuntimeError(f"docker load refused {image}: {event['error']}")
+        except RuntimeError:
+            raise
+        except Exception as exc:
+            raise RuntimeError(f"docker load of {image} failed: {_error_text(exc)}") from None
+        if not self._image_present(image):
+            raise RuntimeError(f"docker load finished but {tag} is not in Docker Engine")
+        log.info("loaded %s into Docker Engine as %s (%d layers)", image, tag, len(pulled.layers))
+        if self.images is not None:
+            self.images.add(image, pulled.digests)
 
     def _pull_blocking(self, image: str, auth: dict[str, str] | None) -> None:
         if self._image_present(image):
@@ -265,13 +334,68 @@ class DockerRuntime:
             raise RuntimeError(_error_text(exc)) from None
         if not self._image_present(image):
             raise RuntimeError("the pull finished but the image is not in Docker Engine")
+        if self.images is not None:
+            self.images.add(image)
 
     def _image_present(self, image: str) -> bool:
-        key = lb.presence_key(image)
+        keys = lb.presence_keys(image)
         for found in self.client.api.images():
-            if key in (found.get("RepoTags") or []) or key in (found.get("RepoDigests") or []):
+            if keys & {*(found.get("RepoTags") or []), *(found.get("RepoDigests") or [])}:
                 return True
         return False
+
+    # --- image garbage collection --------------------------------------------------------------
+
+    async def collect_images(self, keep: Collection[str], now: datetime) -> list[str]:
+        """Remove the images this agent pulled that neither ``keep`` nor any of its containers
+        needed for ``gc_grace``, then the blobs no remaining image uses; the references removed.
+        Nothing is collected while a download runs (its blobs are not in the book yet)."""
+        if self.images is None or self.pulls.pulling:
+            return []
+        return await asyncio.to_thread(self._collect_blocking, set(keep), now)
+
+    def _collect_blocking(self, keep: set[str], now: datetime) -> list[str]:
+        assert self.images is not None
+        for summary in self.client.api.containers(
+            all=True, filters={"label": lb.ownership_filters(self.device_id)}
+        ):
+            image = (summary.get("Labels") or {}).get(lb.IMAGE)
+            if image:
+                keep.add(image)  # a module that still exists keeps its image (a held old version)
+        removed: list[str] = []
+
+        def change(before: dict[str, PulledRecord]) -> dict[str, PulledRecord]:
+            decision = collect(before, keep, now, self.gc_grace)
+            book = dict(decision.book)
+            for ref in decision.remove:
+                if self._remove_image(ref):
+                    removed.append(ref)
+                else:
+                    book[ref] = before[ref]  # still in use (another container): tried again next time
+            if self.puller is not None:
+                blobs = unreferenced_blobs(self.puller.store.digests(), book)
+                freed = self.puller.store.remove(blobs)
+                if blobs:
+                    log.info("removed %d blobs nothing uses any more (%d bytes)", len(blobs), freed)
+            return book
+
+        self.images.update(change)
+        return removed
+
+    def _remove_image(self, ref: str) -> bool:
+        """Untag ``ref`` in Docker Engine (the image goes with its last tag); False when still in use."""
+        names = {lb.local_reference(ref), lb.loaded_tag(ref)}
+        gone = True
+        for name in sorted(names):
+            try:
+                self.client.api.remove_image(name)
+                log.info("removed image %s: neither desired nor last known good", name)
+            except docker.errors.ImageNotFound:
+                continue
+            except docker.errors.APIError as exc:
+                log.warning("image %s is kept: %s", name, _error_text(exc))
+                gone = False
+        return gone
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -348,9 +472,13 @@ class DockerRuntime:
         self, module: str, spec: DesiredModule, config_hash: str, generation: int | None
     ) -> None:
         options = self._create_options(module, spec, config_hash, generation)
-        image = lb.local_reference(spec.image)
         try:
-            self.client.containers.create(image, **options)
+            try:
+                self.client.containers.create(lb.local_reference(spec.image), **options)
+            except docker.errors.ImageNotFound:
+                if lb.loaded_tag(spec.image) == lb.local_reference(spec.image):
+                    raise
+                self.client.containers.create(lb.loaded_tag(spec.image), **options)  # loaded by the agent
         except docker.errors.ImageNotFound:
             raise RuntimeActionError(module, f"image {spec.image} is not present (pull it first)") from None
         except docker.errors.APIError as exc:

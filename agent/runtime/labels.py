@@ -75,6 +75,22 @@ def local_reference(image: str) -> str:
     return f"{parts.repository}:{parts.tag or 'latest'}"
 
 
+def loaded_tag(image: str) -> str:
+    """The ``repo:tag`` an image loaded by the agent (``docker load``) carries: its own tag, or
+    ``repo:sha256-<hex>`` for a reference pinned by digest (a load cannot set a repository digest)."""
+    parts = split_image_ref(image)
+    if parts.digest:
+        return f"{parts.repository}:{parts.digest.replace(':', '-')}"
+    return f"{parts.repository}:{parts.tag or 'latest'}"
+
+
+def presence_keys(image: str) -> frozenset[str]:
+    """What may appear in an image's RepoTags or RepoDigests for ``image`` to be local: the
+    ``presence_key``, or the tag of an image the agent loaded itself (``loaded_tag``)."""
+    loaded = loaded_tag(image)
+    return frozenset({presence_key(image), familiar_name(loaded) + ":" + loaded.rsplit(":", 1)[1]})
+
+
 def presence_key(image: str) -> str:
     """What must appear in an image's RepoDigests (pinned) or RepoTags (by tag) for ``image`` to be local."""
     parts = split_image_ref(image)

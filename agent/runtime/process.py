@@ -7,9 +7,11 @@ unpacked module directory, laid out like ``/module`` inside an image (``module.j
     <images_dir>/<repository>/<tag>/            for  registry/repo:tag
     <images_dir>/<repository>/sha256-<hex>/     for  registry/repo@sha256:<hex> (the digest wins)
 
-(image references keep the contract's grammar; a directory path is not one). This runtime cannot
-download anything: ``pull`` succeeds when the directory is there and otherwise fails with the
-path it expected, so whatever provisions the device (or the simulator) unpacks modules there.
+(image references keep the contract's grammar; a directory path is not one). Without a
+``RegistryPuller`` this runtime downloads nothing: ``pull`` succeeds when the directory is there
+and otherwise fails with the path it expected, so whatever provisions the device (or the
+simulator) unpacks modules there. With one (``pull.method: resumable``), ``pull`` fetches the
+image from its registry (resuming, verified) and unpacks its ``/module`` folder there.
 
 Each module has a folder ``<state_dir>/modules/<name>/`` with ``record.json`` (what a container's
 labels and state would hold) and ``module.log`` (stdout and stderr; ``logs`` tails it). The
@@ -48,18 +50,25 @@ import shutil
 import signal
 import socket
 import sys
+import tarfile
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 import modules
 from agent.actions import Create, Pull, Remove, Restart, Start, Stop
+from agent.credentials import CredentialError, Credentials, pull_auth
 from agent.observed import ObservedModule
 from agent.runtime import Observation, RuntimeActionError
+from agent.runtime.image_gc import ImageBook, PulledRecord, collect, unreferenced_blobs
+from agent.runtime.image_load import unpack_module
 from agent.runtime.pulls import PullTracker
+from agent.runtime.registry_pull import RegistryPuller
 from modules.contract import (
     INSTANCE_ENV,
     DesiredModule,
@@ -215,13 +224,31 @@ class ProcessRuntime:
         python: str = sys.executable,
         stop_timeout_s: float = 10.0,
         proc_root: Path = Path("/proc"),
+        puller: RegistryPuller | None = None,
+        pulls: PullTracker | None = None,
+        credentials: Credentials | None = None,
+        sealing_key: X25519PrivateKey | None = None,
+        device_id: str = "",
+        images: ImageBook | None = None,
+        gc_grace: timedelta = timedelta(days=1),
     ) -> None:
+        """``puller``: fetch missing images from their registry and unpack them (else a missing
+        module directory fails the pull); ``pulls``: the tracker (update window); ``credentials``,
+        ``sealing_key`` and ``device_id`` open the registry credentials of the desired state;
+        ``images``: the book of the modules this runtime unpacked, removed by ``collect_images``
+        ``gc_grace`` after nothing needs them (no book: nothing is ever removed)."""
         self.root = Path(state_dir) / "modules"
         self.images_dir = Path(images_dir)
         self.python = python
         self.stop_timeout_s = stop_timeout_s
         self.proc_root = proc_root
-        self.pulls = PullTracker()
+        self.puller = puller
+        self.pulls = pulls or PullTracker()
+        self.credentials: Credentials = credentials or {}
+        self.sealing_key = sealing_key
+        self.device_id = device_id
+        self.images = images
+        self.gc_grace = gc_grace
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._records: dict[str, ProcessRecord] = {}
@@ -381,17 +408,63 @@ class ProcessRuntime:
     # --- pulling -------------------------------------------------------------------------------
 
     async def pull(self, action: Pull) -> None:
-        """Check in the background that the module directory for ``action.image`` is unpacked."""
+        """In the background: fetch and unpack ``action.image`` (with a puller), else check that its
+        module directory is unpacked."""
         path = image_dir(self.images_dir, action.image)
+        puller = self.puller
 
         async def check() -> None:
-            if not (path / "module.json").is_file():
+            if (path / "module.json").is_file():
+                return
+            if puller is None:
                 raise RuntimeError(
-                    "the process runtime cannot download images; "
-                    f"unpack the module (module.json, models/) into {path}"
+                    "the process runtime cannot download images without its registry client "
+                    f"(pull.method: resumable); unpack the module (module.json, models/) into {path}"
                 )
+            try:
+                auth = pull_auth(action.credentials, self.device_id, self.credentials, self.sealing_key)
+            except CredentialError as e:
+                raise RuntimeError(str(e)) from None
+            pulled = await puller.pull(
+                action.image, auth, progress=lambda p: self.pulls.report(action.image, p)
+            )
+            try:
+                await asyncio.to_thread(unpack_module, puller.store, pulled, path)
+            except (OSError, ValueError, tarfile.TarError) as e:
+                raise RuntimeError(f"cannot unpack {action.image} into {path}: {e}") from None
+            log.info("unpacked %s into %s", action.image, path)
+            if self.images is not None:
+                await asyncio.to_thread(self.images.add, action.image, pulled.digests)
 
         self.pulls.start(action.image, check)
+
+    # --- image garbage collection --------------------------------------------------------------
+
+    async def collect_images(self, keep: Collection[str], now: datetime) -> list[str]:
+        """Remove the module directories this runtime unpacked that neither ``keep`` nor a recorded
+        module needed for ``gc_grace``, then the blobs no remaining image uses; the references
+        removed. Nothing is collected while a download runs (its blobs are not in the book yet)."""
+        if self.images is None or self.pulls.pulling:
+            return []
+        used = {record.image for record in self._records.values()}
+        return await asyncio.to_thread(self._collect_blocking, set(keep) | used, now)
+
+    def _collect_blocking(self, keep: set[str], now: datetime) -> list[str]:
+        assert self.images is not None
+        removed: list[str] = []
+
+        def change(before: dict[str, PulledRecord]) -> dict[str, PulledRecord]:
+            decision = collect(before, keep, now, self.gc_grace)
+            for ref in decision.remove:
+                shutil.rmtree(image_dir(self.images_dir, ref), ignore_errors=True)
+                log.info("removed module image %s: neither desired nor last known good", ref)
+                removed.append(ref)
+            if self.puller is not None:
+                self.puller.store.remove(unreferenced_blobs(self.puller.store.digests(), decision.book))
+            return dict(decision.book)
+
+        self.images.update(change)
+        return removed
 
     # --- lifecycle -----------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ def module_lines(modules: Mapping[str, ModuleStatus]) -> list[str]:
         lines.append(", ".join(p for p in parts if p))
         if m.profile_note:
             lines.append(f"    fallback: {m.profile_note}")
+        if m.pull is not None:
+            lines.append(f"    {m.pull.describe()}")
         if m.message:
             lines.append(f"    {m.message}")
         if health is not None and health.error:

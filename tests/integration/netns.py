@@ -23,6 +23,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,7 @@ def _used_networks() -> set[ipaddress.IPv4Network]:
     for line in text.splitlines():
         parts = line.split()
         if "inet" in parts:
-            used.add(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
+            used.add(ipaddress.IPv4Interface(parts[parts.index("inet") + 1]).network)  # "ip -4": IPv4 only
     return used
 
 
@@ -100,15 +101,20 @@ class DeviceLink:
         used = _used_networks()
         subnet = next(n for n in BASE_NET.subnets(new_prefix=30) if not any(n.overlaps(u) for u in used))
         self.host_ip, self.device_ip = (str(a) for a in subnet.hosts())
+        self.subnet = str(subnet)
         self.netem = _netem_available()
         self.relay: DelayRelay | None = None
         self._nft = False
+        self._tbf = False
         try:
             _run(["ip", "netns", "add", self.name])
             _run(["ip", "link", "add", self.host_dev, "type", "veth", "peer", "name", self.device_dev])
             _run(["ip", "link", "set", self.device_dev, "netns", self.name])
             _run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_dev])
             _run(["ip", "link", "set", self.host_dev, "up"])
+            # While the link is cut its route is gone: without this, the host would send what it
+            # meant for the device to its default gateway (which may answer) instead of losing it.
+            _run(["ip", "route", "replace", "blackhole", self.subnet, "metric", "4000"])
             self.exec(["ip", "addr", "add", f"{self.device_ip}/30", "dev", self.device_dev])
             self.exec(["ip", "link", "set", self.device_dev, "up"])
             self.exec(["ip", "link", "set", "lo", "up"])
@@ -132,14 +138,24 @@ class DeviceLink:
         """Bring the link back up."""
         _run(["ip", "link", "set", self.host_dev, "up"])
 
-    def shape(self, loss_pct: float = 0.0, delay_ms: float = 0.0) -> str:
-        """Impose loss and delay on the link (both directions); returns how ("netem" or "nft+relay")."""
+    def shape(self, loss_pct: float = 0.0, delay_ms: float = 0.0, rate_kbit: int | None = None) -> str:
+        """Impose loss, delay and (optionally) a rate limit on the link, both directions; returns how
+        ("netem", or "nft+relay" with "+tbf" when rate-limited)."""
         self.unshape()
         if self.netem:
             args = ["delay", f"{delay_ms:g}ms", "loss", f"{loss_pct:g}%"]
+            if rate_kbit is not None:
+                args += ["rate", f"{rate_kbit}kbit"]
             self.exec(["tc", "qdisc", "add", "dev", self.device_dev, "root", "netem", *args])
             _run(["tc", "qdisc", "add", "dev", self.host_dev, "root", "netem", *args])
             return "netem"
+        how = "nft+relay"
+        if rate_kbit is not None:
+            tbf = ["root", "tbf", "rate", f"{rate_kbit}kbit", "burst", "16kb", "latency", "500ms"]
+            self.exec(["tc", "qdisc", "add", "dev", self.device_dev, *tbf])
+            _run(["tc", "qdisc", "add", "dev", self.host_dev, *tbf])
+            self._tbf = True
+            how += "+tbf"
         if loss_pct > 0:
             percent = round(loss_pct)
             rule = f"numgen random mod 100 < {percent} drop"
@@ -157,18 +173,24 @@ class DeviceLink:
             self._nft = True
         if self.relay is not None:
             self.relay.delay_s = delay_ms / 1000 / 2  # one way each direction: the round trip gets delay_ms
-        return "nft+relay"
+        return how
 
     def unshape(self) -> None:
-        """Remove loss and delay."""
-        if self.netem:
+        """Remove loss, delay and rate limit."""
+        if self.netem or self._tbf:
             self.exec(["sh", "-c", f"tc qdisc del dev {self.device_dev} root 2>/dev/null || true"])
             _run(["tc", "qdisc", "del", "dev", self.host_dev, "root"], check=False)
+            self._tbf = False
         if self._nft:
             _run(["ip", "netns", "exec", self.name, "nft", "delete", "table", "inet", "edfault"], check=False)
             self._nft = False
         if self.relay is not None:
             self.relay.delay_s = 0.0
+
+    def host_bytes(self) -> tuple[int, int]:
+        """``(sent to the device, received from it)``: the host end's interface counters, in bytes."""
+        stats = Path("/sys/class/net") / self.host_dev / "statistics"
+        return int((stats / "tx_bytes").read_text()), int((stats / "rx_bytes").read_text())
 
     def close(self) -> None:
         """Remove the namespace and the veth pair (idempotent)."""
@@ -176,6 +198,7 @@ class DeviceLink:
             self.relay.close()
         _run(["ip", "netns", "del", self.name], check=False)  # takes the device end, hence the pair
         _run(["ip", "link", "del", self.host_dev], check=False)
+        _run(["ip", "route", "del", "blackhole", self.subnet, "metric", "4000"], check=False)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from agent.config import load_agent_config
 from agent.credentials import CredentialError, resolve_credential
 from agent.health import HealthProber
 from agent.link import Link
+from agent.runtime.labels import loaded_tag
 from cloud.config import resolve_settings
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.mqtt import Endpoint
@@ -274,11 +275,15 @@ async def until_long(check: Any, timeout_s: float = 120.0) -> bool:
 
 
 def _present(client: Any, ref: str) -> bool:
-    try:
-        client.images.get(ref)
-    except Exception:
-        return False
-    return True
+    """Docker Engine has ``ref``: by its digest (an engine pull), or by the tag the agent's own
+    resumable pull gives what it loads (``labels.loaded_tag``: a load cannot set a digest)."""
+    for name in (ref, loaded_tag(ref)):
+        try:
+            client.images.get(name)
+        except Exception:
+            continue
+        return True
+    return False
 
 
 def test_packaging_pulls_a_private_base_image_with_the_stored_credential(

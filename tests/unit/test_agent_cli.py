@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.agent import STATE_FILE
+from agent.agent import REPORT_FILE, STATE_FILE
 from agent.cli import build_runtime, main
 from agent.config import load_agent_config
 from agent.runtime.process import ProcessRuntime
 from agent.state import AgentState, StateStore
-from modules.contract import DesiredState, utcnow
+from modules.contract import DesiredState, ModuleStatus, PullProgress, ReportedState, utcnow
 from modules.signing import generate_keypair
 
 
@@ -85,3 +85,18 @@ def test_status_reads_the_local_state(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["status", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "applied generation: 3 (healthy)" in out and "last known good: 3" in out
+
+
+def test_status_shows_pull_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    progress = PullProgress(image="reg:5000/web:2", bytes_done=2_500_000, bytes_total=10_000_000, eta_s=60.0)
+    report = ReportedState(
+        device_id="pump-17",
+        deployment_status="applying",
+        agent_version="test",
+        modules={"web": ModuleStatus(runtime_status="running", image="reg:5000/web:1", pull=progress)},
+    )
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / REPORT_FILE).write_text(report.model_dump_json())
+    assert main(["status", "--config", str(config)]) == 0
+    assert "    pull 2.5 MB of 10.0 MB (25%), ETA 60 s" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from cloud.config import resolve_settings
 from cloud.devices import DeviceManager
 from cloud.fleet.device_state import device_state
 from cloud.store.fleet import OnlineRecord, ReportedRecord
-from modules.contract import ModuleHealth, ModuleStatus, Rejection, ReportedState
+from modules.contract import ModuleHealth, ModuleStatus, PullProgress, Rejection, ReportedState
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -82,30 +82,40 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
+def _store(data_dir: Path, state: ReportedState, online: bool | None = None) -> None:
+    """``state`` as cam-1's latest report in the cloud's store (and an online message)."""
+    now = state.reported_at
+    manager = DeviceManager.open(resolve_settings(data_dir))
+    try:
+        with manager.db.transaction() as s:
+            s.add(
+                ReportedRecord(
+                    device_id=state.device_id,
+                    generation_applied=state.generation_applied,
+                    generation_received=state.generation_applied,
+                    deployment_status=state.deployment_status,
+                    payload=state.model_dump_json(),
+                    reported_at=now,
+                    received_at=now,
+                )
+            )
+            if online is not None:
+                s.add(
+                    OnlineRecord(
+                        device_id=state.device_id, online=online, since=now, received_at=now, ordering=1
+                    )
+                )
+    finally:
+        manager.close()
+
+
 def test_device_show_and_list_print_what_the_store_knows(
     data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["device", "add", "cam-1"]) == 0
     now = datetime.now(timezone.utc)
     rejection = Rejection(code="not_json", reason="not JSON: line 1", at=now)
-    state = report(at=now, last_rejection=rejection)
-    manager = DeviceManager.open(resolve_settings(data_dir))
-    try:
-        with manager.db.transaction() as s:
-            s.add(
-                ReportedRecord(
-                    device_id="cam-1",
-                    generation_applied=4,
-                    generation_received=4,
-                    deployment_status="healthy",
-                    payload=state.model_dump_json(),
-                    reported_at=now,
-                    received_at=now,
-                )
-            )
-            s.add(OnlineRecord(device_id="cam-1", online=True, since=now, received_at=now, ordering=1))
-    finally:
-        manager.close()
+    _store(data_dir, report(at=now, last_rejection=rejection), online=True)
     capsys.readouterr()
     assert main(["device", "show", "cam-1", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)["state"]
@@ -133,3 +143,46 @@ def test_device_show_and_list_print_what_the_store_knows(
     assert main(["device", "list"]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert row[:2] == ["cam-1", "online"] and "1/1" in row
+
+
+def test_device_show_prints_pull_progress(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["device", "add", "cam-1"]) == 0
+    now = datetime.now(timezone.utc)
+    pulling = ModuleStatus(
+        runtime_status="running",
+        image="localhost:5000/det:1",
+        message="runs localhost:5000/det:1 while pulling localhost:5000/det:2",
+        pull=PullProgress(
+            image="localhost:5000/det:2",
+            bytes_done=3_000_000,
+            bytes_total=12_000_000,
+            bytes_per_s=31_000.0,
+            eta_s=290.0,
+            resumed_bytes=1_500_000,
+        ),
+    )
+    waiting = ModuleStatus(
+        runtime_status="pulling",
+        image="localhost:5000/cls:1",
+        pull=PullProgress(
+            image="localhost:5000/cls:1", waiting_until=datetime(2026, 12, 2, 1, 0, tzinfo=timezone.utc)
+        ),
+    )
+    _store(data_dir, report(at=now, deployment_status="applying", modules={"det": pulling, "cls": waiting}))
+    capsys.readouterr()
+    assert main(["device", "show", "cam-1"]) == 0
+    text = capsys.readouterr().out
+    for expected in (
+        "pull 3.0 MB of 12.0 MB (25%), 31.0 kB/s, ETA 5 min, 1.5 MB kept across link drops",
+        "pull of localhost:5000/cls:1 waits for the update window (opens 2026-12-02 01:00 UTC)",
+    ):
+        assert expected in text, (expected, text)
+    assert main(["device", "show", "cam-1", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["state"]["modules"]["det"]["pull"]
+    assert (shown["bytes_done"], shown["bytes_total"], shown["eta_s"]) == (3_000_000, 12_000_000, 290.0)
+
+
+def test_a_report_without_pull_fields_stays_valid() -> None:
+    old = report().model_dump(mode="json")
+    del old["modules"]["det"]["pull"]
+    assert ReportedState.model_validate(old).modules["det"].pull is None

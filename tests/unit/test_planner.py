@@ -17,6 +17,7 @@ from modules.contract import (
     DesiredModule,
     DesiredState,
     ModuleHealth,
+    PullProgress,
     RegistryCredentialRef,
     registry_of,
 )
@@ -317,10 +318,63 @@ ROWS = {
         pulling={API1},
         expect=[("set_restart_book", "b"), ("restart", "b")],
     ),
-    "pulls come first, then the rest proceeds": Row(
+    "pulls come first, then a new module whose image is here starts (it replaces nothing)": Row(
         {"a": mod(API1, startup_order=1), "b": mod(WEB1, startup_order=0)},
         present={WEB1},
         expect=[("pull", "a"), ("create", "b"), ("start", "b")],
+    ),
+    # --- download first, switch later: a generation switches only when all its images are here --
+    "update of two, one image here: pull the other, both old keep running": Row(
+        {"web": mod(WEB2), "api": mod(API1, env={"V": "2"})},
+        [seen("web", web), seen("api", mod(API1))],
+        present={WEB1, API1},
+        expect=[("pull", "web")],
+    ),
+    "update of two, all images here: switch both": Row(
+        {"web": mod(WEB2), "api": mod(API1, env={"V": "2"})},
+        [seen("web", web), seen("api", mod(API1))],
+        present={WEB1, WEB2, API1},
+        expect=[
+            ("stop", "web"),
+            ("remove", "web"),
+            ("stop", "api"),
+            ("remove", "api"),
+            ("create", "api"),
+            ("start", "api"),
+            ("create", "web"),
+            ("start", "web"),
+        ],
+    ),
+    "module dropped while another's image downloads: it keeps serving": Row(
+        {"web": mod(WEB2)},
+        [seen("web", web), seen("api", mod(API1))],
+        present={WEB1, API1},
+        expect=[("pull", "web")],
+    ),
+    "module dropped, all images here: removed at the switch": Row(
+        {"web": mod(WEB2)},
+        [seen("web", web), seen("api", mod(API1))],
+        present={WEB1, WEB2, API1},
+        expect=[
+            ("stop", "api"),
+            ("remove", "api"),
+            ("stop", "web"),
+            ("remove", "web"),
+            ("create", "web"),
+            ("start", "web"),
+        ],
+    ),
+    "new module beside an update whose image is missing: it starts, the update waits": Row(
+        {"web": mod(WEB2), "api": mod(API1)},
+        [seen("web", web)],
+        present={WEB1, API1},
+        expect=[("pull", "web"), ("create", "api"), ("start", "api")],
+    ),
+    "held old module still restarts under its policy": Row(
+        {"web": mod(WEB2), "api": mod(API1)},
+        [seen("web", web, "exited", finished_at=NOW - timedelta(hours=1)), seen("api", mod(API1))],
+        present={WEB1, API1},
+        expect=[("pull", "web"), ("set_restart_book", "web"), ("restart", "web")],
     ),
     "restart books and waits come last": Row(
         {"a": mod(API1, startup_order=0), "b": mod(WEB1, startup_order=1)},
@@ -505,6 +559,16 @@ STATUS = {
         "running",
         f"runs {WEB1} while pulling {WEB2}",
     ),
+    "new module beside an update whose image is missing: it starts, the update waits": (
+        "web",
+        "running",
+        f"runs {WEB1} while pulling {WEB2}",
+    ),
+    "update of two, one image here: pull the other, both old keep running": (
+        "api",
+        "running",
+        "waiting for 1 of 2 images",
+    ),
 }
 
 
@@ -649,3 +713,23 @@ def test_scenario_install_crash_update_remove() -> None:
     gen3 = desired({"a": mod(WEB2, startup_order=0)})
     assert device.converge(gen3, later) == [("stop", "b"), ("remove", "b"), ("set_restart_book", "b")]
     assert set(device.modules) == {"a"} and device.books == {}
+
+
+def test_pull_progress_is_in_the_status_of_the_module_that_waits_for_it() -> None:
+    progress = PullProgress(image=WEB2, bytes_done=300, bytes_total=1200, bytes_per_s=100.0, eta_s=9.0)
+    o = seen("web", web)
+    img = ImageAvailability(present={WEB1}, pulling={WEB2}, progress={WEB2: progress})
+    m = mod(WEB2)
+    status = module_status(
+        "web", m, o, img, RestartBook(), plan(desired({"web": m}), {"web": o}, img, {}, NOW)
+    )
+    assert status.runtime_status == "running" and status.pull == progress
+    assert status.pull is not None and status.pull.percent == 25.0
+
+
+def test_no_progress_once_the_image_is_here() -> None:
+    img = ImageAvailability(present={WEB1}, progress={WEB1: PullProgress(image=WEB1)})
+    status = module_status(
+        "web", web, None, img, RestartBook(), plan(desired({"web": web}), {}, img, {}, NOW)
+    )
+    assert status.pull is None

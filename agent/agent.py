@@ -118,6 +118,10 @@ class AgentLink(Protocol):
         """Queue a report (the newest unsent one wins)."""
         ...
 
+    def announce(self, generation: int) -> None:
+        """Tell the broker, at every session start, which generation this device has."""
+        ...
+
     async def respond(self, response: CommandResponse) -> None:
         """Answer a command."""
         ...
@@ -236,6 +240,8 @@ class Agent:
                 )
             else:
                 log.info("no desired state stored in %s yet: waiting for one", self.store.path)
+            if self.link is not None:
+                self.link.announce(self.state.last_generation)
         if self.accelerators is None:
             found = await asyncio.to_thread(_detect)
             self.accelerators = found.accelerators
@@ -525,6 +531,8 @@ class Agent:
             modules[name] = status.model_copy(update=update) if update else status
         self.metrics.set_modules(s.runtime_status for s in modules.values())
         self.metrics.generation_applied = desired.generation if desired else 0
+        if self.link is not None:
+            self.link.announce(self.state.last_generation)
         state = self.state
         received = state.last_applied.generation if state.last_applied else None
         reason: str | None

@@ -13,7 +13,7 @@ every agent and disconnects cleanly. ``Fleet.snapshot`` counts devices by connec
 deployment status of their last report at any time.
 
 One process holds thousands of devices because nothing here takes a thread: the MQTT clients run
-on the event loop (``agent.mqtt_bridge``) and simulated modules change state only when observed.
+on the event loop (``edgemqtt.session``) and simulated modules change state only when observed.
 ``run_in_processes`` splits a fleet over a few worker processes (one event loop per CPU core) and
 adds up their counts.
 """

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud import broker
+from cloud.broker import resolve_endpoint
 from cloud.commands.base import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -38,11 +39,11 @@ from cloud.commands.views import module_lines
 from cloud.fleet.controller import INTERVAL_S, RECOMPUTE_EVERY_S, Controller
 from cloud.fleet.device_state import device_states
 from cloud.fleet.manifest_diff import manifest_diff, replaced_pins
-from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.fleet.service import ApplyResult, Fleet, PublishReport, parse_model_refs
 from cloud.fleet.targeting import some_ids
 from cloud.keys import KeyFileError
 from cloud.store.errors import NotFoundError
+from edgemqtt.endpoint import Endpoint
 from modules.contract import DeploymentManifest, ModuleStatus, utcnow
 from modules.documents import DocumentError, load_model_file
 
@@ -77,9 +78,9 @@ def add_broker_option(parser: argparse.ArgumentParser) -> None:
     """``--broker-url``."""
     parser.add_argument(
         "--broker-url",
-        metavar="URL",
-        help="mqtt://host:port or mqtts://host:port (default: $EDGE_BROKER_URL, the URL saved by "
-        "'edgectl broker config', else mqtt://127.0.0.1:1883)",
+        metavar="URL[,URL...]",
+        help="mqtt://host:port or mqtts://host:port, or the comma-separated nodes of a cluster "
+        "(default: $EDGE_BROKER_URL, the URL saved by 'edgectl broker config', else mqtt://127.0.0.1:1883)",
     )
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cloud.fleet.ingest import Ingestor, IngestStats
-from cloud.fleet.mqtt import BrokerUnavailable, Endpoint
 from cloud.fleet.service import Fleet
+from edgemqtt.endpoint import BrokerUnavailable, Endpoint
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,6 @@ from cloud.fleet.credentials import (
 )
 from cloud.fleet.desired import DEFAULT_TTL, content_hash
 from cloud.fleet.explain import Explanation, explain
-from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.progress import progress, summaries
 from cloud.fleet.queries import live_manifest, load_deployments, load_devices, models_of, stored_waves
 from cloud.fleet.recompute import recompute_desired
@@ -63,6 +62,7 @@ from cloud.store.errors import NotFoundError
 from cloud.store.fleet import RolloutDevice, RolloutRecord
 from cloud.store.models import Deployment, DeploymentModel, ModelFollow
 from cloud.store.refs import check_name, parse_model_ref
+from edgemqtt.endpoint import Endpoint
 from modules.contract import DeploymentManifest, DeviceProfile, utcnow
 from modules.profiles import fallback_chain, load_profiles
 

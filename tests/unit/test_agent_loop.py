@@ -161,6 +161,9 @@ class MemoryLink:
         self.reports.append(state)
         self.changed.set()
 
+    def announce(self, generation: int) -> None:
+        self.announced = generation
+
     async def respond(self, response: CommandResponse) -> None:
         self.responses.append(response)
         self.changed.set()

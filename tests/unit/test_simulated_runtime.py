@@ -271,6 +271,9 @@ class MemoryLink:
     async def publish_reported(self, state: ReportedState) -> None:
         self.reports.append(state)
 
+    def announce(self, generation: int) -> None:
+        self.announced = generation
+
     async def respond(self, response: CommandResponse) -> None:
         raise NotImplementedError
 

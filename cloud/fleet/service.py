@@ -36,7 +36,6 @@ from cloud.fleet.credentials import (
 )
 from cloud.fleet.desired import DEFAULT_TTL, content_hash
 from cloud.fleet.explain import Explanation, explain
-from cloud.fleet.progress import progress, summaries
 from cloud.fleet.queries import live_manifest, load_deployments, load_devices, models_of, stored_waves
 from cloud.fleet.recompute import recompute_desired
 from cloud.fleet.removal import ClearReport, clear_removed
@@ -51,10 +50,11 @@ from cloud.fleet.results import (
     WaveProgress,
 )
 from cloud.fleet.revisions import forget, list_revisions, record_revision, revision_manifest
-from cloud.fleet.rollout import split_waves
 from cloud.fleet.rollouts import advance_rollouts, resume_rollout, retry_devices, start_rollout
 from cloud.fleet.sql import aware
+from cloud.fleet.summaries import progress, summaries
 from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, Resolution, placements, resolve, selected_ids
+from cloud.fleet.waves import split_waves
 from cloud.keys import load_or_create_signing_key
 from cloud.store.db import Database, open_database
 from cloud.store.deployments import set_deployment_models

@@ -17,8 +17,6 @@ import pytest
 from sqlalchemy import select
 
 from agent.runtime.simulated import SimulationSettings
-from agent.simulate import Fleet as SimFleet
-from agent.simulate import FleetOptions, SimDevice, device_ids
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.service import Fleet
 from cloud.keys import load_or_create_signing_key
@@ -29,6 +27,7 @@ from edgemqtt import topics
 from edgemqtt.bulk import Retained, publish_retained
 from edgemqtt.endpoint import Endpoint
 from edgemqtt.session import Session, SessionOptions
+from harness.simulate import FleetOptions, SimDevice, SimulatedFleet, device_ids
 from modules.contract import DeploymentManifest
 from modules.profiles import load_profiles
 from tests.services import MosquittoFactory
@@ -107,7 +106,7 @@ async def test_devices_converge_when_the_broker_kept_no_retained_desired_state(
 
     public_key = load_or_create_signing_key(tmp_path).public_key()
     options = FleetOptions(broker_url=endpoint.url, connect_rate=200, settings=FAST, heartbeat_s=300)
-    sims = SimFleet([SimDevice(d) for d in ids], public_key, options)
+    sims = SimulatedFleet([SimDevice(d) for d in ids], public_key, options)
     async with Ingestor(cloud.db, endpoint, flush_interval_s=0.05) as ingest:
         task = asyncio.create_task(sims.run())
         try:

@@ -18,8 +18,8 @@ from agent.link import DesiredSlot
 from agent.observed import config_hash
 from agent.runtime import RuntimeActionError
 from agent.runtime.simulated import SimulatedProber, SimulatedRuntime, SimulationSettings, execution_provider
-from agent.simulate import TmpfsStateStore
 from agent.state import AgentState, StateStore
+from harness.simulate import TmpfsStateStore
 from modules.contract import (
     ClientConflict,
     CommandRequest,

@@ -32,7 +32,7 @@ from cloud.store.devices import Device, DeviceTag, find_devices, password_hashes
 from cloud.store.errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from agent.simulate import SimDevice, Snapshot
+    from harness.simulate import SimDevice, Snapshot
 
 CREDENTIALS_FILE = Path("simulate") / "credentials.json"
 SIM_TAG = ("simulated", "true")
@@ -118,7 +118,7 @@ def load_credentials(path: Path) -> tuple[str | None, dict[str, dict[str, str]]]
 
 
 def _devices(args: argparse.Namespace, settings: Settings) -> tuple[list[SimDevice], str | None, str]:
-    from agent.simulate import SimDevice, assign_profiles, device_ids, parse_profile_mix
+    from harness.simulate import SimDevice, assign_profiles, device_ids, parse_profile_mix
 
     if args.credentials:
         url, stored = load_credentials(Path(args.credentials))
@@ -187,7 +187,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.credentials and args.provision:
         raise CliError("give --credentials FILE or --provision, not both")
     from agent.runtime.simulated import SimulationSettings
-    from agent.simulate import Fleet, FleetOptions, run_in_processes
+    from harness.simulate import FleetOptions, SimulatedFleet, run_in_processes
     from modules.signing import KeyFormatError, load_public_key, load_public_key_file, public_key_pem
 
     settings = settings_from(args)
@@ -239,7 +239,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             devices, public_key_pem(key), options, args.processes, args.duration, progress, args.progress
         )
     else:
-        fleet = Fleet(devices, key, options)
+        fleet = SimulatedFleet(devices, key, options)
         final = _run(fleet, args.duration, progress, args.progress)
         errors = fleet.errors()
     if args.json:
@@ -264,7 +264,7 @@ def _run(fleet: Any, duration: float | None, progress: Any, every: float) -> Sna
         result: Snapshot = await fleet.run(duration, progress, every)
         return result
 
-    from agent.simulate import event_loop_runner
+    from harness.simulate import event_loop_runner
 
     result: Snapshot = event_loop_runner()(main())
     return result

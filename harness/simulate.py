@@ -7,9 +7,9 @@ folder per device, on tmpfs by default), driven by ``Agent.run``, the same recon
 health prober and the system metrics that go with it. Simulated devices and real agents can share
 a broker: a simulated device is just another MQTT client with a device id.
 
-``Fleet.run`` starts the devices at ``connect_rate`` per second (the broker sees a ramp, not a
+``SimulatedFleet.run`` starts the devices at ``connect_rate`` per second (the broker sees a ramp, not a
 stampede), reports progress every ``progress_s`` and, after ``duration_s`` (or ``stop``), stops
-every agent and disconnects cleanly. ``Fleet.snapshot`` counts devices by connection and by the
+every agent and disconnects cleanly. ``SimulatedFleet.snapshot`` counts devices by connection and by the
 deployment status of their last report at any time.
 
 One process holds thousands of devices because nothing here takes a thread: the MQTT clients run
@@ -306,7 +306,7 @@ class _Member:
     error: BaseException | None = None
 
 
-class Fleet:
+class SimulatedFleet:
     """``devices`` as simulated agents on one event loop; ``public_key`` verifies their desired states."""
 
     def __init__(
@@ -508,7 +508,7 @@ def _worker(
     from modules.signing import load_public_key
 
     async def main() -> None:
-        fleet = Fleet(devices, load_public_key(public_pem), options)
+        fleet = SimulatedFleet(devices, load_public_key(public_pem), options)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, fleet.stop)

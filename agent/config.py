@@ -86,6 +86,12 @@ class BrokerConfig(_Settings):
     max_queued_messages: int = Field(
         default=100, ge=10, le=100_000, description="cap on outgoing messages held while offline"
     )
+    subscribe_qos: Literal[0, 1] = Field(
+        default=1,
+        description="QoS of the agent's subscriptions; 0 on brokers that lose a QoS 1 subscription's queue "
+        "with the node it lived on (RabbitMQ 3.10 clusters): the agent announces its generation on every "
+        "session and the cloud re-sends what it missed",
+    )
 
     @field_validator("url")
     @classmethod
@@ -150,6 +156,7 @@ class BrokerConfig(_Settings):
             reconnect_min_s=self.reconnect_min_s,
             reconnect_max_s=self.reconnect_max_s,
             max_queued_messages=self.max_queued_messages,
+            subscribe_qos=self.subscribe_qos,
         )
 
     def read_password(self) -> str | None:

@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from cloud import broker
+from cloud.broker_rabbitmq import rabbit_password_hash
 from cloud.config import Settings
 from cloud.fleet.device_state import DeviceState, device_states
 from cloud.fleet.removal import ClearReport, clear_removed, forget_device, is_clear_pending
@@ -276,6 +277,7 @@ class DeviceManager:
                 id=device_id,
                 profile=profile,
                 password_hash=broker.hash_password(password),
+                rabbitmq_password_hash=rabbit_password_hash(password),
                 sealing_public_key=sealing_public,
             )
             device.tags = [DeviceTag(key=k, value=v) for k, v in sorted(tags.items())]

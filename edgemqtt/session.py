@@ -182,12 +182,18 @@ class SessionOptions:
     session_expiry_s: int = 0
     """MQTT 5: how long the broker keeps the session (and queues QoS 1 messages) after a disconnect;
     0 starts clean every time."""
+    subscribe_qos: int = 1
+    """The QoS of the subscriptions. 0 where the broker cannot move a QoS 1 subscription's queue when
+    a node dies (RabbitMQ 3.10 keeps it on the dead node): messages may then be lost only across a
+    lost connection, and the fleet's protocol re-sends what matters on every session start."""
 
     def __post_init__(self) -> None:
         if self.protocol not in ("mqttv5", "mqttv311"):
             raise ValueError(f"protocol {self.protocol!r}: expected mqttv5 or mqttv311")
         if self.session_expiry_s and self.protocol != "mqttv5":
             raise ValueError("session_expiry_s needs MQTT 5")
+        if self.subscribe_qos not in (0, 1):
+            raise ValueError(f"subscribe_qos {self.subscribe_qos}: expected 0 or 1")
 
 
 class Session:
@@ -534,7 +540,7 @@ class Session:
         if not reason.is_failure:
             self._session_accepted = True
             if self._subscriptions:
-                client.subscribe([(topic, 1) for topic in self._subscriptions])
+                client.subscribe([(topic, self.options.subscribe_qos) for topic in self._subscriptions])
             if self._birth is not None:
                 birth = self._birth()
                 client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)

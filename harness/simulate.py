@@ -51,6 +51,7 @@ from agent.metrics import AgentMetrics
 from agent.runtime.simulated import SimulatedProber, SimulatedRuntime, SimulationSettings
 from agent.state import AgentState, StateStore
 from agent.sysmetrics import SystemSampler
+from edgemqtt.endpoint import split_urls
 from modules.contract import Accelerator, DeviceProfile, ReportedState, SystemMetrics
 from modules.profiles import load_profiles
 
@@ -223,6 +224,8 @@ class FleetOptions:
     """How the fleet connects and behaves."""
 
     broker_url: str = "mqtt://127.0.0.1:1883"
+    """One URL, or the comma-separated nodes of a cluster: device i connects to node i mod n first and
+    fails over to the others in turn."""
     protocol: str = "mqttv5"
     connect_rate: float = 500.0
     """New devices started per second."""
@@ -230,6 +233,8 @@ class FleetOptions:
     """Each device's heartbeat is drawn within ±10 % of this, so reports do not come in lockstep."""
     keepalive_s: int = 60
     reconnect_max_s: int = 30
+    subscribe_qos: int = 1
+    """The agents' subscription QoS (0 on a RabbitMQ 3.10 cluster: see ``BrokerConfig.subscribe_qos``)."""
     settings: SimulationSettings = field(default_factory=SimulationSettings)
     seed: int = 0
     state_root: Path | None = None
@@ -329,20 +334,24 @@ class SimulatedFleet:
         self._store: type[StateStore] = TmpfsStateStore if on_shm else StateStore
         self.state_root = root
         rng = random.Random(self.options.seed)
-        self.members = [self._member(d, rng) for d in devices]
+        self.members = [self._member(i, d, rng) for i, d in enumerate(devices)]
         self._stop = asyncio.Event()
         self._started_at = time.monotonic()
 
-    def _member(self, device: SimDevice, rng: random.Random) -> _Member:
+    def _member(self, index: int, device: SimDevice, rng: random.Random) -> _Member:
         o = self.options
+        urls = split_urls(o.broker_url)
+        first = index % len(urls)  # spread the devices over the nodes of a cluster
         broker = BrokerConfig.model_validate(
             {
-                "url": o.broker_url,
+                "url": urls[first],
+                "failover_urls": urls[first + 1 :] + urls[:first],
                 "protocol": o.protocol,
                 "username": device.username,
                 "password": SecretStr(device.password) if device.password is not None else None,
                 "keepalive_s": o.keepalive_s,
                 "reconnect_max_s": o.reconnect_max_s,
+                "subscribe_qos": o.subscribe_qos,
             }
         )
         config = AgentConfig(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloud import broker
+from cloud.broker_rabbitmq import rabbit_password_hash
 from cloud.commands.base import EXIT_FAILURE, CliError, add_command, print_json, settings_from, store_errors
 from cloud.config import Settings
 from cloud.devices import check_broker_url, check_device_id, reload_if_configured
@@ -77,13 +78,17 @@ def provision(settings: Settings, plan: Sequence[tuple[str, str]]) -> dict[str, 
             for device_id, profile in plan:
                 password = broker.new_password()
                 digest = broker.hash_password(password)
+                rabbit = rabbit_password_hash(password)
                 device = existing.get(device_id)
                 if device is None:
-                    device = Device(id=device_id, profile=profile, password_hash=digest)
+                    device = Device(
+                        id=device_id, profile=profile, password_hash=digest, rabbitmq_password_hash=rabbit
+                    )
                     device.tags = [DeviceTag(key=SIM_TAG[0], value=SIM_TAG[1])]
                     session.add(device)
                 else:
                     device.profile, device.password_hash = profile, digest
+                    device.rabbitmq_password_hash = rabbit
                 out[device_id] = {"profile": profile, "password": password}
             session.flush()
             broker.write_broker_files(paths, password_hashes(session))

@@ -140,12 +140,23 @@ class Ingestor:
         flush_interval_s: float = FLUSH_INTERVAL_S,
         session: str | None = None,
         session_expiry_s: int = SESSION_EXPIRY_S,
+        shared: bool = True,
+        protocol: str = "mqttv5",
+        subscribe_qos: int = 1,
     ) -> None:
+        """``shared=False``: subscribe to every report without ``$share`` (one worker per fleet), for
+        brokers without shared subscriptions such as RabbitMQ 3.10, which speaks only MQTT 3.1.1
+        (``protocol="mqttv311"``; a persistent ``session`` needs MQTT 5) and keeps a QoS 1
+        subscription's queue on one node (``subscribe_qos=0`` lets the ingester fail over: reports
+        are retained and re-sent every heartbeat)."""
         self.db = db
         self.endpoint = endpoint
         self.session = session
         self.session_expiry_s = session_expiry_s
         self.flush_interval_s = flush_interval_s
+        self.shared = shared
+        self.protocol = protocol
+        self.subscribe_qos = subscribe_qos
         self.stats = IngestStats()
         self._pending: dict[str, _Pending] = {}
         self._mqtt: Session | None = None
@@ -154,6 +165,8 @@ class Ingestor:
 
     async def __aenter__(self) -> Ingestor:
         options = SessionOptions(
+            protocol=self.protocol,
+            subscribe_qos=self.subscribe_qos,
             reconnect_max_s=RECONNECT_MAX_S,
             session_expiry_s=self.session_expiry_s if self.session else 0,
             max_queued_messages=0,
@@ -162,7 +175,10 @@ class Ingestor:
         mqtt = Session(
             self.endpoint,
             client_id=self.session or f"edgectl-ingest-{uuid.uuid4().hex[:12]}",
-            subscriptions=[REPORTED_SUBSCRIPTION, ONLINE_SUBSCRIPTION],
+            subscriptions=[
+                REPORTED_SUBSCRIPTION if self.shared else topics.ALL_REPORTED,
+                ONLINE_SUBSCRIPTION,
+            ],
             options=options,
         )
         mqtt.start()

@@ -35,6 +35,8 @@ from cloud.broker import BrokerPaths, cloud_credentials, write_atomic
 from edgemqtt.topics import AclRule, cloud_acl, device_acl
 
 DEFINITIONS_FILE = "rabbitmq-definitions.json"
+REPORTS_QUEUE = "edge.reports"
+"""The replicated (quorum) queue the cloud's workers share reports through (``cloud.fleet.amqp_reports``)."""
 VHOST = "/"
 EXCHANGE = "amq.topic"
 HASHING = "rabbit_password_hashing_sha256"
@@ -74,6 +76,16 @@ def _pattern(rules: Iterable[AclRule], access: str) -> str:
     return "^(" + "|".join(alternatives) + ")$" if alternatives else "^$"
 
 
+def binding_key(topic_filter: str) -> str:
+    """The AMQP binding key of an MQTT topic filter (``edge/+/reported`` → ``edge.*.reported``)."""
+    return ".".join("*" if level == "+" else level for level in topic_filter.split("/"))
+
+
+def routing_key_topic(routing_key: str) -> str:
+    """The MQTT topic of a routing key RabbitMQ's MQTT plugin made (``.`` back to ``/``)."""
+    return routing_key.replace(".", "/")
+
+
 def _queues(client_id_pattern: str) -> str:
     return rf"^mqtt-subscription-{client_id_pattern}qos[01]$"
 
@@ -110,7 +122,7 @@ def render_definitions(
                 "read": _pattern(device_rules, "read"),
             }
         )
-    cloud_queues = _queues(".+")
+    cloud_queues = rf"^(mqtt-subscription-.+qos[01]|{re.escape(REPORTS_QUEUE)})$"
     users.append({"name": cloud_user, "password_hash": cloud_hash, "hashing_algorithm": HASHING, "tags": []})
     permissions.append(
         {

@@ -143,12 +143,14 @@ class Ingestor:
         shared: bool = True,
         protocol: str = "mqttv5",
         subscribe_qos: int = 1,
+        subscribe_reports: bool = True,
     ) -> None:
         """``shared=False``: subscribe to every report without ``$share`` (one worker per fleet), for
         brokers without shared subscriptions such as RabbitMQ 3.10, which speaks only MQTT 3.1.1
         (``protocol="mqttv311"``; a persistent ``session`` needs MQTT 5) and keeps a QoS 1
         subscription's queue on one node (``subscribe_qos=0`` lets the ingester fail over: reports
-        are retained and re-sent every heartbeat)."""
+        are retained and re-sent every heartbeat). ``subscribe_reports=False``: reports come from elsewhere
+        (``cloud.fleet.amqp_reports``, RabbitMQ's quorum queue), only online messages over MQTT."""
         self.db = db
         self.endpoint = endpoint
         self.session = session
@@ -157,6 +159,8 @@ class Ingestor:
         self.shared = shared
         self.protocol = protocol
         self.subscribe_qos = subscribe_qos
+        self.subscribe_reports = subscribe_reports
+        self._write_failed = False
         self.stats = IngestStats()
         self._pending: dict[str, _Pending] = {}
         self._mqtt: Session | None = None
@@ -176,7 +180,11 @@ class Ingestor:
             self.endpoint,
             client_id=self.session or f"edgectl-ingest-{uuid.uuid4().hex[:12]}",
             subscriptions=[
-                REPORTED_SUBSCRIPTION if self.shared else topics.ALL_REPORTED,
+                *(
+                    [REPORTED_SUBSCRIPTION if self.shared else topics.ALL_REPORTED]
+                    if self.subscribe_reports
+                    else []
+                ),
                 ONLINE_SUBSCRIPTION,
             ],
             options=options,
@@ -263,6 +271,11 @@ class Ingestor:
         """How many topics hold a message not written yet (at most two per device)."""
         return len(self._pending)
 
+    @property
+    def waiting(self) -> int:
+        """How many received messages wait for the next flush (several on one topic count apart)."""
+        return sum(entry.count for entry in self._pending.values())
+
     def flush(self) -> int:
         """Write what arrived since the last flush, in this thread; returns how many messages were written.
 
@@ -270,6 +283,19 @@ class Ingestor:
         """
         batch, self._pending = self._pending, {}
         return self._settle(batch, self._write_batch(batch))
+
+    async def flush_now(self) -> bool:
+        """Write what arrived so far now; False when the store refused it (it waits for the next flush).
+
+        For consumers that acknowledge their source only once messages are in the store.
+        """
+        received = self.stats.received
+        self._write_failed = False
+        await self._flush_async()
+        if self._flushed is not None and self.stats.received != received:
+            async with self._flushed:
+                self._flushed.notify_all()
+        return not self._write_failed
 
     async def _flush_async(self, *, answer: bool = True) -> int:
         """Take the batch on the loop, write it in a worker thread, answer devices that are behind."""
@@ -287,6 +313,7 @@ class Ingestor:
         self.stats.received += outcome.invalid + outcome.written
         self.stats.invalid += outcome.invalid
         self.stats.written += outcome.written
+        self._write_failed = self._write_failed or bool(outcome.failed)
         for topic, entry in outcome.failed.items():
             newer = self._pending.get(topic)
             self._pending[topic] = (

@@ -10,8 +10,10 @@ through node 1; the agents announce their generation and the cloud answers), and
 SIGKILLed during a rollout: its devices fail over to the other nodes, every device reports the new
 generation, and the node comes back and rejoins.
 
-Skipped with a loud reason where RabbitMQ cannot start. Not covered here (see docs/brokers.md):
-report ingestion over a quorum queue with AMQP and several cloud workers.
+Two cloud workers share reports through one replicated quorum queue read over AMQP (RabbitMQ's
+own competing consumers); one dies holding unacknowledged reports, and the other writes them.
+
+Skipped with a loud reason where RabbitMQ cannot start.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from agent.runtime.simulated import SimulationSettings
 from cloud import broker as broker_files
 from cloud.cli import main
 from cloud.config import resolve_settings
+from cloud.fleet.amqp_reports import AmqpReports
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.service import Fleet
 from cloud.keys import load_or_create_signing_key
@@ -42,7 +45,7 @@ from cloud.store.fleet import OnlineRecord, ReportedRecord
 from edgemqtt import topics
 from edgemqtt.endpoint import Endpoint
 from harness.simulate import FleetOptions, SimDevice, SimulatedFleet
-from modules.contract import DeploymentManifest
+from modules.contract import DeploymentManifest, ReportedState
 from modules.profiles import load_profiles
 from tests.rabbitmq_cluster import RabbitCluster
 from tests.services import start_or_skip
@@ -137,7 +140,7 @@ class Client:
 
     def subscribe(self, topic: str) -> bool | None:
         """Whether the broker granted it (None: it closed the connection instead of answering)."""
-        self._answers: queue.Queue[bool | None] = queue.Queue()
+        self._answers = queue.Queue()
         self.client.on_subscribe = lambda _c, _u, _m, reasons, _p: self._answers.put(
             not reasons[0].is_failure
         )
@@ -292,3 +295,68 @@ def test_the_generated_definitions_name_every_device(provisioned: Provisioned) -
     users = {u["name"] for u in document["users"]}
     assert users == {*provisioned.ids, "_cloud"}
     assert all("{username}" in p["write"] for p in document["topic_permissions"] if p["user"] != "_cloud")
+
+
+def amqp_urls(cluster: RabbitCluster, cloud: Endpoint) -> list[str]:
+    return [f"amqp://{cloud.username}:{cloud.password}@127.0.0.1:{n.amqp_port}/" for n in cluster.nodes]
+
+
+async def test_workers_share_reports_through_a_quorum_queue_and_survive_a_worker_kill(
+    cluster: RabbitCluster, provisioned: Provisioned
+) -> None:
+    db = open_database(resolve_settings(data_dir=provisioned.data_dir).db_url)
+    urls = amqp_urls(cluster, provisioned.cloud)
+    options = {"shared": False, "protocol": "mqttv311", "subscribe_qos": 0, "subscribe_reports": False}
+    rounds = 5
+    try:
+        async with (
+            Ingestor(db, provisioned.cloud, flush_interval_s=3600, **options) as ingest_a,  # type: ignore[arg-type]
+            Ingestor(db, provisioned.cloud, flush_interval_s=0.05, **options) as ingest_b,  # type: ignore[arg-type]
+        ):
+            # Worker A takes its share and never acknowledges (it writes only every hour), then dies.
+            worker_a = AmqpReports(ingest_a, urls, ack_interval_s=3600)
+            worker_b = AmqpReports(ingest_b, list(reversed(urls)))
+            async with worker_a, worker_b:
+                await asyncio.wait_for(worker_a.consuming.wait(), WAIT_S)
+                await asyncio.wait_for(worker_b.consuming.wait(), WAIT_S)
+                publisher = Client(
+                    cluster.mqtt_urls[1], provisioned.cloud.username or "", provisioned.cloud.password or ""
+                )
+                try:
+                    for generation in range(1, rounds + 1):
+                        for device in provisioned.ids:
+                            state = ReportedState(
+                                device_id=device,
+                                generation_applied=100 + generation,
+                                deployment_status="healthy",
+                                agent_version="worker-test",
+                            )
+                            publisher.publish(topics.reported(device), state.model_dump_json().encode())
+                finally:
+                    publisher.close()
+                total = rounds * DEVICES
+                deadline = asyncio.get_running_loop().time() + WAIT_S
+                while ingest_a.waiting + worker_b.acknowledged < total:
+                    assert asyncio.get_running_loop().time() < deadline, "the reports were not consumed"
+                    await asyncio.sleep(0.1)
+                assert ingest_a.waiting > 0 and worker_b.acknowledged > 0  # both workers got a share
+                assert worker_a.acknowledged == 0
+                await worker_a.abort()  # dies without acknowledging what it held
+                # RabbitMQ redelivers A's share to B; B writes every report.
+                while worker_b.acknowledged < total:
+                    assert asyncio.get_running_loop().time() < deadline, (
+                        f"worker B wrote {worker_b.acknowledged} of {total} reports after A died"
+                    )
+                    await asyncio.sleep(0.1)
+                assert ingest_b.stats.written == total
+        with db.transaction() as s:
+            newest = dict(
+                s.execute(
+                    select(ReportedRecord.device_id, ReportedRecord.generation_applied).where(
+                        ReportedRecord.device_id.in_(provisioned.ids)
+                    )
+                ).all()
+            )
+        assert newest == {d: 100 + rounds for d in provisioned.ids}  # newer-wins, nothing lost
+    finally:
+        db.dispose()

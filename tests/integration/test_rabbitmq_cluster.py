@@ -21,6 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from sqlalchemy import select
 from agent.config import load_agent_config
 from agent.runtime.simulated import SimulationSettings
 from cloud import broker as broker_files
+from cloud.broker_rabbitmq import REPORTS_QUEUE
 from cloud.cli import main
 from cloud.config import resolve_settings
 from cloud.fleet.amqp_reports import AmqpReports
@@ -48,7 +52,7 @@ from harness.simulate import FleetOptions, SimDevice, SimulatedFleet
 from modules.contract import DeploymentManifest, ReportedState
 from modules.profiles import load_profiles
 from tests.rabbitmq_cluster import RabbitCluster
-from tests.services import start_or_skip
+from tests.services import REPO_ROOT, start_or_skip
 
 pytestmark = pytest.mark.integration
 
@@ -360,3 +364,77 @@ async def test_workers_share_reports_through_a_quorum_queue_and_survive_a_worker
         assert newest == {d: 100 + rounds for d in provisioned.ids}  # newer-wins, nothing lost
     finally:
         db.dispose()
+
+
+def queue_state(cluster: RabbitCluster) -> tuple[int, int]:
+    """``(consumers, messages)`` of the shared reports queue."""
+    for line in cluster.nodes[0].ctl("list_queues", "name", "consumers", "messages").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == REPORTS_QUEUE:
+            return int(parts[1]), int(parts[2])
+    return 0, 0
+
+
+def test_edgectl_watchers_split_reports_and_one_can_be_killed(
+    cluster: RabbitCluster, provisioned: Provisioned, tmp_path: Path
+) -> None:
+    amqp = ",".join(f"amqp://127.0.0.1:{n.amqp_port}/" for n in cluster.nodes)
+    argv = [
+        sys.executable, "-m", "cloud.cli", "--data-dir", str(provisioned.data_dir), "deploy", "watch",
+        "--broker-url", ",".join(cluster.mqtt_urls), "--reports-queue", amqp, "--interval", "0.5",
+    ]  # fmt: skip
+    logs = [tmp_path / f"watch-{i}.log" for i in range(2)]
+    workers = [
+        subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO_ROOT) for log in logs
+    ]
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while queue_state(cluster)[0] < 2:
+            assert all(w.poll() is None for w in workers), [log.read_text()[-2000:] for log in logs]
+            assert time.monotonic() < deadline, "two watchers never consumed the reports queue"
+            time.sleep(0.5)
+        publisher = Client(
+            cluster.mqtt_urls[2], provisioned.cloud.username or "", provisioned.cloud.password or ""
+        )
+        rounds = 6
+        try:
+            for generation in range(1, rounds + 1):
+                if generation == rounds // 2:
+                    workers[0].send_signal(signal.SIGKILL)  # mid-stream: it may hold unacknowledged reports
+                    workers[0].wait(30)
+                for device in provisioned.ids:
+                    state = ReportedState(
+                        device_id=device,
+                        generation_applied=200 + generation,
+                        deployment_status="healthy",
+                        agent_version="watch-test",
+                    )
+                    publisher.publish(topics.reported(device), state.model_dump_json().encode())
+        finally:
+            publisher.close()
+        db = open_database(resolve_settings(data_dir=provisioned.data_dir).db_url)
+        try:
+            while True:
+                with db.transaction() as s:
+                    newest = dict(
+                        s.execute(
+                            select(ReportedRecord.device_id, ReportedRecord.generation_applied).where(
+                                ReportedRecord.device_id.in_(provisioned.ids)
+                            )
+                        ).all()
+                    )
+                if newest == {d: 200 + rounds for d in provisioned.ids}:
+                    break
+                assert workers[1].poll() is None, logs[1].read_text()[-2000:]
+                assert time.monotonic() < deadline, f"reports not all written: {newest}"
+                time.sleep(0.2)
+        finally:
+            db.dispose()
+        while queue_state(cluster) != (1, 0):  # the survivor consumes alone; nothing is left over
+            assert time.monotonic() < deadline, f"reports queue (consumers, messages): {queue_state(cluster)}"
+            time.sleep(0.5)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+                worker.wait(30)

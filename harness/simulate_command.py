@@ -223,6 +223,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     options = FleetOptions(
         broker_url=url,
         protocol=args.protocol,
+        subscribe_qos=args.subscribe_qos,
         connect_rate=args.rate,
         heartbeat_s=args.heartbeat,
         settings=sim,
@@ -316,6 +317,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--broker", metavar="URL", help="broker URL (default: from broker config, else mqtt://127.0.0.1:1883)"
     )
     p.add_argument("--protocol", choices=("mqttv5", "mqttv311"), default="mqttv5")
+    p.add_argument(
+        "--subscribe-qos",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="QoS of the agents' subscriptions (0 on a RabbitMQ 3.10 cluster: see docs/brokers.md)",
+    )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--credentials", metavar="FILE", help="device passwords from an earlier --provision")
     source.add_argument(

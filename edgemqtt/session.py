@@ -12,8 +12,9 @@ paho reconnects by itself only under ``loop_start``/``loop_forever``, so ``_main
 per session) does it: connect, wait until the socket closes, wait a back-off that doubles from
 ``reconnect_min_s`` up to ``reconnect_max_s`` (with jitter, so a fleet does not reconnect in
 lockstep after a broker restart; back to the minimum after a session was accepted), connect
-again. An endpoint with several addresses (the nodes of a cluster) fails over: after a failed
-attempt or a lost connection the next attempt goes to the next node, round the list.
+again. An endpoint with several addresses (the nodes of a cluster) fails over: the first attempt
+goes to the first node; after a failed attempt or a lost connection the next one goes to another
+node drawn at random, so the clients of a dead node spread over the others.
 The TCP connect and TLS handshake block, so ``reconnect`` runs on a small thread pool shared by
 every session of the process (not the loop's default executor, where file writes would queue
 in front of connects); the socket callbacks it fires there hop to the loop with
@@ -394,10 +395,17 @@ class Session:
             if self._closing:
                 return
             failures = 0 if self._session_accepted else failures + 1
-            self._node = (self._node + 1) % len(self.endpoint.addresses)  # fail over
+            self._fail_over()
             o = self.options
             delay = backoff_delay(max(failures - 1, 0), o.reconnect_min_s, o.reconnect_max_s)
             await asyncio.sleep(max(delay, self.hold_off_s))
+
+    def _fail_over(self) -> None:
+        """Aim the next attempt at another node, drawn at random: the clients of a dead node spread
+        over the others instead of all landing on the next one in the list."""
+        count = len(self.endpoint.addresses)
+        if count > 1:
+            self._node = (self._node + random.randrange(1, count)) % count
 
     def _aim(self) -> None:
         """Point the next attempt at the current node (paho keeps the host for reconnect and TLS)."""

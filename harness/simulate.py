@@ -225,7 +225,7 @@ class FleetOptions:
 
     broker_url: str = "mqtt://127.0.0.1:1883"
     """One URL, or the comma-separated nodes of a cluster: device i connects to node i mod n first and
-    fails over to the others in turn."""
+    fails over to the others (drawn at random)."""
     protocol: str = "mqttv5"
     connect_rate: float = 500.0
     """New devices started per second."""

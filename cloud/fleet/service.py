@@ -10,9 +10,10 @@ broker did not acknowledge stays pending in the store and goes out with the next
 A signed state is valid for ``ttl`` (30 days); ``recompute`` re-issues the ones past half of it.
 ``Fleet.advance_rollouts`` is one pass of the rollout controller (``rollouts.py``).
 
-The work is done in ``recompute.py`` (desired states), ``rollouts.py`` (waves), ``outbox.py``
-(publishing), ``progress.py`` (list and status views) and ``queries.py`` (shared reads); this
-class holds the database, the signing key, the profiles and the clock they share.
+The work is done in ``recompute.py`` (desired states), ``rollouts.py`` (the rollout tables;
+``waves.py`` holds the pure wave logic), ``outbox.py`` (publishing), ``summaries.py`` (list and
+status views) and ``queries.py`` (shared reads); this class holds the database, the signing key,
+the profiles and the clock they share.
 """
 
 from __future__ import annotations

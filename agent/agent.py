@@ -23,11 +23,9 @@ Engine gone, a disk error) is logged and retried with back-off: the loop never e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import importlib.metadata
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -35,7 +33,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.actions import Plan, SetRestartBook
@@ -48,12 +45,13 @@ from agent.link import DesiredSlot
 from agent.metrics import AgentMetrics
 from agent.observed import ImageAvailability, ObservedModule
 from agent.planner import module_status, plan
+from agent.reporting import Reporter
 from agent.restart import RestartBook, record_restart
 from agent.rollback import Failed, Healthy, Pending, RollBack, decide_rollback, evaluate_rollout
 from agent.runner import PlanRunner, RunResult
 from agent.runtime import ModuleRuntime, executors
 from agent.state import AgentState, StateStore
-from agent.sysmetrics import MetricsError, SystemSampler
+from agent.sysmetrics import SystemSampler
 from modules.contract import (
     Accelerator,
     ClientConflict,
@@ -70,7 +68,6 @@ from modules.contract import (
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-REPORT_FILE = "reported.json"
 SETTLE_S = 0.2
 """After a pass that changed something, look again this soon."""
 PULL_POLL_S = 1.0
@@ -119,6 +116,10 @@ class AgentLink(Protocol):
         """Queue a report (the newest unsent one wins)."""
         ...
 
+    def announce(self, generation: int) -> None:
+        """Tell the broker, at every session start, which generation this device has."""
+        ...
+
     async def respond(self, response: CommandResponse) -> None:
         """Answer a command."""
         ...
@@ -141,15 +142,6 @@ class PassResult:
     report: ReportedState
     published: bool
     wake_in_s: float
-
-
-def _fingerprint(report: ReportedState) -> bytes:
-    """The report without what changes on every probe (times, latencies, system load)."""
-    data = report.model_dump(mode="json", exclude={"reported_at", "system"})
-    for module in data["modules"].values():
-        if module.get("health"):
-            module["health"] = {k: module["health"][k] for k in ("live", "ready", "error")}
-    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
 
 
 class Agent:
@@ -191,10 +183,15 @@ class Agent:
         self.strict_profiles: frozenset[str] = frozenset()
         self._choices: dict[str, Choice] = {}
         """Which of each module's profile images runs (``agent/fallback.py``)."""
-        self.sampler = sampler or SystemSampler(Path(config.state_dir))
+        self.reporter = Reporter(
+            config,
+            link,
+            sampler or SystemSampler(Path(config.state_dir)),
+            self.metrics,
+            local_copy=local_report,
+        )
         self.clock = clock
         self.expiry_leeway_s = expiry_leeway_s
-        self.local_report = local_report
         self.version = agent_version()
         self.planner_config = config.planner_config()
         table: dict[Any, Any] = dict(executors(runtime))
@@ -211,9 +208,6 @@ class Agent:
         self._refused_newer = False
         """The last payload received was refused and newer than what runs: the status says rejected."""
         self._pending: Pending | None = None
-        self._last_fingerprint: bytes | None = None
-        self._last_published: datetime | None = None
-        self._reported_in_session = 0
         self._idle_passes = 0
         self._gc_at: datetime | None = None
         self._kick = asyncio.Event()
@@ -238,6 +232,8 @@ class Agent:
                 )
             else:
                 log.info("no desired state stored in %s yet: waiting for one", self.store.path)
+            if self.link is not None:
+                self.link.announce(self.state.last_generation)
         if self.accelerators is None:
             found = await asyncio.to_thread(_detect)
             self.accelerators = found.accelerators
@@ -549,6 +545,8 @@ class Agent:
             modules[name] = status.model_copy(update=update) if update else status
         self.metrics.set_modules(s.runtime_status for s in modules.values())
         self.metrics.generation_applied = desired.generation if desired else 0
+        if self.link is not None:
+            self.link.announce(self.state.last_generation)
         state = self.state
         received = state.last_applied.generation if state.last_applied else None
         reason: str | None
@@ -575,41 +573,7 @@ class Agent:
         )
 
     async def _publish(self, report: ReportedState, now: datetime) -> bool:
-        conflict = self.link.client_conflict if self.link is not None else None
-        report = report.model_copy(
-            update={
-                "heartbeat_s": self.config.heartbeat_s,
-                "client_conflict": conflict,
-                "last_rejection": self._last_rejection,
-            }
-        )
-        fingerprint = _fingerprint(report)
-        session = self.link.sessions if self.link is not None else 0
-        due = (
-            self._last_published is None
-            or (now - self._last_published).total_seconds() >= self.config.heartbeat_s
-            or session != self._reported_in_session  # what was queued offline is old news now
-        )
-        if fingerprint == self._last_fingerprint and not due:
-            return False
-        try:
-            system = self.sampler.sample()
-        except MetricsError as exc:
-            log.debug("no system metrics: %s", exc)
-            system = None
-        report = report.model_copy(update={"system": system})
-        if self.link is not None:
-            await self.link.publish_reported(report)
-        changed = fingerprint != self._last_fingerprint
-        self._last_fingerprint = fingerprint
-        self._last_published = now
-        self._reported_in_session = session
-        self.metrics.last_report_ts = time.time()
-        # Heartbeats repeat the same report: the local copy for `edge-agent status` stands.
-        if changed and self.local_report:
-            await asyncio.to_thread(_write_report, Path(self.config.state_dir) / REPORT_FILE, report)
-        log.debug("report queued: generation %d, %s", report.generation_applied, report.deployment_status)
-        return True
+        return await self.reporter.publish(report, now, self._last_rejection)
 
     def _next_wake(
         self, planned: Plan, ran: RunResult, observed: Mapping[str, ObservedModule], now: datetime
@@ -619,8 +583,8 @@ class Agent:
             return SETTLE_S
         self._idle_passes += 1
         candidates = [min(IDLE_BASE_S * 2 ** min(self._idle_passes, 16), IDLE_MAX_S)]
-        if self._last_published is not None:
-            heartbeat_at = self._last_published.timestamp() + self.config.heartbeat_s
+        if self.reporter.last_published is not None:
+            heartbeat_at = self.reporter.last_published.timestamp() + self.config.heartbeat_s
             candidates.append(heartbeat_at - now.timestamp())
         for at in (planned.wake_at, ran.wake_at, self._pending.deadline if self._pending else None):
             if at is not None:
@@ -689,22 +653,3 @@ def _detect() -> _Found:
         return _Found([], None, strict)
     log.info("profiles present on this device: %s", ", ".join(found.profiles) or "none")
     return _Found(found.accelerators, found.profiles, strict)
-
-
-def _write_report(path: Path, report: ReportedState) -> None:
-    """The last report, for ``edge-agent status`` (replaced atomically, not fsynced: it is a copy)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = report.model_dump_json(indent=1).encode()
-    try:
-        tmp.write_bytes(data)
-    except FileNotFoundError:  # no state saved yet: the folder is made once
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def read_report(state_dir: Path) -> ReportedState | None:
-    """The last report the agent wrote in ``state_dir``, if any."""
-    with contextlib.suppress(FileNotFoundError):
-        return ReportedState.model_validate_json((state_dir / REPORT_FILE).read_bytes())
-    return None

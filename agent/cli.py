@@ -34,8 +34,9 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from agent.agent import STATE_FILE, Agent, agent_version, read_report
+from agent.agent import STATE_FILE, Agent, agent_version
 from agent.config import AgentConfig, load_agent_config
+from agent.reporting import read_report
 from agent.runtime import ModuleRuntime
 from agent.state import AgentState
 from modules.contract import format_validation_error

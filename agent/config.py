@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import (
@@ -50,11 +49,12 @@ from agent.runtime.image_gc import BOOK_FILE, ImageBook
 from agent.runtime.pull_policy import TokenBucket, UpdateWindow
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import RegistryPuller
+from edgemqtt.endpoint import Endpoint, parse_url
+from edgemqtt.session import SessionOptions
 from modules.contract import Name
 from modules.documents import DocumentError, load_model_file, read_text
 from modules.sealing import SealingError, load_private
 
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 BLOBS_DIR = "blobs"
 """Under ``state_dir``: the resumable puller's blob store."""
 FOLDER_FIELDS = frozenset({"state_dir", "images_dir"})
@@ -79,6 +79,10 @@ class BrokerConfig(_Settings):
     """How the agent reaches its MQTT broker: URL, protocol, credentials, TLS and reconnect back-off."""
 
     url: str = Field(description="mqtt://host[:port] (plain) or mqtts://host[:port] (TLS)")
+    failover_urls: list[str] = Field(
+        default_factory=list,
+        description="other nodes of the broker's cluster, tried in turn after url when a connection fails",
+    )
     protocol: Literal["mqttv5", "mqttv311"] = "mqttv5"
     client_id: str | None = Field(default=None, min_length=1, description="defaults to the device id")
     username: str | None = Field(default=None, min_length=1, description="defaults to the device id")
@@ -93,25 +97,24 @@ class BrokerConfig(_Settings):
     max_queued_messages: int = Field(
         default=100, ge=10, le=100_000, description="cap on outgoing messages held while offline"
     )
+    subscribe_qos: Literal[0, 1] = Field(
+        default=1,
+        description="QoS of the agent's subscriptions; 0 on brokers that lose a QoS 1 subscription's queue "
+        "with the node it lived on (RabbitMQ 3.10 clusters): the agent announces its generation on every "
+        "session and the cloud re-sends what it missed",
+    )
 
     @field_validator("url")
     @classmethod
     def _broker_url(cls, v: str) -> str:
-        try:
-            parts = urlsplit(v)
-            port = parts.port
-        except ValueError as e:
-            raise ValueError(f"{v!r} is not a valid URL ({e})") from None
-        if parts.scheme not in DEFAULT_PORTS:
-            raise ValueError(f"{v!r}: the scheme must be mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ValueError(f"{v!r} names no host")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("put credentials in username/password or password_file, not in the URL")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"{v!r}: a broker URL has no path, query or fragment")
-        if port == 0:
-            raise ValueError(f"{v!r}: port 0 is not a broker port")
+        parse_url(v, credentials=False)
+        return v
+
+    @field_validator("failover_urls")
+    @classmethod
+    def _failover_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            parse_url(url, credentials=False)
         return v
 
     @model_validator(mode="after")
@@ -131,21 +134,41 @@ class BrokerConfig(_Settings):
 
     @property
     def tls(self) -> bool:
-        """Whether the connection uses TLS (``mqtts://``)."""
-        return urlsplit(self.url).scheme == "mqtts"
+        """Whether any node is reached over TLS (``mqtts://``)."""
+        return any(a.tls for a in self.endpoint(None, None).addresses)
 
     @property
     def host(self) -> str:
-        """The broker's host name or address."""
-        host = urlsplit(self.url).hostname
-        assert host is not None
-        return host
+        """The first node's host name or address."""
+        return parse_url(self.url).address.host
 
     @property
     def port(self) -> int:
-        """The broker's port (1883 for mqtt://, 8883 for mqtts:// unless the URL says otherwise)."""
-        parts = urlsplit(self.url)
-        return parts.port or DEFAULT_PORTS[parts.scheme]
+        """The first node's port (1883 for mqtt://, 8883 for mqtts:// unless the URL says otherwise)."""
+        return parse_url(self.url).address.port
+
+    def endpoint(self, username: str | None, password: str | None) -> Endpoint:
+        """The nodes (``url``, then ``failover_urls``) with these credentials and the TLS files."""
+        return Endpoint.parse(
+            [self.url, *self.failover_urls],
+            username=username,
+            password=password,
+            ca_file=self.ca_file,
+            client_cert=self.client_cert,
+            client_key=self.client_key,
+            credentials_in_url=False,
+        )
+
+    def session_options(self) -> SessionOptions:
+        """Protocol, keepalive, reconnect back-off and queue size as the session takes them."""
+        return SessionOptions(
+            protocol=self.protocol,
+            keepalive_s=self.keepalive_s,
+            reconnect_min_s=self.reconnect_min_s,
+            reconnect_max_s=self.reconnect_max_s,
+            max_queued_messages=self.max_queued_messages,
+            subscribe_qos=self.subscribe_qos,
+        )
 
     def read_password(self) -> str | None:
         """The password, from the file when configured so; ``DocumentError`` when unreadable."""

@@ -1,6 +1,6 @@
 """The agent's MQTT session: desired state in, reported state out, last will, commands.
 
-``Link`` is an async context manager around one ``MqttBridge`` (paho driven from the event loop)::
+``Link`` is an async context manager around one ``edgemqtt.Session`` (paho driven from the event loop)::
 
     async with Link(config) as link:
         raw = await link.desired.wait()           # newest desired-state payload (bytes)
@@ -8,10 +8,16 @@
         async for cmd in link.commands():         # CommandRequest
             await link.respond(CommandResponse(id=cmd.id, ok=True, output="pong"))
 
-Topics (QoS 1), with ``{d}`` the device id: ``edge/{d}/desired`` (retained, in),
-``edge/{d}/cmd/req/+`` (in), ``edge/{d}/reported`` (retained, out), ``edge/{d}/cmd/res/{id}``
-(out) and ``edge/{d}/online`` (retained; ``online: true`` on every connect, ``online: false`` as
-the last will and on a clean shutdown).
+Topics (QoS 1, spelled in ``edgemqtt.topics``), with ``{d}`` the device id: ``edge/{d}/desired``
+(retained, in), ``edge/{d}/cmd/req/+`` (in), ``edge/{d}/reported`` (retained, out),
+``edge/{d}/cmd/res/{id}`` (out) and ``edge/{d}/online`` (retained; ``online: true`` on every
+connect, ``online: false`` as the last will and on a clean shutdown).
+
+The birth message announces ``generation``, the generation the agent has applied (the agent sets
+it): a cloud that sees a device behind answers with its current signed desired state, so desired
+state arrives even from a broker that kept no retained message for the device (a cluster node
+that holds it died, say). Retained delivery stays the fast path; duplicates are harmless, as the
+agent ignores a generation it already has.
 
 Every connection attempt takes a new session number (``next_session``: one more than the last,
 and at least the time in microseconds; the last one is kept in ``<state_dir>/mqtt-session`` so a
@@ -49,17 +55,18 @@ from types import TracebackType
 from pydantic import ValidationError
 
 from agent.config import AgentConfig
-from agent.mqtt_bridge import (
+from edgemqtt import topics
+from edgemqtt.session import (
     SESSION_TAKEN_OVER,
     TAKEOVER_PAUSE_S,
     Connected,
     ConnectFailed,
     Disconnected,
     Event,
-    MqttBridge,
     Publication,
     PublishRefused,
     Received,
+    Session,
     Subscribed,
 )
 from modules.contract import (
@@ -136,16 +143,14 @@ class Link:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         device = config.device_id
-        self.topic_desired = f"edge/{device}/desired"
-        self.topic_reported = f"edge/{device}/reported"
-        self.topic_online = f"edge/{device}/online"
-        self.topic_cmd_req = f"edge/{device}/cmd/req/"
-        self.topic_cmd_res = f"edge/{device}/cmd/res/"
+        self.topic_desired = topics.desired(device)
+        self.topic_reported = topics.reported(device)
+        self.topic_online = topics.online(device)
         self.desired = DesiredSlot()
         self._commands: asyncio.Queue[CommandRequest] = asyncio.Queue(MAX_PENDING_COMMANDS)
         self._connected = asyncio.Event()
         self._session_up = False
-        self._bridge: MqttBridge | None = None
+        self._mqtt: Session | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._connects = 0
@@ -164,6 +169,9 @@ class Link:
         """The session number of the current (or last attempted) connection."""
         self.client_conflict: ClientConflict | None = None
         """Set once another client took this device's session over (reported to the cloud)."""
+        self.generation: int | None = None
+        """The generation applied, announced in the birth message of every session (see ``announce``)."""
+        self._announced: int | None = None
         self._session_file = config.state_dir / SESSION_FILE
         self._lost_session: int | None = None
 
@@ -182,6 +190,17 @@ class Link:
     def sessions(self) -> int:
         """How many sessions came up so far (the agent reports afresh in each new one)."""
         return self._connects
+
+    def announce(self, generation: int) -> None:
+        """Set the generation the birth of every later session announces.
+
+        When the current session's birth went out before the agent knew it (the link connects
+        while the agent loads its state), the birth is published again now with it.
+        """
+        self.generation = generation
+        if self._mqtt is not None and self.connected and self._announced is None:
+            future = self._mqtt.publish(self._online(True))
+            future.add_done_callback(lambda f: self._log_refusal(f, "announcement of the applied generation"))
 
     def also_wake_on_connect(self, event: asyncio.Event) -> None:
         """Set ``event`` whenever a session comes up (a report queued while offline is old by then)."""
@@ -217,23 +236,28 @@ class Link:
         if not COMMAND_ID_RE.match(response.id):
             raise ValueError(f"command id {response.id!r} cannot be used in a topic")
         payload = response.model_dump_json().encode()
-        future = self._require_bridge().publish(Publication(self.topic_cmd_res + response.id, payload))
+        topic = topics.command_response(self.config.device_id, response.id)
+        future = self._require_session().publish(Publication(topic, payload))
         future.add_done_callback(lambda f: self._log_refusal(f, f"response to command {response.id}"))
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Link:
         username = self.config.mqtt_username
-        self._bridge = MqttBridge(
-            self.config.broker,
+        broker = self.config.broker
+        self._mqtt = Session(
+            broker.endpoint(username, broker.read_password()),
             client_id=self.config.mqtt_client_id,
-            username=username,
-            password=self.config.broker.read_password(),
-            subscriptions=[self.topic_desired, self.topic_cmd_req + "+", self.topic_online],
+            subscriptions=[
+                self.topic_desired,
+                topics.command_requests(self.config.device_id),
+                self.topic_online,
+            ],
+            options=broker.session_options(),
             will=self._will,
             birth=lambda: self._online(True),
         )
-        self._bridge.start()
+        self._mqtt.start()
         self._tasks = [
             asyncio.create_task(self._dispatch(), name=f"link-{self.config.device_id}-events"),
             asyncio.create_task(self._send_reports(), name=f"link-{self.config.device_id}-reports"),
@@ -242,7 +266,7 @@ class Link:
             task.add_done_callback(_log_crash)
         log.info(
             "connecting to %s as %s (%s%s)",
-            self.config.broker.url,
+            self._mqtt.endpoint.url,
             self.config.mqtt_client_id,
             self.config.broker.protocol,
             f", user {username}" if username else "",
@@ -253,7 +277,7 @@ class Link:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._closing = True
-        bridge = self._require_bridge()
+        mqtt = self._require_session()
         if self.connected and not self._report_idle.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.flush_reported(), CLOSE_TIMEOUT_S)
@@ -261,20 +285,25 @@ class Link:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         farewell = self._online(False) if self.connected else None
-        await bridge.close(farewell, CLOSE_TIMEOUT_S)
+        await mqtt.close(farewell, CLOSE_TIMEOUT_S)
         self._connected.clear()
         log.info(
             "disconnected from %s (%s)",
-            self.config.broker.url,
+            mqtt.address.url,
             "clean shutdown" if farewell else "was offline",
         )
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _require_bridge(self) -> MqttBridge:
-        if self._bridge is None:
+    def _require_session(self) -> Session:
+        if self._mqtt is None:
             raise RuntimeError("the link is not open: use 'async with Link(config) as link'")
-        return self._bridge
+        return self._mqtt
+
+    @property
+    def _url(self) -> str:
+        """The node the session is connected (or connecting) to."""
+        return self._require_session().address.url
 
     def _will(self) -> Publication:
         """The last will of the next connection attempt, which takes a new session number."""
@@ -308,13 +337,20 @@ class Link:
             log.warning("cannot record the MQTT session number in %s: %s", self._session_file, e)
 
     def _online(self, online: bool) -> Publication:
-        status = OnlineStatus(online=online, session=self.session, instance=self.instance)
+        if online:
+            self._announced = self.generation
+        status = OnlineStatus(
+            online=online,
+            session=self.session,
+            instance=self.instance,
+            generation=self.generation if online else None,
+        )
         return Publication(self.topic_online, status.model_dump_json().encode(), qos=1, retain=True)
 
     async def _dispatch(self) -> None:
-        bridge = self._require_bridge()
+        mqtt = self._require_session()
         while True:
-            event = await bridge.next_event()
+            event = await mqtt.next_event()
             self._handle(event)
 
     def _handle(self, event: Event) -> None:
@@ -328,7 +364,7 @@ class Link:
             self._failed_attempts += 1
             log.warning(
                 "cannot connect to %s (attempt %d): %s; retrying with back-off up to %d s",
-                self.config.broker.url,
+                event.address.url,
                 self._failed_attempts,
                 _describe(event.error),
                 self.config.broker.reconnect_max_s,
@@ -342,7 +378,7 @@ class Link:
             log.error(
                 "the broker at %s refused the connection (attempt %d): %s; check the credentials; "
                 "retrying with back-off up to %d s",
-                self.config.broker.url,
+                event.address.url,
                 self._failed_attempts,
                 event.reason,
                 self.config.broker.reconnect_max_s,
@@ -364,12 +400,12 @@ class Link:
         self._report_wake.set()
         for waker in self._connect_wakers:
             waker.set()
-        topics = ", ".join(topic for topic, reason in event.results if not reason.is_failure) or "nothing"
+        subscribed = ", ".join(t for t, reason in event.results if not reason.is_failure) or "nothing"
         if self._connects == 1:
             message = "connected to %s after %.1f s; subscribed to %s"
         else:
             message = "reconnected to %s after %.1f s offline; resubscribed to %s"
-        log.info(message, self.config.broker.url, offline, topics)
+        log.info(message, self._url, offline, subscribed)
 
     def _on_disconnected(self, event: Disconnected) -> None:
         if not self._session_up:
@@ -385,7 +421,7 @@ class Link:
         how = f"the broker sent DISCONNECT: {event.reason}" if event.by_broker else "connection lost"
         log.warning(
             "disconnected from %s (%s); reconnecting with back-off %d-%d s",
-            self.config.broker.url,
+            self._url,
             how,
             self.config.broker.reconnect_min_s,
             self.config.broker.reconnect_max_s,
@@ -399,7 +435,7 @@ class Link:
             f"{self.config.device_id}?"
         )
         self.client_conflict = ClientConflict(detected_at=utcnow(), takeovers=takeovers, detail=detail)
-        self._require_bridge().hold_off_s = TAKEOVER_PAUSE_S
+        self._require_session().hold_off_s = TAKEOVER_PAUSE_S
         log.error("%s; reconnecting no sooner than %.0f s after each disconnect", detail, TAKEOVER_PAUSE_S)
 
     def _online_seen(self, message: Received) -> None:
@@ -422,6 +458,7 @@ class Link:
             self._taken_over(f"agent instance {status.instance} used it (session {status.session})")
 
     def _received(self, message: Received) -> None:
+        where = topics.parse(message.topic)
         if message.topic == self.topic_desired:
             if not message.payload:
                 log.warning(
@@ -432,8 +469,9 @@ class Link:
             self.desired.put(message.payload)
         elif message.topic == self.topic_online:
             self._online_seen(message)
-        elif message.topic.startswith(self.topic_cmd_req):
-            self._command(message.topic.removeprefix(self.topic_cmd_req), message.payload)
+        elif where is not None and where.kind == "cmd/req" and where.device == self.config.device_id:
+            assert where.command_id is not None
+            self._command(where.command_id, message.payload)
         else:
             log.warning("ignoring a message on unexpected topic %s", message.topic)
 
@@ -459,18 +497,21 @@ class Link:
     def _reject_command(self, topic_id: str, error: str) -> None:
         if not COMMAND_ID_RE.match(topic_id):
             log.warning(
-                "dropping a command on %s%s with an unusable id: %s", self.topic_cmd_req, topic_id, error
+                "dropping a command to %s with an unusable id %r: %s", self.config.device_id, topic_id, error
             )
             return
         log.warning("command %s rejected: %s", topic_id, error)
         response = CommandResponse(id=topic_id, ok=False, error=error)
-        future = self._require_bridge().publish(
-            Publication(self.topic_cmd_res + topic_id, response.model_dump_json().encode())
+        future = self._require_session().publish(
+            Publication(
+                topics.command_response(self.config.device_id, topic_id),
+                response.model_dump_json().encode(),
+            )
         )
         future.add_done_callback(lambda f: self._log_refusal(f, f"error response to command {topic_id}"))
 
     async def _send_reports(self) -> None:
-        bridge = self._require_bridge()
+        mqtt = self._require_session()
         while True:
             await self._report_wake.wait()
             self._report_wake.clear()
@@ -482,7 +523,7 @@ class Link:
             payload = state.model_dump_json().encode()
             try:
                 # Waits across reconnects: paho resends an unacknowledged report itself.
-                await bridge.publish(Publication(self.topic_reported, payload, qos=1, retain=True))
+                await mqtt.publish(Publication(self.topic_reported, payload, qos=1, retain=True))
             except PublishRefused as e:
                 log.error("report (generation %d) refused: %s", state.generation_applied, e)
             else:

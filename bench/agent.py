@@ -44,6 +44,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from bench._servers import mosquitto
+from edgemqtt import topics
 from modules.contract import DesiredState, ReportedState, utcnow
 from modules.signing import generate_keypair, load_private_key, sign_desired
 
@@ -69,7 +70,7 @@ class Cloud:
         self.generation = 0
         ready = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311)
-        self.client.on_connect = lambda c, *a: c.subscribe(f"edge/{device_id}/reported", 1)
+        self.client.on_connect = lambda c, *a: c.subscribe(topics.reported(device_id), 1)
         self.client.on_subscribe = lambda *a: ready.set()
         self.client.on_message = self._message
         self.client.connect("127.0.0.1", port)
@@ -93,7 +94,7 @@ class Cloud:
         )
         payload = sign_desired(state, self.key).model_dump_json().encode()
         started = time.perf_counter()
-        self.client.publish(f"edge/{self.device_id}/desired", payload, qos=1, retain=True)
+        self.client.publish(topics.desired(self.device_id), payload, qos=1, retain=True)
         return self.generation, started
 
     def wait(self, check: Callable[[ReportedState], bool], since: float, what: str) -> float:
@@ -110,7 +111,7 @@ class Cloud:
         return at
 
     def close(self) -> None:
-        self.client.publish(f"edge/{self.device_id}/desired", b"", qos=1, retain=True).wait_for_publish(10)
+        self.client.publish(topics.desired(self.device_id), b"", qos=1, retain=True).wait_for_publish(10)
         self.client.loop_stop()
         self.client.disconnect()
 

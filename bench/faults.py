@@ -41,13 +41,13 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from agent.simulate import device_ids
 from cloud.fleet.ingest import Ingestor
-from cloud.fleet.mqtt import Endpoint
 from cloud.keys import load_or_create_signing_key, public_key_path
 from cloud.store.db import open_database
 from cloud.store.devices import Device
 from cloud.store.fleet import ReportedRecord
+from edgemqtt.endpoint import Endpoint
+from harness.simulate import device_ids
 from modules.contract import utcnow
 from tests.integration.fault_rig import FaultDevice
 from tests.integration.module_image import build_digits

@@ -44,15 +44,15 @@ import psutil
 import yaml
 from sqlalchemy import func, select
 
-from agent.simulate import device_ids
 from bench._servers import mosquitto
 from cloud.fleet.ingest import Ingestor
-from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.service import Fleet
 from cloud.keys import load_or_create_signing_key, public_key_path
 from cloud.store.db import Database, open_database
 from cloud.store.devices import Device
 from cloud.store.fleet import OnlineRecord, ReportedRecord
+from edgemqtt.endpoint import Endpoint
+from harness.simulate import device_ids
 from modules.contract import DeploymentManifest
 from modules.profiles import load_profiles
 

@@ -41,11 +41,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from bench._servers import mosquitto
 from cloud.fleet.ingest import Ingestor
-from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.service import Fleet
 from cloud.keys import load_or_create_signing_key
 from cloud.store.db import open_database
 from cloud.store.devices import Device, DeviceTag
+from edgemqtt import topics
+from edgemqtt.endpoint import Endpoint
 from modules.contract import DeploymentManifest, ModuleStatus, ReportedState, SystemMetrics, utcnow
 from modules.profiles import load_profiles
 
@@ -133,7 +134,7 @@ def publish_reports(host: str, port: int, n: int, times: Connection) -> None:
     client.connect(host, port)
     client.loop_start()
     started = time.time()
-    infos = [client.publish(f"edge/{d}/reported", p, qos=1, retain=True) for d, p in payloads]
+    infos = [client.publish(topics.reported(d), p, qos=1, retain=True) for d, p in payloads]
     for info in infos:
         info.wait_for_publish(WAIT_S)
     times.send((started, time.time()))
@@ -223,7 +224,7 @@ def end_session(endpoint: Endpoint, session: str) -> None:
 
 def ingest_store_only(fleet: Fleet, endpoint: Endpoint, n: int) -> float:
     ingest = Ingestor(fleet.db, endpoint)
-    payloads = [(f"edge/{d}/reported", report(d)) for d in device_ids(n)]
+    payloads = [(topics.reported(d), report(d)) for d in device_ids(n)]
     batch = 2_000
     start = time.perf_counter()
     for i in range(0, n, batch):
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-fleet-bench-") as tmp:
         root = Path(tmp)
         with mosquitto(root, "max_queued_messages 0") as broker:
-            endpoint = Endpoint("127.0.0.1", broker.port)
+            endpoint = Endpoint.parse(f"mqtt://127.0.0.1:{broker.port}")
             log(
                 f"mosquitto on {endpoint.url}; {os.cpu_count()} CPUs, {platform.python_implementation()} "
                 f"{platform.python_version()}"

@@ -1,6 +1,8 @@
 """``edgectl``: the operator's command line.
 
-Command groups live in ``cloud.commands``; each module in ``GROUPS`` adds its subcommands through
+Command groups live in ``cloud.commands``, and ``simulate``/``demo`` in the harness (``harness``,
+which drives agents and cloud together: this file is the only one that imports it; the agent side
+is imported only when those commands run). Each module in ``GROUPS`` adds its subcommands through
 ``register(subparsers)``. Exit status: 0 success, 1 an operation failed (disk full, corrupt blob,
 database unreachable), 2 bad usage or input, 130 interrupted.
 """
@@ -16,7 +18,6 @@ from types import ModuleType
 from cloud.commands import (
     broker,
     credential,
-    demo,
     deploy,
     device,
     device_ops,
@@ -24,9 +25,9 @@ from cloud.commands import (
     package,
     schema,
     serve,
-    simulate,
 )
 from cloud.commands.base import EXIT_FAILURE, EXIT_USAGE, CliError, add_global_options
+from harness import demo_command, simulate_command
 from modules.pipes import quiet_broken_pipe
 
 GROUPS: tuple[ModuleType, ...] = (
@@ -38,8 +39,8 @@ GROUPS: tuple[ModuleType, ...] = (
     deploy,
     device_ops,
     serve,
-    simulate,
-    demo,
+    simulate_command,
+    demo_command,
     schema,
 )
 

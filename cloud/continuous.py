@@ -20,7 +20,6 @@ from sqlalchemy import delete, select
 
 from cloud.fleet.credentials import pull_auth
 from cloud.fleet.model_update import with_model, with_module_images
-from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.results import DeploymentDocument
 from cloud.fleet.service import ApplyResult, Fleet
 from cloud.inference_config import InferenceConfig, InferenceConfigError, load_inference_config
@@ -32,6 +31,7 @@ from cloud.store import Registry
 from cloud.store.db import Database
 from cloud.store.errors import InvalidInputError, NotFoundError, StoreError
 from cloud.store.models import ModelFollow
+from edgemqtt.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 

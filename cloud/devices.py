@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,9 +30,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from cloud import broker
+from cloud.broker_rabbitmq import rabbit_password_hash
 from cloud.config import Settings
 from cloud.fleet.device_state import DeviceState, device_states
-from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.removal import ClearReport, clear_removed, forget_device, is_clear_pending
 from cloud.fleet.sql import aware
 from cloud.keys import PUBLIC_KEY_FILE, public_key_bytes
@@ -42,6 +41,7 @@ from cloud.store.devices import Device, DeviceTag, find_devices, password_hashes
 from cloud.store.errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from cloud.store.refs import check_name
 from cloud.store.registry import check_tags
+from edgemqtt.endpoint import Endpoint, split_urls
 from modules.contract import utcnow
 from modules.profiles import ProfileError, get_profile
 from modules.sealing import new_key_pair
@@ -121,16 +121,11 @@ def check_profile(profile: str) -> str:
 
 
 def check_broker_url(url: str) -> str:
-    """``url`` if it is ``mqtt://host[:port]`` or ``mqtts://host[:port]``."""
+    """``url`` if it names broker nodes without credentials (``mqtt[s]://host[:port]``, comma-separated)."""
     try:
-        parts = urlsplit(url)
-        port = parts.port
+        Endpoint.parse(url, credentials_in_url=False)
     except ValueError as e:
-        raise InvalidInputError(f"broker URL {url!r}: {e}") from None
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == 0:
-        raise InvalidInputError(f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
-    if parts.username or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise InvalidInputError(f"broker URL {url!r}: no credentials, path or query in a broker URL")
+        raise InvalidInputError(str(e)) from None
     return url
 
 
@@ -237,7 +232,7 @@ class DeviceManager:
             or (recorded.url if recorded else f"mqtt://{broker.DEFAULT_BIND}:{broker.DEFAULT_PORT}")
         )
         ca_file = bundle.ca_file or (recorded.ca_file if recorded else None)
-        tls = urlsplit(url).scheme == "mqtts"
+        tls = Endpoint.parse(url).tls
         if ca_file is not None and not tls:
             raise InvalidInputError(f"--ca {ca_file}: a CA needs TLS; use an mqtts:// broker URL")
         if ca_file is not None and not ca_file.is_file():
@@ -282,6 +277,7 @@ class DeviceManager:
                 id=device_id,
                 profile=profile,
                 password_hash=broker.hash_password(password),
+                rabbitmq_password_hash=rabbit_password_hash(password),
                 sealing_public_key=sealing_public,
             )
             device.tags = [DeviceTag(key=k, value=v) for k, v in sorted(tags.items())]
@@ -307,7 +303,11 @@ class DeviceManager:
         public_pem: bytes,
         bundle: AgentBundle,
     ) -> None:
-        broker_section: dict[str, Any] = {"url": url, "username": device_id, "password": password}
+        first, *others = split_urls(url)
+        broker_section: dict[str, Any] = {"url": first}
+        if others:
+            broker_section["failover_urls"] = others
+        broker_section |= {"username": device_id, "password": password}
         if ca_file is not None:
             broker_section["ca_file"] = CA_FILE
         config = {

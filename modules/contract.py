@@ -730,12 +730,15 @@ class OnlineStatus(Frozen):
     the last will of one connection carry the same number, and the will comes after the birth),
     so ingest never judges online/offline by wall-clock fields written at different moments.
     ``instance`` identifies the agent process, so two agents sharing a device id can be told apart.
+    ``generation`` (birth messages only) announces the generation the agent has applied when the
+    session starts: the cloud answers a device that is behind with its current desired state.
     """
 
     online: bool
     ts: datetime = Field(default_factory=utcnow)
     session: int | None = Field(default=None, ge=0)
     instance: str | None = Field(default=None, max_length=64)
+    generation: int | None = Field(default=None, ge=0)
 
 
 class CommandRequest(Frozen):

@@ -13,7 +13,7 @@ EXTRAS="agent,cloud,openvino,dev"
 STAMP="$VENV/.edgedeploy-install.sha256"
 WORK="$ROOT/.work"
 DOCKERD_LOG="$WORK/dockerd.log"
-APT_PACKAGES=(docker.io mosquitto mosquitto-clients docker-registry wrk debootstrap postgresql iproute2 chromium)
+APT_PACKAGES=(docker.io mosquitto mosquitto-clients docker-registry wrk debootstrap postgresql iproute2 chromium rabbitmq-server)
 PYTHON="${PYTHON:-python3}"
 
 log() { printf '[bootstrap] %s\n' "$*"; }

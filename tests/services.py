@@ -27,7 +27,7 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKERD_LOG = REPO_ROOT / ".work" / "dockerd.log"
-PARTS = ("mosquitto", "registry", "docker", "postgresql")
+PARTS = ("mosquitto", "registry", "docker", "postgresql", "rabbitmq")
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """A module runtime that runs nothing: modules live in memory and follow a seeded random script.
 
-``SimulatedRuntime`` implements ``ModuleRuntime`` for fleet simulations (``agent/simulate.py``)
+``SimulatedRuntime`` implements ``ModuleRuntime`` for fleet simulations (``harness/simulate.py``)
 and ``SimulatedProber`` answers the agent's health probes from it, so the agent's real loop,
 planner, runner, rollout and rollback code drive simulated modules exactly as they drive
 containers. Nothing runs in the background: every state is computed from the clock when observed

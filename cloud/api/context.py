@@ -15,12 +15,12 @@ from aiohttp import web
 from cloud.config import Settings
 from cloud.devices import DeviceManager
 from cloud.fleet.controller import Status as ControllerState
-from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.service import Fleet
 from cloud.keys import load_or_create_signing_key
 from cloud.store.blobs import BlobStore
 from cloud.store.db import Database, open_database
 from cloud.store.registry import Registry
+from edgemqtt.endpoint import Endpoint
 from modules.profiles import load_profiles
 
 DEFAULT_UPLOAD_MAX = 4 * 1024**3

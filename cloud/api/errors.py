@@ -14,7 +14,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cloud.broker import BrokerError
 from cloud.fleet.commands import CommandError, CommandTimeout, DeviceOffline
-from cloud.fleet.mqtt import BrokerUnavailable
 from cloud.keys import KeyFileError
 from cloud.packaging.errors import InputError, PackagingError
 from cloud.store.errors import (
@@ -26,6 +25,7 @@ from cloud.store.errors import (
     SchemaError,
     StoreError,
 )
+from edgemqtt.endpoint import BrokerUnavailable
 from modules.documents import DocumentError
 
 

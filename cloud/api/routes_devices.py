@@ -36,9 +36,9 @@ from cloud.devices import (
     check_device_id,
     reload_if_configured,
 )
-from cloud.fleet.commands import DEFAULT_TIMEOUT_S, run_command
-from cloud.fleet.mqtt import Endpoint
+from cloud.fleet.commands import DEFAULT_TIMEOUT_S, send_command
 from cloud.store.errors import AlreadyExistsError
+from edgemqtt.endpoint import Endpoint
 from modules.contract import CommandName, CommandResponse
 
 MAX_TAIL = 10000
@@ -159,8 +159,7 @@ async def device_agent_config(request: web.Request) -> web.Response:
 async def _command(request: web.Request, command: CommandName, tail: int = 100) -> web.Response:
     s = services(request)
     timeout = query_number(request, "timeout", DEFAULT_TIMEOUT_S, 0.1, MAX_COMMAND_TIMEOUT_S)
-    response = await call(
-        run_command,
+    response = await send_command(
         s.fleet.db,
         s.endpoint,
         request.match_info["id"],

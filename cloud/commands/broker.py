@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cloud import broker
+from cloud import broker, broker_rabbitmq
 from cloud.commands.base import EXIT_FAILURE, CliError, add_command, print_json, settings_from, store_errors
 from cloud.devices import DeviceManager, check_broker_url
+from cloud.store.db import open_database
+from cloud.store.devices import rabbitmq_password_hashes
 
 
 @contextmanager
@@ -169,6 +171,35 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rabbitmq(args: argparse.Namespace) -> int:
+    """Write the RabbitMQ definitions file (users, permissions, topic permissions) from the device table."""
+    settings = settings_from(args)
+    paths = broker.BrokerPaths.of(settings.data_dir)
+    with store_errors(), _broker_errors():
+        db = open_database(settings.db_url)
+        try:
+            with db.transaction() as s:
+                hashes = rabbitmq_password_hashes(s)
+        finally:
+            db.dispose()
+        out = Path(args.out).expanduser().absolute() if args.out else None
+        target, left_out = broker_rabbitmq.write_definitions(paths, hashes, out)
+    if args.json:
+        print_json(
+            {"definitions_file": str(target), "devices": len(hashes) - len(left_out), "left_out": left_out}
+        )
+    else:
+        print(f"wrote {target}: {len(hashes) - len(left_out)} device(s) and the cloud's user")
+        print(f"import it on any node of the cluster: rabbitmqctl import_definitions {target}")
+        if left_out:
+            print(
+                f"left out (added before RabbitMQ hashes were kept; remove and add them again): "
+                f"{', '.join(left_out)}",
+                file=sys.stderr,
+            )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``broker`` group."""
     group = subparsers.add_parser(
@@ -234,4 +265,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Rewrite <data dir>/broker/passwd and acl from the database (after a restore, or when "
         "a file was lost), creating the cloud's MQTT user on first use.",
         examples="  edgectl broker sync && edgectl broker reload",
+    )
+
+    p = add_command(
+        commands,
+        "rabbitmq",
+        cmd_rabbitmq,
+        help="write RabbitMQ users and topic permissions (definitions file) from the device table",
+        description="Write a RabbitMQ definitions file for a cluster running the MQTT plugin: one user per "
+        "device (RabbitMQ's salted SHA-256 hash of its password) that may write only its own reported, "
+        "online and cmd/res topics and read only its own desired, cmd/req and online topics (topic "
+        "authorisation on amq.topic, the same rules as the Mosquitto ACL), and the cloud's user. "
+        "Import it with rabbitmqctl import_definitions FILE.",
+        examples="  edgectl broker rabbitmq && rabbitmqctl import_definitions ~/.edgedeploy/broker/"
+        "rabbitmq-definitions.json\n  edgectl broker rabbitmq --out /tmp/defs.json --json",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help=f"where to write it (default <data dir>/broker/{broker_rabbitmq.DEFINITIONS_FILE})",
     )

@@ -22,8 +22,10 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from cloud import broker
+from cloud.broker import resolve_endpoint
 from cloud.commands.base import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -38,11 +40,11 @@ from cloud.commands.views import module_lines
 from cloud.fleet.controller import INTERVAL_S, RECOMPUTE_EVERY_S, Controller
 from cloud.fleet.device_state import device_states
 from cloud.fleet.manifest_diff import manifest_diff, replaced_pins
-from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.fleet.service import ApplyResult, Fleet, PublishReport, parse_model_refs
 from cloud.fleet.targeting import some_ids
 from cloud.keys import KeyFileError
 from cloud.store.errors import NotFoundError
+from edgemqtt.endpoint import Endpoint
 from modules.contract import DeploymentManifest, ModuleStatus, utcnow
 from modules.documents import DocumentError, load_model_file
 
@@ -77,9 +79,9 @@ def add_broker_option(parser: argparse.ArgumentParser) -> None:
     """``--broker-url``."""
     parser.add_argument(
         "--broker-url",
-        metavar="URL",
-        help="mqtt://host:port or mqtts://host:port (default: $EDGE_BROKER_URL, the URL saved by "
-        "'edgectl broker config', else mqtt://127.0.0.1:1883)",
+        metavar="URL[,URL...]",
+        help="mqtt://host:port or mqtts://host:port, or the comma-separated nodes of a cluster "
+        "(default: $EDGE_BROKER_URL, the URL saved by 'edgectl broker config', else mqtt://127.0.0.1:1883)",
     )
 
 
@@ -489,6 +491,21 @@ def rollout_errors() -> Iterator[None]:
         raise CliError(str(e), EXIT_USAGE if e.usage else EXIT_FAILURE) from e
 
 
+def _amqp_urls(text: str | None, endpoint: Endpoint) -> list[str]:
+    """The ``--reports-queue`` URLs; those without credentials get the cloud's MQTT user's."""
+    urls = []
+    for url in (u.strip() for u in (text or "").split(",") if u.strip()):
+        scheme, sep, rest = url.partition("://")
+        if scheme not in ("amqp", "amqps") or not sep or not rest:
+            raise CliError(f"--reports-queue {url!r}: expected amqp://host:port/ or amqps://host:port/")
+        if "@" not in rest.split("/", 1)[0] and endpoint.username is not None:
+            user = quote(endpoint.username, safe="")
+            secret = f":{quote(endpoint.password, safe='')}" if endpoint.password is not None else ""
+            url = f"{scheme}://{user}{secret}@{rest}"
+        urls.append(url)
+    return urls
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     """Run the rollout controller: ingest reports, advance waves, publish what is pending."""
     endpoint = endpoint_from(args)
@@ -499,6 +516,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             interval_s=args.interval,
             say=lambda line: print(line, flush=True),
             warn=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True),
+            reports_queue=_amqp_urls(args.reports_queue, endpoint),
         )
         asyncio.run(controller.run(until_settled=args.until_settled))
     return 0
@@ -708,9 +726,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "retained messages of removed devices and publish pending desired states (what 'edgectl serve' "
         "runs in the background). When the broker is unreachable it says so and connects again. Runs "
         "until interrupted, or with --until-settled until no rollout is rolling.",
-        examples="  edgectl deploy watch\n  edgectl deploy watch --until-settled --interval 1",
+        examples="  edgectl deploy watch\n  edgectl deploy watch --until-settled --interval 1\n"
+        "  edgectl deploy watch --broker-url mqtt://n1:1883,mqtt://n2:1883 \\\n"
+        "      --reports-queue amqp://n1:5672/,amqp://n2:5672/",
         json_output=False,
     )
     p.add_argument("--interval", type=float, default=INTERVAL_S, metavar="SECONDS")
     p.add_argument("--until-settled", action="store_true", help="exit once no rollout is in progress")
+    p.add_argument(
+        "--reports-queue",
+        metavar="AMQP_URL[,AMQP_URL...]",
+        help="RabbitMQ cluster: take reports from the shared quorum queue 'edge.reports' over AMQP "
+        "(amqp://node:5672/ per node; credentials default to the cloud's MQTT user), so several watchers "
+        "split the fleet; MQTT 3.1.1 without $share to --broker-url (see docs/brokers.md)",
+    )
     add_broker_option(p)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from cloud.broker import BrokerError
+from cloud.broker import BrokerError, resolve_endpoint
 from cloud.commands.base import (
     EXIT_FAILURE,
     CliError,
@@ -24,8 +24,8 @@ from cloud.commands.deploy import add_broker_option, endpoint_from
 from cloud.commands.views import module_lines
 from cloud.devices import DEFAULT_PROFILE, DEFAULT_STATE_DIR, AgentBundle, DeviceManager, reload_if_configured
 from cloud.fleet.device_state import DeviceState
-from cloud.fleet.mqtt import Endpoint, resolve_endpoint
 from cloud.keys import KeyFileError
+from edgemqtt.endpoint import Endpoint
 from modules.contract import utcnow
 
 
@@ -270,7 +270,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"device profile (default {DEFAULT_PROFILE})")
     p.add_argument("--out", metavar="DIR", help="agent configuration folder (default <data dir>/devices/ID)")
     p.add_argument(
-        "--broker-url", metavar="URL", help="broker URL for the agent (default: from broker config)"
+        "--broker-url",
+        metavar="URL[,URL...]",
+        help="broker URL for the agent, or the comma-separated nodes of a cluster "
+        "(default: from broker config)",
     )
     p.add_argument(
         "--ca", metavar="FILE", help="CA the agent trusts for mqtts:// (default: from broker config)"

@@ -7,7 +7,7 @@ import argparse
 from cloud.commands.base import EXIT_FAILURE, CliError, add_command, print_json, store_errors
 from cloud.commands.deploy import add_broker_option, endpoint_from, open_fleet
 from cloud.fleet.commands import DEFAULT_TIMEOUT_S, CommandError, run_command
-from cloud.fleet.mqtt import BrokerUnavailable
+from edgemqtt.endpoint import BrokerUnavailable
 from modules.contract import CommandName, CommandResponse
 
 MAX_TAIL = 10000

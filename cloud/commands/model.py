@@ -20,9 +20,9 @@ from cloud.commands.base import (
     settings_from,
     store_errors,
 )
+from cloud.commands.byte_progress import ByteProgress
 from cloud.commands.deploy import add_broker_option
 from cloud.commands.package import register_model_profile
-from cloud.commands.progress import ByteProgress
 from cloud.store import Registry
 from cloud.store.views import FRAMEWORKS, VersionSummary, VersionView
 

@@ -9,6 +9,10 @@ every ``interval_s``, makes one pass (``step``):
 3. ``Fleet.clear_removed`` and ``Fleet.publish_pending``: retained messages of removed devices are
    cleared, and desired states the broker has not acknowledged are published.
 
+With ``reports_queue`` (the AMQP URLs of a RabbitMQ cluster) the controller speaks MQTT 3.1.1
+without ``$share`` and takes reports from the cluster's shared quorum queue
+(``cloud.fleet.amqp_reports``), so several controllers split the fleet's reports.
+
 When the broker cannot be reached the controller says why, waits ``retry_s`` and connects again;
 a connection lost later is re-established by paho, and the passes go on meanwhile (publishing
 fails and stays pending until the broker is back). A pass that fails for another reason is logged
@@ -18,14 +22,15 @@ and the next one runs as usual.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from cloud.fleet.ingest import Ingestor, IngestStats
-from cloud.fleet.mqtt import BrokerUnavailable, Endpoint
 from cloud.fleet.service import Fleet
+from edgemqtt.endpoint import BrokerUnavailable, Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class Controller:
         status: ControllerStatus | None = None,
         say: Callable[[str], object] = log.info,
         warn: Callable[[str], object] = log.warning,
+        reports_queue: Sequence[str] = (),
     ) -> None:
         self.fleet = fleet
         self.endpoint = endpoint
@@ -79,13 +85,14 @@ class Controller:
         self.say = say
         self.warn = warn
         self._recomputed_at = float("-inf")
+        self.reports_queue = list(reports_queue)
 
     async def run(self, *, until_settled: bool = False) -> None:
         """Run passes until cancelled (or, with ``until_settled``, until no rollout is rolling)."""
         self.status.enabled = True
         while True:
             try:
-                async with Ingestor(self.fleet.db, self.endpoint) as ingest:
+                async with self._ingest() as ingest:
                     self.status.ingest = ingest.stats
                     self.status.connected, self.status.error = True, None
                     self.say(
@@ -102,6 +109,27 @@ class Controller:
                 self.status.connected, self.status.error = False, str(e)
                 self.warn(f"{e}; connecting again in {self.retry_s:g} s")
             await asyncio.sleep(self.retry_s)
+
+    @contextlib.asynccontextmanager
+    async def _ingest(self) -> AsyncIterator[Ingestor]:
+        if not self.reports_queue:
+            async with Ingestor(self.fleet.db, self.endpoint) as ingest:
+                yield ingest
+            return
+        from cloud.fleet.amqp_reports import AmqpReports  # aio-pika: only for RabbitMQ clusters
+
+        async with (
+            Ingestor(
+                self.fleet.db,
+                self.endpoint,
+                shared=False,
+                protocol="mqttv311",
+                subscribe_qos=0,
+                subscribe_reports=False,
+            ) as ingest,
+            AmqpReports(ingest, self.reports_queue),
+        ):
+            yield ingest
 
     async def step(self, ingest: Ingestor | None = None) -> None:
         """One pass: recompute when due, advance rollouts, clear removed devices, publish what is owed."""

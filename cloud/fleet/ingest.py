@@ -1,10 +1,11 @@
 """Ingest what devices report: ``ReportedState`` and ``OnlineStatus`` into the store, in batches.
 
-The ingester subscribes to ``$share/cloud/edge/+/reported`` (several cloud processes split the
-fleet's reports between them) and ``edge/+/online``. paho's thread only keeps the newest raw
-message per topic (so what waits is bounded by the fleet's size, however slow the store); every
-``flush_interval_s`` those are parsed and written with one ``executemany`` upsert per table inside
-one transaction. A batch whose write fails is kept for the next flush. A stored row is replaced
+The ingester runs one ``edgemqtt.Session`` on the event loop, subscribed to
+``$share/cloud/edge/+/reported`` (several cloud processes split the fleet's reports between them)
+and ``edge/+/online``. Receiving only keeps the newest raw message per topic (so what waits is
+bounded by the fleet's size, however slow the store); every ``flush_interval_s`` the batch is taken
+on the loop, then parsed and written in a worker thread with one ``executemany`` upsert per table
+inside one transaction. A batch whose write fails is put back for the next flush. A stored row is replaced
 only by a newer one: reports by ``reported_at`` (one device's reports may be split between
 cloud workers, and a late, older report must not undo a newer one), online messages by
 ``online_ordering`` (the agent's MQTT session number, offline after online within one session),
@@ -12,6 +13,11 @@ never by wall-clock fields written at different moments: a SIGKILLed agent's wil
 connect time, before its birth message, yet must win over it. A message that does not parse,
 or whose device id differs from its topic's, is counted and logged, never written; an empty one
 (a removed device's retained message being cleared) is skipped.
+
+Desired state does not depend on the broker keeping retained messages: an agent's birth message
+announces the generation it has, and the ingester answers a device that is behind with its
+current signed desired state (published retained, QoS 1: it also restores the retained message
+on a broker that lost it). Answering twice is harmless: the agent ignores a generation it has.
 
 With a ``session`` name the ingester's MQTT session outlives it (``SESSION_EXPIRY_S``): reports
 published while the cloud process is away are queued by the broker and ingested on its return.
@@ -24,32 +30,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
-import paho.mqtt.client as mqtt
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from cloud.fleet.mqtt import Endpoint, connect, disconnect, new_client
 from cloud.fleet.sql import aware, binder, upsert
 from cloud.store.db import Database
-from cloud.store.fleet import OnlineRecord, ReportedRecord
+from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord
+from edgemqtt import topics
+from edgemqtt.endpoint import BrokerUnavailable, Endpoint
+from edgemqtt.session import Publication, PublishRefused, Session, SessionOptions
 from modules.contract import OnlineStatus, ReportedState, format_validation_error, utcnow
 
 log = logging.getLogger(__name__)
 
-REPORTED_SUBSCRIPTION = "$share/cloud/edge/+/reported"
-ONLINE_SUBSCRIPTION = "edge/+/online"
+REPORTED_SUBSCRIPTION = topics.shared(topics.ALL_REPORTED)
+ONLINE_SUBSCRIPTION = topics.ALL_ONLINE
 FLUSH_INTERVAL_S = 0.1
 SESSION_EXPIRY_S = 3600
 SUBSCRIBE_TIMEOUT_S = 10.0
 RECONNECT_MAX_S = 2
-"""paho retries a lost connection after 1 s, then every this many seconds. Short: a cloud worker is
-one client, not a fleet, and the fleet's retained reports wait for it on the broker's return."""
+"""A lost connection is retried after 1 s, then at most this many seconds apart. Short: a cloud
+worker is one client, not a fleet, and the fleet's retained reports wait for it on the broker's return."""
+MAX_INFLIGHT = 1000
+"""Answers to devices that are behind sent and not yet acknowledged."""
 
 
 @dataclass
@@ -63,6 +73,8 @@ class IngestStats:
     received: int = 0
     written: int = 0
     invalid: int = 0
+    resent: int = 0
+    """Desired states sent again to devices that announced an older generation."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +114,19 @@ def _online_ordering(topic: str, payload: bytes) -> int | None:
 
 
 def _topic_device(topic: str, kind: str) -> str | None:
-    parts = topic.split("/")
-    if len(parts) == 3 and parts[0] == "edge" and parts[2] == kind:
-        return parts[1]
-    return None
+    parsed = topics.parse(topic)
+    return parsed.device if parsed is not None and parsed.kind == kind else None
+
+
+@dataclass
+class _Outcome:
+    """What writing one batch gave: counts, what to put back, and the devices owed their state."""
+
+    written: int = 0
+    invalid: int = 0
+    failed: dict[str, _Pending] = field(default_factory=dict)
+    behind: list[tuple[str, int, int | None, str]] = field(default_factory=list)
+    """``(device, generation, announced, payload)`` of devices that announced an older generation."""
 
 
 class Ingestor:
@@ -119,64 +140,96 @@ class Ingestor:
         flush_interval_s: float = FLUSH_INTERVAL_S,
         session: str | None = None,
         session_expiry_s: int = SESSION_EXPIRY_S,
+        shared: bool = True,
+        protocol: str = "mqttv5",
+        subscribe_qos: int = 1,
+        subscribe_reports: bool = True,
     ) -> None:
+        """``shared=False``: subscribe to every report without ``$share`` (one worker per fleet), for
+        brokers without shared subscriptions such as RabbitMQ 3.10, which speaks only MQTT 3.1.1
+        (``protocol="mqttv311"``; a persistent ``session`` needs MQTT 5) and keeps a QoS 1
+        subscription's queue on one node (``subscribe_qos=0`` lets the ingester fail over: reports
+        are retained and re-sent every heartbeat). ``subscribe_reports=False``: reports come from elsewhere
+        (``cloud.fleet.amqp_reports``, RabbitMQ's quorum queue), only online messages over MQTT."""
         self.db = db
         self.endpoint = endpoint
         self.session = session
         self.session_expiry_s = session_expiry_s
         self.flush_interval_s = flush_interval_s
+        self.shared = shared
+        self.protocol = protocol
+        self.subscribe_qos = subscribe_qos
+        self.subscribe_reports = subscribe_reports
+        self._write_failed = False
         self.stats = IngestStats()
         self._pending: dict[str, _Pending] = {}
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self._client: mqtt.Client | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._mqtt: Session | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._flushed: asyncio.Condition | None = None
 
     async def __aenter__(self) -> Ingestor:
-        client = new_client(self.endpoint, "edgectl-ingest", client_id=self.session)
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        client.reconnect_delay_set(1, RECONNECT_MAX_S)
-        self._client = client
-        await asyncio.to_thread(
-            connect,
-            client,
-            self.endpoint,
-            on_connected=self._subscribe,
+        options = SessionOptions(
+            protocol=self.protocol,
+            subscribe_qos=self.subscribe_qos,
+            reconnect_max_s=RECONNECT_MAX_S,
             session_expiry_s=self.session_expiry_s if self.session else 0,
+            max_queued_messages=0,
+            max_inflight=MAX_INFLIGHT,
         )
-        if not await asyncio.to_thread(self._subscribed.wait, SUBSCRIBE_TIMEOUT_S):
-            await asyncio.to_thread(disconnect, client)
-            raise TimeoutError(
-                f"the MQTT broker at {self.endpoint.url} did not acknowledge the subscriptions"
-            )
+        mqtt = Session(
+            self.endpoint,
+            client_id=self.session or f"edgectl-ingest-{uuid.uuid4().hex[:12]}",
+            subscriptions=[
+                *(
+                    [REPORTED_SUBSCRIPTION if self.shared else topics.ALL_REPORTED]
+                    if self.subscribe_reports
+                    else []
+                ),
+                ONLINE_SUBSCRIPTION,
+            ],
+            options=options,
+        )
+        mqtt.start()
+        try:
+            await mqtt.wait_up(SUBSCRIBE_TIMEOUT_S)
+        except BrokerUnavailable:
+            await mqtt.close()
+            raise
+        self._mqtt = mqtt
         self._flushed = asyncio.Condition()
-        self._task = asyncio.create_task(self._run(), name="fleet-ingest")
+        self._tasks = [
+            asyncio.create_task(self._receive(mqtt), name="fleet-ingest-receive"),
+            asyncio.create_task(self._run(), name="fleet-ingest"),
+        ]
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._client is not None:
-            await asyncio.to_thread(disconnect, self._client)
-        await asyncio.to_thread(self.flush)
+                await task
+        if self._mqtt is not None:
+            await self._mqtt.close()
+        await self._flush_async(answer=False)
 
     @property
     def connected(self) -> bool:
-        """Whether the MQTT session is up now (paho reconnects a lost one by itself)."""
-        return self._client is not None and self._client.is_connected()
+        """Whether the MQTT session is up now (a lost one is re-established in the background)."""
+        return self._mqtt is not None and self._mqtt.is_up
+
+    async def _receive(self, mqtt: Session) -> None:
+        async for message in mqtt.messages():
+            self.accept(message.topic, message.payload)
 
     async def _run(self) -> None:
         assert self._flushed is not None
         while True:
             await asyncio.sleep(self.flush_interval_s)
             received = self.stats.received
-            await asyncio.to_thread(self.flush)
+            await self._flush_async()
             if self.stats.received != received:
                 async with self._flushed:
                     self._flushed.notify_all()
@@ -197,83 +250,145 @@ class Ingestor:
             return False
         return True
 
-    # ---- paho's thread -----------------------------------------------------------------------
-
-    def _subscribe(self, client: mqtt.Client) -> None:
-        client.subscribe([(REPORTED_SUBSCRIPTION, 1), (ONLINE_SUBSCRIPTION, 1)])
-
-    def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, reasons: list[Any], _p: object) -> None:
-        failed = [str(r) for r in reasons if r.is_failure]
-        if failed:
-            log.error("the broker refused the subscriptions to reports: %s", ", ".join(failed))
-            return
-        self._subscribed.set()
-
-    def _on_message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
-        self.accept(message.topic, bytes(message.payload))
-
     def accept(self, topic: str, payload: bytes) -> None:
         """Queue one received message for the next flush; a newer one on the same topic replaces it."""
         if not payload:
             return  # a cleared retained message (a removed device): nothing to ingest
         ordering = _online_ordering(topic, payload)
-        with self._lock:
-            older = self._pending.get(topic)
-            count = 1 if older is None else older.count + 1
-            kept = older.ordering if older is not None else None
-            if older is not None and kept is not None and ordering is not None and kept > ordering:
-                # an online message of an older session arrived late (a will after a restart)
-                self._pending[topic] = _Pending(older.payload, older.received_at, count, kept)
-            else:
-                self._pending[topic] = _Pending(payload, utcnow(), count, ordering)
+        older = self._pending.get(topic)
+        count = 1 if older is None else older.count + 1
+        kept = older.ordering if older is not None else None
+        if older is not None and kept is not None and ordering is not None and kept > ordering:
+            # an online message of an older session arrived late (a will after a restart)
+            self._pending[topic] = _Pending(older.payload, older.received_at, count, kept)
+        else:
+            self._pending[topic] = _Pending(payload, utcnow(), count, ordering)
 
     # ---- writing -----------------------------------------------------------------------------
 
     @property
     def backlog(self) -> int:
         """How many topics hold a message not written yet (at most two per device)."""
-        with self._lock:
-            return len(self._pending)
+        return len(self._pending)
+
+    @property
+    def waiting(self) -> int:
+        """How many received messages wait for the next flush (several on one topic count apart)."""
+        return sum(entry.count for entry in self._pending.values())
 
     def flush(self) -> int:
-        """Write what arrived since the last flush; returns how many messages were written.
+        """Write what arrived since the last flush, in this thread; returns how many messages were written.
 
-        When the write fails the batch is put back (behind anything newer that arrived meanwhile)
-        for the next flush, and the failure is logged.
+        For callers without an event loop; devices found behind are not answered here.
         """
-        with self._lock:
-            batch, self._pending = self._pending, {}
+        batch, self._pending = self._pending, {}
+        return self._settle(batch, self._write_batch(batch))
+
+    async def flush_now(self) -> bool:
+        """Write what arrived so far now; False when the store refused it (it waits for the next flush).
+
+        For consumers that acknowledge their source only once messages are in the store.
+        """
+        received = self.stats.received
+        self._write_failed = False
+        await self._flush_async()
+        if self._flushed is not None and self.stats.received != received:
+            async with self._flushed:
+                self._flushed.notify_all()
+        return not self._write_failed
+
+    async def _flush_async(self, *, answer: bool = True) -> int:
+        """Take the batch on the loop, write it in a worker thread, answer devices that are behind."""
+        batch, self._pending = self._pending, {}
         if not batch:
             return 0
+        outcome = await asyncio.to_thread(self._write_batch, batch)
+        written = self._settle(batch, outcome)
+        if answer and outcome.behind and self._mqtt is not None:
+            self._answer(self._mqtt, outcome.behind)
+        return written
+
+    def _settle(self, batch: dict[str, _Pending], outcome: _Outcome) -> int:
+        """Count a written batch and put back what failed (behind anything newer that arrived meanwhile)."""
+        self.stats.received += outcome.invalid + outcome.written
+        self.stats.invalid += outcome.invalid
+        self.stats.written += outcome.written
+        self._write_failed = self._write_failed or bool(outcome.failed)
+        for topic, entry in outcome.failed.items():
+            newer = self._pending.get(topic)
+            self._pending[topic] = (
+                entry
+                if newer is None
+                else _Pending(newer.payload, newer.received_at, newer.count + entry.count, newer.ordering)
+            )
+        return outcome.written
+
+    def _answer(self, mqtt: Session, behind: list[tuple[str, int, int | None, str]]) -> None:
+        """Publish each device's current desired state again (retained, QoS 1)."""
+        for device, generation, announced, payload in behind:
+            log.info(
+                "device %s announced generation %s, behind %d: sending its desired state again",
+                device,
+                announced,
+                generation,
+            )
+            future = mqtt.publish(Publication(topics.desired(device), payload.encode(), qos=1, retain=True))
+            future.add_done_callback(_log_refused_answer)
+        self.stats.resent += len(behind)
+
+    def _write_batch(self, batch: dict[str, _Pending]) -> _Outcome:
+        """Parse and write one batch (a worker thread may run this: it touches no shared state)."""
+        outcome = _Outcome()
         reported: dict[str, dict[str, Any]] = {}
         online: dict[str, dict[str, Any]] = {}
         valid: dict[str, _Pending] = {}
-        invalid = 0
         for topic, entry in batch.items():
             row = self._parse(topic, entry.payload, entry.received_at)
             if row is None:
-                invalid += entry.count
+                outcome.invalid += entry.count
                 continue
             valid[topic] = entry
             (online if "online" in row else reported)[row["device_id"]] = row
-        self.stats.received += invalid
-        self.stats.invalid += invalid
         if not valid:
-            return 0
+            return outcome
         try:
             self._write(reported, online)
+            outcome.behind = self._behind(online.values())
         except (SQLAlchemyError, OSError) as e:
-            self._put_back(valid)
+            outcome.failed = valid
             log.error(
                 "writing %d report(s) to the store failed (kept for the next attempt): %s",
                 len(valid),
                 str(e).splitlines()[0] if str(e) else type(e).__name__,
             )
-            return 0
-        written = sum(entry.count for entry in valid.values())
-        self.stats.received += written
-        self.stats.written += written
-        return written
+            return outcome
+        outcome.written = sum(entry.count for entry in valid.values())
+        return outcome
+
+    def _behind(self, online: Any) -> list[tuple[str, int, int | None, str]]:
+        """Devices whose birth announced a generation older than their current desired state."""
+        announced = {
+            row["device_id"]: row["generation"]
+            for row in online
+            if row["online"] and row["generation"] is not None
+        }
+        if not announced:
+            return []
+        now = utcnow()
+        with self.db.transaction() as s:
+            rows = s.execute(
+                select(
+                    DesiredRecord.device_id,
+                    DesiredRecord.generation,
+                    DesiredRecord.payload,
+                    DesiredRecord.expires_at,
+                ).where(DesiredRecord.device_id.in_(list(announced)))
+            ).all()
+        return [
+            (device, generation, announced[device], payload)
+            for device, generation, payload, expires_at in rows
+            if generation > announced[device] and (expires_at is None or aware(expires_at) > now)
+        ]
 
     def _write(self, reported: dict[str, dict[str, Any]], online: dict[str, dict[str, Any]]) -> None:
         with self.db.transaction() as s:
@@ -286,6 +401,8 @@ class Ingestor:
                 {**row, "since": stamp(row["since"]), "received_at": stamp(row["received_at"])}
                 for row in online.values()
             ]
+            for row in online_rows:
+                del row["generation"]  # announced, not stored: answered after the write
             for table, rows, time in (
                 (ReportedRecord.__table__, reported_rows, "reported_at"),
                 (OnlineRecord.__table__, online_rows, "ordering"),
@@ -294,16 +411,6 @@ class Ingestor:
                     columns = list(rows[0])
                     values = [tuple(row[c] for c in columns) for row in rows]
                     upsert(s, table, columns, values, ["device_id"], unless_newer=time)  # type: ignore[arg-type]
-
-    def _put_back(self, batch: dict[str, _Pending]) -> None:
-        with self._lock:
-            for topic, entry in batch.items():
-                newer = self._pending.get(topic)
-                self._pending[topic] = (
-                    entry
-                    if newer is None
-                    else _Pending(newer.payload, newer.received_at, newer.count + entry.count, newer.ordering)
-                )
 
     def _parse(self, topic: str, payload: bytes, received_at: datetime) -> dict[str, Any] | None:
         device = _topic_device(topic, "reported")
@@ -337,6 +444,7 @@ class Ingestor:
                 "session": status.session,
                 "instance": status.instance,
                 "ordering": online_ordering(status),
+                "generation": status.generation,
             }
         except ValidationError as e:
             log.warning(
@@ -346,3 +454,8 @@ class Ingestor:
         except UnicodeDecodeError:
             log.warning("message on %s is not UTF-8; ignored", topic)
             return None
+
+
+def _log_refused_answer(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and isinstance(future.exception(), PublishRefused):
+        log.error("a desired state sent again was not delivered: %s", future.exception())

@@ -15,14 +15,15 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, func, select, update
 
-from cloud.fleet.mqtt import Endpoint
-from cloud.fleet.publisher import Retained, publish_retained
 from cloud.fleet.queries import fetch
 from cloud.fleet.removal import PendingClear, clear_removed
 from cloud.fleet.results import PublishReport
 from cloud.fleet.sql import bind_value, executemany
 from cloud.store.db import Database
 from cloud.store.fleet import DesiredRecord
+from edgemqtt import topics
+from edgemqtt.bulk import Retained, publish_retained
+from edgemqtt.endpoint import Endpoint
 
 
 def pending_count(db: Database) -> int:
@@ -46,7 +47,7 @@ def publish_pending(db: Database, endpoint: Endpoint, now: Callable[[], datetime
         )
     if not owed:
         return PublishReport(0, pending_count(db), cleared.error)
-    outcome = publish_retained(endpoint, [Retained(f"edge/{d}/desired", p.encode()) for d, _, p in owed])
+    outcome = publish_retained(endpoint, [Retained(topics.desired(d), p.encode()) for d, _, p in owed])
     if outcome.acknowledged:
         table = DesiredRecord.__table__
         stmt = (

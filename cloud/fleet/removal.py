@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from cloud.fleet.mqtt import Endpoint
-from cloud.fleet.publisher import Retained, publish_retained
 from cloud.store.db import Database
 from cloud.store.fleet import DesiredRecord, OnlineRecord, PendingClear, ReportedRecord, RolloutDevice
+from edgemqtt import topics
+from edgemqtt.bulk import Retained, publish_retained
+from edgemqtt.endpoint import Endpoint
 from modules.contract import utcnow
 
-CLEARED_TOPICS = ("desired", "reported", "online")
+CLEARED_TOPICS = (topics.desired, topics.reported, topics.online)
+"""The retained topics of a device, cleared when it is removed."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def clear_removed(db: Database, endpoint: Endpoint) -> ClearReport:
         devices = pending_clears(s)
     if not devices:
         return ClearReport([], [])
-    messages = [Retained(f"edge/{d}/{topic}", b"") for d in devices for topic in CLEARED_TOPICS]
+    messages = [Retained(topic(d), b"") for d in devices for topic in CLEARED_TOPICS]
     outcome = publish_retained(endpoint, messages)
     cleared = devices[: outcome.acknowledged // len(CLEARED_TOPICS)]
     if cleared:

@@ -2,7 +2,7 @@
 
 ``start_rollout`` splits a revision's devices into waves (only the first released) and, when the
 manifest reverts on halt, keeps what each device ran before. ``advance_rollouts`` is one pass of
-the rollout controller over every rolling deployment: it asks ``rollout.evaluate`` about the
+the rollout controller over every rolling deployment: it asks ``waves.evaluate`` about the
 current wave and releases the next wave, completes, or halts (and marks the released devices
 reverted). The caller recomputes desired states when something moved.
 """
@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from cloud.fleet.desired import content_from_payload
 from cloud.fleet.queries import device_statuses, fetch, live_manifest, stored_waves
-from cloud.fleet.rollout import Decision, evaluate
 from cloud.fleet.sql import aware, bind_value, insert_many
+from cloud.fleet.waves import Decision, evaluate
 from cloud.store.fleet import DesiredRecord, RolloutDevice, RolloutRecord
 from modules.contract import DeploymentManifest
 

@@ -10,9 +10,10 @@ broker did not acknowledge stays pending in the store and goes out with the next
 A signed state is valid for ``ttl`` (30 days); ``recompute`` re-issues the ones past half of it.
 ``Fleet.advance_rollouts`` is one pass of the rollout controller (``rollouts.py``).
 
-The work is done in ``recompute.py`` (desired states), ``rollouts.py`` (waves), ``outbox.py``
-(publishing), ``progress.py`` (list and status views) and ``queries.py`` (shared reads); this
-class holds the database, the signing key, the profiles and the clock they share.
+The work is done in ``recompute.py`` (desired states), ``rollouts.py`` (the rollout tables;
+``waves.py`` holds the pure wave logic), ``outbox.py`` (publishing), ``summaries.py`` (list and
+status views) and ``queries.py`` (shared reads); this class holds the database, the signing key,
+the profiles and the clock they share.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from cloud.fleet.credentials import (
 )
 from cloud.fleet.desired import DEFAULT_TTL, content_hash
 from cloud.fleet.explain import Explanation, explain
-from cloud.fleet.mqtt import Endpoint
-from cloud.fleet.progress import progress, summaries
 from cloud.fleet.queries import live_manifest, load_deployments, load_devices, models_of, stored_waves
 from cloud.fleet.recompute import recompute_desired
 from cloud.fleet.removal import ClearReport, clear_removed
@@ -52,10 +51,11 @@ from cloud.fleet.results import (
     WaveProgress,
 )
 from cloud.fleet.revisions import forget, list_revisions, record_revision, revision_manifest
-from cloud.fleet.rollout import split_waves
 from cloud.fleet.rollouts import advance_rollouts, resume_rollout, retry_devices, start_rollout
 from cloud.fleet.sql import aware
+from cloud.fleet.summaries import progress, summaries
 from cloud.fleet.targeting import DeploymentEntry, DeviceInfo, Resolution, placements, resolve, selected_ids
+from cloud.fleet.waves import split_waves
 from cloud.keys import load_or_create_signing_key
 from cloud.store.db import Database, open_database
 from cloud.store.deployments import set_deployment_models
@@ -63,6 +63,7 @@ from cloud.store.errors import NotFoundError
 from cloud.store.fleet import RolloutDevice, RolloutRecord
 from cloud.store.models import Deployment, DeploymentModel, ModelFollow
 from cloud.store.refs import check_name, parse_model_ref
+from edgemqtt.endpoint import Endpoint
 from modules.contract import DeploymentManifest, DeviceProfile, utcnow
 from modules.profiles import fallback_chain, load_profiles
 

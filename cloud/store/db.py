@@ -31,7 +31,7 @@ from cloud.store.errors import InvalidInputError, ReadOnlyError, SchemaError
 from cloud.store.fleet import DesiredRecord  # noqa: F401  (registers the fleet tables)
 from cloud.store.models import Base, SchemaVersion
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Below this, SQLite cannot create its WAL index and journal: the directory counts as full.
 MIN_FREE_BYTES = 256 * 1024
@@ -202,6 +202,7 @@ UPGRADES: dict[int, tuple[tuple[str, str, str], ...]] = {
     ),
     2: (("device_reported", "heartbeat_s", "FLOAT"),),
     3: (("devices", "sealing_public_key", "VARCHAR(64)"),),
+    4: (("devices", "rabbitmq_password_hash", "VARCHAR(256)"),),
 }
 """The columns ``(table, column, type)`` that take a database from schema version N to N + 1
 (a table that ``create_all`` just made has them already)."""

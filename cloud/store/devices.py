@@ -28,6 +28,8 @@ class Device(Base):
     id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     profile: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
     password_hash: Mapped[str] = mapped_column(String(HASH_LEN))
+    rabbitmq_password_hash: Mapped[str | None] = mapped_column(String(HASH_LEN), nullable=True)
+    """The same password in RabbitMQ's format (``cloud.broker_rabbitmq``); None: added before it existed."""
     sealing_public_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """X25519 public key (base64) registry credentials are sealed to; None: added before they existed."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -71,6 +73,12 @@ def find_devices(
             exists().where(DeviceTag.device_id == Device.id, DeviceTag.key == key, DeviceTag.value == value)
         )
     return list(session.scalars(query))
+
+
+def rabbitmq_password_hashes(session: Session) -> dict[str, str | None]:
+    """``{device id: RabbitMQ hash}`` of every device (None for devices added before there was one)."""
+    rows = session.execute(select(Device.id, Device.rabbitmq_password_hash))
+    return {row.id: row.rabbitmq_password_hash for row in rows}
 
 
 def password_hashes(session: Session) -> dict[str, str]:

@@ -28,10 +28,10 @@ import yaml
 
 from agent.runtime.process import image_dir
 from cloud.fleet.ingest import Ingestor
-from cloud.fleet.mqtt import Endpoint
 from cloud.store.db import Database, open_database
 from cloud.store.devices import Device
 from cloud.store.fleet import OnlineRecord, ReportedRecord
+from edgemqtt.endpoint import Endpoint
 from modules.contract import ReportedState
 from tests.integration.agent_rig import CloudSide, Keys, desired_state, fast_health
 from tests.integration.module_image import DigitsBuild, write_module_dir

@@ -41,7 +41,7 @@ from cloud.api import Services, create_app
 from cloud.api.auth import TOKEN_ENV, Tokens
 from cloud.broker import BrokerPaths
 from cloud.config import resolve_settings
-from cloud.fleet.mqtt import Endpoint
+from edgemqtt.endpoint import Endpoint
 from modules.signing import load_public_key
 from tests.integration.test_base_image import cpu_base_or_skip
 from tests.integration.test_packaging import train_digits

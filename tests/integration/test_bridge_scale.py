@@ -1,4 +1,4 @@
-"""Thousands of MQTT bridges in one process against a real Mosquitto: all connect, none takes a thread.
+"""Thousands of MQTT sessions in one process against a real Mosquitto: all connect, none takes a thread.
 
 Bounded in time by generous timeouts; asserts that every client connected, received its retained
 message and was acknowledged, not how fast.
@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-from agent.config import BrokerConfig
-from agent.mqtt_bridge import Connected, MqttBridge, Publication, Received
+from edgemqtt.endpoint import Endpoint
+from edgemqtt.session import Connected, Publication, Received, Session, SessionOptions
 from tests.services import MosquittoFactory
 
 pytestmark = pytest.mark.integration
@@ -31,20 +31,20 @@ def _need_files(count: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-async def test_2000_bridges_on_one_event_loop(mosquitto_factory: MosquittoFactory) -> None:
+async def test_2000_sessions_on_one_event_loop(mosquitto_factory: MosquittoFactory) -> None:
     _need_files(CLIENTS)
     # The broker inherits this process's raised limit; say so explicitly for its per-listener cap too.
     broker = mosquitto_factory("max_connections -1\n", persistence=False)
-    config = BrokerConfig(url=f"mqtt://{broker.host}:{broker.port}", keepalive_s=60, reconnect_max_s=5)
+    endpoint = Endpoint.parse(f"mqtt://{broker.host}:{broker.port}")
+    options = SessionOptions(keepalive_s=60, reconnect_max_s=5)
     threads_before = threading.active_count()
 
-    def bridge(i: int) -> MqttBridge:
+    def bridge(i: int) -> Session:
         topic = f"scale/{i}"
-        return MqttBridge(
-            config,
+        return Session(
+            endpoint,
             client_id=f"scale-{i}",
-            username=None,
-            password=None,
+            options=options,
             subscriptions=[topic],
             will=lambda: Publication(f"{topic}/online", b"0", retain=True),
             birth=lambda: Publication(topic, f"hello {i}".encode(), retain=True),
@@ -52,7 +52,7 @@ async def test_2000_bridges_on_one_event_loop(mosquitto_factory: MosquittoFactor
 
     bridges = [bridge(i) for i in range(CLIENTS)]
 
-    async def session(i: int, b: MqttBridge) -> tuple[bool, bytes | None]:
+    async def session(i: int, b: Session) -> tuple[bool, bytes | None]:
         b.start()
         accepted, echoed = False, None
         while echoed is None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cloud.fleet.mqtt import Endpoint
+from edgemqtt.endpoint import Endpoint
 from tests.integration.test_api import _start, upload
 from tests.integration.test_base_image import cpu_base_or_skip
 from tests.integration.test_fleet_publish import Recorder, add_cpu_device

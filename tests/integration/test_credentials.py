@@ -33,9 +33,9 @@ from agent.link import Link
 from agent.runtime.labels import loaded_tag
 from cloud.config import resolve_settings
 from cloud.fleet.ingest import Ingestor
-from cloud.fleet.mqtt import Endpoint
 from cloud.keys import PUBLIC_KEY_FILE
 from cloud.store.db import open_database
+from edgemqtt.endpoint import Endpoint
 from modules.contract import DesiredState
 from modules.sealing import load_private, new_key_pair
 from modules.signing import load_public_key_file, verify_desired

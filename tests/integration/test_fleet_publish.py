@@ -24,8 +24,6 @@ from cloud.config import resolve_settings
 from cloud.fleet.controller import Controller, Status
 from cloud.fleet.desired import EMPTY
 from cloud.fleet.ingest import Ingestor
-from cloud.fleet.mqtt import Endpoint
-from cloud.fleet.publisher import PublishOutcome, Retained, publish_retained
 from cloud.fleet.removal import forget_device
 from cloud.fleet.rollouts import advance_rollouts
 from cloud.fleet.service import ApplyError, Fleet
@@ -34,6 +32,8 @@ from cloud.store.db import open_database
 from cloud.store.devices import Device, DeviceTag
 from cloud.store.errors import NotFoundError
 from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord, RolloutDevice, RolloutRecord
+from edgemqtt.bulk import PublishOutcome, Retained, publish_retained
+from edgemqtt.endpoint import Endpoint
 from modules.contract import DeploymentManifest, DesiredState, ModuleStatus, ReportedState
 from modules.profiles import load_profiles
 from modules.signing import load_public_key_file, verify_desired

@@ -17,11 +17,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cloud.fleet.commands import CommandTimeout, DeviceOffline, run_command
 from cloud.fleet.ingest import Ingestor
-from cloud.fleet.mqtt import Endpoint
 from cloud.store.db import Database, open_database
 from cloud.store.devices import Device
 from cloud.store.errors import NotFoundError
 from cloud.store.fleet import OnlineRecord, ReportedRecord
+from edgemqtt.endpoint import Endpoint
 from modules.contract import CommandRequest, CommandResponse, ModuleStatus, OnlineStatus, ReportedState
 from tests.integration.test_store_postgres import db_url, postgres  # noqa: F401 (fixtures)
 from tests.services import MosquittoBroker, MosquittoFactory

@@ -22,10 +22,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.observed import config_hash
 from agent.runtime.simulated import SimulatedRuntime, SimulationSettings
-from agent.simulate import Fleet, FleetOptions, SimDevice, assign_profiles, device_ids
 from cloud import broker as broker_files
-from cloud.commands.simulate import provision
 from cloud.config import resolve_settings
+from harness.simulate import FleetOptions, SimDevice, SimulatedFleet, assign_profiles, device_ids
+from harness.simulate_command import provision
 from modules.contract import DesiredModule, DesiredState, HealthCheck, utcnow
 from modules.signing import generate_keypair, load_private_key, load_public_key, sign_desired
 from tests.services import REPO_ROOT, MosquittoBroker, MosquittoFactory
@@ -111,18 +111,20 @@ def desired(device: SimDevice, generation: int, image: str, deadline_s: float = 
     return sign_desired(state, PRIVATE).model_dump_json().encode()
 
 
-def fleet_of(broker: MosquittoBroker, devices: list[SimDevice], settings: SimulationSettings = FAST) -> Fleet:
+def fleet_of(
+    broker: MosquittoBroker, devices: list[SimDevice], settings: SimulationSettings = FAST
+) -> SimulatedFleet:
     options = FleetOptions(
         broker_url=f"mqtt://{broker.host}:{broker.port}", connect_rate=400, settings=settings, heartbeat_s=300
     )
-    return Fleet(devices, load_public_key(PUBLIC_PEM), options)
+    return SimulatedFleet(devices, load_public_key(PUBLIC_PEM), options)
 
 
 @pytest.fixture
-async def running() -> AsyncIterator[Callable[[Fleet], None]]:
-    fleets: list[tuple[Fleet, asyncio.Task[Any]]] = []
+async def running() -> AsyncIterator[Callable[[SimulatedFleet], None]]:
+    fleets: list[tuple[SimulatedFleet, asyncio.Task[Any]]] = []
 
-    def start(fleet: Fleet) -> None:
+    def start(fleet: SimulatedFleet) -> None:
         fleets.append((fleet, asyncio.create_task(fleet.run())))
 
     yield start

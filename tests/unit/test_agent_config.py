@@ -113,7 +113,7 @@ def test_password_file_is_read_without_trailing_newline(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("http://h:1883", "scheme must be mqtt:// or mqtts://"),
+        ("http://h:1883", "expected mqtt://host[:port] or mqtts://host[:port]"),
         ("mqtt://", "names no host"),
         ("mqtt://h:99999", "not a valid URL"),
         ("mqtt://user:pw@h", "not in the URL"),

@@ -149,6 +149,7 @@ class MemoryLink:
         self.requests: asyncio.Queue[CommandRequest] = asyncio.Queue()
         self.connected = True
         self.changed = asyncio.Event()
+        self.announced: list[int] = []
 
     def also_wake_on_connect(self, event: asyncio.Event) -> None:
         self.on_connect = event
@@ -160,6 +161,9 @@ class MemoryLink:
     async def publish_reported(self, state: ReportedState) -> None:
         self.reports.append(state)
         self.changed.set()
+
+    def announce(self, generation: int) -> None:
+        self.announced.append(generation)
 
     async def respond(self, response: CommandResponse) -> None:
         self.responses.append(response)
@@ -251,6 +255,17 @@ async def test_rejected_desired_states_are_reported_and_change_nothing(rig: Rig)
     assert rig.runtime.calls == []
     assert rig.agent.state.last_applied is None
     assert sum(rig.agent.metrics.rejections.values()) == len(cases)
+
+
+async def test_the_link_announces_the_generation_the_agent_has(rig: Rig) -> None:
+    await rig.agent.load()
+    assert rig.link is not None and rig.link.announced == [0]
+    rig.send(desired(4, {"web": module(WEB1)}))
+    await rig.agent.reconcile_once()
+    assert rig.link.announced[-1] == 4
+    rig.send(desired(5, {"web": module(WEB1)}, key=OTHER_PRIVATE))  # refused: still has 4
+    await rig.agent.reconcile_once()
+    assert rig.link.announced[-1] == 4
 
 
 async def test_expired_and_stale_states_are_rejected_with_the_received_generation(rig: Rig) -> None:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from cloud.fleet.controller import Controller, Status
-from cloud.fleet.mqtt import Endpoint
 from cloud.fleet.removal import ClearReport
 from cloud.fleet.results import PublishReport
+from edgemqtt.endpoint import Endpoint
 
 ENDPOINT = Endpoint.parse("mqtt://127.0.0.1:1883")
 

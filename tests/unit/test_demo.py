@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cloud.demo import DemoOptions, DemoRun, _human, _table
+from harness.demo import DemoOptions, DemoRun, _human, _table
 
 DOCKER = "docker/20.10.24+dfsg1 go/go1.19.8 os/linux arch/amd64 UpstreamClient(docker-sdk-python/7.1.0)"
 LOG = f'''\

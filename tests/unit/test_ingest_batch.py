@@ -9,15 +9,14 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import MetaData, Table
 
 from cloud.fleet.ingest import Ingestor
-from cloud.fleet.mqtt import Endpoint
 from cloud.store.db import Database, open_database
 from cloud.store.devices import Device
 from cloud.store.fleet import OnlineRecord, ReportedRecord
+from edgemqtt.endpoint import Endpoint
 from modules.contract import OnlineStatus, ReportedState
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -38,10 +37,8 @@ def ingest(db: Database) -> Ingestor:
 
 
 def deliver(ingest: Ingestor, topic: str, payload: bytes) -> None:
-    """Hand ``payload`` to the ingester the way paho's thread does."""
-    message = mqtt.MQTTMessage(topic=topic.encode())
-    message.payload = payload
-    ingest._on_message(None, None, message)  # type: ignore[arg-type]
+    """Hand ``payload`` to the ingester the way its session's messages do."""
+    ingest.accept(topic, payload)
 
 
 def report(device: str, status: str, at: datetime, generation: int = 1) -> bytes:

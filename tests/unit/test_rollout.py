@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from cloud.fleet.rollout import evaluate, split_waves, wave_sizes
 from cloud.fleet.status import Online, Reported, Status, device_status
+from cloud.fleet.waves import evaluate, split_waves, wave_sizes
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

@@ -18,8 +18,8 @@ from agent.link import DesiredSlot
 from agent.observed import config_hash
 from agent.runtime import RuntimeActionError
 from agent.runtime.simulated import SimulatedProber, SimulatedRuntime, SimulationSettings, execution_provider
-from agent.simulate import TmpfsStateStore
 from agent.state import AgentState, StateStore
+from harness.simulate import TmpfsStateStore
 from modules.contract import (
     ClientConflict,
     CommandRequest,
@@ -270,6 +270,9 @@ class MemoryLink:
 
     async def publish_reported(self, state: ReportedState) -> None:
         self.reports.append(state)
+
+    def announce(self, generation: int) -> None:
+        self.announced = generation
 
     async def respond(self, response: CommandResponse) -> None:
         raise NotImplementedError

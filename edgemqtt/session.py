@@ -1,6 +1,6 @@
-"""The one place where paho-mqtt meets asyncio: paho driven from the event loop, no thread per client.
+"""One MQTT session on the event loop: the one place where paho-mqtt meets asyncio, no thread per client.
 
-``MqttBridge`` runs one paho client (callback API v2) in paho's external-loop mode, as aiomqtt
+``Session`` runs one paho client (callback API v2) in paho's external-loop mode, as aiomqtt
 does: ``on_socket_open``/``on_socket_close`` add and remove the socket as a reader of the event
 loop (``loop_read``), ``on_socket_register_write``/``on_socket_unregister_write`` add and remove
 it as a writer (``loop_write``), and a timer calls ``loop_misc`` (keepalive pings, a broker that
@@ -9,17 +9,21 @@ written on the next loop iteration (several at once); the socket becomes a write
 kernel's buffer is full. Thousands of clients share one thread.
 
 paho reconnects by itself only under ``loop_start``/``loop_forever``, so ``_maintain`` (one task
-per bridge) does it: connect, wait until the socket closes, wait a back-off that doubles from
+per session) does it: connect, wait until the socket closes, wait a back-off that doubles from
 ``reconnect_min_s`` up to ``reconnect_max_s`` (with jitter, so a fleet does not reconnect in
 lockstep after a broker restart; back to the minimum after a session was accepted), connect
-again. The TCP connect and TLS handshake block, so ``reconnect`` runs on a small thread pool shared
-by every bridge of the process (not the loop's default executor, where file writes would queue
+again. An endpoint with several addresses (the nodes of a cluster) fails over: the first attempt
+goes to the first node; after a failed attempt or a lost connection the next one goes to another
+node drawn at random, so the clients of a dead node spread over the others.
+The TCP connect and TLS handshake block, so ``reconnect`` runs on a small thread pool shared by
+every session of the process (not the loop's default executor, where file writes would queue
 in front of connects); the socket callbacks it fires there hop to the loop with
 ``call_soon_threadsafe``.
 Everything else happens on the event loop. QoS 1 messages in flight are kept across reconnects.
 
-Callbacks hand plain events (``Connected``, ``ConnectFailed``, ``Disconnected``, ``Received``,
-``Subscribed``) to ``next_event`` and resolve publish acknowledgements. Two things happen inside
+Callbacks only hand plain events (``Connected``, ``ConnectFailed``, ``Disconnected``, ``Received``,
+``Subscribed``) to ``next_event`` (or ``messages``) and resolve futures: publish acknowledgements
+and ``wait_up``. Two things happen inside
 paho's callbacks on purpose, because they must happen on every connection before anything else:
 ``on_pre_connect`` re-arms the last will, and ``on_connect`` subscribes and publishes the birth
 message, so a reconnect always resubscribes.
@@ -31,18 +35,19 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import BrokerConfig
+from edgemqtt.endpoint import Address, BrokerUnavailable, Endpoint
 
 log = logging.getLogger(__name__)
 paho_log = logging.getLogger(f"{__name__}.paho")
@@ -50,7 +55,7 @@ paho_log = logging.getLogger(f"{__name__}.paho")
 MISC_INTERVAL_S = (1.0, 15.0)
 """Bounds of how often ``loop_misc`` runs while a socket is open (a quarter of the keepalive)."""
 CONNECT_THREADS = 4
-"""Blocking connects (TCP, TLS handshake) in flight at once, for all bridges of the process."""
+"""Blocking connects (TCP, TLS handshake) in flight at once, for all sessions of the process."""
 
 _connector: ThreadPoolExecutor | None = None
 
@@ -78,6 +83,7 @@ class Connected:
 
     reason: ReasonCode
     session_present: bool
+    address: Address
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class ConnectFailed:
     """No MQTT connection could be opened (refused, unreachable, TLS handshake); retried with back-off."""
 
     error: BaseException | None
+    address: Address
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,32 @@ class Subscribed:
 Event = Connected | ConnectFailed | Disconnected | Received | Subscribed
 
 
+def _why(error: BaseException | None) -> str:
+    if error is None:
+        return "connection failed"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return f"{type(error).__name__}: {error}"
+
+
+def log_event(event: Event, url: str) -> None:
+    """Log a connection event the plain way (for sessions whose owner has nothing to add)."""
+    if isinstance(event, Connected):
+        if event.reason.is_failure:
+            log.error("the MQTT broker at %s refused the connection: %s", event.address.url, event.reason)
+        else:
+            log.info("connected to %s", event.address.url)
+    elif isinstance(event, ConnectFailed):
+        log.warning("cannot reach the MQTT broker at %s: %s; retrying", event.address.url, _why(event.error))
+    elif isinstance(event, Disconnected):
+        how = f"the broker sent DISCONNECT: {event.reason}" if event.by_broker else "connection lost"
+        log.warning("disconnected from %s (%s); reconnecting", url, how)
+    elif isinstance(event, Subscribed):
+        for topic, reason in event.results:
+            if reason.is_failure:
+                log.error("the broker at %s refused the subscription to %s: %s", url, topic, reason)
+
+
 class PublishRefused(Exception):
     """The broker (or paho's full outgoing queue) refused a publication."""
 
@@ -134,27 +167,58 @@ def backoff_delay(failures: int, min_s: float, max_s: float, rng: random.Random 
     return min(ceiling * (1.0 + 0.5 * (rng or random).random()), max_s)
 
 
-class MqttBridge:
+@dataclass(frozen=True)
+class SessionOptions:
+    """How a session behaves: protocol, keepalive, reconnect back-off, queues, persistence."""
+
+    protocol: str = "mqttv5"
+    """``mqttv5`` or ``mqttv311``."""
+    keepalive_s: int = 30
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    max_queued_messages: int = 100
+    """Outgoing messages paho holds (offline or beyond the in-flight window); 0 = no cap."""
+    max_inflight: int = 20
+    """QoS 1 messages sent and not yet acknowledged."""
+    session_expiry_s: int = 0
+    """MQTT 5: how long the broker keeps the session (and queues QoS 1 messages) after a disconnect;
+    0 starts clean every time."""
+    subscribe_qos: int = 1
+    """The QoS of the subscriptions. 0 where the broker cannot move a QoS 1 subscription's queue when
+    a node dies (RabbitMQ 3.10 keeps it on the dead node): messages may then be lost only across a
+    lost connection, and the fleet's protocol re-sends what matters on every session start."""
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("mqttv5", "mqttv311"):
+            raise ValueError(f"protocol {self.protocol!r}: expected mqttv5 or mqttv311")
+        if self.session_expiry_s and self.protocol != "mqttv5":
+            raise ValueError("session_expiry_s needs MQTT 5")
+        if self.subscribe_qos not in (0, 1):
+            raise ValueError(f"subscribe_qos {self.subscribe_qos}: expected 0 or 1")
+
+
+class Session:
     """A paho client on the asyncio event loop whose callbacks arrive as events.
 
     ``will`` and ``birth`` build the last will and the message published on every connect; ``will``
     may be called on an executor thread, so both must only build bytes. Call ``start`` on the loop,
-    read events with ``next_event``, publish with ``publish`` (a future resolved by the broker's
-    acknowledgement) and end with ``close``.
+    read events with ``next_event`` (or only messages with ``messages``), publish with ``publish``
+    (a future resolved by the broker's acknowledgement) and end with ``close``. ``wait_up`` waits
+    for the first accepted session, for callers that need the broker now.
     """
 
     def __init__(
         self,
-        broker: BrokerConfig,
+        endpoint: Endpoint,
         *,
         client_id: str,
-        username: str | None,
-        password: str | None,
         subscriptions: list[str],
-        will: Callable[[], Publication],
-        birth: Callable[[], Publication],
+        options: SessionOptions | None = None,
+        will: Callable[[], Publication] | None = None,
+        birth: Callable[[], Publication] | None = None,
     ) -> None:
-        self._broker = broker
+        self.endpoint = endpoint
+        self.options = options = options or SessionOptions()
         self._subscriptions = list(subscriptions)
         self._will = will
         self._birth = birth
@@ -166,31 +230,38 @@ class MqttBridge:
         self._connecting: asyncio.Future[Any] | None = None
         self._down = asyncio.Event()
         self._down.set()
+        self._up = asyncio.Event()
+        self._waiters: list[asyncio.Future[str | None]] = []
+        self._failures = 0
+        self._node = 0
         self._session_accepted = False
         self.hold_off_s = 0.0
         """The least wait before any reconnect (set once another client took our session over)."""
+        self.refused: tuple[tuple[str, ReasonCode], ...] = ()
+        """Subscriptions the broker refused in the current session, with its reasons."""
         self._closing = False
         self._fd: int | None = None
         self._misc: asyncio.TimerHandle | None = None
-        self._misc_s = min(max(broker.keepalive_s / 4, MISC_INTERVAL_S[0]), MISC_INTERVAL_S[1])
+        self._misc_s = min(max(options.keepalive_s / 4, MISC_INTERVAL_S[0]), MISC_INTERVAL_S[1])
         self._writer_on = False
         self._flush_due = False
-        v5 = broker.protocol == "mqttv5"
-        options: dict[str, Any] = {} if v5 else {"clean_session": True}
+        v5 = options.protocol == "mqttv5"
+        extra: dict[str, Any] = {} if v5 else {"clean_session": True}
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            **options,
+            **extra,
         )
         client = self._client
         client.on_log = self._on_log
         client.suppress_exceptions = True
-        client.max_queued_messages_set(broker.max_queued_messages)
-        if username is not None:
-            client.username_pw_set(username, password)
-        if broker.tls:
-            self._set_tls()
+        client.max_queued_messages_set(options.max_queued_messages)
+        client.max_inflight_messages_set(options.max_inflight)
+        if endpoint.username is not None:
+            client.username_pw_set(endpoint.username, endpoint.password)
+        if any(a.tls for a in endpoint.addresses):
+            client.tls_set_context(endpoint.tls_context())
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -202,36 +273,59 @@ class MqttBridge:
         client.on_socket_register_write = self._on_socket_register_write
         client.on_socket_unregister_write = self._on_socket_unregister_write
 
-    def _set_tls(self) -> None:
-        b = self._broker
-        try:
-            self._client.tls_set(
-                ca_certs=str(b.ca_file) if b.ca_file else None,
-                certfile=str(b.client_cert) if b.client_cert else None,
-                keyfile=str(b.client_key) if b.client_key else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-        except (OSError, ssl.SSLError) as e:
-            files = ", ".join(str(p) for p in (b.ca_file, b.client_cert, b.client_key) if p)
-            raise ValueError(f"cannot load the broker's TLS files ({files or 'system CAs'}): {e}") from e
-
     # ---- public API ---------------------------------------------------------------------------
+
+    @property
+    def address(self) -> Address:
+        """The node the current (or next) connection attempt goes to."""
+        return self.endpoint.addresses[self._node]
+
+    @property
+    def is_up(self) -> bool:
+        """Whether a session is accepted and its subscriptions acknowledged now."""
+        return self._up.is_set()
 
     def start(self) -> None:
         """Begin connecting in the background (call on the event loop); never raises for a down broker."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        b = self._broker
-        if b.protocol == "mqttv5":
-            self._client.connect_async(b.host, b.port, b.keepalive_s, clean_start=True)
-        else:
-            self._client.connect_async(b.host, b.port, b.keepalive_s)
         self._task = self._loop.create_task(self._maintain(), name="mqtt-connection")
+
+    async def wait_up(self, timeout_s: float) -> None:
+        """Wait until a session is accepted and subscribed; BrokerUnavailable saying why not.
+
+        Gives up once every node failed once (unreachable, refused, or a subscription refused)
+        or after ``timeout_s``; the session goes on retrying in the background either way.
+        """
+        assert self._loop is not None, "start() first"
+        if self._up.is_set():
+            return
+        waiter: asyncio.Future[str | None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            error = await asyncio.wait_for(waiter, timeout_s)
+        except asyncio.TimeoutError:
+            raise BrokerUnavailable(
+                f"the MQTT broker at {self.endpoint.url} did not answer within {timeout_s:g} s"
+            ) from None
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if error is not None:
+            raise BrokerUnavailable(error)
 
     async def next_event(self) -> Event:
         """The next connection event or message, in the order paho saw them."""
         return await self._events.get()
+
+    async def messages(self) -> AsyncIterator[Received]:
+        """The messages received, in order; connection events are logged (at ``log``) and skipped."""
+        while True:
+            event = await self._events.get()
+            if isinstance(event, Received):
+                yield event
+            else:
+                log_event(event, self.address.url)
 
     def publish(self, pub: Publication) -> asyncio.Future[None]:
         """Hand ``pub`` to paho; the future resolves when the broker acknowledges it.
@@ -244,7 +338,7 @@ class MqttBridge:
         info = self._client.publish(pub.topic, pub.payload, qos=pub.qos, retain=pub.retain)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             future.set_exception(
-                PublishRefused(f"{self._broker.max_queued_messages} messages already wait to be sent")
+                PublishRefused(f"{self.options.max_queued_messages} messages already wait to be sent")
             )
         elif pub.qos == 0:
             future.set_result(None)  # nothing to wait for: paho acknowledges QoS 0 when written
@@ -287,21 +381,71 @@ class MqttBridge:
         while not self._closing:
             self._session_accepted = False
             self._down.clear()
+            self._aim()
             self._connecting = self._loop.run_in_executor(_connect_pool(), self._client.reconnect)
             try:
                 await self._connecting
             except Exception as e:  # refused, unreachable, TLS: all retried the same way
                 self._down.set()
-                self._events.put_nowait(ConnectFailed(e))
+                self._events.put_nowait(ConnectFailed(e, self.address))
+                self._attempt_failed(f"cannot reach the MQTT broker at {self.address.url}: {_why(e)}")
             finally:
                 self._connecting = None
             await self._down.wait()
             if self._closing:
                 return
             failures = 0 if self._session_accepted else failures + 1
-            b = self._broker
-            delay = backoff_delay(max(failures - 1, 0), b.reconnect_min_s, b.reconnect_max_s)
+            self._fail_over()
+            o = self.options
+            delay = backoff_delay(max(failures - 1, 0), o.reconnect_min_s, o.reconnect_max_s)
             await asyncio.sleep(max(delay, self.hold_off_s))
+
+    def _fail_over(self) -> None:
+        """Aim the next attempt at another node, drawn at random: the clients of a dead node spread
+        over the others instead of all landing on the next one in the list."""
+        count = len(self.endpoint.addresses)
+        if count > 1:
+            self._node = (self._node + random.randrange(1, count)) % count
+
+    def _aim(self) -> None:
+        """Point the next attempt at the current node (paho keeps the host for reconnect and TLS)."""
+        address, o = self.address, self.options
+        if o.protocol == "mqttv5":
+            properties = None
+            if o.session_expiry_s:
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = o.session_expiry_s
+            self._client.connect_async(
+                address.host,
+                address.port,
+                o.keepalive_s,
+                clean_start=not o.session_expiry_s,
+                properties=properties,
+            )
+        else:
+            self._client.connect_async(address.host, address.port, o.keepalive_s)
+
+    def _attempt_failed(self, error: str) -> None:
+        """Count a failed attempt; once every node failed in a row, ``wait_up`` gives up with ``error``."""
+        self._failures += 1
+        if self._failures >= len(self.endpoint.addresses):
+            self._resolve_waiters(error)
+
+    def _resolve_waiters(self, error: str | None) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(error)
+
+    def _session_ready(self, refused: tuple[tuple[str, ReasonCode], ...]) -> None:
+        self.refused = refused
+        if refused:
+            what = ", ".join(f"{topic} ({reason})" for topic, reason in refused)
+            self._attempt_failed(f"the MQTT broker at {self.address.url} refused the subscription to {what}")
+            return
+        self._failures = 0
+        self._up.set()
+        self._resolve_waiters(None)
 
     def _on_loop(self, callback: Callable[..., None], *args: Any) -> None:
         """Run ``callback`` now when on the loop's thread, else hand it to the loop."""
@@ -394,18 +538,26 @@ class MqttBridge:
             paho_log.debug("%s", text)
 
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
-        will = self._will()
-        client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        if self._will is not None:
+            will = self._will()
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags, reason: ReasonCode, props: Any
     ) -> None:
         if not reason.is_failure:
             self._session_accepted = True
-            client.subscribe([(topic, 1) for topic in self._subscriptions])
-            birth = self._birth()
-            client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
-        self._events.put_nowait(Connected(reason, flags.session_present))
+            if self._subscriptions:
+                client.subscribe([(topic, self.options.subscribe_qos) for topic in self._subscriptions])
+            if self._birth is not None:
+                birth = self._birth()
+                client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
+            if not self._subscriptions:
+                self._on_loop(self._session_ready, ())
+        else:
+            why = f"the MQTT broker at {self.address.url} refused the connection: {reason}"
+            self._on_loop(self._attempt_failed, why)
+        self._events.put_nowait(Connected(reason, flags.session_present, self.address))
 
     def _on_disconnect(
         self,
@@ -415,6 +567,7 @@ class MqttBridge:
         reason: ReasonCode,
         props: Any,
     ) -> None:
+        self._up.clear()
         by_broker = flags.is_disconnect_packet_from_server
         if by_broker and reason.value == SESSION_TAKEN_OVER:
             self.hold_off_s = max(self.hold_off_s, TAKEOVER_PAUSE_S)
@@ -426,7 +579,9 @@ class MqttBridge:
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
     ) -> None:
-        self._events.put_nowait(Subscribed(tuple(zip(self._subscriptions, reasons, strict=False))))
+        results = tuple(zip(self._subscriptions, reasons, strict=False))
+        self._session_ready(tuple((topic, reason) for topic, reason in results if reason.is_failure))
+        self._events.put_nowait(Subscribed(results))
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any

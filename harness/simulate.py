@@ -7,13 +7,13 @@ folder per device, on tmpfs by default), driven by ``Agent.run``, the same recon
 health prober and the system metrics that go with it. Simulated devices and real agents can share
 a broker: a simulated device is just another MQTT client with a device id.
 
-``Fleet.run`` starts the devices at ``connect_rate`` per second (the broker sees a ramp, not a
+``SimulatedFleet.run`` starts the devices at ``connect_rate`` per second (the broker sees a ramp, not a
 stampede), reports progress every ``progress_s`` and, after ``duration_s`` (or ``stop``), stops
-every agent and disconnects cleanly. ``Fleet.snapshot`` counts devices by connection and by the
+every agent and disconnects cleanly. ``SimulatedFleet.snapshot`` counts devices by connection and by the
 deployment status of their last report at any time.
 
 One process holds thousands of devices because nothing here takes a thread: the MQTT clients run
-on the event loop (``agent.mqtt_bridge``) and simulated modules change state only when observed.
+on the event loop (``edgemqtt.session``) and simulated modules change state only when observed.
 ``run_in_processes`` splits a fleet over a few worker processes (one event loop per CPU core) and
 adds up their counts.
 """
@@ -51,6 +51,7 @@ from agent.metrics import AgentMetrics
 from agent.runtime.simulated import SimulatedProber, SimulatedRuntime, SimulationSettings
 from agent.state import AgentState, StateStore
 from agent.sysmetrics import SystemSampler
+from edgemqtt.endpoint import split_urls
 from modules.contract import Accelerator, DeviceProfile, ReportedState, SystemMetrics
 from modules.profiles import load_profiles
 
@@ -223,6 +224,8 @@ class FleetOptions:
     """How the fleet connects and behaves."""
 
     broker_url: str = "mqtt://127.0.0.1:1883"
+    """One URL, or the comma-separated nodes of a cluster: device i connects to node i mod n first and
+    fails over to the others (drawn at random)."""
     protocol: str = "mqttv5"
     connect_rate: float = 500.0
     """New devices started per second."""
@@ -230,6 +233,8 @@ class FleetOptions:
     """Each device's heartbeat is drawn within ±10 % of this, so reports do not come in lockstep."""
     keepalive_s: int = 60
     reconnect_max_s: int = 30
+    subscribe_qos: int = 1
+    """The agents' subscription QoS (0 on a RabbitMQ 3.10 cluster: see ``BrokerConfig.subscribe_qos``)."""
     settings: SimulationSettings = field(default_factory=SimulationSettings)
     seed: int = 0
     state_root: Path | None = None
@@ -306,7 +311,7 @@ class _Member:
     error: BaseException | None = None
 
 
-class Fleet:
+class SimulatedFleet:
     """``devices`` as simulated agents on one event loop; ``public_key`` verifies their desired states."""
 
     def __init__(
@@ -329,20 +334,24 @@ class Fleet:
         self._store: type[StateStore] = TmpfsStateStore if on_shm else StateStore
         self.state_root = root
         rng = random.Random(self.options.seed)
-        self.members = [self._member(d, rng) for d in devices]
+        self.members = [self._member(i, d, rng) for i, d in enumerate(devices)]
         self._stop = asyncio.Event()
         self._started_at = time.monotonic()
 
-    def _member(self, device: SimDevice, rng: random.Random) -> _Member:
+    def _member(self, index: int, device: SimDevice, rng: random.Random) -> _Member:
         o = self.options
+        urls = split_urls(o.broker_url)
+        first = index % len(urls)  # spread the devices over the nodes of a cluster
         broker = BrokerConfig.model_validate(
             {
-                "url": o.broker_url,
+                "url": urls[first],
+                "failover_urls": urls[first + 1 :] + urls[:first],
                 "protocol": o.protocol,
                 "username": device.username,
                 "password": SecretStr(device.password) if device.password is not None else None,
                 "keepalive_s": o.keepalive_s,
                 "reconnect_max_s": o.reconnect_max_s,
+                "subscribe_qos": o.subscribe_qos,
             }
         )
         config = AgentConfig(
@@ -508,7 +517,7 @@ def _worker(
     from modules.signing import load_public_key
 
     async def main() -> None:
-        fleet = Fleet(devices, load_public_key(public_pem), options)
+        fleet = SimulatedFleet(devices, load_public_key(public_pem), options)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, fleet.stop)

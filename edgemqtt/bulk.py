@@ -10,6 +10,11 @@ answers only with PUBACKs (MQTT 3.1.1 sends them in the order the messages arriv
 Publishing never raises for the broker: whatever was not acknowledged is reported with the reason,
 stays unpublished in the store and is sent again by the next ``publish_pending`` (``edgectl deploy
 publish``, ``deploy watch``, ``edgectl serve`` or any later apply).
+
+Blocking on purpose (one socket, a few large writes): the cloud's fleet service is synchronous and
+calls it from a worker thread when on an event loop. With several broker nodes it connects to the
+first that accepts. It speaks MQTT 3.1.1, which every broker of the project understands (RabbitMQ's
+MQTT plugin included).
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from cloud.fleet.mqtt import CONNECT_TIMEOUT_S, KEEPALIVE_S, BrokerUnavailable, Endpoint, tls_context
+from edgemqtt.endpoint import Address, BrokerUnavailable, Endpoint
 
+CONNECT_TIMEOUT_S = 5.0
+KEEPALIVE_S = 30
 WINDOW = 2000
 ACK_TIMEOUT_S = 30.0
 READ_SIZE = 1 << 16
@@ -62,7 +69,7 @@ def publish_retained(
     if not messages:
         return PublishOutcome(0)
     try:
-        sock = _connect(endpoint)
+        sock, address = _connect(endpoint)
     except BrokerUnavailable as e:
         return PublishOutcome(0, str(e))
     deadline = time.monotonic() + timeout_s
@@ -103,7 +110,7 @@ def publish_retained(
         return PublishOutcome(acked)
     return PublishOutcome(
         acked,
-        f"the MQTT broker at {endpoint.url} acknowledged {acked} of {len(messages)} messages ({reason})",
+        f"the MQTT broker at {address.url} acknowledged {acked} of {len(messages)} messages ({reason})",
     )
 
 
@@ -145,7 +152,18 @@ def _string(value: str) -> bytes:
     return _U16(len(data)) + data
 
 
-def _connect(endpoint: Endpoint) -> socket.socket:
+def _connect(endpoint: Endpoint) -> tuple[socket.socket, Address]:
+    """A socket to the first node that accepts; BrokerUnavailable naming every node's failure."""
+    errors: list[str] = []
+    for address in endpoint.addresses:
+        try:
+            return _connect_node(endpoint, address), address
+        except BrokerUnavailable as e:
+            errors.append(str(e))
+    raise BrokerUnavailable("; ".join(errors))
+
+
+def _connect_node(endpoint: Endpoint, address: Address) -> socket.socket:
     """A socket with an accepted MQTT 3.1.1 clean session; BrokerUnavailable saying why not."""
     flags = 0x02
     payload = _string(f"edgectl-publish-{uuid.uuid4().hex[:12]}")
@@ -157,15 +175,13 @@ def _connect(endpoint: Endpoint) -> socket.socket:
             payload += _string(endpoint.password)
     body = b"\x00\x04MQTT\x04" + bytes((flags,)) + _U16(KEEPALIVE_S) + payload
     try:
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=CONNECT_TIMEOUT_S)
+        sock = socket.create_connection((address.host, address.port), timeout=CONNECT_TIMEOUT_S)
     except OSError as e:
-        raise BrokerUnavailable(
-            f"cannot reach the MQTT broker at {endpoint.url}: {e.strerror or e}"
-        ) from None
+        raise BrokerUnavailable(f"cannot reach the MQTT broker at {address.url}: {e.strerror or e}") from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if endpoint.tls:
-            sock = tls_context(endpoint).wrap_socket(sock, server_hostname=endpoint.host)
+        if address.tls:
+            sock = endpoint.tls_context().wrap_socket(sock, server_hostname=address.host)
         sock.sendall(b"\x10" + _varint(len(body)) + body)
         connack = b""
         while len(connack) < 4:
@@ -176,15 +192,13 @@ def _connect(endpoint: Endpoint) -> socket.socket:
     except TimeoutError:
         sock.close()
         raise BrokerUnavailable(
-            f"the MQTT broker at {endpoint.url} did not answer within {CONNECT_TIMEOUT_S:.0f} s"
+            f"the MQTT broker at {address.url} did not answer within {CONNECT_TIMEOUT_S:.0f} s"
         ) from None
     except OSError as e:  # ssl.SSLError included
         sock.close()
-        raise BrokerUnavailable(
-            f"cannot reach the MQTT broker at {endpoint.url}: {e.strerror or e}"
-        ) from None
+        raise BrokerUnavailable(f"cannot reach the MQTT broker at {address.url}: {e.strerror or e}") from None
     if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
         sock.close()
         why = _CONNACK_REASONS.get(connack[3], f"code {connack[3]}") if len(connack) == 4 else "no CONNACK"
-        raise BrokerUnavailable(f"the MQTT broker at {endpoint.url} refused the connection: {why}")
+        raise BrokerUnavailable(f"the MQTT broker at {address.url} refused the connection: {why}")
     return sock

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloud import broker
+from cloud.broker_rabbitmq import rabbit_password_hash
 from cloud.commands.base import EXIT_FAILURE, CliError, add_command, print_json, settings_from, store_errors
 from cloud.config import Settings
 from cloud.devices import check_broker_url, check_device_id, reload_if_configured
@@ -32,7 +33,7 @@ from cloud.store.devices import Device, DeviceTag, find_devices, password_hashes
 from cloud.store.errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from agent.simulate import SimDevice, Snapshot
+    from harness.simulate import SimDevice, Snapshot
 
 CREDENTIALS_FILE = Path("simulate") / "credentials.json"
 SIM_TAG = ("simulated", "true")
@@ -77,13 +78,17 @@ def provision(settings: Settings, plan: Sequence[tuple[str, str]]) -> dict[str, 
             for device_id, profile in plan:
                 password = broker.new_password()
                 digest = broker.hash_password(password)
+                rabbit = rabbit_password_hash(password)
                 device = existing.get(device_id)
                 if device is None:
-                    device = Device(id=device_id, profile=profile, password_hash=digest)
+                    device = Device(
+                        id=device_id, profile=profile, password_hash=digest, rabbitmq_password_hash=rabbit
+                    )
                     device.tags = [DeviceTag(key=SIM_TAG[0], value=SIM_TAG[1])]
                     session.add(device)
                 else:
                     device.profile, device.password_hash = profile, digest
+                    device.rabbitmq_password_hash = rabbit
                 out[device_id] = {"profile": profile, "password": password}
             session.flush()
             broker.write_broker_files(paths, password_hashes(session))
@@ -118,7 +123,7 @@ def load_credentials(path: Path) -> tuple[str | None, dict[str, dict[str, str]]]
 
 
 def _devices(args: argparse.Namespace, settings: Settings) -> tuple[list[SimDevice], str | None, str]:
-    from agent.simulate import SimDevice, assign_profiles, device_ids, parse_profile_mix
+    from harness.simulate import SimDevice, assign_profiles, device_ids, parse_profile_mix
 
     if args.credentials:
         url, stored = load_credentials(Path(args.credentials))
@@ -187,7 +192,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.credentials and args.provision:
         raise CliError("give --credentials FILE or --provision, not both")
     from agent.runtime.simulated import SimulationSettings
-    from agent.simulate import Fleet, FleetOptions, run_in_processes
+    from harness.simulate import FleetOptions, SimulatedFleet, run_in_processes
     from modules.signing import KeyFormatError, load_public_key, load_public_key_file, public_key_pem
 
     settings = settings_from(args)
@@ -218,6 +223,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     options = FleetOptions(
         broker_url=url,
         protocol=args.protocol,
+        subscribe_qos=args.subscribe_qos,
         connect_rate=args.rate,
         heartbeat_s=args.heartbeat,
         settings=sim,
@@ -239,7 +245,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             devices, public_key_pem(key), options, args.processes, args.duration, progress, args.progress
         )
     else:
-        fleet = Fleet(devices, key, options)
+        fleet = SimulatedFleet(devices, key, options)
         final = _run(fleet, args.duration, progress, args.progress)
         errors = fleet.errors()
     if args.json:
@@ -264,7 +270,7 @@ def _run(fleet: Any, duration: float | None, progress: Any, every: float) -> Sna
         result: Snapshot = await fleet.run(duration, progress, every)
         return result
 
-    from agent.simulate import event_loop_runner
+    from harness.simulate import event_loop_runner
 
     result: Snapshot = event_loop_runner()(main())
     return result
@@ -311,6 +317,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--broker", metavar="URL", help="broker URL (default: from broker config, else mqtt://127.0.0.1:1883)"
     )
     p.add_argument("--protocol", choices=("mqttv5", "mqttv311"), default="mqttv5")
+    p.add_argument(
+        "--subscribe-qos",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="QoS of the agents' subscriptions (0 on a RabbitMQ 3.10 cluster: see docs/brokers.md)",
+    )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--credentials", metavar="FILE", help="device passwords from an earlier --provision")
     source.add_argument(

@@ -1,6 +1,6 @@
 """``edgectl demo``: the whole system on this machine, from a trained model to a rolling update.
 
-See ``cloud.demo`` for the steps. The demo keeps its own data directory under ``--work`` and
+See ``harness.demo`` for the steps. The demo keeps its own data directory under ``--work`` and
 ignores ``--data-dir``/``$EDGE_DATA_DIR``, so it never touches an operator's real data.
 """
 
@@ -15,8 +15,8 @@ DEFAULT_WORK = Path(".work") / "demo"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the demo (``cloud.demo.run_demo``)."""
-    from cloud.demo import DemoOptions, run_demo
+    """Run the demo (``harness.demo.run_demo``)."""
+    from harness.demo import DemoOptions, run_demo
 
     if not 0 <= args.simulated <= 10_000:
         raise CliError(f"--simulated {args.simulated}: expected 0..10000")

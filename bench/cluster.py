@@ -1,0 +1,317 @@
+"""Fleet convergence on one Mosquitto vs a 3-node RabbitMQ cluster, and recovery after a node kill.
+
+Both runs use the same fleet size, the same simulator (``edgectl simulate`` in a separate process:
+real agents, simulated modules) and the same cloud code in this process (``Fleet.apply`` and the
+ingester into SQLite):
+
+- **Mosquitto**: one broker on a free loopback port (anonymous), MQTT 5, the ingester on
+  ``$share/cloud/...``;
+- **RabbitMQ**: three clustered nodes (the test fixture ``tests/rabbitmq_cluster.py``), devices
+  provisioned with their own users and topic permissions (``edgectl broker rabbitmq``), spread
+  over the nodes, MQTT 3.1.1 with ``subscribe_qos 0``; the cloud publishes through node 1 and
+  answers devices that announce an older generation (retained messages are per node there).
+
+- **converge**: from ``Fleet.apply`` (sign and publish one desired state per device) until every
+  device's healthy report at generation 1 is in the database;
+- **recovery** (cluster only): node 2 is SIGKILLed; the time until every device that was on it
+  has reported again (a new session reports afresh) through another node.
+
+    python3 -m bench.cluster [--devices 1000] [--json]
+
+Targets (issue 11): the cluster converges within 1.5x Mosquitto's time; after a node kill every
+device reports again within 30 s. Not measured here: ingest with 1, 2 and 4 cloud workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from bench._servers import mosquitto
+from cloud import broker as broker_files
+from cloud.broker_rabbitmq import write_definitions
+from cloud.config import resolve_settings
+from cloud.fleet.ingest import Ingestor
+from cloud.fleet.service import Fleet
+from cloud.keys import load_or_create_signing_key, public_key_path
+from cloud.store.db import Database, open_database
+from cloud.store.devices import Device, rabbitmq_password_hashes
+from cloud.store.fleet import OnlineRecord, ReportedRecord
+from edgemqtt.endpoint import Endpoint
+from harness.simulate import device_ids
+from harness.simulate_command import provision, save_credentials
+from modules.contract import DeploymentManifest
+from modules.profiles import load_profiles
+from tests.rabbitmq_cluster import RabbitCluster
+from tests.services import ServiceUnavailable
+
+WAIT_S = 600.0
+RECOVERY_WAIT_S = 120.0
+CONVERGE_RATIO = 1.5
+RECOVERY_TARGET_S = 30.0
+MANIFEST = DeploymentManifest.model_validate(
+    {
+        "name": "bench-cluster",
+        "target": {"profile": "cpu"},
+        "modules": {"digits": {"images": {"cpu": "registry.local/digits:1"}, "health": {"interval_s": 1.0}}},
+        "health_deadline_s": 300,
+    }
+)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Result:
+    broker: str
+    devices: int
+    converge_s: float
+    resent: int
+    recovery_s: float | None = None
+    dead_node_devices: int = 0
+    recovered: int = 0
+    """Devices of the dead node that reported again (all of them unless recovery timed out)."""
+
+
+def _count(db: Database, query: object) -> int:
+    with db.transaction() as s:
+        return int(s.scalar(query) or 0)  # type: ignore[call-overload]
+
+
+def _healthy(db: Database) -> int:
+    return _count(
+        db,
+        select(func.count()).where(
+            ReportedRecord.deployment_status == "healthy", ReportedRecord.generation_applied == 1
+        ),
+    )
+
+
+def _online(db: Database) -> int:
+    return _count(db, select(func.count()).where(OnlineRecord.online.is_(True)))
+
+
+def _reported_since(db: Database, ids: list[str], since: datetime) -> int:
+    stamp = since.replace(tzinfo=None) if db.url.startswith("sqlite") else since
+    return _count(
+        db,
+        select(func.count()).where(ReportedRecord.device_id.in_(ids), ReportedRecord.received_at > stamp),
+    )
+
+
+class GaveUp(Exception):
+    """A wait ran out; ``got`` of the goal were reached."""
+
+    def __init__(self, what: str, got: int, goal: int, limit_s: float) -> None:
+        super().__init__(f"gave up waiting for {what}: {got} of {goal} after {limit_s:g} s")
+        self.got = got
+
+
+async def _until(check: Callable[[], int], goal: int, what: str, limit_s: float = WAIT_S) -> float:
+    started = time.monotonic()
+    while True:
+        got = await asyncio.to_thread(check)
+        if got >= goal:
+            return time.monotonic() - started
+        if time.monotonic() - started > limit_s:
+            raise GaveUp(what, got, goal, limit_s)
+        await asyncio.sleep(0.1)
+
+
+def _simulate(data: Path, urls: str, n: int, extra: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+    argv = [
+        sys.executable, "-m", "cloud.cli", "--data-dir", str(data), "simulate", "--devices", str(n),
+        "--broker", urls, "--public-key", str(public_key_path(data)), "--rate", "500",
+        "--pull-s", "0.1-0.5", "--ready-s", "0.1-0.5", "--heartbeat", "600", "--quiet",
+        "--log-level", "error", *extra,
+    ]  # fmt: skip
+    with log_file.open("wb") as out:
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=out)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+async def _converge(fleet: Fleet, endpoint: Endpoint, n: int, ingest: Ingestor) -> float:
+    try:
+        await _until(lambda: _online(fleet.db), n, f"{n} devices online")
+    except GaveUp as e:
+        raise SystemExit(str(e)) from None
+    await asyncio.sleep(2)  # first reports (nothing applied yet) settle
+    started = time.monotonic()
+    await asyncio.to_thread(fleet.apply, MANIFEST, endpoint=endpoint)
+    try:
+        await _until(lambda: _healthy(fleet.db), n, f"{n} devices healthy")
+    except GaveUp as e:
+        raise SystemExit(str(e)) from None
+    return time.monotonic() - started
+
+
+def run_mosquitto(work: Path, n: int) -> Result:
+    data = work / "mosquitto-data"
+    data.mkdir()
+    db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
+    with db.transaction() as s:
+        s.add_all(Device(id=d, profile="cpu", password_hash="unused") for d in device_ids(n))
+    fleet = Fleet(db, load_or_create_signing_key(data), load_profiles())
+    try:
+        with mosquitto(work, "log_type error", "log_dest stderr", "max_queued_messages 100000") as broker:
+            url = f"mqtt://127.0.0.1:{broker.port}"
+            simulator = _simulate(data, url, n, [], work / "simulate-mosquitto.log")
+            try:
+                endpoint = Endpoint.parse(url)
+
+                async def measure() -> Result:
+                    async with Ingestor(db, endpoint) as ingest:
+                        converge = await _converge(fleet, endpoint, n, ingest)
+                        return Result("mosquitto", n, converge, ingest.stats.resent)
+
+                return asyncio.run(measure())
+            finally:
+                _stop(simulator)
+    finally:
+        fleet.close()
+
+
+def run_cluster(work: Path, n: int, recovery_wait_s: float = RECOVERY_WAIT_S) -> Result:
+    data = work / "cluster-data"
+    data.mkdir()
+    settings = resolve_settings(data_dir=data)
+    cluster = RabbitCluster(work / "rabbitmq")
+    log("starting 3 RabbitMQ nodes")
+    try:
+        cluster.start()
+    except ServiceUnavailable as e:
+        cluster.stop()
+        raise SystemExit(f"RabbitMQ cluster cannot start: {e.reason}") from None
+    try:
+        ids = device_ids(n)
+        credentials = provision(settings, [(d, "cpu") for d in ids])
+        urls = ",".join(cluster.mqtt_urls)
+        save_credentials(data / "credentials.json", credentials, urls)
+        db = open_database(settings.db_url)
+        with db.transaction() as s:
+            hashes = rabbitmq_password_hashes(s)
+        paths = broker_files.BrokerPaths.of(data)
+        definitions, _ = write_definitions(paths, hashes)
+        cluster.nodes[0].ctl("import_definitions", str(definitions))
+        user, password = broker_files.cloud_credentials(paths)
+        endpoint = Endpoint.parse(cluster.mqtt_urls, username=user, password=password)
+        fleet = Fleet(db, load_or_create_signing_key(data), load_profiles())
+        extra = [
+            "--credentials",
+            str(data / "credentials.json"),
+            "--protocol",
+            "mqttv311",
+            "--subscribe-qos",
+            "0",
+        ]
+        simulator = _simulate(data, urls, n, extra, work / "simulate-cluster.log")
+        dead = [d for i, d in enumerate(ids) if i % 3 == 1]  # device i starts on node i mod 3
+
+        async def measure() -> Result:
+            async with Ingestor(db, endpoint, shared=False, protocol="mqttv311", subscribe_qos=0) as ingest:
+                converge = await _converge(fleet, endpoint, n, ingest)
+                log(f"cluster converged in {converge:.2f} s; killing node 2")
+                killed_at = datetime.now(timezone.utc)
+                cluster.nodes[1].kill()
+                result = Result("rabbitmq 3 nodes", n, converge, ingest.stats.resent, None, len(dead))
+                try:
+                    result.recovery_s = await _until(
+                        lambda: _reported_since(db, dead, killed_at),
+                        len(dead),
+                        "the dead node's devices",
+                        recovery_wait_s,
+                    )
+                    result.recovered = len(dead)
+                except GaveUp as e:
+                    log(str(e))
+                    result.recovered = e.got
+                return result
+
+        try:
+            return asyncio.run(measure())
+        finally:
+            _stop(simulator)
+            fleet.close()
+    finally:
+        cluster.stop()
+
+
+def render(results: list[Result]) -> str:
+    mosq = next(r for r in results if r.broker == "mosquitto")
+    rows = [("broker", "devices", "converge", "answered", "recovery after node kill", "target", "met")]
+    for r in results:
+        if r is mosq:
+            target, met = "-", "-"
+        else:
+            limit = mosq.converge_s * CONVERGE_RATIO
+            target = f"converge ≤ {limit:.1f} s (1.5x), recovery ≤ {RECOVERY_TARGET_S:.0f} s"
+            ok = r.converge_s <= limit and r.recovery_s is not None and r.recovery_s <= RECOVERY_TARGET_S
+            met = "yes" if ok else "NO"
+        recovery = "-"
+        if r.recovery_s is not None:
+            recovery = f"{r.recovery_s:.2f} s ({r.dead_node_devices} devices)"
+        elif r.dead_node_devices:
+            recovery = f"not within the wait: {r.recovered} of {r.dead_node_devices} devices reported"
+        rows.append((r.broker, str(r.devices), f"{r.converge_s:.2f} s", str(r.resent), recovery, target, met))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench.cluster", description=__doc__.split("\n")[0])
+    p.add_argument("--devices", type=int, default=1000, help="simulated devices (default 1000)")
+    p.add_argument(
+        "--recovery-wait",
+        type=float,
+        default=RECOVERY_WAIT_S,
+        metavar="S",
+        help=f"how long to wait for the dead node's devices (default {RECOVERY_WAIT_S:g})",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    args = p.parse_args(argv)
+    if args.devices < 3:
+        p.error("--devices: at least 3 (one per node)")
+    with tempfile.TemporaryDirectory(prefix="edge-cluster-bench-") as tmp:
+        work = Path(tmp)
+        log(f"{args.devices} devices on one Mosquitto")
+        results = [run_mosquitto(work, args.devices)]
+        log(f"mosquitto: converged in {results[0].converge_s:.2f} s")
+        log(f"{args.devices} devices on a 3-node RabbitMQ cluster")
+        results.append(run_cluster(work, args.devices, args.recovery_wait))
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+        python = platform.python_version()
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {load}, Python {python}")
+        print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -47,12 +47,12 @@ import psutil
 import yaml
 from sqlalchemy import func, select
 
-from agent.simulate import device_ids
 from bench._servers import free_port, mosquitto
 from cloud.keys import load_or_create_signing_key, public_key_path
 from cloud.store.db import open_database
 from cloud.store.devices import Device, DeviceTag
 from cloud.store.fleet import ReportedRecord
+from harness.simulate import device_ids
 
 TOKEN = "bench-dashboard-token-0123456789"
 PROFILES = ("cpu", "cpu", "cpu", "cuda", "openvino-myriad")

@@ -1,6 +1,6 @@
 """What operators do from the dashboard: tail a module's log, restart it, act on a rollout.
 
-These call the operations the REST API calls (``run_command`` over the command topics; the
+These call the operations the REST API calls (``send_command`` over the command topics; the
 fleet's resume, retry, rollback and delete) and answer a form with a redirect back to the page
 and a one-time message saying what happened (or why not). Log lines come back as JSON and the
 page puts them in with ``textContent``: a device's log is never parsed as HTML.
@@ -16,7 +16,7 @@ from cloud.api.errors import ApiError, message_of, status_of
 from cloud.api.routing import call, query_int, services
 from cloud.dashboard.session import Session
 from cloud.dashboard.web import PREFIX, handler, redirect
-from cloud.fleet.commands import run_command
+from cloud.fleet.commands import send_command
 from modules.contract import CommandName
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,7 @@ async def _command(request: web.Request, command: CommandName, tail: int = LOG_T
     s = services(request)
     device_id, module = request.match_info["id"], request.match_info["module"]
     try:
-        response = await call(
-            run_command,
+        response = await send_command(
             s.fleet.db,
             s.endpoint,
             device_id,

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cloud.api import Services, create_app
 from cloud.api.auth import Tokens
 from cloud.config import resolve_settings
-from cloud.fleet.mqtt import Endpoint
+from edgemqtt.endpoint import Endpoint
 from tests.integration import test_store_postgres
 from tests.services import free_port
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.agent import REPORT_FILE, STATE_FILE
+from agent.agent import STATE_FILE
 from agent.cli import build_runtime, main
 from agent.config import load_agent_config
+from agent.reporting import REPORT_FILE
 from agent.runtime.process import ProcessRuntime
 from agent.state import AgentState, StateStore
 from modules.contract import DesiredState, ModuleStatus, PullProgress, ReportedState, utcnow

@@ -15,7 +15,8 @@ adaptive batching. The decision is ``plan``, a pure function of what waits and t
   that caused it.
 
 Requests wait on the event loop, not in threads: only the batch itself runs in a thread, or on
-the loop when batches have been measured to take less than a thread hand-over (``INLINE_RUN_S``).
+the loop when batches have been measured to take less than a thread hand-over (``INLINE_RUN_S``;
+``SOLE_CPU_INLINE_RUN_S`` in a process with one CPU, where a thread would not run beside the loop).
 The Batcher is generic: ``tensor_batches`` joins ONNX feeds along the batch dimension and splits
 the outputs; an entry script's ``run_batch()`` takes the request bodies as a list.
 """
@@ -45,6 +46,15 @@ Feeds = dict[str, np.ndarray]
 T = TypeVar("T")
 R = TypeVar("R")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+INLINE_RUN_S = 0.0001
+"""Batches expected to run faster than this run on the event loop (a thread hand-over and the
+loop's wake-up cost about as much on small machines); the loop is never held longer than that."""
+
+SOLE_CPU_INLINE_RUN_S = 0.002
+"""The same bound for a process with one CPU to itself (a worker of ``SCORING_WORKERS`` = CPUs, or a
+one-CPU device): a batch thread could not run beside the loop anyway, so batches run on the loop
+unless expected to hold it longer than this (health checks then wait at most about that long)."""
 
 
 def batchable(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> str | None:
@@ -162,9 +172,9 @@ class Batcher(Generic[T, R]):
 
     Used from one event loop: requests wait on the loop (no thread per request), one batch at a
     time runs in the batcher's own thread, and its results come back with a single loop wake-up
-    per batch. With ``inline``, a batch whose expected run time (from the batches before it) is
-    under ``INLINE_RUN_S`` runs on the loop instead: for such small work the two thread
-    hand-overs would cost more than the work. At most ``max_queued`` requests wait (more get
+    per batch. A batch whose expected run time (from the batches before it) is under ``inline_s``
+    runs on the loop instead: for such small work the two thread hand-overs would cost more than
+    the work (0: never, for code that must stay off the loop). At most ``max_queued`` requests wait (more get
     PoolBusy); a request not answered ``timeout_s`` after it arrived gets PoolTimeout (its rows
     still run if their batch started).
     """
@@ -178,10 +188,10 @@ class Batcher(Generic[T, R]):
         key: Callable[[T], tuple[Hashable, int]],
         max_queued: int = 256,
         timeout_s: float = 60.0,
-        inline: bool = True,
+        inline_s: float = INLINE_RUN_S,
     ) -> None:
         self._run_many = run_many
-        self._inline = inline
+        self._inline_s = inline_s
         self._key = key
         self.settings = settings
         self.name = name
@@ -254,7 +264,7 @@ class Batcher(Generic[T, R]):
             self._waiting = [r for i, r in enumerate(self._waiting) if i not in taken]
             rows = sum(r.rows for r in batch)
             self.sizes.observe(rows)
-            if self._inline and self.costs.expected(rows) < INLINE_RUN_S:
+            if self.costs.expected(rows) < self._inline_s:
                 self.inline_batches += 1
                 self._settle(batch, *self._run_batch(batch))
                 continue
@@ -358,11 +368,6 @@ def batch_metric_families(batchers: Sequence[Batcher[Any, Any]]) -> MetricFamili
             per_model("scoring_batch_splits_total", lambda b: b.split_batches),
         ),
     }
-
-
-INLINE_RUN_S = 0.0001
-"""Batches expected to run faster than this run on the event loop (a thread hand-over and the
-loop's wake-up cost about as much on small machines); the loop is never held longer than that."""
 
 
 class RowCost:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 
 from aiohttp import web
@@ -63,16 +64,24 @@ async def serve(config: ServerConfig, service: ScoringService | None = None) -> 
         shutdown_timeout=SHUTDOWN_GRACE_S + 1,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    slot = config.worker
+    site: web.BaseSite
+    if slot is None:
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    else:  # a worker: accept from the socket the supervisor bound
+        site = web.SockSite(runner, socket.socket(fileno=slot.listen_fd))
     try:
         await site.start()
+        if scoring.siblings is not None:
+            await scoring.siblings.start()
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         await runner.cleanup()
         return EXIT_CONFIG
+    worker = {} if slot is None else {"worker": f"{slot.index}/{slot.count}"}
     log.info(
         "scoring listening %s",
-        _fields(mode=config.mode, host=config.host, port=config.port, threads=config.threads),
+        _fields(mode=config.mode, host=config.host, port=config.port, threads=config.threads, **worker),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,6 +97,7 @@ async def serve(config: ServerConfig, service: ScoringService | None = None) -> 
             log.info(
                 "scoring ready %s",
                 _fields(
+                    **worker,
                     mode=config.mode,
                     module=config.module_name,
                     version=config.module_version,

@@ -345,7 +345,7 @@ async def test_slow_batches_and_entry_scripts_never_run_on_the_loop() -> None:
 
     for run, inline in ((slow, True), (fast, False)):
         seen.clear()
-        batcher = Batcher(run, Batching(), name="s", key=one_row, inline=inline)
+        batcher = Batcher(run, Batching(), name="s", key=one_row, inline_s=INLINE_RUN_S if inline else 0)
         answers = [await batcher.infer(f"r{i}") for i in range(RowCost.WARM_UP + 4)]
         assert answers == [f"R{i}" for i in range(RowCost.WARM_UP + 4)]
         assert loop_thread not in seen and batcher.inline_batches == 0

@@ -1,0 +1,128 @@
+"""Several scoring worker processes on one port (``SCORING_WORKERS``), as real processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from tests.integration.scoring_helpers import ServerProcess, digits_model
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """``<tmp>/digits/1/model.onnx`` and four sample rows."""
+    return digits_model(tmp_path_factory.mktemp("models") / "digits" / "1")
+
+
+def _workers(server: ServerProcess) -> list[psutil.Process]:
+    return psutil.Process(server.proc.pid).children()
+
+
+def _score(server: ServerProcess, rows: np.ndarray) -> tuple[int, dict[str, object]]:
+    """One POST /score on a new connection (urllib never reuses one), so the workers share them."""
+    request = urllib.request.Request(
+        server.base + "/score",
+        data=json.dumps({"data": rows.tolist()}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status, json.loads(response.read())
+
+
+def _metrics(server: ServerProcess) -> dict[str, str]:
+    with urllib.request.urlopen(server.base + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_workers_share_the_port_report_together_and_stop_cleanly(
+    tmp_path: Path, digits: tuple[Path, np.ndarray]
+) -> None:
+    model, x = digits
+    env = {"MODEL_DIR": str(model.parent), "SCORING_WORKERS": "2", "SCORING_THREADS": "2"}
+    with ServerProcess(tmp_path, env) as server:
+        server.wait_ready()
+        workers = _workers(server)
+        assert len(workers) == 2, server.log
+        for i in range(30):
+            status, answer = _score(server, x[i % 4 : i % 4 + 1])
+            assert status == 200
+            assert answer["outputs"]["label"] == [int(i % 4)], answer  # type: ignore[index]
+        values = _metrics(server)
+        assert values['scoring_requests_total{route="/score",code="200"}'] == "30"
+        assert values["scoring_workers"] == "2"
+        assert values["scoring_workers_reporting"] == "2"
+        assert values["scoring_ready"] == "1"
+        assert values["scoring_inference_threads"] == "2", "one inference thread per worker"
+        log = server.log
+        assert "2 worker processes" in log and "1 inference thread(s) each" in log
+        for slot in ("1/2", "2/2"):
+            assert f"scoring ready worker={slot} " in log
+        assert log.count("1 intra-op thread(s) per run") == 2
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_a_worker_that_cannot_load_stops_the_server_with_status_3(tmp_path: Path) -> None:
+    folder = tmp_path / "broken" / "1"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"not an onnx model")
+    with ServerProcess(tmp_path, {"MODEL_DIR": str(folder), "SCORING_WORKERS": "2"}) as server:
+        assert server.wait_exit() == 3
+        assert "cannot load model" in server.log
+        assert "exited with 3; stopping" in server.log
+
+
+def test_readiness_reports_a_worker_that_failed_when_the_server_stays_up(tmp_path: Path) -> None:
+    folder = tmp_path / "broken" / "1"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"not an onnx model")
+    env = {"MODEL_DIR": str(folder), "SCORING_WORKERS": "2", "EXIT_ON_INIT_FAILURE": "0"}
+    with ServerProcess(tmp_path, env) as server:
+        server.wait_log("staying up, not ready")
+        server.wait_live()
+        try:
+            urllib.request.urlopen(server.base + "/v2/health/ready", timeout=30)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+            assert "initialisation failed" in json.loads(exc.read())["reason"]
+        else:
+            raise AssertionError("ready although no worker loaded the model")
+
+
+def test_a_worker_killed_stops_the_others(tmp_path: Path, digits: tuple[Path, np.ndarray]) -> None:
+    model, _ = digits
+    with ServerProcess(tmp_path, {"MODEL_DIR": str(model.parent), "SCORING_WORKERS": "2"}) as server:
+        server.wait_ready()
+        first, second = _workers(server)
+        first.kill()
+        assert server.wait_exit() == 128 + signal.SIGKILL
+        second.wait(timeout=30)
+        assert f"(pid {first.pid}) exited with 137" in server.log
+
+
+def test_a_port_in_use_is_status_2_before_any_worker_starts(
+    tmp_path: Path, digits: tuple[Path, np.ndarray]
+) -> None:
+    model, _ = digits
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"MODEL_DIR": str(model.parent), "SCORING_WORKERS": "2", "PORT": str(port)}
+        with ServerProcess(tmp_path, env) as server:
+            assert server.wait_exit() == 2
+            assert "cannot listen on" in server.log
+            assert "worker" not in server.log

@@ -51,7 +51,7 @@ INLINE_RUN_S = 0.0001
 """Batches expected to run faster than this run on the event loop (a thread hand-over and the
 loop's wake-up cost about as much on small machines); the loop is never held longer than that."""
 
-SOLE_CPU_INLINE_RUN_S = 0.002
+SOLE_CPU_INLINE_RUN_S = 0.005
 """The same bound for a process with one CPU to itself (a worker of ``SCORING_WORKERS`` = CPUs, or a
 one-CPU device): a batch thread could not run beside the loop anyway, so batches run on the loop
 unless expected to hold it longer than this (health checks then wait at most about that long)."""
@@ -153,7 +153,7 @@ def one_row(_item: object) -> tuple[Hashable, int]:
 
 
 class _Request(Generic[T, R]):
-    __slots__ = ("arrived", "future", "item", "key", "rows")
+    __slots__ = ("arrived", "future", "item", "key", "rows", "timer")
 
     def __init__(self, item: T, key: Hashable, rows: int, arrived: float, future: asyncio.Future[R]):
         self.item = item
@@ -161,6 +161,13 @@ class _Request(Generic[T, R]):
         self.rows = rows
         self.arrived = arrived
         self.future = future
+        self.timer: asyncio.TimerHandle | None = None
+        """Its timeout, armed only once it waits beyond the loop pass it arrived in."""
+
+    def arm(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        """Answer PoolTimeout ``timeout_s`` after arrival, unless answered before."""
+        if self.timer is None:
+            self.timer = loop.call_at(self.arrived + timeout_s, _expire, self.future)
 
 
 Outcome = tuple[Any, BaseException | None]
@@ -174,8 +181,8 @@ class Batcher(Generic[T, R]):
     time runs in the batcher's own thread, and its results come back with a single loop wake-up
     per batch. A batch whose expected run time (from the batches before it) is under ``inline_s``
     runs on the loop instead: for such small work the two thread hand-overs would cost more than
-    the work (0: never, for code that must stay off the loop). At most ``max_queued`` requests wait (more get
-    PoolBusy); a request not answered ``timeout_s`` after it arrived gets PoolTimeout (its rows
+    the work (0: never, for code that must stay off the loop). At most ``max_queued`` requests
+    wait (more get PoolBusy); a request not answered ``timeout_s`` after it arrived gets PoolTimeout (its rows
     still run if their batch started).
     """
 
@@ -228,8 +235,8 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         key, rows = self._key(item)
         future: asyncio.Future[R] = loop.create_future()
-        self._waiting.append(_Request(item, key, rows, loop.time(), future))
-        timer = loop.call_at(loop.time() + self.timeout_s, _expire, future)
+        request = _Request(item, key, rows, loop.time(), future)
+        self._waiting.append(request)
         if not self._soon:
             # Decide after the handlers already woken in this loop iteration have queued theirs:
             # requests that arrived together then run together, even when a batch is cheap
@@ -239,16 +246,24 @@ class Batcher(Generic[T, R]):
         try:
             return await future
         finally:
-            timer.cancel()
+            if request.timer is not None:
+                request.timer.cancel()
             if future.cancelled() or future.exception() is not None:
                 self._waiting = [r for r in self._waiting if r.future is not future]
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start batches while the runner is free and ``plan`` says so."""
+        """Start batches while the runner is free and ``plan`` says so; arm the timeouts of the
+        requests that still wait (a request answered in the pass after its arrival never needs
+        one: a loop timer costs about as much as a small model's run)."""
         self._soon = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._start_batches(loop)
+        for request in self._waiting:
+            request.arm(loop, self.timeout_s)
+
+    def _start_batches(self, loop: asyncio.AbstractEventLoop) -> None:
         while not self._busy and not self._closed:
             self._waiting = [r for r in self._waiting if not r.future.done()]
             if not self._waiting:
@@ -269,6 +284,8 @@ class Batcher(Generic[T, R]):
                 self._settle(batch, *self._run_batch(batch))
                 continue
             self._busy = True
+            for request in batch:
+                request.arm(loop, self.timeout_s)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name=f"batch_{self.name}", daemon=True)
                 self._thread.start()

@@ -398,3 +398,20 @@ async def test_requests_that_arrive_together_share_a_batch_on_the_loop_too(linea
     await asyncio.gather(*(batcher.infer({"x": np.ones((1, 4), np.float32)}) for _ in range(8)))
     assert calls == [8] and batcher.inline_batches == 1
     batcher.close()
+
+
+async def test_a_request_waiting_for_its_batch_delay_still_times_out(linear: Path) -> None:
+    """Timeouts are armed lazily, once a request waits past the pass it arrived in: also while
+    its batch waits for company (here longer than the timeout)."""
+    backend = _backend(linear)
+    batcher = Batcher(
+        tensor_batches(backend.infer),
+        Batching(max_batch_delay_ms=1000),
+        name="linear",
+        key=feeds_key,
+        timeout_s=0.05,
+    )
+    with pytest.raises(PoolTimeout):
+        await batcher.infer({"x": np.ones((1, 4), np.float32)})
+    assert batcher.queued == 0
+    batcher.close()

@@ -9,8 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from modules.scoring.config import ConfigError, load_config
-from modules.scoring.server import EXIT_CONFIG, serve
+from modules.scoring.config import EXIT_CONFIG, ConfigError, load_config
 from modules.scoring.workers import die_with_parent, supervise, worker_count
 
 
@@ -34,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
     else:
         die_with_parent()
+    from modules.scoring.server import serve  # not in the supervisor: it stays small
+
     try:
         import uvloop
     except ImportError:

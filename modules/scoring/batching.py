@@ -14,6 +14,9 @@ adaptive batching. The decision is ``plan``, a pure function of what waits and t
 - when a batch fails, each of its requests is run on its own, so an error stays with the request
   that caused it.
 
+While requests come one at a time, one that is cheap enough for the loop runs at once, in its
+caller's task (``Batcher._run_lone``): a lone request never pays for the batching machinery.
+
 Requests wait on the event loop, not in threads: only the batch itself runs in a thread, or on
 the loop when batches have been measured to take less than a thread hand-over (``INLINE_RUN_S``;
 ``SOLE_CPU_INLINE_RUN_S`` in a process with one CPU, where a thread would not run beside the loop).
@@ -208,6 +211,8 @@ class Batcher(Generic[T, R]):
         self._waiting: list[_Request[T, R]] = []
         self._busy = False
         self._soon = False
+        self._lone = True
+        """The last batch was one request: the next lone arrival runs at once (``_run_lone``)."""
         self._timer: asyncio.TimerHandle | None = None
         self._jobs: SimpleQueue[tuple[list[_Request[T, R]], asyncio.AbstractEventLoop] | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -236,6 +241,14 @@ class Batcher(Generic[T, R]):
         key, rows = self._key(item)
         future: asyncio.Future[R] = loop.create_future()
         request = _Request(item, key, rows, loop.time(), future)
+        if (
+            self._lone
+            and not self._soon
+            and not self._busy
+            and not self._waiting
+            and self.costs.expected(rows) < self._inline_s
+        ):
+            return self._run_lone(request, loop)
         self._waiting.append(request)
         if not self._soon:
             # Decide after the handlers already woken in this loop iteration have queued theirs:
@@ -250,6 +263,20 @@ class Batcher(Generic[T, R]):
                 request.timer.cancel()
             if future.cancelled() or future.exception() is not None:
                 self._waiting = [r for r in self._waiting if r.future is not future]
+
+    def _run_lone(self, request: _Request[T, R], loop: asyncio.AbstractEventLoop) -> R:
+        """Run a request at once on the loop: while requests come one at a time (the last batch
+        was a single request), the first one of a loop pass does not wait for the next pass.
+        The requests after it in the same pass wait and form the next batch as usual, so load
+        turns batching back on."""
+        self._soon = True
+        loop.call_soon(self._dispatch, loop)
+        self.sizes.observe(request.rows)
+        self.inline_batches += 1
+        [(result, error)], _ = self._run_batch([request])
+        if error is not None:
+            raise error
+        return result
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start batches while the runner is free and ``plan`` says so; arm the timeouts of the
@@ -279,6 +306,7 @@ class Batcher(Generic[T, R]):
             self._waiting = [r for i, r in enumerate(self._waiting) if i not in taken]
             rows = sum(r.rows for r in batch)
             self.sizes.observe(rows)
+            self._lone = len(batch) == 1
             if self.costs.expected(rows) < self._inline_s:
                 self.inline_batches += 1
                 self._settle(batch, *self._run_batch(batch))

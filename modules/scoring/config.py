@@ -29,6 +29,9 @@ from modules.scoring.cpus import allowed_cpus
 
 DEFAULT_MODULE_JSON = "/module/module.json"
 
+EXIT_CONFIG = 2
+"""Exit status for a configuration error or a port that cannot be bound."""
+
 WORKERS_ENV = "SCORING_WORKERS"
 WORKER_ENV = "EDGE_SCORING_WORKER"
 """Set by the supervisor for its worker processes only: ``index/count/listen_fd/run_dir``."""

@@ -15,13 +15,12 @@ import sys
 from aiohttp import web
 
 from modules.scoring.app import ScoringApp
-from modules.scoring.config import ServerConfig
+from modules.scoring.config import EXIT_CONFIG, ServerConfig
 from modules.scoring.entry_service import EntryScriptService
 from modules.scoring.service import ScoringService
 
 log = logging.getLogger("modules.scoring")
 
-EXIT_CONFIG = 2
 EXIT_INIT_FAILED = 3
 SHUTDOWN_GRACE_S = 5.0
 """On SIGTERM, requests in flight get this long to finish, then 503 (container engines SIGKILL after 10 s)."""

@@ -34,8 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from modules.scoring.config import WORKER_ENV, ServerConfig, WorkerSlot
-from modules.scoring.server import EXIT_CONFIG
+from modules.scoring.config import EXIT_CONFIG, WORKER_ENV, ServerConfig, WorkerSlot
 
 log = logging.getLogger("modules.scoring")
 

@@ -1,4 +1,4 @@
-"""Several worker processes on one port: how many, their share of the CPUs, readiness, merged metrics."""
+"""Several worker processes on one port: how many, their share of the CPUs, readiness marks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from modules.scoring.config import WORKER_ENV, ConfigError, WorkerSlot, load_config
-from modules.scoring.metrics import Metrics, merge_expositions
 from modules.scoring.siblings import Siblings
 from modules.scoring.workers import worker_count
 
@@ -96,47 +95,3 @@ def test_readiness_waits_for_every_worker(tmp_path: Path) -> None:
         "worker-3.failed",
         "worker-3.ready",
     ]
-
-
-def _samples(text: str) -> dict[str, str]:
-    return {
-        line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1]
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
-
-
-def test_merged_metrics_sum_counters_and_histograms() -> None:
-    a, b = Metrics(), Metrics()
-    a.observe("/score", 200, 0.0002)
-    b.observe("/score", 200, 0.003)
-    b.observe("/score", 400, 0.001)
-    b.error("/score", "bad_request")
-    a.in_flight, b.in_flight = 1, 2
-    for m, seconds in ((a, 1.5), (b, 2.5)):
-        m.ready = True
-        m.init_seconds = seconds
-        m.providers["digits"] = "CPUExecutionProvider"
-        m.gauges["scoring_inference_threads"] = ("Worker threads.", lambda: 1)
-    merged = merge_expositions([a.render(), b.render()])
-    values = _samples(merged)
-    assert values['scoring_requests_total{route="/score",code="200"}'] == "2"
-    assert values['scoring_requests_total{route="/score",code="400"}'] == "1"
-    assert values['scoring_request_errors_total{route="/score",reason="bad_request"}'] == "1"
-    assert values['scoring_request_duration_seconds_bucket{route="/score",le="0.00025"}'] == "1"
-    assert values['scoring_request_duration_seconds_bucket{route="/score",le="0.005"}'] == "3"
-    assert values['scoring_request_duration_seconds_count{route="/score"}'] == "3"
-    assert float(values['scoring_request_duration_seconds_sum{route="/score"}']) == pytest.approx(0.0042)
-    assert values["scoring_requests_in_flight"] == "3"
-    assert values["scoring_inference_threads"] == "2"
-    assert values["scoring_ready"] == "1"
-    assert values["scoring_init_duration_seconds"] == "2.5"
-    assert values['scoring_execution_provider_info{model="digits",provider="CPUExecutionProvider"}'] == "1"
-    assert merged.count("# TYPE scoring_requests_total counter") == 1
-
-
-def test_merged_readiness_is_the_least_ready_worker() -> None:
-    a, b = Metrics(), Metrics()
-    a.ready = True
-    assert _samples(merge_expositions([a.render(), b.render()]))["scoring_ready"] == "0"
-    assert _samples(merge_expositions([a.render()]))["scoring_ready"] == "1"

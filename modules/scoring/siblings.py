@@ -30,6 +30,8 @@ from modules.scoring.config import WorkerSlot
 log = logging.getLogger("modules.scoring")
 
 GATHER_TIMEOUT_S = 2.0
+HEARTBEAT_S = 1.0
+"""How often a worker's event loop touches ``worker-<i>.alive``; the supervisor watches it."""
 
 
 class Siblings:
@@ -39,6 +41,7 @@ class Siblings:
         self.slot = slot
         self._own_metrics = own_metrics
         self._runner: web.AppRunner | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     def _path(self, index: int, suffix: str) -> Path:
         return self.slot.run_dir / f"worker-{index}.{suffix}"
@@ -56,9 +59,18 @@ class Siblings:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         await web.UnixSite(self._runner, str(path)).start()
+        self._heartbeat = asyncio.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        alive = self._path(self.slot.index, "alive")
+        while True:
+            alive.touch()
+            await asyncio.sleep(HEARTBEAT_S)
 
     async def stop(self) -> None:
-        """Stop answering the other workers."""
+        """Stop answering the other workers and stop the heartbeat."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -11,7 +11,10 @@ in use is still exit status 2, then starts the workers with the listening socket
 the port silently). It forwards SIGTERM/SIGINT to them and exits when they have stopped. When a
 worker exits on its own, the supervisor stops the others and exits with that worker's status
 (3 when loading the model failed), so the agent's restart policy sees one module, as with one
-process. Workers end with the supervisor (``PR_SET_PDEATHSIG``) even if it is killed.
+process. A worker whose event loop stops (its heartbeat, ``siblings.py``, is older than
+``WORKER_STUCK_S``) is killed and the server exits with status 1: the other workers would take
+every new connection, so health probes alone would not see it. Workers end with the supervisor
+(``PR_SET_PDEATHSIG``) even if it is killed.
 
 ``auto`` (the default) means one worker per CPU for no-code modules whose profile runs on the
 CPU, and 1 for entry scripts (``init()`` may hold a device or assume it runs once, as azureml's
@@ -38,6 +41,9 @@ from modules.scoring.config import EXIT_CONFIG, WORKER_ENV, ServerConfig, Worker
 
 log = logging.getLogger("modules.scoring")
 
+WORKER_STUCK_S = 15.0
+"""A worker whose event loop has not touched its heartbeat file for this long is stuck: it is killed
+and the server exits (status 1), so the agent restarts the module."""
 STOP_GRACE_S = 8.0
 """After forwarding SIGTERM, how long workers get before SIGKILL (each gives requests 5 s)."""
 _PR_SET_PDEATHSIG = 1
@@ -97,11 +103,18 @@ def _listen(host: str, port: int) -> socket.socket:
 def supervise(config: ServerConfig, count: int, argv: Sequence[str]) -> int:
     """Bind the port, run ``count`` workers (``python -m modules.scoring argv``), return the exit status."""
     try:
+        run_dir = Path(tempfile.mkdtemp(prefix="edge-score-"))
+    except OSError as exc:
+        log.error(
+            "%d workers need a writable temporary folder (TMPDIR): %s; or set SCORING_WORKERS=1", count, exc
+        )
+        return EXIT_CONFIG
+    try:
         sock = _listen(config.host, config.port)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
+        shutil.rmtree(run_dir, ignore_errors=True)
         return EXIT_CONFIG
-    run_dir = Path(tempfile.mkdtemp(prefix="edge-score-"))
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     procs: list[subprocess.Popen[bytes]] = []
@@ -123,7 +136,7 @@ def supervise(config: ServerConfig, count: int, argv: Sequence[str]) -> int:
             max(1, config.threads // count),
             ",".join(str(p.pid) for p in procs),
         )
-        code = _wait(procs, stop)
+        code = _wait(procs, stop, run_dir)
     finally:
         _stop(procs)
         for sig, handler in previous.items():
@@ -134,8 +147,8 @@ def supervise(config: ServerConfig, count: int, argv: Sequence[str]) -> int:
     return code
 
 
-def _wait(procs: list[subprocess.Popen[bytes]], stop: threading.Event) -> int:
-    """0 after a signal, else the status of the first worker that exited on its own."""
+def _wait(procs: list[subprocess.Popen[bytes]], stop: threading.Event, run_dir: Path) -> int:
+    """0 after a signal, the status of the first worker that exited on its own, or 1 when one is stuck."""
     while not stop.wait(0.2):
         for index, proc in enumerate(procs, 1):
             code = proc.poll()
@@ -143,7 +156,26 @@ def _wait(procs: list[subprocess.Popen[bytes]], stop: threading.Event) -> int:
                 code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as Docker says
                 log.error("worker %d/%d (pid %d) exited with %d; stopping", index, len(procs), proc.pid, code)
                 return code
+            silent = _silent_for(run_dir / f"worker-{index}.alive")
+            if silent > WORKER_STUCK_S:
+                log.error(
+                    "worker %d/%d (pid %d): its event loop has not run for %.0f s; killing it, stopping",
+                    index,
+                    len(procs),
+                    proc.pid,
+                    silent,
+                )
+                proc.kill()
+                return 1
     return 0
+
+
+def _silent_for(heartbeat: Path) -> float:
+    """Seconds since a worker last touched its heartbeat file (0 before its first beat)."""
+    try:
+        return max(0.0, time.time() - heartbeat.stat().st_mtime)
+    except OSError:
+        return 0.0
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:

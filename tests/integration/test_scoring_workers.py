@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.integration.scoring_helpers import ServerProcess, digits_model
+from tests.integration.scoring_helpers import START_LIMIT_S, ServerProcess, digits_model
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,10 @@ def test_readiness_reports_a_worker_that_failed_when_the_server_stays_up(tmp_pat
     (folder / "model.onnx").write_bytes(b"not an onnx model")
     env = {"MODEL_DIR": str(folder), "SCORING_WORKERS": "2", "EXIT_ON_INIT_FAILURE": "0"}
     with ServerProcess(tmp_path, env) as server:
-        server.wait_log("staying up, not ready")
+        deadline = time.monotonic() + START_LIMIT_S
+        while server.log.count("staying up, not ready") < 2:  # both workers tried and failed
+            assert time.monotonic() < deadline and server.proc.poll() is None, server.log
+            time.sleep(0.05)
         server.wait_live()
         try:
             urllib.request.urlopen(server.base + "/v2/health/ready", timeout=30)
@@ -126,3 +130,19 @@ def test_a_port_in_use_is_status_2_before_any_worker_starts(
             assert server.wait_exit() == 2
             assert "cannot listen on" in server.log
             assert "worker" not in server.log
+
+
+def test_a_stuck_worker_is_killed_and_the_server_exits(
+    tmp_path: Path, digits: tuple[Path, np.ndarray]
+) -> None:
+    """A worker whose event loop stops (SIGSTOP here) would silently keep its connections while
+    the other takes new ones: the supervisor sees its heartbeat go stale and stops the server."""
+    model, _ = digits
+    with ServerProcess(tmp_path, {"MODEL_DIR": str(model.parent), "SCORING_WORKERS": "2"}) as server:
+        server.wait_ready()
+        first, second = _workers(server)
+        first.suspend()
+        assert server.wait_exit() == 1
+        second.wait(timeout=30)
+        assert f"(pid {first.pid}): its event loop has not run for" in server.log
+        assert not first.is_running() or first.status() == psutil.STATUS_ZOMBIE

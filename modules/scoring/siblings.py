@@ -64,7 +64,8 @@ class Siblings:
     async def _beat(self) -> None:
         alive = self._path(self.slot.index, "alive")
         while True:
-            alive.touch()
+            with contextlib.suppress(OSError):  # the supervisor is gone; this worker ends with it
+                alive.touch()
             await asyncio.sleep(HEARTBEAT_S)
 
     async def stop(self) -> None:
@@ -81,8 +82,11 @@ class Siblings:
         """Record this worker's outcome of loading: ready, or failed with ``reason``."""
         target = self._path(self.slot.index, "ready" if ready else "failed")
         scratch = target.with_suffix(".tmp")
-        scratch.write_text(reason)
-        os.replace(scratch, target)
+        try:
+            scratch.write_text(reason)
+            os.replace(scratch, target)
+        except OSError as exc:  # the supervisor removed its folder: it is stopping
+            log.warning("worker %d cannot record that it is %s: %s", self.slot.index, target.suffix[1:], exc)
 
     def not_ready(self) -> str | None:
         """None when every other worker is ready, else why the server is not (the first one that is not)."""

@@ -10,7 +10,10 @@ need the others:
   that folder (``worker-<i>.sock``); the worker that gets a scrape asks the others and sums the
   figures (``metrics.merge_expositions``), so ``/metrics`` reports the whole server, whichever
   worker answers. A worker that does not answer within ``GATHER_TIMEOUT_S`` is left out and
-  ``scoring_workers_reporting`` says so.
+  ``scoring_workers_reporting`` says so;
+- **liveness**: each worker's event loop touches ``worker-<i>.alive`` every ``HEARTBEAT_S``, so the
+  supervisor can tell a worker whose loop is stuck (``workers.WORKER_STUCK_S``): its share of the
+  connections would hang while health probes that reach the other workers pass.
 """
 
 from __future__ import annotations

@@ -6,14 +6,19 @@ and ``SCORING_THREADS // N`` inference threads) and the CPUs work in parallel wi
 requests between threads.
 
 The supervisor (the process the container or agent started) binds the port itself, so a port
-in use is still exit status 2, then starts the workers with the listening socket inherited
-(they all accept from it: no ``SO_REUSEPORT``, which would let an unrelated second server join
-the port silently). It forwards SIGTERM/SIGINT to them and exits when they have stopped. When a
+in use is still exit status 2, then starts the workers, each with a listening socket of its own
+inherited. The sockets share the port with ``SO_REUSEPORT``, so the kernel spreads new
+connections over the workers. One shared socket would let the first worker to wake accept every
+connection of a burst: keep-alive clients would then all stay on one worker. Before binding them
+the supervisor binds the port once without ``SO_REUSEPORT``, so a port already in use, even by
+another server using ``SO_REUSEPORT``, fails there instead of being joined silently.
+
+It forwards SIGTERM/SIGINT to the workers and exits when they have stopped. When a
 worker exits on its own, the supervisor stops the others and exits with that worker's status
 (3 when loading the model failed), so the agent's restart policy sees one module, as with one
 process. A worker whose event loop stops (its heartbeat, ``siblings.py``, is older than
-``WORKER_STUCK_S``) is killed and the server exits with status 1: the other workers would take
-every new connection, so health probes alone would not see it. Workers end with the supervisor
+``WORKER_STUCK_S``) is killed and the server exits with status 1: its share of the connections
+would hang while health probes that reach the other workers pass. Workers end with the supervisor
 (``PR_SET_PDEATHSIG``) even if it is killed.
 
 ``auto`` (the default) means one worker per CPU for no-code modules whose profile runs on the
@@ -86,18 +91,36 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(1024)
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
+
+
+def listen_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """One listening socket per worker on ``host:port`` (``SO_REUSEPORT``: the kernel spreads new
+    connections over them); OSError when the port is in use, even by another SO_REUSEPORT server."""
+    _socket(host, port, reuse_port=False).close()  # in use (by anyone): fail here, join nothing
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = _socket(host, port, reuse_port=True)
+            sockets.append(sock)
+            sock.listen(1024)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def supervise(config: ServerConfig, count: int, argv: Sequence[str]) -> int:
@@ -110,7 +133,7 @@ def supervise(config: ServerConfig, count: int, argv: Sequence[str]) -> int:
         )
         return EXIT_CONFIG
     try:
-        sock = _listen(config.host, config.port)
+        sockets = listen_sockets(config.host, config.port, count)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -120,6 +143,7 @@ def supervise(config: ServerConfig, count: int, argv: Sequence[str]) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for index in range(1, count + 1):
+            sock = sockets[index - 1]
             slot = WorkerSlot(index, count, sock.fileno(), run_dir)
             procs.append(
                 subprocess.Popen(
@@ -141,7 +165,8 @@ def supervise(config: ServerConfig, count: int, argv: Sequence[str]) -> int:
         _stop(procs)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        sock.close()
+        for sock in sockets:
+            sock.close()
         shutil.rmtree(run_dir, ignore_errors=True)
     log.info("scoring supervisor stopping exit_code=%d", code)
     return code

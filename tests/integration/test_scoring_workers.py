@@ -47,11 +47,32 @@ def _metrics(server: ServerProcess) -> dict[str, str]:
     }
 
 
+def _own_count(socket_path: Path) -> int:
+    """/score answers counted by one worker alone (its sibling socket, HTTP/1.0 by hand)."""
+    with socket.socket(socket.AF_UNIX) as unix:
+        unix.settimeout(30)
+        unix.connect(str(socket_path))
+        unix.sendall(b"GET /metrics HTTP/1.0\r\nHost: worker\r\n\r\n")
+        chunks = []
+        while chunk := unix.recv(65536):
+            chunks.append(chunk)
+    text = b"".join(chunks).decode()
+    prefix = 'scoring_requests_total{route="/score",code="200"} '
+    return sum(int(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def test_workers_share_the_port_report_together_and_stop_cleanly(
     tmp_path: Path, digits: tuple[Path, np.ndarray]
 ) -> None:
     model, x = digits
-    env = {"MODEL_DIR": str(model.parent), "SCORING_WORKERS": "2", "SCORING_THREADS": "2"}
+    run_root = tmp_path / "run"
+    run_root.mkdir()
+    env = {
+        "MODEL_DIR": str(model.parent),
+        "SCORING_WORKERS": "2",
+        "SCORING_THREADS": "2",
+        "TMPDIR": str(run_root),
+    }
     with ServerProcess(tmp_path, env) as server:
         server.wait_ready()
         workers = _workers(server)
@@ -66,6 +87,10 @@ def test_workers_share_the_port_report_together_and_stop_cleanly(
         assert values["scoring_workers_reporting"] == "2"
         assert values["scoring_ready"] == "1"
         assert values["scoring_inference_threads"] == "2", "one inference thread per worker"
+        [run_dir] = run_root.glob("edge-score-*")
+        own = [_own_count(run_dir / f"worker-{i}.sock") for i in (1, 2)]
+        assert sum(own) == 30
+        assert min(own) > 0, f"SO_REUSEPORT spreads 30 new connections over both workers: {own}"
         log = server.log
         assert "2 worker processes" in log and "1 inference thread(s) each" in log
         for slot in ("1/2", "2/2"):
@@ -74,6 +99,7 @@ def test_workers_share_the_port_report_together_and_stop_cleanly(
         server.proc.send_signal(signal.SIGTERM)
         assert server.wait_exit() == 0
         assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+        assert list(run_root.glob("edge-score-*")) == [], "the supervisor removes its folder"
 
 
 def test_a_worker_that_cannot_load_stops_the_server_with_status_3(tmp_path: Path) -> None:
@@ -117,11 +143,15 @@ def test_a_worker_killed_stops_the_others(tmp_path: Path, digits: tuple[Path, np
         assert f"(pid {first.pid}) exited with 137" in server.log
 
 
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["plain", "so_reuseport"])
 def test_a_port_in_use_is_status_2_before_any_worker_starts(
-    tmp_path: Path, digits: tuple[Path, np.ndarray]
+    tmp_path: Path, digits: tuple[Path, np.ndarray], reuse_port: bool
 ) -> None:
+    """Also when the port's holder uses SO_REUSEPORT itself: the workers never join it."""
     model, _ = digits
     with socket.socket() as taken:
+        if reuse_port:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]

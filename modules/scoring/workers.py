@@ -19,7 +19,8 @@ worker exits on its own, the supervisor stops the others and exits with that wor
 process. A worker whose event loop stops (its heartbeat, ``siblings.py``, is older than
 ``WORKER_STUCK_S``) is killed and the server exits with status 1: its share of the connections
 would hang while health probes that reach the other workers pass. Workers end with the supervisor
-(``PR_SET_PDEATHSIG``) even if it is killed.
+(``PR_SET_PDEATHSIG``) even if it is killed: at once (SIGKILL), as one process killed would; a
+graceful stop is the supervisor's SIGTERM.
 
 ``auto`` (the default) means one worker per CPU for no-code modules whose profile runs on the
 CPU, and 1 for entry scripts (``init()`` may hold a device or assume it runs once, as azureml's
@@ -79,16 +80,18 @@ def _runs_on_cpu(config: ServerConfig) -> bool:
 
 
 def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent (the supervisor) dies; elsewhere nothing."""
+    """Ask Linux to SIGKILL this process when its parent (the supervisor) dies, so a supervisor
+    killed outright takes its workers with it at once (a graceful stop is SIGTERM, which the
+    supervisor forwards); elsewhere nothing."""
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
     if os.getppid() == 1:  # the supervisor died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:

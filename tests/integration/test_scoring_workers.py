@@ -176,3 +176,14 @@ def test_a_stuck_worker_is_killed_and_the_server_exits(
         second.wait(timeout=30)
         assert f"(pid {first.pid}): its event loop has not run for" in server.log
         assert not first.is_running() or first.status() == psutil.STATUS_ZOMBIE
+
+
+def test_workers_die_with_a_killed_supervisor(tmp_path: Path, digits: tuple[Path, np.ndarray]) -> None:
+    model, _ = digits
+    with ServerProcess(tmp_path, {"MODEL_DIR": str(model.parent), "SCORING_WORKERS": "2"}) as server:
+        server.wait_ready()
+        workers = _workers(server)
+        server.proc.kill()
+        assert server.wait_exit() == -signal.SIGKILL
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive and len(gone) == 2

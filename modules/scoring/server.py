@@ -1,7 +1,9 @@
 """Start-up and shutdown: listen first, then load the model / run init() in the background.
 
 Exit status: 0 after SIGTERM/SIGINT, 2 for a configuration error or a port that cannot be bound,
-3 when loading the model or ``init()`` fails (unless ``EXIT_ON_INIT_FAILURE=0``).
+3 when loading the model or ``init()`` fails (unless ``EXIT_ON_INIT_FAILURE=0``). With several
+worker processes (``workers.py``) this is each worker's; the supervisor exits with the first
+worker's status that ended on its own, or 1 when a worker got stuck.
 """
 
 from __future__ import annotations

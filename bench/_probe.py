@@ -62,3 +62,46 @@ def health_while_busy(server: RunningServer, busy_s: float = 2.0, timeout_s: flo
         health_max_ms=round(max(latencies), 2) if latencies else float("nan"),
         health_failures=failures,
     )
+
+
+class HealthSampler:
+    """``GET health_path`` every ``interval_s`` from a thread while load runs; latencies in ms.
+
+    Use as a context manager around a load point: it shows whether health checks stay prompt
+    while the server is saturated (batches on the loop, busy workers).
+    """
+
+    def __init__(self, server: RunningServer, interval_s: float = 0.05, timeout_s: float = 10.0) -> None:
+        self._server = server
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.latencies_ms: list[float] = []
+        self.failures = 0
+
+    def _sample(self) -> None:
+        url = self._server.url(self._server.spec.health_path)
+        while not self._stop.wait(self._interval_s):
+            t0 = time.perf_counter()
+            status = http_get(url, timeout_s=self._timeout_s)
+            self.latencies_ms.append((time.perf_counter() - t0) * 1000)
+            self.failures += status != 200
+
+    def __enter__(self) -> HealthSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(self._timeout_s + 1)
+
+    def summary(self) -> dict[str, float | int]:
+        """Probes sent, median and max latency in ms, failures."""
+        lat = self.latencies_ms
+        return {
+            "probes": len(lat),
+            "median_ms": round(statistics.median(lat), 2) if lat else float("nan"),
+            "max_ms": round(max(lat), 2) if lat else float("nan"),
+            "failures": self.failures,
+        }

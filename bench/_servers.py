@@ -109,11 +109,16 @@ def mosquitto(work: Path, *settings: str) -> Iterator[Broker]:
         proc.wait(10)
 
 
-def ours(key: str, label: str, model_dir: Path, entry_script: Path | None = None) -> ServerSpec:
-    """``python -m modules.scoring`` (this interpreter), no-code or entry-script mode, defaults otherwise."""
+def ours(
+    key: str, label: str, model_dir: Path, entry_script: Path | None = None, workers: int | None = None
+) -> ServerSpec:
+    """``python -m modules.scoring`` (this interpreter), no-code or entry-script mode, defaults
+    otherwise; ``workers`` sets ``SCORING_WORKERS``."""
     env = {"HOST": "127.0.0.1", "MODEL_DIR": str(model_dir), "MODEL_NAME": model_dir.name}
     if entry_script is not None:
         env["ENTRY_SCRIPT"] = str(entry_script)
+    if workers is not None:
+        env["SCORING_WORKERS"] = str(workers)
     return ServerSpec(
         key=key,
         label=label,

@@ -7,7 +7,8 @@ per point.
 - (a) the limit: ``session.run`` in-process (no HTTP, no JSON), the best over onnxruntime thread
   settings and batch sizes, and the best batch-1 latency (``bench/_raw.py``);
 - (b) ``python -m modules.scoring``: no-code mode (the server runs model.onnx itself, batching
-  requests) and entry-script mode (``bench/entry_scripts/onnx_score.py``);
+  requests) with its defaults (one worker process per CPU) and with ``SCORING_WORKERS=1``, and
+  entry-script mode (``bench/entry_scripts/onnx_score.py``);
 - (c) azureml-inference-server-http with the same entry script: its defaults (1 sync gunicorn
   worker) and ``--worker_count`` = CPUs; installed in ``.work/bench-venv-azureml``;
 - (d) MLServer with a minimal onnxruntime runtime (``bench/mlserver_runtime/``), its defaults;
@@ -17,6 +18,7 @@ per point.
 Models, built from bundled data: ``digits`` (MLP 64-64-10), ``digits28`` (MLP 784-128-10) and
 ``convnet`` (three conv blocks on 28x28 digits, ``session.run`` ≥ 200 µs at batch 1).
 
+Health checks (``GET /``) are timed every 50 ms during each load point (the table shows c=16).
 Then a probe: health-check latency while one long (sleeping) request is in flight.
 
     python3 -m bench.scoring [--quick] [--duration S] [--models digits,convnet] [--json]
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._load import LoadError, run_wrk, wrk_version
-from bench._probe import health_while_busy
+from bench._probe import HealthSampler, health_while_busy
 from bench._raw import measure_limit
 from bench._servers import (
     AZUREML_VENV,
@@ -114,12 +116,13 @@ def prepare_model(name: str, rebuild: bool) -> Path:
 def server_specs(model_dir: Path, with_azureml: bool, with_mlserver: bool) -> list[ServerSpec]:
     """Every server configuration measured for one model."""
     script = SCRIPTS / "onnx_score.py"
+    n = cpus()
     specs = [
-        ours("ours-nocode", "(b) ours, no-code ONNX (batching)", model_dir),
+        ours("ours-nocode", f"(b) ours, no-code ONNX ({n} workers)", model_dir),
+        ours("ours-nocode-1", "(b) ours, no-code ONNX, 1 worker", model_dir, workers=1),
         ours("ours-entry", "(b) ours, entry script", model_dir, script),
     ]
     if with_azureml:
-        n = cpus()
         specs += [
             azureml("azureml-default", "(c) azureml, default (1 worker)", model_dir, script),
             azureml("azureml-workers", f"(c) azureml, {n} workers (= CPUs)", model_dir, script, workers=n),
@@ -174,14 +177,15 @@ def measure_server(
             rss = uss = 0.0
             for c in CONCURRENCY:
                 log(f"  {spec.label}: c={c} for {args.duration:.0f}s")
-                point = run_wrk(
-                    server.url(spec.score_path),
-                    body,
-                    concurrency=c,
-                    duration_s=args.duration,
-                    threads=args.wrk_threads,
-                )
-                out["points"][str(c)] = point.as_dict()
+                with HealthSampler(server) as health:
+                    point = run_wrk(
+                        server.url(spec.score_path),
+                        body,
+                        concurrency=c,
+                        duration_s=args.duration,
+                        threads=args.wrk_threads,
+                    )
+                out["points"][str(c)] = {**point.as_dict(), "health": health.summary()}
                 r, u = server.memory_mb()
                 rss, uss = max(rss, r), max(uss, u)
             out["rss_mb"], out["uss_mb"] = round(rss, 1), round(uss, 1)
@@ -248,8 +252,10 @@ def render_model(name: str, result: dict[str, Any], duration_s: float) -> str:
     """The side-by-side table and targets for one model."""
     point_head = f"{'p50 ms':>7} {'p99 ms':>7} {'req/s':>7} {'err':>4}"
     head = (
-        f"{'':38} | " + " | ".join(f"{f'c={c}':^28}" for c in CONCURRENCY) + f" | {'memory MiB':^11}\n"
+        f"{'':38} | " + " | ".join(f"{f'c={c}':^28}" for c in CONCURRENCY) + f" | {'memory MiB':^11}"
+        f" | {'GET / at c=16':^13}\n"
         f"{'server':38} | " + " | ".join(point_head for _ in CONCURRENCY) + f" | {'RSS':>5} {'USS':>5}"
+        f" | {'p50':>6} {'max':>6}"
     )
     lines = [
         f"== {name}: {result['describe']}; request {result['request_bytes']} bytes; "
@@ -274,7 +280,9 @@ def render_model(name: str, result: dict[str, Any], duration_s: float) -> str:
             errors = p["http_errors"] + p["socket_errors"]
             cells.append(f"{_fmt(p['p50_ms']):>7} {_fmt(p['p99_ms']):>7} {_fmt(p['rps'], 0):>7} {errors:>4}")
         memory = f"{_fmt(s['rss_mb'], 0):>5} {_fmt(s['uss_mb'], 0):>5}"
-        lines.append(f"{s['label']:38} | " + " | ".join(cells) + f" | {memory}")
+        health = s["points"]["16"]["health"]
+        probes = f"{_fmt(health['median_ms']):>6} {_fmt(health['max_ms']):>6}"
+        lines.append(f"{s['label']:38} | " + " | ".join(cells) + f" | {memory} | {probes}")
     lines.append("targets:")
     for t in result["targets"]:
         verdict = {True: "MET", False: "NOT MET", None: "n/a"}[t["met"]]

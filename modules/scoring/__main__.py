@@ -9,8 +9,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from modules.scoring.config import ConfigError, load_config
-from modules.scoring.server import EXIT_CONFIG, serve
+from modules.scoring.config import EXIT_CONFIG, ConfigError, load_config
+from modules.scoring.workers import die_with_parent, supervise, worker_count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,6 +25,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if config.worker is None:
+        workers = worker_count(config)
+        if workers > 1:
+            code = supervise(config, workers, sys.argv[1:] if argv is None else argv)
+            logging.shutdown()
+            return code
+    else:
+        die_with_parent()
+    from modules.scoring.server import serve  # not in the supervisor: it stays small
+
     try:
         import uvloop
     except ImportError:

@@ -28,11 +28,12 @@ from modules.scoring.auth import KeyCheck
 from modules.scoring.backends import BackendError
 from modules.scoring.config import ServerConfig
 from modules.scoring.metrics import CONTENT_TYPE as METRICS_TYPE
-from modules.scoring.metrics import Metrics
+from modules.scoring.metrics import Metrics, merge_expositions, workers_lines
 from modules.scoring.openapi import build_document
 from modules.scoring.pool import InferencePool, PoolBusy, PoolClosed, PoolTimeout
 from modules.scoring.replies import ClientError, Reply, dumps
 from modules.scoring.service import Readiness, ScoreCall, ScoringService
+from modules.scoring.siblings import Siblings
 
 log = logging.getLogger("modules.scoring")
 T = TypeVar("T")
@@ -117,6 +118,8 @@ class ScoringApp:
         self.pool = InferencePool(config.threads, config.max_queue, config.timeout_s)
         self.key = KeyCheck(config.scoring_key) if config.scoring_key else None
         self._swagger: bytes | None = None
+        self.siblings = Siblings(config.worker, self.metrics.render) if config.worker else None
+        """The other worker processes on this port (``SCORING_WORKERS`` > 1), else None."""
         self._id_prefix = f"{secrets.token_hex(4)}-"
         self._ids = itertools.count(1)
         self.metrics.gauges["scoring_inference_threads"] = (
@@ -141,6 +144,8 @@ class ScoringApp:
             self.readiness.error = f"{type(exc).__name__}: {exc}"
             trace = None if isinstance(exc, BackendError) else exc
             log.error("scoring initialisation failed: %s", self.readiness.error, exc_info=trace)
+            if self.siblings is not None:
+                self.siblings.mark(False, self.readiness.error)
             return False
         seconds = time.perf_counter() - started
         # Everything loaded so far (modules, the model, init()'s objects) lives as long as the
@@ -155,6 +160,8 @@ class ScoringApp:
         self.metrics.init_seconds = seconds
         self.metrics.ready = self.readiness.ready = True
         self._swagger = None
+        if self.siblings is not None:
+            self.siblings.mark(True)
         return True
 
     def application(self) -> web.Application:
@@ -184,6 +191,8 @@ class ScoringApp:
 
     async def _cleanup(self, _app: web.Application) -> None:
         """After the last request: let the worker threads go."""
+        if self.siblings is not None:
+            await self.siblings.stop()
         self.pool.shutdown()
         self.service.close()
 
@@ -236,11 +245,18 @@ class ScoringApp:
         """``GET /v2/health/live``."""
         return _json({"live": True})
 
+    def _not_ready(self) -> str | None:
+        """None when this process and every other worker on the port are ready, else why not."""
+        if not self.readiness.ready:
+            return self.readiness.reason()
+        return self.siblings.not_ready() if self.siblings is not None else None
+
     async def ready(self, _request: web.Request) -> web.Response:
-        """``GET /v2/health/ready``: 200 once loaded, else 503 with the reason."""
-        if self.readiness.ready:
+        """``GET /v2/health/ready``: 200 once loaded (every worker), else 503 with the reason."""
+        reason = self._not_ready()
+        if reason is None:
             return _json({"ready": True})
-        return _json({"ready": False, "reason": self.readiness.reason()}, 503)
+        return _json({"ready": False, "reason": reason}, 503)
 
     # --- scoring ------------------------------------------------------------------------------
 
@@ -353,7 +369,7 @@ class ScoringApp:
         name = request.match_info["name"]
         if self.service.metadata(name) is None:
             return error_response(404, f"no model {name!r} (models: {', '.join(self.service.model_names())})")
-        ready = self.readiness.ready
+        ready = self._not_ready() is None
         return _json({"name": name, "ready": ready}, 200 if ready else 503)
 
     async def swagger(self, _request: web.Request) -> web.Response:
@@ -371,5 +387,11 @@ class ScoringApp:
         return web.Response(body=self._swagger, headers=_JSON_HEADERS)
 
     async def metrics_text(self, _request: web.Request) -> web.Response:
-        """``GET /metrics``: Prometheus text format."""
-        return web.Response(body=self.metrics.render().encode(), headers={"Content-Type": METRICS_TYPE})
+        """``GET /metrics``: Prometheus text format, every worker's figures summed."""
+        text = self.metrics.render()
+        if self.siblings is not None:
+            others = await self.siblings.gather_metrics()
+            text = merge_expositions([text, *others]) + workers_lines(
+                self.siblings.slot.count, 1 + len(others)
+            )
+        return web.Response(body=text.encode(), headers={"Content-Type": METRICS_TYPE})

@@ -14,8 +14,12 @@ adaptive batching. The decision is ``plan``, a pure function of what waits and t
 - when a batch fails, each of its requests is run on its own, so an error stays with the request
   that caused it.
 
+While requests come one at a time, one that is cheap enough for the loop runs at once, in its
+caller's task (``Batcher._run_lone``): a lone request never pays for the batching machinery.
+
 Requests wait on the event loop, not in threads: only the batch itself runs in a thread, or on
-the loop when batches have been measured to take less than a thread hand-over (``INLINE_RUN_S``).
+the loop when batches have been measured to take less than a thread hand-over (``INLINE_RUN_S``;
+``SOLE_CPU_INLINE_RUN_S`` in a process with one CPU, where a thread would not run beside the loop).
 The Batcher is generic: ``tensor_batches`` joins ONNX feeds along the batch dimension and splits
 the outputs; an entry script's ``run_batch()`` takes the request bodies as a list.
 """
@@ -45,6 +49,15 @@ Feeds = dict[str, np.ndarray]
 T = TypeVar("T")
 R = TypeVar("R")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+INLINE_RUN_S = 0.0001
+"""Batches expected to run faster than this run on the event loop (a thread hand-over and the
+loop's wake-up cost about as much on small machines); the loop is never held longer than that."""
+
+SOLE_CPU_INLINE_RUN_S = 0.005
+"""The same bound for a process with one CPU to itself (a worker of ``SCORING_WORKERS`` = CPUs, or a
+one-CPU device): a batch thread could not run beside the loop anyway, so batches run on the loop
+unless expected to hold it longer than this (health checks then wait at most about that long)."""
 
 
 def batchable(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> str | None:
@@ -143,7 +156,7 @@ def one_row(_item: object) -> tuple[Hashable, int]:
 
 
 class _Request(Generic[T, R]):
-    __slots__ = ("arrived", "future", "item", "key", "rows")
+    __slots__ = ("arrived", "future", "item", "key", "rows", "timer")
 
     def __init__(self, item: T, key: Hashable, rows: int, arrived: float, future: asyncio.Future[R]):
         self.item = item
@@ -151,6 +164,13 @@ class _Request(Generic[T, R]):
         self.rows = rows
         self.arrived = arrived
         self.future = future
+        self.timer: asyncio.TimerHandle | None = None
+        """Its timeout, armed only once it waits beyond the loop pass it arrived in."""
+
+    def arm(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        """Answer PoolTimeout ``timeout_s`` after arrival, unless answered before."""
+        if self.timer is None:
+            self.timer = loop.call_at(self.arrived + timeout_s, _expire, self.future)
 
 
 Outcome = tuple[Any, BaseException | None]
@@ -162,10 +182,10 @@ class Batcher(Generic[T, R]):
 
     Used from one event loop: requests wait on the loop (no thread per request), one batch at a
     time runs in the batcher's own thread, and its results come back with a single loop wake-up
-    per batch. With ``inline``, a batch whose expected run time (from the batches before it) is
-    under ``INLINE_RUN_S`` runs on the loop instead: for such small work the two thread
-    hand-overs would cost more than the work. At most ``max_queued`` requests wait (more get
-    PoolBusy); a request not answered ``timeout_s`` after it arrived gets PoolTimeout (its rows
+    per batch. A batch whose expected run time (from the batches before it) is under ``inline_s``
+    runs on the loop instead: for such small work the two thread hand-overs would cost more than
+    the work (0: never, for code that must stay off the loop). At most ``max_queued`` requests
+    wait (more get PoolBusy); a request not answered ``timeout_s`` after it arrived gets PoolTimeout (its rows
     still run if their batch started).
     """
 
@@ -178,10 +198,10 @@ class Batcher(Generic[T, R]):
         key: Callable[[T], tuple[Hashable, int]],
         max_queued: int = 256,
         timeout_s: float = 60.0,
-        inline: bool = True,
+        inline_s: float = INLINE_RUN_S,
     ) -> None:
         self._run_many = run_many
-        self._inline = inline
+        self._inline_s = inline_s
         self._key = key
         self.settings = settings
         self.name = name
@@ -191,6 +211,8 @@ class Batcher(Generic[T, R]):
         self._waiting: list[_Request[T, R]] = []
         self._busy = False
         self._soon = False
+        self._lone = True
+        """The last batch was one request: the next lone arrival runs at once (``_run_lone``)."""
         self._timer: asyncio.TimerHandle | None = None
         self._jobs: SimpleQueue[tuple[list[_Request[T, R]], asyncio.AbstractEventLoop] | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -218,8 +240,16 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         key, rows = self._key(item)
         future: asyncio.Future[R] = loop.create_future()
-        self._waiting.append(_Request(item, key, rows, loop.time(), future))
-        timer = loop.call_at(loop.time() + self.timeout_s, _expire, future)
+        request = _Request(item, key, rows, loop.time(), future)
+        if (
+            self._lone
+            and not self._soon
+            and not self._busy
+            and not self._waiting
+            and self.costs.expected(rows) < self._inline_s
+        ):
+            return self._run_lone(request, loop)
+        self._waiting.append(request)
         if not self._soon:
             # Decide after the handlers already woken in this loop iteration have queued theirs:
             # requests that arrived together then run together, even when a batch is cheap
@@ -229,16 +259,38 @@ class Batcher(Generic[T, R]):
         try:
             return await future
         finally:
-            timer.cancel()
+            if request.timer is not None:
+                request.timer.cancel()
             if future.cancelled() or future.exception() is not None:
                 self._waiting = [r for r in self._waiting if r.future is not future]
 
+    def _run_lone(self, request: _Request[T, R], loop: asyncio.AbstractEventLoop) -> R:
+        """Run a request at once on the loop: while requests come one at a time (the last batch
+        was a single request), the first one of a loop pass does not wait for the next pass.
+        The requests after it in the same pass wait and form the next batch as usual, so load
+        turns batching back on."""
+        self._soon = True
+        loop.call_soon(self._dispatch, loop)
+        self.sizes.observe(request.rows)
+        self.inline_batches += 1
+        [(result, error)], _ = self._run_batch([request])
+        if error is not None:
+            raise error
+        return result
+
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start batches while the runner is free and ``plan`` says so."""
+        """Start batches while the runner is free and ``plan`` says so; arm the timeouts of the
+        requests that still wait (a request answered in the pass after its arrival never needs
+        one: a loop timer costs about as much as a small model's run)."""
         self._soon = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._start_batches(loop)
+        for request in self._waiting:
+            request.arm(loop, self.timeout_s)
+
+    def _start_batches(self, loop: asyncio.AbstractEventLoop) -> None:
         while not self._busy and not self._closed:
             self._waiting = [r for r in self._waiting if not r.future.done()]
             if not self._waiting:
@@ -254,11 +306,14 @@ class Batcher(Generic[T, R]):
             self._waiting = [r for i, r in enumerate(self._waiting) if i not in taken]
             rows = sum(r.rows for r in batch)
             self.sizes.observe(rows)
-            if self._inline and self.costs.expected(rows) < INLINE_RUN_S:
+            self._lone = len(batch) == 1
+            if self.costs.expected(rows) < self._inline_s:
                 self.inline_batches += 1
                 self._settle(batch, *self._run_batch(batch))
                 continue
             self._busy = True
+            for request in batch:
+                request.arm(loop, self.timeout_s)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name=f"batch_{self.name}", daemon=True)
                 self._thread.start()
@@ -358,11 +413,6 @@ def batch_metric_families(batchers: Sequence[Batcher[Any, Any]]) -> MetricFamili
             per_model("scoring_batch_splits_total", lambda b: b.split_batches),
         ),
     }
-
-
-INLINE_RUN_S = 0.0001
-"""Batches expected to run faster than this run on the event loop (a thread hand-over and the
-loop's wake-up cost about as much on small machines); the loop is never held longer than that."""
 
 
 class RowCost:

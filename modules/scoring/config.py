@@ -29,6 +29,13 @@ from modules.scoring.cpus import allowed_cpus
 
 DEFAULT_MODULE_JSON = "/module/module.json"
 
+EXIT_CONFIG = 2
+"""Exit status for a configuration error or a port that cannot be bound."""
+
+WORKERS_ENV = "SCORING_WORKERS"
+WORKER_ENV = "EDGE_SCORING_WORKER"
+"""Set by the supervisor for its worker processes only: ``index/count/listen_fd/run_dir``."""
+
 VARIABLES: dict[str, str] = {
     "MODEL_DIR": "the model's folder (one model) or the models root holding <name>/<version>/ (several); "
     "AZUREML_MODEL_DIR is read too and both are set for the entry script",
@@ -54,6 +61,9 @@ VARIABLES: dict[str, str] = {
     "run as one batch of at most this many rows (default 32; 1 turns batching off)",
     BATCH_DELAY_ENV: "milliseconds a batch may wait for more requests once its first one arrived "
     "(default 0: it runs as soon as the model is free, so a lone request never waits)",
+    WORKERS_ENV: "server processes sharing the port, each with its own event loop, batcher and "
+    "SCORING_THREADS/N inference threads: 'auto' (default) is one per CPU for no-code modules on a CPU "
+    "profile and 1 otherwise (entry scripts, accelerators); /metrics and readiness cover them all",
     "SCORING_MAX_QUEUE": "requests that may wait for a worker thread; more get 503 (default 256)",
     "EXIT_ON_INIT_FAILURE": "exit with status 3 when loading the model or init() fails (default 1); "
     "0 keeps the server up, not ready, explaining why on /v2/health/ready",
@@ -64,6 +74,36 @@ VARIABLES: dict[str, str] = {
 }
 
 Mode = Literal["entry-script", "no-code"]
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Which worker process this is, when several share the port (see ``workers.py``)."""
+
+    index: int
+    """1-based."""
+    count: int
+    listen_fd: int
+    """The listening socket the supervisor bound and passed down."""
+    run_dir: Path
+    """The supervisor's private folder: the workers' sibling sockets and readiness marks."""
+
+    def env_value(self) -> str:
+        """The ``EDGE_SCORING_WORKER`` value that describes this slot."""
+        return f"{self.index}/{self.count}/{self.listen_fd}/{self.run_dir}"
+
+    @classmethod
+    def parse(cls, value: str) -> WorkerSlot:
+        """The slot from ``env_value``; ConfigError when malformed."""
+        parts = value.split("/", 3)
+        try:
+            index, count, fd = int(parts[0]), int(parts[1]), int(parts[2])
+            run_dir = Path(parts[3])
+        except (ValueError, IndexError):
+            raise ConfigError(f"{WORKER_ENV} is malformed: {value!r}") from None
+        if not 1 <= index <= count or fd < 0 or not run_dir.is_absolute():
+            raise ConfigError(f"{WORKER_ENV} is malformed: {value!r}")
+        return cls(index, count, fd, run_dir)
 
 
 class ConfigError(ValueError):
@@ -94,6 +134,10 @@ class ServerConfig:
     log_level: str
     instance: str | None = None
     """``$EDGE_INSTANCE_ID``, echoed in the ``X-Edge-Instance`` response header."""
+    workers: int | None = None
+    """Server processes sharing the port; None: decided from the mode and profile (``workers.py``)."""
+    worker: WorkerSlot | None = None
+    """Set in a worker process started by the supervisor; ``threads`` is then its share."""
 
     @property
     def module_name(self) -> str:
@@ -135,6 +179,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="overrides $MODEL_NAME (see below)")
     p.add_argument("--timeout", type=float, help="overrides $SCORING_TIMEOUT (see below)")
     p.add_argument("--threads", type=int, help="overrides $SCORING_THREADS (see below)")
+    p.add_argument("--workers", help=f"overrides ${WORKERS_ENV} (see below)")
     p.add_argument(
         "--log-access", action="store_true", default=None, help="overrides $LOG_ACCESS (see below)"
     )
@@ -244,6 +289,11 @@ def load_config(env: Mapping[str, str], argv: Sequence[str] | None = None) -> Se
         threads = args.threads or allowed_cpus(environ=env)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    workers = _workers(pick(args.workers, WORKERS_ENV))
+    raw_slot = env.get(WORKER_ENV)
+    worker = WorkerSlot.parse(raw_slot) if raw_slot else None
+    if worker is not None:
+        threads = max(1, threads // worker.count)
     log_level = (pick(args.log_level, "LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -268,4 +318,16 @@ def load_config(env: Mapping[str, str], argv: Sequence[str] | None = None) -> Se
         log_access=bool(args.log_access) or _bool(env, "LOG_ACCESS", False),
         log_level=log_level,
         instance=env.get(INSTANCE_ENV) or None,
+        workers=workers,
+        worker=worker,
     )
+
+
+def _workers(raw: str | None) -> int | None:
+    """``SCORING_WORKERS``: None for ``auto`` (or unset), else a positive integer."""
+    value = (raw or "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{WORKERS_ENV} must be 'auto' or a positive integer, got {raw!r}")
+    return int(value)

@@ -107,7 +107,7 @@ class EntryScriptService:
                 key=one_row,
                 max_queued=max_queue,
                 timeout_s=timeout_s,
-                inline=False,  # the script's own code: never on the event loop
+                inline_s=0,  # the script's own code: never on the event loop
             )
         self.providers = {self.name: _provider_of(script)}
         return self.providers

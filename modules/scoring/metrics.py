@@ -125,3 +125,55 @@ class Metrics:
             family(name, kind, help_text)
             out.extend(lines())
         return "\n".join(out) + "\n"
+
+
+_MERGE_MIN = frozenset({"scoring_ready"})
+"""Samples whose merged value is the smallest (ready only when every worker is)."""
+_MERGE_MAX = frozenset({"scoring_init_duration_seconds", "scoring_execution_provider_info"})
+"""Samples whose merged value is the largest; every other sample is summed."""
+
+
+def merge_expositions(texts: Sequence[str]) -> str:
+    """Several processes' exposition texts as one: the same series summed (counters, histogram
+    buckets, in-flight and queue gauges), ``scoring_ready`` the smallest, init time and provider
+    info the largest. Families and series keep the order they first appear in."""
+    families: dict[str, tuple[list[str], dict[str, float]]] = {}
+    current: dict[str, float] | None = None
+    for text in texts:
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                name = line.split(" ", 3)[2]
+                head, current = families.setdefault(name, ([], {}))
+                if line not in head:
+                    head.append(line)
+                continue
+            if not line or line.startswith("#") or current is None:
+                continue
+            series, _, raw = line.rpartition(" ")
+            value = float(raw)
+            base = series.split("{", 1)[0]
+            if series not in current:
+                current[series] = value
+            elif base in _MERGE_MIN:
+                current[series] = min(current[series], value)
+            elif base in _MERGE_MAX:
+                current[series] = max(current[series], value)
+            else:
+                current[series] += value
+    out: list[str] = []
+    for head, samples in families.values():
+        out.extend(head)
+        out.extend(f"{series} {_num(value)}" for series, value in samples.items())
+    return "\n".join(out) + "\n"
+
+
+def workers_lines(configured: int, reporting: int) -> str:
+    """The ``scoring_workers`` and ``scoring_workers_reporting`` gauges of a merged scrape."""
+    return (
+        "# HELP scoring_workers Server processes sharing the port (SCORING_WORKERS).\n"
+        "# TYPE scoring_workers gauge\n"
+        f"scoring_workers {configured}\n"
+        "# HELP scoring_workers_reporting Workers whose figures this scrape includes.\n"
+        "# TYPE scoring_workers_reporting gauge\n"
+        f"scoring_workers_reporting {reporting}\n"
+    )

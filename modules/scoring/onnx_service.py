@@ -18,6 +18,8 @@ from typing import Any
 from modules.contract import BATCH_SIZE_ENV
 from modules.scoring.backends import BackendError, InferenceBackend, InferenceError, load_backend
 from modules.scoring.batching import (
+    INLINE_RUN_S,
+    SOLE_CPU_INLINE_RUN_S,
     Batcher,
     batch_metric_families,
     batchable,
@@ -90,6 +92,7 @@ class OnnxService:
                     key=feeds_key,
                     max_queued=self.config.max_queue,
                     timeout_s=self.config.timeout_s,
+                    inline_s=INLINE_RUN_S if cpus > 1 else SOLE_CPU_INLINE_RUN_S,
                 )
                 log.info(
                     "model %s: batched, up to %d rows, waiting at most %g ms, %d inference thread(s)",

@@ -1,7 +1,9 @@
 """Start-up and shutdown: listen first, then load the model / run init() in the background.
 
 Exit status: 0 after SIGTERM/SIGINT, 2 for a configuration error or a port that cannot be bound,
-3 when loading the model or ``init()`` fails (unless ``EXIT_ON_INIT_FAILURE=0``).
+3 when loading the model or ``init()`` fails (unless ``EXIT_ON_INIT_FAILURE=0``). With several
+worker processes (``workers.py``) this is each worker's; the supervisor exits with the first
+worker's status that ended on its own, or 1 when a worker got stuck.
 """
 
 from __future__ import annotations
@@ -9,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 
 from aiohttp import web
 
 from modules.scoring.app import ScoringApp
-from modules.scoring.config import ServerConfig
+from modules.scoring.config import EXIT_CONFIG, ServerConfig
 from modules.scoring.entry_service import EntryScriptService
 from modules.scoring.service import ScoringService
 
 log = logging.getLogger("modules.scoring")
 
-EXIT_CONFIG = 2
 EXIT_INIT_FAILED = 3
 SHUTDOWN_GRACE_S = 5.0
 """On SIGTERM, requests in flight get this long to finish, then 503 (container engines SIGKILL after 10 s)."""
@@ -63,16 +65,24 @@ async def serve(config: ServerConfig, service: ScoringService | None = None) -> 
         shutdown_timeout=SHUTDOWN_GRACE_S + 1,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    slot = config.worker
+    site: web.BaseSite
+    if slot is None:
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    else:  # a worker: accept from the socket the supervisor bound
+        site = web.SockSite(runner, socket.socket(fileno=slot.listen_fd))
     try:
         await site.start()
+        if scoring.siblings is not None:
+            await scoring.siblings.start()
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         await runner.cleanup()
         return EXIT_CONFIG
+    worker = {} if slot is None else {"worker": f"{slot.index}/{slot.count}"}
     log.info(
         "scoring listening %s",
-        _fields(mode=config.mode, host=config.host, port=config.port, threads=config.threads),
+        _fields(mode=config.mode, host=config.host, port=config.port, threads=config.threads, **worker),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,6 +98,7 @@ async def serve(config: ServerConfig, service: ScoringService | None = None) -> 
             log.info(
                 "scoring ready %s",
                 _fields(
+                    **worker,
                     mode=config.mode,
                     module=config.module_name,
                     version=config.module_version,

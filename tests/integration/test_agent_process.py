@@ -159,7 +159,9 @@ async def test_slow_start_is_not_restarted_a_hang_is(device: Device) -> None:
         assert first.modules["web"].restart_count == 0  # refused probes while starting: not counted
         pid = device.records()["web"]["pid"]
         assert isinstance(pid, int)
-        os.kill(pid, signal.SIGSTOP)  # live once: now its failed probes count at once
+        # The module hangs (its whole process group: a no-code module runs a worker per CPU under
+        # a supervisor). Live once: now its failed probes count at once.
+        os.killpg(pid, signal.SIGSTOP)
         hung = await device.cloud.next_report(
             lambda r: module_running("web")(r) and r.modules["web"].restart_count == 1,
             "the hung module restarted and running again",

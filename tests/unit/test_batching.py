@@ -345,7 +345,7 @@ async def test_slow_batches_and_entry_scripts_never_run_on_the_loop() -> None:
 
     for run, inline in ((slow, True), (fast, False)):
         seen.clear()
-        batcher = Batcher(run, Batching(), name="s", key=one_row, inline=inline)
+        batcher = Batcher(run, Batching(), name="s", key=one_row, inline_s=INLINE_RUN_S if inline else 0)
         answers = [await batcher.infer(f"r{i}") for i in range(RowCost.WARM_UP + 4)]
         assert answers == [f"R{i}" for i in range(RowCost.WARM_UP + 4)]
         assert loop_thread not in seen and batcher.inline_batches == 0
@@ -392,9 +392,64 @@ async def test_requests_that_arrive_together_share_a_batch_on_the_loop_too(linea
         calls.append(feeds["x"].shape[0])
         return backend.infer(feeds)
 
-    batcher = Batcher(tensor_batches(run), Batching(), name="linear", key=feeds_key)
+    batcher = Batcher(tensor_batches(run), Batching(), name="linear", key=feeds_key, inline_s=1.0)
     for _ in range(RowCost.WARM_UP):
         batcher.costs.observe(1, 1e-6)  # measured as cheap: batches run on the loop
     await asyncio.gather(*(batcher.infer({"x": np.ones((1, 4), np.float32)}) for _ in range(8)))
-    assert calls == [8] and batcher.inline_batches == 1
+    assert calls == [1, 7] and batcher.inline_batches == 2, "the first at once (no load yet), then one batch"
+    await asyncio.gather(*(batcher.infer({"x": np.ones((1, 4), np.float32)}) for _ in range(8)))
+    assert calls[2:] == [8] and batcher.inline_batches == 3, "under load all of them"
+    batcher.close()
+
+
+async def test_a_request_waiting_for_its_batch_delay_still_times_out(linear: Path) -> None:
+    """Timeouts are armed lazily, once a request waits past the pass it arrived in: also while
+    its batch waits for company (here longer than the timeout)."""
+    backend = _backend(linear)
+    batcher = Batcher(
+        tensor_batches(backend.infer),
+        Batching(max_batch_delay_ms=1000),
+        name="linear",
+        key=feeds_key,
+        timeout_s=0.05,
+    )
+    with pytest.raises(PoolTimeout):
+        await batcher.infer({"x": np.ones((1, 4), np.float32)})
+    assert batcher.queued == 0
+    batcher.close()
+
+
+async def test_a_lone_request_runs_at_once_and_load_turns_batching_back_on(linear: Path) -> None:
+    """While requests come one at a time, the first of a loop pass runs in its caller's task;
+    those after it in the same pass still form a batch, and after a batch of several, requests
+    wait for the pass's batch again."""
+    backend = _backend(linear)
+    calls: list[tuple[int, bool]] = []
+
+    def run(feeds: Feeds) -> Feeds:
+        in_caller = threading.current_thread() is threading.main_thread() and (
+            asyncio.current_task() is not None
+        )
+        calls.append((feeds["x"].shape[0], in_caller))
+        return backend.infer(feeds)
+
+    # Any batch is cheap enough for the loop once measured (the bound is not what this tests).
+    batcher = Batcher(tensor_batches(run), Batching(), name="linear", key=feeds_key, inline_s=1.0)
+    row = {"x": np.ones((1, 4), np.float32)}
+    for _ in range(RowCost.WARM_UP):
+        await batcher.infer(row)
+    calls.clear()
+
+    await batcher.infer(row)
+    assert calls == [(1, True)], "a lone request does not wait for the next loop pass"
+    answers = await asyncio.gather(*(batcher.infer({"x": np.full((1, 4), i, np.float32)}) for i in range(5)))
+    assert calls[1:] == [(1, True), (4, False)], "the first runs at once, the others as one batch"
+    for i, answer in enumerate(answers):
+        np.testing.assert_array_equal(answer["y"], backend.infer({"x": np.full((1, 4), i, np.float32)})["y"])
+    calls.clear()
+    await asyncio.gather(*(batcher.infer(row) for _ in range(5)))
+    assert calls == [(5, False)], "after a batch of several, requests gather again"
+    await batcher.infer(row)
+    await batcher.infer(row)
+    assert calls[1:] == [(1, False), (1, True)], "one request per pass: lone again"
     batcher.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from modules.scoring.metrics import LATENCY_BUCKETS, Metrics
+import pytest
+
+from modules.scoring.metrics import LATENCY_BUCKETS, Metrics, merge_expositions
 
 
 def _lines(text: str) -> dict[str, str]:
@@ -53,3 +55,39 @@ def test_label_values_are_escaped() -> None:
     m = Metrics()
     m.providers['we"ird\\name\n'] = "x"
     assert 'model="we\\"ird\\\\name\\n"' in m.render()
+
+
+def test_merged_metrics_sum_counters_and_histograms() -> None:
+    a, b = Metrics(), Metrics()
+    a.observe("/score", 200, 0.0002)
+    b.observe("/score", 200, 0.003)
+    b.observe("/score", 400, 0.001)
+    b.error("/score", "bad_request")
+    a.in_flight, b.in_flight = 1, 2
+    for m, seconds in ((a, 1.5), (b, 2.5)):
+        m.ready = True
+        m.init_seconds = seconds
+        m.providers["digits"] = "CPUExecutionProvider"
+        m.gauges["scoring_inference_threads"] = ("Worker threads.", lambda: 1)
+    merged = merge_expositions([a.render(), b.render()])
+    values = _lines(merged)
+    assert values['scoring_requests_total{route="/score",code="200"}'] == "2"
+    assert values['scoring_requests_total{route="/score",code="400"}'] == "1"
+    assert values['scoring_request_errors_total{route="/score",reason="bad_request"}'] == "1"
+    assert values['scoring_request_duration_seconds_bucket{route="/score",le="0.00025"}'] == "1"
+    assert values['scoring_request_duration_seconds_bucket{route="/score",le="0.005"}'] == "3"
+    assert values['scoring_request_duration_seconds_count{route="/score"}'] == "3"
+    assert float(values['scoring_request_duration_seconds_sum{route="/score"}']) == pytest.approx(0.0042)
+    assert values["scoring_requests_in_flight"] == "3"
+    assert values["scoring_inference_threads"] == "2"
+    assert values["scoring_ready"] == "1"
+    assert values["scoring_init_duration_seconds"] == "2.5"
+    assert values['scoring_execution_provider_info{model="digits",provider="CPUExecutionProvider"}'] == "1"
+    assert merged.count("# TYPE scoring_requests_total counter") == 1
+
+
+def test_merged_readiness_is_the_least_ready_worker() -> None:
+    a, b = Metrics(), Metrics()
+    a.ready = True
+    assert _lines(merge_expositions([a.render(), b.render()]))["scoring_ready"] == "0"
+    assert _lines(merge_expositions([a.render()]))["scoring_ready"] == "1"

@@ -4,8 +4,10 @@ The stream names a view and what it shows (``view=devices&ids=a,b,c``; ``view=de
 It sends every region once, then waits for the store watcher; after each change (and at least
 every ``REFRESH_S``, for devices going stale as time passes) it computes the view's regions
 again and sends only those whose HTML changed, as ``event: fragment`` with
-``{"id": element id, "html": ...}``. At most one recompute per ``MIN_GAP_S`` per stream: with
-a fleet reporting continuously, a page is updated about once a second, never once per report.
+``{"id": element id, "html": ...}``. A view that no longer exists ends the stream with
+``event: gone``; an unexpected failure (logged) with ``event: failed``, and the page reconnects.
+At most one recompute per ``MIN_GAP_S`` per stream: with a fleet reporting continuously, a page
+is updated about once a second, never once per report.
 
 Streams of the same view share one computation per store version (``SharedRegions``): ten
 operators on the overview of a 10,000-device fleet cost the server one overview per change, not
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -27,6 +30,8 @@ from cloud.dashboard.regions import DEVICE_ID_RE, MAX_LIVE_ROWS, LiveView, Regio
 from cloud.dashboard.session import Session
 from cloud.dashboard.web import env_key, handler, sessions_key, watcher
 from cloud.store.errors import NotFoundError
+
+log = logging.getLogger(__name__)
 
 REFRESH_S = 5.0
 MIN_GAP_S = 0.75
@@ -107,6 +112,16 @@ async def events(request: web.Request, session: Session) -> web.StreamResponse:
             except NotFoundError as e:
                 await response.write(
                     b"event: gone\ndata: " + json.dumps({"error": str(e)}).encode() + b"\n\n"
+                )
+                break
+            except Exception as e:
+                # The stream's headers went out already: an error answer cannot follow them.
+                # Say so on the stream and end it; the page reconnects (``retry``).
+                log.exception("dashboard live view %s failed", live.view)
+                await response.write(
+                    b"event: failed\ndata: "
+                    + json.dumps({"error": f"live update failed: {type(e).__name__}"}).encode()
+                    + b"\n\n"
                 )
                 break
             chunks = []

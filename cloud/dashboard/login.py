@@ -19,6 +19,7 @@ from cloud.dashboard.session import (
     SESSION_COOKIE,
     SESSION_TTL_S,
     Session,
+    same_token,
     set_cookie,
 )
 from cloud.dashboard.web import PREFIX, handler, redirect, render, same_origin, sessions_key
@@ -61,7 +62,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     nonce = request.cookies.get(LOGIN_COOKIE, "")
     expected = sessions.login_csrf(nonce) if nonce else ""
     given = str(form.get("csrf", ""))
-    if not same_origin(request) or not nonce or not secrets.compare_digest(given, expected):
+    if not same_origin(request) or not nonce or not same_token(given, expected):
         return _form(request, 403, "the login form expired or came from elsewhere: try again")
     token = str(form.get("token", "")).strip()[:MAX_TOKEN_FIELD]
     if not token or not request.app[tokens_key].accepts(token):

@@ -40,7 +40,8 @@ def model_packages(app: web.Application, s: Services) -> list[PackageRow]:
     """Packaged images from this server's jobs, then the images deployments use, by model."""
     rows: list[PackageRow] = []
     jobs = app.get(jobs_key)
-    for job in jobs.jobs.values() if jobs is not None else ():
+    # A snapshot: this runs in a worker thread while the loop may add jobs.
+    for job in list(jobs.jobs.values()) if jobs is not None else ():
         if job.state != "succeeded":
             continue
         for r in job.results:

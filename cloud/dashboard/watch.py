@@ -86,8 +86,9 @@ class Watcher:
         self._changed = asyncio.Condition()
         self._last: tuple[object, ...] | None = None
         self._sampled_at = 0.0
-        self.history: dict[str, deque[tuple[float, int, int]]] = {}
-        """deployment → ``(unix time, devices, healthy)`` samples, oldest first."""
+        self.history: dict[str, tuple[tuple[float, int, int], ...]] = {}
+        """deployment → ``(unix time, devices, healthy)`` samples, oldest first. Replaced whole on
+        every sample, never changed in place: pages read it in worker threads."""
         self.presence = PresenceLog()
 
     async def wait(self, seen: int, timeout_s: float) -> int:
@@ -121,12 +122,13 @@ class Watcher:
     def _sample(self, counts: dict[str, tuple[int, int]]) -> None:
         now = self.clock()
         self._sampled_at = now
-        for name in set(self.history) - set(counts):
-            del self.history[name]
+        history: dict[str, tuple[tuple[float, int, int], ...]] = {}
         for name, (devices, healthy) in counts.items():
-            samples = self.history.setdefault(name, deque(maxlen=HISTORY))
+            samples = self.history.get(name, ())
             if not samples or samples[-1][1:] != (devices, healthy):
-                samples.append((now, devices, healthy))
+                samples = (*samples, (now, devices, healthy))[-HISTORY:]
+            history[name] = samples
+        self.history = history
 
     async def run(self, poll_s: float = POLL_S) -> None:
         """Poll until cancelled; a failed read is logged and tried again."""

@@ -110,6 +110,10 @@ async def test_login_refuses_bad_tokens_forms_and_origins(client: TestClient) ->
         "/ui/login", data={"csrf": "forged", "token": TOKEN}, headers=_origin(client)
     ) as r:
         assert r.status == 403
+    async with client.post(  # a token that is not ASCII is refused like any other (no 500)
+        "/ui/login", data={"csrf": "f\u00f6rged-\u2603", "token": TOKEN}, headers=_origin(client)
+    ) as r:
+        assert r.status == 403
     csrf = await _login_form(client)
     async with client.post(
         "/ui/login", data={"csrf": csrf, "token": TOKEN}, headers={"Origin": "http://evil.example"}

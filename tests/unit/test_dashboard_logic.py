@@ -13,7 +13,7 @@ from cloud.dashboard.queries import DeviceFilter, FilterError, Light
 from cloud.dashboard.regions import LiveView, Regions
 from cloud.dashboard.render import ago, environment, size, sparkline, status_class, wave_segments
 from cloud.dashboard.session import SESSION_TTL_S, Sessions
-from cloud.dashboard.watch import PresenceLog
+from cloud.dashboard.watch import HISTORY, PresenceLog, Watcher
 from cloud.fleet.device_state import judge_presence
 
 NOW = datetime(2026, 1, 2, 12, 0, 0, tzinfo=timezone.utc)
@@ -169,3 +169,21 @@ def test_presence_log_keeps_the_changes_it_sees() -> None:
     log.update([("a", True, t[2])])
     assert log.history("a") == [(t[2], True), (t[1], False), (t[0], True)]
     assert log.history("b") == [(t[0], True)]
+
+
+def test_healthy_history_is_replaced_whole_never_changed_under_a_reader() -> None:
+    now = [1000.0]
+    watcher = Watcher(None, clock=lambda: now[0])  # type: ignore[arg-type]  # sampling reads no store
+    watcher._sample({"vision": (3, 1), "old": (1, 1)})
+    seen = watcher.history  # what a page in a worker thread may be iterating
+    before = dict(seen)
+    now[0] += 5
+    watcher._sample({"vision": (3, 2)})
+    assert seen == before  # the reader's dict and its samples are untouched
+    assert watcher.history == {"vision": ((1000.0, 3, 1), (1005.0, 3, 2))}  # "old" is gone
+    now[0] += 5
+    watcher._sample({"vision": (3, 2)})  # unchanged counts add no sample
+    assert len(watcher.history["vision"]) == 2
+    for i in range(HISTORY + 10):
+        watcher._sample({"vision": (3, i)})
+    assert len(watcher.history["vision"]) == HISTORY

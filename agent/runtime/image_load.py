@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -81,26 +82,54 @@ def unpack_module(store: BlobStore, image: PulledImage, dest: Path) -> None:
 
 
 def _apply_layer(path: Path, root: Path) -> None:
-    """Apply one layer's ``module/`` entries to ``root``: whiteouts delete, the rest is extracted."""
+    """Apply one layer's ``module/`` entries to ``root``: whiteouts delete, the rest is extracted.
+
+    A layer is registry data: an entry whose name leaves ``root`` (absolute, ``..``), a whiteout
+    that would delete outside it, or a ``module`` folder that is a link is refused with ValueError.
+    """
+    if not hasattr(tarfile, "data_filter"):
+        raise RuntimeError(
+            "unpacking images needs tarfile's extraction filters (Python 3.10.12, 3.11.4 or newer)"
+        )
+    inside = root.resolve()
     with tarfile.open(path, "r:*") as tar:
         members = []
         for member in tar:
-            name = member.name.lstrip("./").lstrip("/")
+            name = _entry_name(member.name, path)
             if name != MODULE_ROOT and not name.startswith(MODULE_ROOT + "/"):
                 continue
+            if name == MODULE_ROOT and not member.isdir():
+                raise ValueError(f"layer {path.name}: /{MODULE_ROOT} is not a folder ({member.name!r})")
             folder, _, base = name.rpartition("/")
             if base == ".wh..wh..opq":
-                target = root / folder
+                target = _within(root / folder, inside, member.name, path)
                 if target.is_dir():
                     for child in target.iterdir():
                         _delete(child)
                 continue
             if base.startswith(".wh."):
-                _delete(root / folder / base[len(".wh.") :])
+                _delete(_within(root / folder / base[len(".wh.") :], inside, member.name, path))
                 continue
             member.name = name
             members.append(member)
         tar.extractall(root, members=members, filter="data")
+    if (root / MODULE_ROOT).is_symlink():
+        raise ValueError(f"layer {path.name}: /{MODULE_ROOT} is a link, not a folder")
+
+
+def _entry_name(name: str, layer: Path) -> str:
+    """A layer entry's name relative to the image root; ValueError when it would leave the root."""
+    clean = posixpath.normpath(name.lstrip("/"))
+    if clean == ".." or clean.startswith("../") or posixpath.isabs(clean):
+        raise ValueError(f"layer {layer.name}: entry {name!r} points outside the image")
+    return "" if clean == "." else clean
+
+
+def _within(target: Path, inside: Path, name: str, layer: Path) -> Path:
+    """``target`` when it resolves inside ``inside`` (links followed); ValueError otherwise."""
+    if not target.parent.resolve().is_relative_to(inside):
+        raise ValueError(f"layer {layer.name}: whiteout {name!r} reaches outside the image")
+    return target
 
 
 def _delete(path: Path) -> None:

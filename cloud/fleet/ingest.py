@@ -166,6 +166,7 @@ class Ingestor:
         self._mqtt: Session | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._flushed: asyncio.Condition | None = None
+        self._flush_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Ingestor:
         options = SessionOptions(
@@ -246,7 +247,7 @@ class Ingestor:
 
         try:
             await asyncio.wait_for(reached(), timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
             return False
         return True
 
@@ -299,11 +300,14 @@ class Ingestor:
 
     async def _flush_async(self, *, answer: bool = True) -> int:
         """Take the batch on the loop, write it in a worker thread, answer devices that are behind."""
-        batch, self._pending = self._pending, {}
-        if not batch:
-            return 0
-        outcome = await asyncio.to_thread(self._write_batch, batch)
-        written = self._settle(batch, outcome)
+        # One flush at a time: ``flush_now`` must not find the batch gone while another flush is
+        # still writing it (its caller acknowledges what it received once this returns).
+        async with self._flush_lock:
+            batch, self._pending = self._pending, {}
+            if not batch:
+                return 0
+            outcome = await asyncio.to_thread(self._write_batch, batch)
+            written = self._settle(batch, outcome)
         if answer and outcome.behind and self._mqtt is not None:
             self._answer(self._mqtt, outcome.behind)
         return written

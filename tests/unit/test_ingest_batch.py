@@ -5,12 +5,15 @@ The store is a real SQLite file; only the MQTT side is skipped (``flush`` never 
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy import MetaData, Table
+from sqlalchemy.exc import OperationalError
 
 from cloud.fleet.ingest import Ingestor
 from cloud.store.db import Database, open_database
@@ -151,3 +154,38 @@ def test_the_will_of_a_killed_agent_does_not_take_its_successor_offline(
     with db.transaction() as s:
         row = s.get(OnlineRecord, "cam-1")
         assert row is not None and (row.session, row.instance) == (101, "b")
+
+
+async def test_flush_now_waits_for_a_write_in_progress_and_sees_it_fail(
+    ingest: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer acknowledges what it received once ``flush_now`` says True: never while the
+    periodic flush that took those messages is still writing them, or after that write failed."""
+    release, writing = threading.Event(), threading.Event()
+    real = ingest._write_batch
+    calls = 0
+
+    def slow_then_failing(batch):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            writing.set()
+            release.wait(10)
+            ingest.db.dispose()  # what a store that went away looks like to the write
+            monkeypatch.setattr(ingest.db, "transaction", _refuse)
+        return real(batch)
+
+    def _refuse():  # type: ignore[no-untyped-def]
+        raise OperationalError("write", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(ingest, "_write_batch", slow_then_failing)
+    deliver(ingest, "edge/cam-1/reported", report("cam-1", "healthy", T0))
+    periodic = asyncio.create_task(ingest._flush_async())
+    await asyncio.to_thread(writing.wait, 10)
+    acked = asyncio.create_task(ingest.flush_now())
+    await asyncio.sleep(0.05)
+    assert not acked.done()  # it waits for the write that holds its message
+    release.set()
+    await periodic
+    assert await acked is False  # that write (and its retry) failed: nothing may be acknowledged
+    assert ingest.backlog == 1  # the report waits for the next flush

@@ -82,8 +82,11 @@ def binding_key(topic_filter: str) -> str:
 
 
 def routing_key_topic(routing_key: str) -> str:
-    """The MQTT topic of a routing key RabbitMQ's MQTT plugin made (``.`` back to ``/``)."""
-    return routing_key.replace(".", "/")
+    """The MQTT topic of a routing key RabbitMQ's MQTT plugin made: it swaps ``/`` and ``.``."""
+    return routing_key.translate(_SWAP)
+
+
+_SWAP = str.maketrans("./", "/.")
 
 
 def _queues(client_id_pattern: str) -> str:
@@ -150,17 +153,27 @@ def render_definitions(
     }
 
 
+def left_out_reason(device: str, password_hash: str | None) -> str | None:
+    """Why a device cannot have a RabbitMQ user (None: it can)."""
+    if not password_hash:
+        return "added before RabbitMQ hashes were kept: remove and add it again"
+    if "." in device:
+        # The MQTT plugin maps topic levels to AMQP words with '.': a dotted id breaks its topics
+        # and the {username} topic permissions.
+        return "a '.' in the device id cannot be used on RabbitMQ's MQTT plugin"
+    return None
+
+
 def write_definitions(
     paths: BrokerPaths, hashes: Mapping[str, str | None], out: Path | None = None
-) -> tuple[Path, list[str]]:
-    """Write the definitions file (mode 0600: it holds password hashes); where, and the devices left out.
-
-    A device added before RabbitMQ hashes were kept has none and is left out (give it a new
-    password by removing and adding it again). BrokerError when the file cannot be written.
+) -> tuple[Path, dict[str, str]]:
+    """Write the definitions file (mode 0600: it holds password hashes); where, and the devices
+    left out with the reason (``left_out_reason``). BrokerError when the file cannot be written.
     """
     user, password = cloud_credentials(paths)
-    known = {d: h for d, h in hashes.items() if h}
+    left_out = {d: why for d, h in sorted(hashes.items()) if (why := left_out_reason(d, h))}
+    known = {d: h for d, h in hashes.items() if h and d not in left_out}
     document = render_definitions(known, user, rabbit_password_hash(password))
     target = out or paths.root / DEFINITIONS_FILE
     write_atomic(target, json.dumps(document, indent=2) + "\n", 0o600)
-    return target, sorted(d for d, h in hashes.items() if not h)
+    return target, left_out

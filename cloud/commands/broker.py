@@ -191,12 +191,8 @@ def cmd_rabbitmq(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {target}: {len(hashes) - len(left_out)} device(s) and the cloud's user")
         print(f"import it on any node of the cluster: rabbitmqctl import_definitions {target}")
-        if left_out:
-            print(
-                f"left out (added before RabbitMQ hashes were kept; remove and add them again): "
-                f"{', '.join(left_out)}",
-                file=sys.stderr,
-            )
+        for device, why in left_out.items():
+            print(f"left out {device}: {why}", file=sys.stderr)
     return 0
 
 

@@ -122,6 +122,12 @@ class RepoClient:
         query = {"scope": params.get("scope") or f"repository:{self.repository}:pull"}
         if params.get("service"):
             query["service"] = params["service"]
+        if self.auth and not realm.startswith("https://") and not self.base.startswith("http://"):
+            # The registry is spoken to over TLS: its credentials never go out in clear text.
+            raise PullError(
+                f"{self.base} names the token service {realm}, which is not https: "
+                "the registry's credentials are not sent there"
+            )
         headers = {"Authorization": basic(self.auth)} if self.auth else {}
         async with self.session.get(realm, params=query, headers=headers) as resp:
             if resp.status != 200:

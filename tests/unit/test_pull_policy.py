@@ -10,12 +10,14 @@ import tarfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from agent.runtime.blobs import BlobStore, DigestMismatch, Hasher, sha256_digest
 from agent.runtime.image_load import docker_archive
 from agent.runtime.pull_policy import TokenBucket, UpdateWindow
 from agent.runtime.pulls import PullTracker
+from agent.runtime.registry_http import RepoClient
 from agent.runtime.registry_pull import (
     Descriptor,
     PulledImage,
@@ -203,3 +205,11 @@ def test_parse_manifest_refuses_what_is_not_an_image_manifest() -> None:
 )
 def test_base_url(registry: str, plain: tuple[str, ...], url: str, tmp_path: Path) -> None:
     assert RegistryPuller(BlobStore(tmp_path), plain_http=plain).base_url(registry) == url
+
+
+async def test_credentials_never_go_to_a_token_service_in_clear_text() -> None:
+    """A TLS registry whose challenge names an http:// realm gets no credentials sent there."""
+    async with aiohttp.ClientSession() as session:
+        repo = RepoClient(session, "https://registry.example/v2", "web", ("u", "p"), {}, lambda n: None)
+        with pytest.raises(PullError, match="not https"):
+            await repo.authorize('Bearer realm="http://tokens.example/token",service="registry"')

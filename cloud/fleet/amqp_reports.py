@@ -24,7 +24,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from cloud.broker_rabbitmq import EXCHANGE, REPORTS_QUEUE, binding_key, routing_key_topic
-from cloud.fleet.ingest import Ingestor
+from cloud.fleet.ingest import Ingestor, log_crash
 from edgemqtt import topics
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class AmqpReports:
 
     async def __aenter__(self) -> AmqpReports:
         self._task = asyncio.create_task(self._run(), name="amqp-reports")
+        self._task.add_done_callback(log_crash)
         return self
 
     async def __aexit__(

@@ -202,6 +202,8 @@ class Ingestor:
             asyncio.create_task(self._receive(mqtt), name="fleet-ingest-receive"),
             asyncio.create_task(self._run(), name="fleet-ingest"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(log_crash)
         return self
 
     async def __aexit__(
@@ -463,3 +465,9 @@ class Ingestor:
 def _log_refused_answer(future: asyncio.Future[None]) -> None:
     if not future.cancelled() and isinstance(future.exception(), PublishRefused):
         log.error("a desired state sent again was not delivered: %s", future.exception())
+
+
+def log_crash(task: asyncio.Task[None]) -> None:
+    """Log a background task that ended with an exception (ingestion would stop without a word)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s crashed: ingestion stopped", task.get_name(), exc_info=task.exception())

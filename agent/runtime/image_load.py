@@ -73,6 +73,7 @@ def unpack_module(store: BlobStore, image: PulledImage, dest: Path) -> None:
         if not (root / "module.json").is_file():
             raise ValueError(f"{image.reference} has no /{MODULE_ROOT}/module.json: not an edge module image")
         old = dest.with_name(dest.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames
         if dest.exists():
             os.replace(dest, old)
         os.replace(root, dest)

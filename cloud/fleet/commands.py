@@ -77,6 +77,8 @@ async def send_command(
         subscriptions=[topics.command_response(device_id, request.id)],
         options=SessionOptions(reconnect_max_s=2),
     )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s  # connecting and the answer share the caller's timeout
     mqtt.start()
     try:
         await mqtt.wait_up(timeout_s)
@@ -84,7 +86,7 @@ async def send_command(
             Publication(topics.command_request(device_id, request.id), request.model_dump_json().encode())
         )
         try:
-            answer = await asyncio.wait_for(_first_message(mqtt), timeout_s)
+            answer = await asyncio.wait_for(_first_message(mqtt), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             seen = (
                 f"it reported online since {_when(state[1])}"

@@ -105,7 +105,7 @@ def _utc(dt: datetime) -> datetime:
 
 def _online_ordering(topic: str, payload: bytes) -> int | None:
     """The ordering of an online message (None for reports and for what does not parse)."""
-    if not topic.endswith("/online"):
+    if _topic_device(topic, "online") is None:
         return None
     try:
         return online_ordering(OnlineStatus.model_validate_json(payload))

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.shutdown()
             return code
     else:
-        die_with_parent()
+        die_with_parent(config.worker.parent_pid)
     from modules.scoring.server import serve  # not in the supervisor: it stays small
 
     try:

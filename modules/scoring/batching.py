@@ -286,9 +286,11 @@ class Batcher(Generic[T, R]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._start_batches(loop)
-        for request in self._waiting:
-            request.arm(loop, self.timeout_s)
+        try:
+            self._start_batches(loop)
+        finally:  # also when starting one failed (no thread): the rest must not wait forever
+            for request in self._waiting:
+                request.arm(loop, self.timeout_s)
 
     def _start_batches(self, loop: asyncio.AbstractEventLoop) -> None:
         while not self._busy and not self._closed:

@@ -85,25 +85,28 @@ class WorkerSlot:
     count: int
     listen_fd: int
     """The listening socket the supervisor bound and passed down."""
+    parent_pid: int
+    """The supervisor's pid: a worker whose parent is no longer this pid has lost it (the
+    supervisor may itself be pid 1 in a container without an init)."""
     run_dir: Path
     """The supervisor's private folder: the workers' sibling sockets and readiness marks."""
 
     def env_value(self) -> str:
         """The ``EDGE_SCORING_WORKER`` value that describes this slot."""
-        return f"{self.index}/{self.count}/{self.listen_fd}/{self.run_dir}"
+        return f"{self.index}/{self.count}/{self.listen_fd}/{self.parent_pid}/{self.run_dir}"
 
     @classmethod
     def parse(cls, value: str) -> WorkerSlot:
         """The slot from ``env_value``; ConfigError when malformed."""
-        parts = value.split("/", 3)
+        parts = value.split("/", 4)
         try:
-            index, count, fd = int(parts[0]), int(parts[1]), int(parts[2])
-            run_dir = Path(parts[3])
+            index, count, fd, parent = int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])
+            run_dir = Path(parts[4])
         except (ValueError, IndexError):
             raise ConfigError(f"{WORKER_ENV} is malformed: {value!r}") from None
-        if not 1 <= index <= count or fd < 0 or not run_dir.is_absolute():
+        if not 1 <= index <= count or fd < 0 or parent < 1 or not run_dir.is_absolute():
             raise ConfigError(f"{WORKER_ENV} is malformed: {value!r}")
-        return cls(index, count, fd, run_dir)
+        return cls(index, count, fd, parent, run_dir)
 
 
 class ConfigError(ValueError):

@@ -11,16 +11,20 @@ inherited. The sockets share the port with ``SO_REUSEPORT``, so the kernel sprea
 connections over the workers. One shared socket would let the first worker to wake accept every
 connection of a burst: keep-alive clients would then all stay on one worker. Before binding them
 the supervisor binds the port once without ``SO_REUSEPORT``, so a port already in use, even by
-another server using ``SO_REUSEPORT``, fails there instead of being joined silently.
+another server using ``SO_REUSEPORT``, fails there instead of being joined silently. The supervisor
+closes its copy of each socket once that worker has started: left open, it would stay in the
+reuseport group after the worker exits and the connections the kernel gives it would hang.
 
 It forwards SIGTERM/SIGINT to the workers and exits when they have stopped. When a
 worker exits on its own, the supervisor stops the others and exits with that worker's status
 (3 when loading the model failed), so the agent's restart policy sees one module, as with one
-process. A worker whose event loop stops (its heartbeat, ``siblings.py``, is older than
-``WORKER_STUCK_S``) is killed and the server exits with status 1: its share of the connections
-would hang while health probes that reach the other workers pass. Workers end with the supervisor
+process. A worker whose event loop stops (its heartbeat file, ``siblings.py``, unchanged for
+``WORKER_STUCK_S`` on the supervisor's monotonic clock, ``Heartbeats``) is killed and the server
+exits with status 1: its share of the connections would hang while health probes that reach the
+other workers pass. Workers end with the supervisor
 (``PR_SET_PDEATHSIG``) even if it is killed: at once (SIGKILL), as one process killed would; a
-graceful stop is the supervisor's SIGTERM.
+graceful stop is the supervisor's SIGTERM. A worker is given its supervisor's pid: the supervisor
+may be pid 1 (a container without an init).
 
 ``auto`` (the default) means one worker per CPU for no-code modules whose profile runs on the
 CPU, and 1 for entry scripts (``init()`` may hold a device or assume it runs once, as azureml's
@@ -79,10 +83,10 @@ def _runs_on_cpu(config: ServerConfig) -> bool:
     return False
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent (the supervisor) dies, so a supervisor
-    killed outright takes its workers with it at once (a graceful stop is SIGTERM, which the
-    supervisor forwards); elsewhere nothing."""
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent (the supervisor, ``parent_pid``) dies, so
+    a supervisor killed outright takes its workers with it at once (a graceful stop is SIGTERM,
+    which the supervisor forwards); elsewhere nothing."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -90,7 +94,9 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
+    # The supervisor died before prctl took effect: this process was re-parented. Compared with
+    # the supervisor's pid, not with 1: in a container without an init the supervisor is pid 1.
+    if os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -147,7 +153,7 @@ def supervise(config: ServerConfig, count: int, argv: Sequence[str]) -> int:
     try:
         for index in range(1, count + 1):
             sock = sockets[index - 1]
-            slot = WorkerSlot(index, count, sock.fileno(), run_dir)
+            slot = WorkerSlot(index, count, sock.fileno(), os.getpid(), run_dir)
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "modules.scoring", *argv],
@@ -155,6 +161,10 @@ def supervise(config: ServerConfig, count: int, argv: Sequence[str]) -> int:
                     pass_fds=(sock.fileno(),),
                 )
             )
+            # The worker holds its own copy. Kept open here, the socket would stay in the
+            # SO_REUSEPORT group after its worker exits, and the connections the kernel
+            # hands to it would wait unanswered.
+            sock.close()
         log.info(
             "scoring supervisor: %d worker processes on %s:%s, %d inference thread(s) each, pids %s",
             count,
@@ -177,6 +187,7 @@ def supervise(config: ServerConfig, count: int, argv: Sequence[str]) -> int:
 
 def _wait(procs: list[subprocess.Popen[bytes]], stop: threading.Event, run_dir: Path) -> int:
     """0 after a signal, the status of the first worker that exited on its own, or 1 when one is stuck."""
+    heartbeats = Heartbeats()
     while not stop.wait(0.2):
         for index, proc in enumerate(procs, 1):
             code = proc.poll()
@@ -184,7 +195,7 @@ def _wait(procs: list[subprocess.Popen[bytes]], stop: threading.Event, run_dir: 
                 code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as Docker says
                 log.error("worker %d/%d (pid %d) exited with %d; stopping", index, len(procs), proc.pid, code)
                 return code
-            silent = _silent_for(run_dir / f"worker-{index}.alive")
+            silent = heartbeats.silent_for(index, _mtime(run_dir / f"worker-{index}.alive"), time.monotonic())
             if silent > WORKER_STUCK_S:
                 log.error(
                     "worker %d/%d (pid %d): its event loop has not run for %.0f s; killing it, stopping",
@@ -198,12 +209,35 @@ def _wait(procs: list[subprocess.Popen[bytes]], stop: threading.Event, run_dir: 
     return 0
 
 
-def _silent_for(heartbeat: Path) -> float:
-    """Seconds since a worker last touched its heartbeat file (0 before its first beat)."""
+class Heartbeats:
+    """How long each worker's heartbeat file has gone untouched, judged on the supervisor's
+    monotonic clock: a file's mtime is only compared with its previous value, never with the wall
+    clock, so a clock step (NTP setting the time after boot on a device without an RTC) stops no
+    worker."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[float, float]] = {}
+        """Worker index: (the mtime last seen, the monotonic time it was first seen)."""
+
+    def silent_for(self, worker: int, mtime: float | None, now: float) -> float:
+        """Seconds (``now`` on the monotonic clock) since ``worker``'s heartbeat file last changed,
+        given its current ``mtime`` (None: not written yet); 0 before its first beat and when the
+        mtime just changed."""
+        if mtime is None:
+            return 0.0
+        seen = self._seen.get(worker)
+        if seen is None or seen[0] != mtime:
+            self._seen[worker] = (mtime, now)
+            return 0.0
+        return max(0.0, now - seen[1])
+
+
+def _mtime(path: Path) -> float | None:
+    """The file's modification time, None when it does not exist (yet)."""
     try:
-        return max(0.0, time.time() - heartbeat.stat().st_mtime)
+        return path.stat().st_mtime
     except OSError:
-        return 0.0
+        return None
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:

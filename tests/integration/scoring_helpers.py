@@ -80,7 +80,10 @@ def write_script(path: Path, source: str) -> Path:
 class ServerProcess:
     """``python -m modules.scoring`` on a free loopback port; stderr goes to a file."""
 
-    def __init__(self, tmp: Path, env: dict[str, str], args: list[str] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, env: dict[str, str], args: list[str] | None = None, prefix: list[str] | None = None
+    ) -> None:
+        """``prefix``: a command that runs the server (``unshare ...``)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
@@ -98,7 +101,7 @@ class ServerProcess:
         )
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modules.scoring", *(args or [])],
+            [*(prefix or []), sys.executable, "-m", "modules.scoring", *(args or [])],
             cwd=REPO,
             env=full_env,
             stdout=self._log,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -187,3 +190,57 @@ def test_workers_die_with_a_killed_supervisor(tmp_path: Path, digits: tuple[Path
         assert server.wait_exit() == -signal.SIGKILL
         gone, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive and len(gone) == 2
+
+
+def test_the_supervisor_holds_no_listening_socket_once_the_workers_run(
+    tmp_path: Path, digits: tuple[Path, np.ndarray]
+) -> None:
+    """Its copy would stay in the SO_REUSEPORT group after its worker exits, and the connections
+    the kernel hands to that copy would wait unanswered."""
+    model, _ = digits
+    with ServerProcess(tmp_path, {"MODEL_DIR": str(model.parent), "SCORING_WORKERS": "2"}) as server:
+        server.wait_ready()
+        listening = [
+            c
+            for c in psutil.Process(server.proc.pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN
+        ]
+        assert listening == [], listening
+        workers = _workers(server)
+        for worker in workers:
+            ports = [c.laddr.port for c in worker.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+            assert ports == [server.port], "each worker listens on the port"
+
+
+_PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+
+
+def test_workers_run_when_the_supervisor_is_pid_1(tmp_path: Path, digits: tuple[Path, np.ndarray]) -> None:
+    """In a container without an init the supervisor is pid 1: the workers must not take that
+    for their supervisor having died (they once killed themselves at start, status 137)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("SKIPPED LOUDLY: running the supervisor as pid 1 needs root and unshare (util-linux)")
+    probe = subprocess.run([*_PID_NAMESPACE, "true"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"SKIPPED LOUDLY: cannot make a pid namespace here: {probe.stderr.decode().strip()}")
+    model, x = digits
+    env = {"MODEL_DIR": str(model.parent), "SCORING_WORKERS": "2", "SCORING_THREADS": "2"}
+    with ServerProcess(tmp_path, env, prefix=_PID_NAMESPACE) as server:
+        server.wait_ready()
+        [supervisor] = psutil.Process(server.proc.pid).children()
+        nspid = next(
+            line
+            for line in Path(f"/proc/{supervisor.pid}/status").read_text().splitlines()
+            if line.startswith("NSpid:")
+        )
+        assert nspid.split()[-1] == "1", f"the supervisor is pid 1 in its namespace: {nspid}"
+        workers = supervisor.children()
+        assert len(workers) == 2, server.log
+        for i in range(20):
+            status, answer = _score(server, x[i % 4 : i % 4 + 1])
+            assert status == 200
+            assert answer["outputs"]["label"] == [int(i % 4)], answer  # type: ignore[index]
+        assert _metrics(server)["scoring_workers_reporting"] == "2", "both workers answer"
+        assert "exited with" not in server.log
+        supervisor.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.log

@@ -453,3 +453,32 @@ async def test_a_lone_request_runs_at_once_and_load_turns_batching_back_on(linea
     await batcher.infer(row)
     assert calls[1:] == [(1, False), (1, True)], "one request per pass: lone again"
     batcher.close()
+
+
+async def test_requests_still_time_out_when_the_batch_thread_cannot_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Starting the batch thread fails (``can't start new thread``) for the first batch: the
+    request still waiting behind it (another batch key) gets its timeout all the same, instead of
+    waiting forever."""
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    loop = asyncio.get_running_loop()
+    reported: list[object] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context.get("exception")))
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    batcher = Batcher(
+        lambda items: items, Batching(), name="s", key=lambda item: (item, 1), inline_s=0, timeout_s=0.1
+    )
+    try:
+        first = asyncio.ensure_future(batcher.infer("a"))
+        behind = asyncio.ensure_future(batcher.infer("b"))  # another key: not in the first batch
+        for task in (first, behind):
+            with pytest.raises(PoolTimeout):
+                await asyncio.wait_for(task, 5)
+        assert any(isinstance(e, RuntimeError) for e in reported), "the failure is reported, not hidden"
+    finally:
+        loop.set_exception_handler(None)
+        batcher.close()

@@ -43,31 +43,39 @@ IMAGES = ("localhost:5000/edge/digits:1", "localhost:5000/edge/digits:2")
 
 @dataclass(frozen=True)
 class ModuleProcess:
-    """A process that runs one of a device's module images."""
+    """A module that runs one of a device's module images: its process group's leader, and every
+    process of the group that runs the image (the scoring server's worker processes)."""
 
     pid: int
     image: str
     cmdline: str
+    members: tuple[int, ...] = ()
 
 
 def module_processes(images: Path) -> list[ModuleProcess]:
-    """Every live process on this machine whose working directory is a module image under ``images``."""
-    found = []
+    """Every live module on this machine (a process group) whose working directory is a module
+    image under ``images``; a group whose leader is gone still counts, as its first process."""
+    groups: dict[int, list[tuple[int, str, str]]] = {}
     roots = {str(image_dir(images, ref)): ref for ref in IMAGES}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cwd = os.readlink(entry / "cwd")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if state == "Z":
+        if fields[0] == "Z":
             continue
         image = roots.get(cwd)
         if image is not None:
-            found.append(ModuleProcess(int(entry.name), image, cmdline))
+            groups.setdefault(int(fields[2]), []).append((int(entry.name), image, cmdline))
+    found = []
+    for group, procs in groups.items():
+        procs.sort(key=lambda p: (p[0] != group, p[0]))  # the leader first
+        pid, image, cmdline = procs[0]
+        found.append(ModuleProcess(pid, image, cmdline, tuple(sorted(p[0] for p in procs))))
     return sorted(found, key=lambda p: p.pid)
 
 
@@ -303,7 +311,8 @@ class FaultDevice:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
+                for pid in proc.members or (proc.pid,):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
         self.cloud.close()
         self.db.dispose()

@@ -68,15 +68,16 @@ async def settle(check: Callable[[], str | None], timeout: float) -> None:
 
 
 def truth(device: FaultDevice, generation: int, image: str, prefix: list[str] | None = None) -> str | None:
-    """None when exactly one ``web`` process runs ``image``, owns the port, matches the record, and
-    the cloud's store shows that generation healthy and the device online; else what differs."""
+    """None when exactly one ``web`` module (one process group) runs ``image``, owns the port,
+    matches the record, and the cloud's store shows that generation healthy and the device online;
+    else what differs."""
     procs = device.processes()
     if len(procs) != 1 or procs[0].image != image:
         return f"expected one module process on {image}, found {len(procs)}: {device.describe()}"
     listeners = listener_pids(device.port, prefix or [])
-    if listeners != [procs[0].pid]:
-        owner = procs[0].pid
-        return f"port {device.port}: listeners {listeners}, module process {owner}; {device.describe()}"
+    if not listeners or not set(listeners) <= set(procs[0].members):
+        members = procs[0].members
+        return f"port {device.port}: listeners {listeners}, module processes {members}; {device.describe()}"
     record = device.record()
     if record is None or record.get("pid") != procs[0].pid:
         named = record and record.get("pid")

@@ -105,6 +105,21 @@ def _repo_digest(image: str, repo_digests: list[str]) -> str | None:
     return own[0].split("@", 1)[1] if own else None
 
 
+def _loaded_digests(tags: list[str]) -> list[str]:
+    """``repo@sha256:<hex>`` for each ``repo:sha256-<hex>`` tag (``labels.loaded_tag``): the
+    manifest digest the agent verified when it pulled and loaded the image, which a load cannot
+    record as a repository digest."""
+    found = []
+    for tag in tags:
+        repo, _, name = tag.rpartition(":")
+        if repo and _LOADED_TAG.fullmatch(name):
+            found.append(f"{repo}@{name.replace('-', ':', 1)}")
+    return found
+
+
+_LOADED_TAG = re.compile(r"sha256-[0-9a-f]{64}")
+
+
 def _error_text(exc: Exception) -> str:
     if isinstance(exc, docker.errors.APIError):
         return str(exc.explanation or exc)
@@ -187,8 +202,9 @@ class DockerRuntime:
         digests: dict[str, list[str]] = {}
         for image in api.images():
             repo_digests = image.get("RepoDigests") or []
-            local.update(image.get("RepoTags") or [], repo_digests)
-            digests[image["Id"]] = repo_digests
+            tags = image.get("RepoTags") or []
+            local.update(tags, repo_digests)
+            digests[image["Id"]] = [*repo_digests, *_loaded_digests(tags)]
         present = {ref for ref in wanted if lb.presence_keys(ref) & local}
         modules: dict[str, ObservedModule] = {}
         ports: dict[str, dict[str, Any]] = {}

@@ -268,6 +268,8 @@ def test_edgectl_simulate_runs_and_summarises(
         str(tmp_path / "data"),
         "--devices",
         "30",
+        "--prefix",  # ids of its own: other tests leave retained desired states for sim-* on the broker
+        f"summary{processes}-",
         "--profile-mix",
         "cpu=2,openvino-myriad=1",
         "--broker",

@@ -92,7 +92,7 @@ class BrokerConfig(_Settings):
     client_cert: Path | None = None
     client_key: Path | None = None
     keepalive_s: int = Field(
-        default=90,
+        default=135,
         ge=5,
         le=65535,
         description="MQTT keep-alive; the broker declares the device offline after 1.5x this without "
@@ -307,7 +307,7 @@ class AgentConfig(_Settings):
         description="failed liveness probes after a start count once the module was live, or after this long",
     )
     heartbeat_s: float = Field(
-        default=60.0,
+        default=90.0,
         gt=0,
         le=86400,
         description="an idle agent sends a small heartbeat this often (stale in the cloud after 3 missed)",

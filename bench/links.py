@@ -22,9 +22,9 @@ per update, so neither can reuse what the other fetched.
 Idle traffic: a real ``edge-agent run`` (process runtime) in its own namespace, applied and idle
 with one desired state and no module, talks to a real Mosquitto through the link; the veth's bytes
 (both directions) over ``--idle-s`` seconds are extrapolated to a day. Two runs side by side: the
-old cadence (a full report every 60 s, 30 s keep-alive: ``report_refresh_s: 60``,
+old cadence (a full report every 60 s, 30 s keep-alive: ``report_refresh_s: 60``, ``heartbeat_s: 60``,
 ``broker.keepalive_s: 30``, which is what agents did before heartbeats) and the defaults (a small
-heartbeat every 60 s, the full report hourly, 90 s keep-alive). A window shorter than an hour holds
+heartbeat every 90 s, the full report hourly, 135 s keep-alive). A window shorter than an hour holds
 no hourly refresh, so the defaults' day adds 24 full reports at the old run's bytes per report
 (pings included, so it overstates).
 
@@ -303,8 +303,12 @@ async def measure_pulls(
 
 
 IDLE_RUNS: dict[str, dict[str, Any]] = {
-    "old cadence (full report every 60 s, keep-alive 30 s)": {"report_refresh_s": 60, "keepalive_s": 30},
-    "defaults (heartbeat 60 s, full report hourly, keep-alive 90 s)": {},
+    "old cadence (full report every 60 s, keep-alive 30 s)": {
+        "report_refresh_s": 60,
+        "heartbeat_s": 60,
+        "keepalive_s": 30,
+    },
+    "defaults (heartbeat 90 s, full report hourly, keep-alive 135 s)": {},
 }
 """Label -> settings over the defaults (``keepalive_s`` goes under ``broker``)."""
 

@@ -102,6 +102,7 @@ def parts(tmp_path: Path) -> tuple[Reporter, Link, Sampler]:
         broker=BrokerConfig(url="mqtt://127.0.0.1:1883"),
         cloud_public_key=tmp_path / "cloud.pub",
         state_dir=tmp_path / "state",
+        heartbeat_s=60,
     )
     link, sampler = Link(), Sampler()
     reporter = Reporter(config, link, sampler, AgentMetrics(), local_copy=False)  # type: ignore[arg-type]
@@ -118,8 +119,11 @@ async def test_an_idle_agent_sends_heartbeats_and_an_hourly_full_report(
     parts: tuple[Reporter, Link, Sampler],
 ) -> None:
     reporter, link, sampler = parts
-    config = reporter.config
-    assert (config.heartbeat_s, config.report_refresh_s, config.broker.keepalive_s) == (60, 3600, 90)
+    defaults = reporter.config.model_copy(
+        update={"heartbeat_s": AgentConfig.model_fields["heartbeat_s"].default}
+    )
+    assert (defaults.heartbeat_s, defaults.report_refresh_s, defaults.broker.keepalive_s) == (90, 3600, 135)
+    assert defaults.broker.keepalive_s > defaults.heartbeat_s, "heartbeats keep the link alive: no pings"
     assert await reporter.publish(report(T0), T0, None) == "report"
     assert (
         await reporter.publish(report(T0 + timedelta(seconds=30)), T0 + timedelta(seconds=30), None) is None

@@ -11,7 +11,8 @@ Each pass, level-based (nothing is carried over from the event that woke it):
 4. hand the plan to the ``PlanRunner`` (pulls only start, in the background);
 5. while a new generation is applying, ``evaluate_rollout``: healthy → last known good; failed →
    ``decide_rollback`` (roll back to the last known good state, or stay ``failed``);
-6. build the ``ReportedState`` and publish it when it changed, and every ``heartbeat_s``.
+6. build the ``ReportedState`` and publish it when it changed (``agent.reporting``); a small
+   ``Heartbeat`` every ``heartbeat_s`` otherwise.
 
 ``run`` loads the durable state first and starts reconciling ``state.active`` at once, without
 waiting for the broker. Between passes it sleeps until a desired state or command arrives, the
@@ -45,7 +46,7 @@ from agent.link import DesiredSlot
 from agent.metrics import AgentMetrics
 from agent.observed import ImageAvailability, ObservedModule
 from agent.planner import module_status, plan
-from agent.reporting import Reporter
+from agent.reporting import Reporter, Sent
 from agent.restart import RestartBook, record_restart
 from agent.rollback import Failed, Healthy, Pending, RollBack, decide_rollback, evaluate_rollout
 from agent.runner import PlanRunner, RunResult
@@ -59,6 +60,7 @@ from modules.contract import (
     CommandResponse,
     DeploymentStatus,
     DesiredState,
+    Heartbeat,
     ModuleStatus,
     Rejection,
     ReportedState,
@@ -116,6 +118,10 @@ class AgentLink(Protocol):
         """Queue a report (the newest unsent one wins)."""
         ...
 
+    async def publish_heartbeat(self, heartbeat: Heartbeat) -> None:
+        """Send a heartbeat if the session is up and no report waits (it is dropped otherwise)."""
+        ...
+
     def announce(self, generation: int) -> None:
         """Tell the broker, at every session start, which generation this device has."""
         ...
@@ -140,7 +146,8 @@ class PassResult:
     plan: Plan
     run: RunResult
     report: ReportedState
-    published: bool
+    published: Sent
+    """What went out: the full report, a heartbeat, or nothing."""
     wake_in_s: float
 
 
@@ -186,7 +193,7 @@ class Agent:
         self.reporter = Reporter(
             config,
             link,
-            sampler or SystemSampler(Path(config.state_dir)),
+            sampler or SystemSampler(Path(config.state_dir), min_free_mb=config.pull.min_free_mb),
             self.metrics,
             local_copy=local_report,
         )
@@ -572,7 +579,7 @@ class Agent:
             reported_at=now,
         )
 
-    async def _publish(self, report: ReportedState, now: datetime) -> bool:
+    async def _publish(self, report: ReportedState, now: datetime) -> Sent:
         return await self.reporter.publish(report, now, self._last_rejection)
 
     def _next_wake(

@@ -91,7 +91,13 @@ class BrokerConfig(_Settings):
     ca_file: Path | None = Field(default=None, description="CA bundle; the system's when not given")
     client_cert: Path | None = None
     client_key: Path | None = None
-    keepalive_s: int = Field(default=30, ge=5, le=65535)
+    keepalive_s: int = Field(
+        default=135,
+        ge=5,
+        le=65535,
+        description="MQTT keep-alive; the broker declares the device offline after 1.5x this without "
+        "traffic. Above heartbeat_s, heartbeats replace the pings",
+    )
     reconnect_min_s: int = Field(default=1, ge=1, le=3600)
     reconnect_max_s: int = Field(default=60, ge=1, le=86400)
     max_queued_messages: int = Field(
@@ -300,7 +306,19 @@ class AgentConfig(_Settings):
         le=86400,
         description="failed liveness probes after a start count once the module was live, or after this long",
     )
-    heartbeat_s: float = Field(default=60.0, gt=0, le=86400)
+    heartbeat_s: float = Field(
+        default=90.0,
+        gt=0,
+        le=86400,
+        description="an idle agent sends a small heartbeat this often (stale in the cloud after 3 missed)",
+    )
+    report_refresh_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=7 * 86400,
+        description="the full report (with fresh system metrics) goes out at least this often; otherwise "
+        "only when something changed",
+    )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Prometheus metrics on 127.0.0.1; 0 or absent = off"
     )

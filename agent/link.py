@@ -10,6 +10,8 @@
 
 Topics (QoS 1, spelled in ``edgemqtt.topics``), with ``{d}`` the device id: ``edge/{d}/desired``
 (retained, in), ``edge/{d}/cmd/req/+`` (in), ``edge/{d}/reported`` (retained, out),
+``edge/{d}/heartbeat`` (out, not retained: sent only while connected and no report waits; a
+heartbeat's PUBACK also keeps the connection alive, so no keep-alive pings flow between them),
 ``edge/{d}/cmd/res/{id}`` (out) and ``edge/{d}/online`` (retained; ``online: true`` on every
 connect, ``online: false`` as the last will and on a clean shutdown).
 
@@ -73,6 +75,7 @@ from modules.contract import (
     ClientConflict,
     CommandRequest,
     CommandResponse,
+    Heartbeat,
     OnlineStatus,
     ReportedState,
     format_validation_error,
@@ -145,6 +148,7 @@ class Link:
         device = config.device_id
         self.topic_desired = topics.desired(device)
         self.topic_reported = topics.reported(device)
+        self.topic_heartbeat = topics.heartbeat(device)
         self.topic_online = topics.online(device)
         self.desired = DesiredSlot()
         self._commands: asyncio.Queue[CommandRequest] = asyncio.Queue(MAX_PENDING_COMMANDS)
@@ -226,6 +230,24 @@ class Link:
         self._pending_report = state
         self._report_idle.clear()
         self._report_wake.set()
+
+    async def publish_heartbeat(self, heartbeat: Heartbeat) -> None:
+        """Publish ``heartbeat`` on ``edge/{d}/heartbeat`` (QoS 1, not retained), without waiting.
+
+        Dropped while offline or while a report waits: the report says more, and a heartbeat
+        queued offline would only be old news (the next session starts with a full report).
+        """
+        if heartbeat.device_id != self.config.device_id:
+            raise ValueError(
+                f"heartbeat for device {heartbeat.device_id!r} on the link of {self.config.device_id!r}"
+            )
+        if self._mqtt is None or not self.connected or self._pending_report is not None:
+            log.debug("heartbeat skipped (offline, or a report waits)")
+            return
+        future = self._mqtt.publish(
+            Publication(self.topic_heartbeat, heartbeat.model_dump_json().encode(), qos=1, retain=False)
+        )
+        future.add_done_callback(lambda f: self._log_refusal(f, "heartbeat"))
 
     async def flush_reported(self) -> None:
         """Wait until the newest report was acknowledged by the broker (or refused by it)."""

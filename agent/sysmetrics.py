@@ -80,9 +80,11 @@ def temperature_c(root: Path = Path("/")) -> float | None:
 class SystemSampler:
     """Samples ``SystemMetrics``; keeps the previous CPU counters for the CPU % between samples."""
 
-    def __init__(self, state_dir: Path, root: Path = Path("/")) -> None:
+    def __init__(self, state_dir: Path, root: Path = Path("/"), *, min_free_mb: float | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.root = Path(root)
+        self.min_free_mb = min_free_mb
+        """The free disk pulls must leave: below it the metrics say ``disk_low``."""
         self._last_cpu: tuple[int, int] = (0, 0)
 
     def sample(self) -> SystemMetrics:
@@ -93,10 +95,13 @@ class SystemSampler:
         d_total = total - last_total
         cpu = 100.0 * (busy - last_busy) / d_total if d_total > 0 else 0.0
         used, mem_total = memory_mb(self.root)
+        free = round(disk_free_mb(self.state_dir), 1)
         return SystemMetrics(
             cpu_percent=round(min(max(cpu, 0.0), 100.0), 1),
             memory_used_mb=round(max(used, 0.0), 1),
             memory_total_mb=round(mem_total, 1),
-            disk_free_mb=round(disk_free_mb(self.state_dir), 1),
+            disk_free_mb=free,
             temperature_c=temperature_c(self.root),
+            disk_min_free_mb=self.min_free_mb,
+            disk_low=self.min_free_mb is not None and free < self.min_free_mb,
         )

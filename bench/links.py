@@ -19,10 +19,14 @@ killed, so the engine cancels the pull; the agent's pull task cancelled, as an a
 does) and started again. The layers are random bytes (incompressible), distinct per puller and
 per update, so neither can reuse what the other fetched.
 
-Idle traffic: a real ``edge-agent run`` (process runtime, defaults: 60 s heartbeat, 30 s MQTT
-keep-alive) in its own namespace, applied and idle with one desired state and no module, talks to
-a real Mosquitto through the link; the veth's bytes (both directions) over ``--idle-s`` seconds
-are extrapolated to a day.
+Idle traffic: a real ``edge-agent run`` (process runtime) in its own namespace, applied and idle
+with one desired state and no module, talks to a real Mosquitto through the link; the veth's bytes
+(both directions) over ``--idle-s`` seconds are extrapolated to a day. Two runs side by side: the
+old cadence (a full report every 60 s, 30 s keep-alive: ``report_refresh_s: 60``, ``heartbeat_s: 60``,
+``broker.keepalive_s: 30``, which is what agents did before heartbeats) and the defaults (a small
+heartbeat every 90 s, the full report hourly, 135 s keep-alive). A window shorter than an hour holds
+no hourly refresh, so the defaults' day adds 24 full reports at the old run's bytes per report
+(pings included, so it overstates).
 
     python3 -m bench.links [--rate-kbit 4096] [--delay-ms 100] [--loss 2] [--model-mb 5]
                            [--image-mb 20] [--idle-s 120] [--json]
@@ -298,8 +302,19 @@ async def measure_pulls(
     return results, how
 
 
-async def measure_idle(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """MQTT bytes of an idle agent with default settings, over ``--idle-s``, per day."""
+IDLE_RUNS: dict[str, dict[str, Any]] = {
+    "old cadence (full report every 60 s, keep-alive 30 s)": {
+        "report_refresh_s": 60,
+        "heartbeat_s": 60,
+        "keepalive_s": 30,
+    },
+    "defaults (heartbeat 90 s, full report hourly, keep-alive 135 s)": {},
+}
+"""Label -> settings over the defaults (``keepalive_s`` goes under ``broker``)."""
+
+
+async def measure_idle(args: argparse.Namespace, work: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """MQTT bytes of an idle agent with ``settings`` over the defaults, over ``--idle-s``, per day."""
     link = DeviceLink()
     (work / "mosquitto").mkdir(parents=True, exist_ok=True)
     broker = MosquittoBroker(work / "mosquitto")
@@ -310,12 +325,16 @@ async def measure_idle(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         link.relay = DelayRelay(link.host_ip, ("127.0.0.1", broker.port))
         keys = Keys(work / "keys")
         device_id = f"idle-{uuid.uuid4().hex[:8]}"
+        broker_settings: dict[str, Any] = {"url": f"mqtt://{link.host_ip}:{link.relay.port}"}
+        if "keepalive_s" in settings:
+            broker_settings["keepalive_s"] = settings["keepalive_s"]
         config = {
             "device_id": device_id,
-            "broker": {"url": f"mqtt://{link.host_ip}:{link.relay.port}"},
+            "broker": broker_settings,
             "cloud_public_key": str(keys.public_path),
-            "state_dir": str(work / "idle-state"),
+            "state_dir": str(work / f"idle-state-{device_id}"),
             "runtime": "process",
+            **{k: v for k, v in settings.items() if k != "keepalive_s"},
         }
         (work / "idle.yaml").write_text(yaml.safe_dump(config))
         cloud = CloudSide(broker.port, device_id)
@@ -325,15 +344,18 @@ async def measure_idle(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         await cloud.report(lambda r: r.generation_applied == 1, "generation 1 applied", 60)
         await asyncio.sleep(args.idle_settle_s)
         tx0, rx0 = link.host_bytes()
-        reports0 = len(cloud.reports)
+        reports0, beats0 = len(cloud.reports), len(cloud.heartbeats)
         await asyncio.sleep(args.idle_s)
         tx1, rx1 = link.host_bytes()
         total = (tx1 - tx0) + (rx1 - rx0)
         return {
+            "settings": settings,
             "seconds": args.idle_s,
             "bytes_to_device": tx1 - tx0,
             "bytes_from_device": rx1 - rx0,
             "reports": len(cloud.reports) - reports0,
+            "heartbeats": len(cloud.heartbeats) - beats0,
+            "report_payload_bytes": len(cloud.reports[-1].model_dump_json()),
             "bytes_per_day": round(total * 86400 / args.idle_s),
         }
     finally:
@@ -392,7 +414,16 @@ def main(argv: list[str] | None = None) -> int:
                 results, how = asyncio.run(measure_pulls(args, link, work))
             finally:
                 link.close()
-        idle = asyncio.run(measure_idle(args, work)) if args.idle_s > 0 else None
+        idle = (
+            {label: asyncio.run(measure_idle(args, work, settings)) for label, settings in IDLE_RUNS.items()}
+            if args.idle_s > 0
+            else None
+        )
+        if idle is not None:
+            old, new = idle.values()
+            per_report = (old["bytes_to_device"] + old["bytes_from_device"]) / max(old["reports"], 1)
+            new["hourly_refresh_bytes_per_day"] = round(24 * per_report)
+            new["bytes_per_day_with_refresh"] = new["bytes_per_day"] + new["hourly_refresh_bytes_per_day"]
     if args.json:
         print(
             json.dumps(
@@ -414,11 +445,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("target: the agent completes where docker pull restarts layers, with <= 1.1x the new bytes")
     if idle is not None:
-        print(
-            f"\nidle agent, defaults, {idle['seconds']:g} s: {idle['bytes_to_device']} B to and "
-            f"{idle['bytes_from_device']} B from the device, {idle['reports']} reports -> "
-            f"{idle['bytes_per_day'] / MB:.2f} MB/day (target <= 1 MB/day)"
-        )
+        print("\n| idle agent | window | to device | from device | full reports | heartbeats | per day |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for label, run in idle.items():
+            refresh = run.get("hourly_refresh_bytes_per_day")
+            day = run.get("bytes_per_day_with_refresh", run["bytes_per_day"]) / MB
+            print(
+                f"| {label} | {run['seconds']:g} s | {run['bytes_to_device']} B | "
+                f"{run['bytes_from_device']} B | "
+                f"{run['reports']} | {run['heartbeats']} | {day:.2f} MB"
+                + (f" (incl. {refresh / MB:.3f} MB of hourly reports)" if refresh is not None else "")
+                + " |"
+            )
+        print(f"full report payload: {run['report_payload_bytes']} B; target: <= 1 MB/day with the defaults")
     return 0
 
 

@@ -7,6 +7,7 @@ topic                         written by    retained  payload
 ============================  ============  ========  ==========================================
 ``edge/{d}/desired``          cloud         yes       DesiredState (signed)
 ``edge/{d}/reported``         agent         yes       ReportedState
+``edge/{d}/heartbeat``        agent         no        Heartbeat (between full reports)
 ``edge/{d}/online``           agent (will)  yes       OnlineStatus (birth announces the generation)
 ``edge/{d}/cmd/req/{id}``     cloud         no        CommandRequest
 ``edge/{d}/cmd/res/{id}``     agent         no        CommandResponse
@@ -27,7 +28,7 @@ ROOT = "edge"
 SHARE_GROUP = "cloud"
 """The shared-subscription group the cloud's workers split reports in (``$share/cloud/...``)."""
 
-Kind = Literal["desired", "reported", "online", "cmd/req", "cmd/res"]
+Kind = Literal["desired", "reported", "heartbeat", "online", "cmd/req", "cmd/res"]
 Access = Literal["read", "write", "readwrite"]
 
 DEVICE_PLACEHOLDER = "{device}"
@@ -56,6 +57,11 @@ def reported(device: str) -> str:
     return f"{_device(device)}/reported"
 
 
+def heartbeat(device: str) -> str:
+    """``edge/{d}/heartbeat``: the device's small "nothing changed" message (not retained)."""
+    return f"{_device(device)}/heartbeat"
+
+
 def online(device: str) -> str:
     """``edge/{d}/online``: the device's birth, farewell and last will (retained)."""
     return f"{_device(device)}/online"
@@ -78,6 +84,8 @@ def command_requests(device: str) -> str:
 
 ALL_REPORTED = f"{ROOT}/+/reported"
 """Every device's reports."""
+ALL_HEARTBEATS = f"{ROOT}/+/heartbeat"
+"""Every device's heartbeats."""
 ALL_ONLINE = f"{ROOT}/+/online"
 """Every device's online messages."""
 
@@ -102,7 +110,7 @@ def parse(topic: str) -> DeviceTopic | None:
     if len(parts) < 3 or parts[0] != ROOT or not parts[1] or parts[1] in ("+", "#"):
         return None
     device = parts[1]
-    if len(parts) == 3 and parts[2] in ("desired", "reported", "online"):
+    if len(parts) == 3 and parts[2] in ("desired", "reported", "heartbeat", "online"):
         return DeviceTopic(device, parts[2])  # type: ignore[arg-type]
     if len(parts) == 5 and parts[2] == "cmd" and parts[3] in ("req", "res") and parts[4]:
         if parts[4] in ("+", "#"):
@@ -128,6 +136,7 @@ DEVICE_RULES = (
     AclRule("read", _pattern(DEVICE_PLACEHOLDER, "desired")),
     AclRule("read", _pattern(DEVICE_PLACEHOLDER, "cmd/req/#")),
     AclRule("write", _pattern(DEVICE_PLACEHOLDER, "reported")),
+    AclRule("write", _pattern(DEVICE_PLACEHOLDER, "heartbeat")),
     # Read too: an agent watches its own online topic to see another client take its id over.
     AclRule("readwrite", _pattern(DEVICE_PLACEHOLDER, "online")),
     AclRule("write", _pattern(DEVICE_PLACEHOLDER, "cmd/res/#")),
@@ -141,6 +150,8 @@ CLOUD_RULES = (
     AclRule("readwrite", ALL_REPORTED),
     # Mosquitto 2 checks delivery against the real topic; brokers that check the filter need this.
     AclRule("read", shared(ALL_REPORTED)),
+    AclRule("read", ALL_HEARTBEATS),
+    AclRule("read", shared(ALL_HEARTBEATS)),
     AclRule("readwrite", ALL_ONLINE),
     AclRule("read", _pattern("+", "cmd/res/#")),
 )

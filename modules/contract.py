@@ -670,6 +670,21 @@ class SystemMetrics(Frozen):
     memory_total_mb: float = Field(ge=0)
     disk_free_mb: float = Field(ge=0)
     temperature_c: float | None = None
+    disk_min_free_mb: float | None = Field(
+        default=None, ge=0, description="the free disk a pull must leave (the agent's pull.min_free_mb)"
+    )
+    disk_low: bool = Field(
+        default=False, description="disk_free_mb is below disk_min_free_mb: the next pull will fail"
+    )
+
+    def disk_warning(self) -> str | None:
+        """One line for people while the disk is low, else None."""
+        if not self.disk_low:
+            return None
+        return (
+            f"disk low: {self.disk_free_mb:.0f} MB free, pulls need {self.disk_min_free_mb or 0:.0f} MB "
+            "left free (free space or lower pull.min_free_mb)"
+        )
 
 
 class Accelerator(Frozen):
@@ -698,7 +713,10 @@ class ClientConflict(Frozen):
 
 
 class ReportedState(Frozen):
-    """What a device reports on ``edge/{d}/reported``: on change and every heartbeat.
+    """What a device reports on ``edge/{d}/reported`` (retained): on change and at least hourly.
+
+    Between full reports an agent sends a ``Heartbeat`` every ``heartbeat_s`` (older agents repeat
+    the full report instead; both keep the device fresh).
 
     ``deployment_status`` and ``reason`` describe the applied generation; a refused payload is
     ``last_rejection`` (``rejected`` as a status only while nothing newer has been admitted).
@@ -720,6 +738,21 @@ class ReportedState(Frozen):
         gt=0,
         description="how often the agent re-reports; the cloud calls it stale after 3 missed",
     )
+    reported_at: datetime = Field(default_factory=utcnow)
+
+
+class Heartbeat(Frozen):
+    """Payload of ``edge/{d}/heartbeat`` (not retained): "still here, nothing changed".
+
+    An idle agent sends this small message every ``heartbeat_s`` instead of repeating its full
+    ``ReportedState``; ``report_at`` is the ``reported_at`` of the full report it stands by (the
+    retained one on ``edge/{d}/reported``), so the cloud can tell whether it holds that report.
+    """
+
+    device_id: Name
+    generation_applied: int = Field(default=0, ge=0)
+    report_at: datetime = Field(description="reported_at of the last full report the agent published")
+    heartbeat_s: float = Field(gt=0)
     reported_at: datetime = Field(default_factory=utcnow)
 
 

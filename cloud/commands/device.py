@@ -193,6 +193,9 @@ def cmd_show(args: argparse.Namespace) -> int:
                     + (f", {sysm.temperature_c:.0f} °C" if sysm.temperature_c is not None else ""),
                 )
             )
+            warning = sysm.disk_warning()
+            if warning is not None:
+                fields.append(("WARNING", warning))
     print("\n".join(f"{k + ':':<11} {v}" for k, v in fields))
     if st is not None and st.modules:
         print("modules:")

@@ -2,11 +2,12 @@
 
 RabbitMQ 3.10's MQTT plugin has no shared subscriptions. Its MQTT messages are AMQP messages on
 ``amq.topic`` (topic ``edge/d/reported`` is routing key ``edge.d.reported``), so the cloud's
-workers bind one replicated quorum queue (``edge.reports``) to ``edge.*.reported`` and consume it
-together: RabbitMQ hands each report to one worker, and a worker that dies (or loses its node)
-leaves its unacknowledged reports to the others. Reports go into the worker's ``Ingestor``
-(``subscribe_reports=False``: it still takes online messages over MQTT) and are acknowledged only
-after the ingester wrote them (at least once; newer-wins makes a redelivered report harmless).
+workers bind one replicated quorum queue (``edge.reports``) to ``edge.*.reported`` and
+``edge.*.heartbeat`` and consume it together: RabbitMQ hands each report to one worker, and a
+worker that dies (or loses its node) leaves its unacknowledged reports to the others. Reports go
+into the worker's ``Ingestor`` (``subscribe_reports=False``: it still takes online messages over
+MQTT) and are acknowledged only after the ingester wrote them (at least once; newer-wins makes a
+redelivered report harmless).
 
 ``AmqpReports(ingest, urls)`` connects to the first node of ``urls`` (``amqp://user:pass@host:port``)
 that answers, and to the next one when the connection is lost.
@@ -111,6 +112,7 @@ class AmqpReports:
                 REPORTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
             )
             await queue.bind(EXCHANGE, routing_key=binding_key(topics.ALL_REPORTED))
+            await queue.bind(EXCHANGE, routing_key=binding_key(topics.ALL_HEARTBEATS))
             await queue.consume(self._received)
             self.consuming.set()
             log.info("consuming reports from queue %s on %s", REPORTS_QUEUE, _redact(url))

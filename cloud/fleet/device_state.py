@@ -2,7 +2,7 @@
 
 ``DeviceState`` is what ``edgectl device list/show`` and ``GET /devices[/{id}]`` show beside a
 device's registration. ``device_state`` is pure: it judges one device from its latest report, its
-latest ``online`` message and the time. A device whose last report is older than
+latest ``online`` message and the time. A device whose last report or heartbeat is older than
 ``STALE_HEARTBEATS`` of its own heartbeats (``heartbeat_s`` in the report, else
 ``DEFAULT_HEARTBEAT_S``) is **stale**: its report is kept for reference but its deployment status
 reads ``stale``, never ``healthy``. ``device_states`` reads the store for many devices at once.
@@ -104,11 +104,13 @@ def device_state(
     online: tuple[bool, datetime, datetime] | None,
     now: datetime,
     desired: tuple[int, str | None] | None = None,
+    refreshed_at: datetime | None = None,
 ) -> DeviceState:
     """Judge one device.
 
     ``online`` is ``(online, since, received_at)`` of its latest online message, ``desired``
-    ``(generation, deployment)`` of its desired state.
+    ``(generation, deployment)`` of its desired state, ``refreshed_at`` the ``reported_at`` of its
+    latest heartbeat when newer than the report (the store's ``reported_at`` column).
     """
     generation, deployment = desired if desired else (None, None)
     seen = [t for t in (received_at, online[2] if online else None) if t is not None]
@@ -124,9 +126,10 @@ def device_state(
             return base.model_copy(update={"presence": "online" if online[0] else "offline"})
         return base
     heartbeat = report.heartbeat_s or DEFAULT_HEARTBEAT_S
-    made = min(report.reported_at, received_at)
+    fresh = max(report.reported_at, refreshed_at) if refreshed_at is not None else report.reported_at
+    made = min(fresh, received_at)
     presence, stale_after = judge_presence(
-        online[0] if online else None, report.reported_at, received_at, report.heartbeat_s, now
+        online[0] if online else None, fresh, received_at, report.heartbeat_s, now
     )
     status: str = report.deployment_status
     reason = report.reason
@@ -161,17 +164,20 @@ def device_states(s: Session, device_ids: Iterable[str], now: datetime) -> dict[
     ids = list(device_ids)
     if not ids:
         return {}
-    reports: dict[str, tuple[ReportedState | None, datetime | None]] = {}
-    for device_id, payload, received in s.execute(
-        select(ReportedRecord.device_id, ReportedRecord.payload, ReportedRecord.received_at).where(
-            ReportedRecord.device_id.in_(ids)
-        )
+    reports: dict[str, tuple[ReportedState | None, datetime | None, datetime | None]] = {}
+    for device_id, payload, received, refreshed in s.execute(
+        select(
+            ReportedRecord.device_id,
+            ReportedRecord.payload,
+            ReportedRecord.received_at,
+            ReportedRecord.reported_at,
+        ).where(ReportedRecord.device_id.in_(ids))
     ):
         try:
             parsed: ReportedState | None = ReportedState.model_validate_json(payload)
         except ValidationError:
             parsed = None
-        reports[device_id] = (parsed, aware(received))
+        reports[device_id] = (parsed, aware(received), aware(refreshed))
     online = {
         d: (bool(o), aware(since), aware(received))
         for d, o, since, received in s.execute(
@@ -190,6 +196,6 @@ def device_states(s: Session, device_ids: Iterable[str], now: datetime) -> dict[
     }
     out = {}
     for d in ids:
-        report, arrived = reports.get(d, (None, None))
-        out[d] = device_state(report, arrived, online.get(d), now, desired.get(d))
+        report, arrived, beat = reports.get(d, (None, None, None))
+        out[d] = device_state(report, arrived, online.get(d), now, desired.get(d), beat)
     return out

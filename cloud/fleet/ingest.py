@@ -1,16 +1,22 @@
-"""Ingest what devices report: ``ReportedState`` and ``OnlineStatus`` into the store, in batches.
+"""Ingest device reports (``ReportedState``, ``Heartbeat``, ``OnlineStatus``) into the store, in batches.
 
 The ingester runs one ``edgemqtt.Session`` on the event loop, subscribed to
-``$share/cloud/edge/+/reported`` (several cloud processes split the fleet's reports between them)
-and ``edge/+/online``. Receiving only keeps the newest raw message per topic (so what waits is
-bounded by the fleet's size, however slow the store); every ``flush_interval_s`` the batch is taken
-on the loop, then parsed and written in a worker thread with one ``executemany`` upsert per table
-inside one transaction. A batch whose write fails is put back for the next flush. A stored row is replaced
-only by a newer one: reports by ``reported_at`` (one device's reports may be split between
-cloud workers, and a late, older report must not undo a newer one), online messages by
-``online_ordering`` (the agent's MQTT session number, offline after online within one session),
-never by wall-clock fields written at different moments: a SIGKILLed agent's will is armed at
-connect time, before its birth message, yet must win over it. A message that does not parse,
+``$share/cloud/edge/+/reported`` and ``$share/cloud/edge/+/heartbeat`` (several cloud processes
+split the fleet's reports between them) and ``edge/+/online``. Receiving only keeps the newest raw
+message per topic (so what waits is bounded by the fleet's size, however slow the store); every
+``flush_interval_s`` the batch is taken on the loop, then parsed and written in a worker thread with
+one ``executemany`` upsert per table inside one transaction. A batch whose write fails is put back
+for the next flush. A stored row is replaced only by a newer one: reports by ``reported_at`` (one
+device's reports may be split between cloud workers, and a late, older report must not undo a newer
+one), online messages by ``online_ordering`` (the agent's MQTT session number, offline after online
+within one session), never by wall-clock fields written at different moments: a SIGKILLed agent's
+will is armed at connect time, before its birth message, yet must win over it.
+
+A heartbeat (an idle agent's "nothing changed" between full reports) moves the stored report's
+``reported_at``/``received_at`` forward, so the device stays fresh, and keeps its payload; it is
+written after the batch's reports. One that stands by a full report the store does not hold (none,
+or an older one) still refreshes what is stored and is logged: the retained report reaches a cloud
+worker that subscribes again. A message that does not parse,
 or whose device id differs from its topic's, is counted and logged, never written; an empty one
 (a removed device's retained message being cleared) is skipped.
 
@@ -37,20 +43,21 @@ from types import TracebackType
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from cloud.fleet.sql import aware, binder, upsert
+from cloud.fleet.sql import aware, binder, executemany, upsert
 from cloud.store.db import Database
 from cloud.store.fleet import DesiredRecord, OnlineRecord, ReportedRecord
 from edgemqtt import topics
 from edgemqtt.endpoint import BrokerUnavailable, Endpoint
 from edgemqtt.session import Publication, PublishRefused, Session, SessionOptions
-from modules.contract import OnlineStatus, ReportedState, format_validation_error, utcnow
+from modules.contract import Heartbeat, OnlineStatus, ReportedState, format_validation_error, utcnow
 
 log = logging.getLogger(__name__)
 
 REPORTED_SUBSCRIPTION = topics.shared(topics.ALL_REPORTED)
+HEARTBEAT_SUBSCRIPTION = topics.shared(topics.ALL_HEARTBEATS)
 ONLINE_SUBSCRIPTION = topics.ALL_ONLINE
 FLUSH_INTERVAL_S = 0.1
 SESSION_EXPIRY_S = 3600
@@ -149,7 +156,7 @@ class Ingestor:
         brokers without shared subscriptions such as RabbitMQ 3.10, which speaks only MQTT 3.1.1
         (``protocol="mqttv311"``; a persistent ``session`` needs MQTT 5) and keeps a QoS 1
         subscription's queue on one node (``subscribe_qos=0`` lets the ingester fail over: reports
-        are retained and re-sent every heartbeat). ``subscribe_reports=False``: reports come from elsewhere
+        are retained, heartbeats keep coming). ``subscribe_reports=False``: reports come from elsewhere
         (``cloud.fleet.amqp_reports``, RabbitMQ's quorum queue), only online messages over MQTT."""
         self.db = db
         self.endpoint = endpoint
@@ -182,7 +189,11 @@ class Ingestor:
             client_id=self.session or f"edgectl-ingest-{uuid.uuid4().hex[:12]}",
             subscriptions=[
                 *(
-                    [REPORTED_SUBSCRIPTION if self.shared else topics.ALL_REPORTED]
+                    (
+                        [REPORTED_SUBSCRIPTION, HEARTBEAT_SUBSCRIPTION]
+                        if self.shared
+                        else [topics.ALL_REPORTED, topics.ALL_HEARTBEATS]
+                    )
                     if self.subscribe_reports
                     else []
                 ),
@@ -347,6 +358,7 @@ class Ingestor:
         outcome = _Outcome()
         reported: dict[str, dict[str, Any]] = {}
         online: dict[str, dict[str, Any]] = {}
+        beats: dict[str, dict[str, Any]] = {}
         valid: dict[str, _Pending] = {}
         for topic, entry in batch.items():
             row = self._parse(topic, entry.payload, entry.received_at)
@@ -354,11 +366,13 @@ class Ingestor:
                 outcome.invalid += entry.count
                 continue
             valid[topic] = entry
-            (online if "online" in row else reported)[row["device_id"]] = row
+            kind = online if "online" in row else beats if "report_at" in row else reported
+            kind[row["device_id"]] = row
         if not valid:
             return outcome
         try:
             self._write(reported, online)
+            self._write_heartbeats(beats)
             outcome.behind = self._behind(online.values())
         except (SQLAlchemyError, OSError) as e:
             outcome.failed = valid
@@ -418,9 +432,64 @@ class Ingestor:
                     values = [tuple(row[c] for c in columns) for row in rows]
                     upsert(s, table, columns, values, ["device_id"], unless_newer=time)  # type: ignore[arg-type]
 
+    def _write_heartbeats(self, beats: dict[str, dict[str, Any]]) -> None:
+        """Refresh the stored reports' times (a newer time only); log heartbeats without their report."""
+        if not beats:
+            return
+        with self.db.transaction() as s:
+            stored = dict(
+                s.execute(
+                    select(ReportedRecord.device_id, ReportedRecord.reported_at).where(
+                        ReportedRecord.device_id.in_(list(beats))
+                    )
+                ).all()
+            )
+            for device, row in beats.items():
+                held = stored.get(device)
+                if held is None:
+                    log.info("heartbeat from %s, whose full report the store does not hold yet", device)
+                elif aware(held) < row["report_at"]:
+                    log.info(
+                        "heartbeat from %s stands by its report of %s; the store holds an older one (%s)",
+                        device,
+                        row["report_at"].isoformat(),
+                        aware(held).isoformat(),
+                    )
+            stamp = binder(s, ReportedRecord.__table__.c.reported_at)
+            columns = ["d", "t", "r", "h"]
+            values = [
+                (device, stamp(row["reported_at"]), stamp(row["received_at"]), row["heartbeat_s"])
+                for device, row in beats.items()
+                if device in stored
+            ]
+            at = bindparam("t", type_=ReportedRecord.reported_at.type)
+            stmt = (
+                update(ReportedRecord)
+                .where(ReportedRecord.device_id == bindparam("d"), ReportedRecord.reported_at < at)
+                .values(
+                    reported_at=at,
+                    received_at=bindparam("r", type_=ReportedRecord.received_at.type),
+                    heartbeat_s=bindparam("h", type_=ReportedRecord.heartbeat_s.type),
+                )
+            )
+            executemany(s, stmt, columns, values)
+
     def _parse(self, topic: str, payload: bytes, received_at: datetime) -> dict[str, Any] | None:
-        device = _topic_device(topic, "reported")
+        device = _topic_device(topic, "heartbeat")
         try:
+            if device is not None:
+                beat = Heartbeat.model_validate_json(payload)
+                if beat.device_id != device:
+                    log.warning("heartbeat on %s names device %r; ignored", topic, beat.device_id)
+                    return None
+                return {
+                    "device_id": device,
+                    "reported_at": _utc(beat.reported_at),
+                    "report_at": _utc(beat.report_at),
+                    "received_at": received_at,
+                    "heartbeat_s": beat.heartbeat_s,
+                }
+            device = _topic_device(topic, "reported")
             if device is not None:
                 state = ReportedState.model_validate_json(payload)
                 if state.device_id != device:

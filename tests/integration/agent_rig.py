@@ -27,7 +27,7 @@ from agent.config import AgentConfig, BackoffSettings, BrokerConfig, RestartSett
 from agent.health import HealthProber
 from agent.link import Link
 from agent.runtime import ModuleRuntime
-from modules.contract import CommandRequest, CommandResponse, DesiredState, ReportedState, utcnow
+from modules.contract import CommandRequest, CommandResponse, DesiredState, Heartbeat, ReportedState, utcnow
 from modules.signing import generate_keypair, load_private_key, load_public_key, sign_desired
 
 WAIT_S = 60.0
@@ -99,6 +99,7 @@ class CloudSide:
     def __init__(self, port: int, device_id: str) -> None:
         self.device_id = device_id
         self.reports: list[ReportedState] = []
+        self.heartbeats: list[Heartbeat] = []
         self.responses: dict[str, CommandResponse] = {}
         self._changed = threading.Condition()
         self._subscribed = threading.Event()
@@ -118,12 +119,14 @@ class CloudSide:
 
     def _on_connect(self, client: mqtt.Client, *args: Any) -> None:
         d = self.device_id
-        client.subscribe([(f"edge/{d}/reported", 1), (f"edge/{d}/cmd/res/+", 1)])
+        client.subscribe([(f"edge/{d}/reported", 1), (f"edge/{d}/heartbeat", 1), (f"edge/{d}/cmd/res/+", 1)])
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._changed:
             if message.topic.endswith("/reported"):
                 self.reports.append(ReportedState.model_validate_json(message.payload))
+            elif message.topic.endswith("/heartbeat"):
+                self.heartbeats.append(Heartbeat.model_validate_json(message.payload))
             else:
                 response = CommandResponse.model_validate_json(message.payload)
                 self.responses[response.id] = response

@@ -272,6 +272,11 @@ def test_provisioned_devices_and_the_cloud_connect_and_exchange_state(fleet: Fle
     seen = cloud.next()
     assert (seen.topic, seen.payload) == ("edge/alpha/reported", b'{"generation_applied": 1}')
 
+    assert cloud.subscribe("$share/cloud/edge/+/heartbeat") == 1
+    assert alpha.publish("edge/alpha/heartbeat", '{"beat": 1}') in ACCEPTED
+    seen = cloud.next()
+    assert (seen.topic, seen.payload) == ("edge/alpha/heartbeat", b'{"beat": 1}')
+
 
 def test_cloud_can_clear_a_removed_devices_retained_messages(fleet: Fleet) -> None:
     alpha = fleet.device("alpha")
@@ -330,6 +335,7 @@ def test_device_cannot_publish_to_another_devices_topics(fleet: Fleet) -> None:
     assert alpha.publish("edge/beta/reported", '{"forged": true}', retain=True) == NOT_AUTHORIZED
     assert alpha.publish("edge/beta/online", '{"online": false}', retain=True) == NOT_AUTHORIZED
     assert alpha.publish("edge/beta/cmd/res/1", '{"forged": true}') == NOT_AUTHORIZED
+    assert alpha.publish("edge/beta/heartbeat", '{"forged": true}') == NOT_AUTHORIZED
     assert alpha.publish("edge/alpha/reported", '{"fence": true}') in ACCEPTED
     arrived = [cloud.next(), *cloud.received_nothing_more()]
     assert [(m.topic, m.payload) for m in arrived] == [("edge/alpha/reported", b'{"fence": true}')]

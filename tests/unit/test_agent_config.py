@@ -38,7 +38,7 @@ def test_minimal_config_gets_defaults_and_absolute_paths(tmp_path: Path) -> None
     assert config.cloud_public_key == tmp_path / "cloud.pub"
     assert config.state_dir == tmp_path / "state"
     assert config.runtime == "docker"
-    assert config.heartbeat_s == 60.0
+    assert (config.heartbeat_s, config.report_refresh_s, config.broker.keepalive_s) == (90.0, 3600.0, 135)
     assert config.metrics_port is None
     assert config.images_dir == tmp_path / "state" / "images"
     assert config.health_start_period_s == 120.0

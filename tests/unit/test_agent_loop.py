@@ -30,6 +30,7 @@ from modules.contract import (
     CommandResponse,
     DesiredState,
     HealthCheck,
+    Heartbeat,
     ModuleHealth,
     ReportedState,
 )
@@ -145,6 +146,7 @@ class MemoryLink:
         self.client_conflict: ClientConflict | None = None
         self.sessions = 1
         self.reports: list[ReportedState] = []
+        self.heartbeats: list[Heartbeat] = []
         self.responses: list[CommandResponse] = []
         self.requests: asyncio.Queue[CommandRequest] = asyncio.Queue()
         self.connected = True
@@ -161,6 +163,9 @@ class MemoryLink:
     async def publish_reported(self, state: ReportedState) -> None:
         self.reports.append(state)
         self.changed.set()
+
+    async def publish_heartbeat(self, heartbeat: Heartbeat) -> None:
+        self.heartbeats.append(heartbeat)
 
     def announce(self, generation: int) -> None:
         self.announced.append(generation)
@@ -440,7 +445,16 @@ async def test_idle_passes_back_off_and_publish_only_on_change(rig: Rig) -> None
     assert rig.report.reason == "no desired state received yet"
     rig.clock.advance(rig.config.heartbeat_s)
     heartbeat = await rig.agent.reconcile_once()
-    assert heartbeat.published and len(rig.link.reports) == 2
+    assert heartbeat.published == "heartbeat" and len(rig.link.reports) == 1
+    (beat,) = rig.link.heartbeats
+    assert (beat.device_id, beat.report_at, beat.reported_at) == (
+        DEVICE,
+        rig.report.reported_at,
+        rig.clock.now,
+    )
+    rig.clock.advance(rig.config.report_refresh_s)
+    refresh = await rig.agent.reconcile_once()
+    assert refresh.published == "report" and len(rig.link.reports) == 2, "the hourly refresh is a full report"
 
 
 async def test_reports_carry_the_heartbeat_and_a_client_id_conflict_at_once(rig: Rig) -> None:

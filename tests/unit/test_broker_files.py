@@ -83,6 +83,7 @@ def test_acl_gives_devices_only_their_own_topics_and_the_cloud_its_own() -> None
         "pattern read edge/%u/desired",
         "pattern read edge/%u/cmd/req/#",
         "pattern write edge/%u/reported",
+        "pattern write edge/%u/heartbeat",
         "pattern readwrite edge/%u/online",
         "pattern write edge/%u/cmd/res/#",
         "user _cloud",
@@ -90,6 +91,8 @@ def test_acl_gives_devices_only_their_own_topics_and_the_cloud_its_own() -> None
         "topic write edge/+/cmd/req/#",
         "topic readwrite edge/+/reported",
         "topic read $share/cloud/edge/+/reported",
+        "topic read edge/+/heartbeat",
+        "topic read $share/cloud/edge/+/heartbeat",
         "topic readwrite edge/+/online",
         "topic read edge/+/cmd/res/#",
     ]

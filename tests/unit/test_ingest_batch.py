@@ -15,12 +15,14 @@ import pytest
 from sqlalchemy import MetaData, Table
 from sqlalchemy.exc import OperationalError
 
+from cloud.fleet.device_state import device_states
 from cloud.fleet.ingest import Ingestor
+from cloud.fleet.sql import aware
 from cloud.store.db import Database, open_database
 from cloud.store.devices import Device
 from cloud.store.fleet import OnlineRecord, ReportedRecord
 from edgemqtt.endpoint import Endpoint
-from modules.contract import OnlineStatus, ReportedState
+from modules.contract import Heartbeat, OnlineStatus, ReportedState
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -189,3 +191,59 @@ async def test_flush_now_waits_for_a_write_in_progress_and_sees_it_fail(
     await periodic
     assert await acked is False  # that write (and its retry) failed: nothing may be acknowledged
     assert ingest.backlog == 1  # the report waits for the next flush
+
+
+def heartbeat(device: str, at: datetime, report_at: datetime) -> bytes:
+    return (
+        Heartbeat(device_id=device, report_at=report_at, heartbeat_s=60, reported_at=at)
+        .model_dump_json()
+        .encode()
+    )
+
+
+def test_a_heartbeat_keeps_the_device_fresh_and_its_full_report(
+    db: Database, ingest: Ingestor, caplog: pytest.LogCaptureFixture
+) -> None:
+    full = report("cam-1", "healthy", T0)
+    deliver(ingest, "edge/cam-1/reported", full)
+    ingest.flush()
+    later = T0 + timedelta(minutes=5)
+    deliver(ingest, "edge/cam-1/heartbeat", heartbeat("cam-1", later, T0))
+    deliver(ingest, "edge/cam-2/heartbeat", heartbeat("cam-2", later, T0))  # no full report stored
+    deliver(ingest, "edge/cam-1/heartbeat", b'{"device_id": "cam-1"}')  # replaces the good one
+    with caplog.at_level("INFO"):
+        assert ingest.flush() == 1 and ingest.stats.invalid == 2  # both count as their successor
+    assert "cam-2, whose full report the store does not hold" in caplog.text
+    deliver(ingest, "edge/cam-1/heartbeat", heartbeat("cam-1", later, T0))
+    ingest.flush()
+    with db.transaction() as s:
+        (row,) = s.query(ReportedRecord).all()
+        assert (row.device_id, row.payload) == ("cam-1", full.decode())
+        assert aware(row.reported_at) == later
+        states = device_states(s, ["cam-1", "cam-2"], later + timedelta(minutes=2))
+    assert states["cam-1"].presence == "online" and states["cam-1"].deployment_status == "healthy"
+    assert states["cam-1"].reported_at == T0, "the full report's own time stands"
+    assert states["cam-2"].presence == "never seen"
+    # An older heartbeat (another worker's, late) moves nothing back; a newer full report still wins.
+    deliver(ingest, "edge/cam-1/heartbeat", heartbeat("cam-1", T0 + timedelta(minutes=1), T0))
+    ingest.flush()
+    deliver(ingest, "edge/cam-1/reported", report("cam-1", "failed", later + timedelta(seconds=1)))
+    ingest.flush()
+    with db.transaction() as s:
+        (row,) = s.query(ReportedRecord).all()
+        assert (row.deployment_status, aware(row.reported_at)) == ("failed", later + timedelta(seconds=1))
+
+
+def test_a_heartbeat_standing_by_a_report_the_store_lacks_is_logged(
+    db: Database, ingest: Ingestor, caplog: pytest.LogCaptureFixture
+) -> None:
+    deliver(ingest, "edge/cam-1/reported", report("cam-1", "applying", T0))
+    ingest.flush()
+    newer = T0 + timedelta(minutes=1)
+    deliver(ingest, "edge/cam-1/heartbeat", heartbeat("cam-1", newer + timedelta(minutes=1), newer))
+    with caplog.at_level("INFO"):
+        ingest.flush()
+    assert "the store holds an older one" in caplog.text
+    with db.transaction() as s:
+        state = device_states(s, ["cam-1"], newer + timedelta(minutes=2))["cam-1"]
+    assert state.presence == "online" and state.deployment_status == "applying"

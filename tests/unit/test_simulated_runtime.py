@@ -27,6 +27,7 @@ from modules.contract import (
     DesiredModule,
     DesiredState,
     HealthCheck,
+    Heartbeat,
     ReportedState,
 )
 from modules.signing import generate_keypair, load_private_key, load_public_key, sign_desired
@@ -259,6 +260,7 @@ class MemoryLink:
         self.client_conflict: ClientConflict | None = None
         self.sessions = 1
         self.reports: list[ReportedState] = []
+        self.heartbeats: list[Heartbeat] = []
         self.connected = True
 
     def also_wake_on_connect(self, event: asyncio.Event) -> None:
@@ -270,6 +272,9 @@ class MemoryLink:
 
     async def publish_reported(self, state: ReportedState) -> None:
         self.reports.append(state)
+
+    async def publish_heartbeat(self, heartbeat: Heartbeat) -> None:
+        self.heartbeats.append(heartbeat)
 
     def announce(self, generation: int) -> None:
         self.announced = generation

@@ -71,6 +71,15 @@ def test_disk_free_of_the_state_dir_even_before_it_exists(root: Path) -> None:
     assert metrics.disk_free_mb > 0
 
 
+def test_disk_low_is_free_space_below_the_pulls_floor(root: Path) -> None:
+    free = SystemSampler(root, root).sample()
+    assert (free.disk_low, free.disk_min_free_mb) == (False, None), "no floor: never low"
+    assert SystemSampler(root, root, min_free_mb=1).sample().disk_low is False
+    low = SystemSampler(root, root, min_free_mb=free.disk_free_mb * 10).sample()
+    assert low.disk_low and low.disk_min_free_mb == free.disk_free_mb * 10
+    assert low.disk_warning() is not None and "pulls need" in (low.disk_warning() or "")
+
+
 def test_missing_proc_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(MetricsError, match=r"proc/stat"):
         cpu_times(tmp_path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -38,10 +39,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import func, select
 
 from bench._servers import mosquitto
+from bench._table import table
+from bench.ingest_workers import WORKER_COUNTS, IngestRound, measure_round
 from cloud import broker as broker_files
 from cloud.broker_rabbitmq import write_definitions
 from cloud.config import resolve_settings
@@ -56,6 +60,7 @@ from harness.simulate import device_ids
 from harness.simulate_command import provision, save_credentials
 from modules.contract import DeploymentManifest
 from modules.profiles import load_profiles
+from tests.postgres import PostgresServer
 from tests.rabbitmq_cluster import RabbitCluster
 from tests.services import ServiceUnavailable
 
@@ -63,6 +68,12 @@ WAIT_S = 600.0
 RECOVERY_WAIT_S = 120.0
 CONVERGE_RATIO = 1.5
 RECOVERY_TARGET_S = 30.0
+PROGRESS_S = 5.0
+CONNECT_RATE = 100.0
+"""New MQTT connections per second the simulator opens (``--connect-rate``)."""
+KEEPALIVE_S = 135
+"""The simulated agents' MQTT keep-alive: a real agent's default."""
+SCALING_TARGET = 1.6
 MANIFEST = DeploymentManifest.model_validate(
     {
         "name": "bench-cluster",
@@ -87,6 +98,9 @@ class Result:
     dead_node_devices: int = 0
     recovered: int = 0
     """Devices of the dead node that reported again (all of them unless recovery timed out)."""
+    rejoin_s: float | None = None
+    """From restarting the killed node until it runs in the cluster again."""
+    nodes_after: int = 0
 
 
 def _count(db: Database, query: object) -> int:
@@ -124,22 +138,28 @@ class GaveUp(Exception):
 
 
 async def _until(check: Callable[[], int], goal: int, what: str, limit_s: float = WAIT_S) -> float:
-    started = time.monotonic()
+    started = said = time.monotonic()
     while True:
         got = await asyncio.to_thread(check)
+        now = time.monotonic()
         if got >= goal:
-            return time.monotonic() - started
-        if time.monotonic() - started > limit_s:
+            return now - started
+        if now - started > limit_s:
             raise GaveUp(what, got, goal, limit_s)
+        if now - said >= PROGRESS_S:
+            log(f"waiting for {what}: {got} of {goal} after {now - started:.0f} s")
+            said = now
         await asyncio.sleep(0.1)
 
 
-def _simulate(data: Path, urls: str, n: int, extra: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+def _simulate(
+    data: Path, urls: str, n: int, extra: list[str], log_file: Path, rate: float
+) -> subprocess.Popen[bytes]:
     argv = [
         sys.executable, "-m", "cloud.cli", "--data-dir", str(data), "simulate", "--devices", str(n),
-        "--broker", urls, "--public-key", str(public_key_path(data)), "--rate", "500",
-        "--pull-s", "0.1-0.5", "--ready-s", "0.1-0.5", "--heartbeat", "600", "--quiet",
-        "--log-level", "error", *extra,
+        "--broker", urls, "--public-key", str(public_key_path(data)), "--rate", f"{rate:g}",
+        "--pull-s", "0.1-0.5", "--ready-s", "0.1-0.5", "--heartbeat", "600", "--keepalive", str(KEEPALIVE_S),
+        "--quiet", "--log-level", "error", *extra,
     ]  # fmt: skip
     with log_file.open("wb") as out:
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=out)
@@ -168,7 +188,7 @@ async def _converge(fleet: Fleet, endpoint: Endpoint, n: int, ingest: Ingestor) 
     return time.monotonic() - started
 
 
-def run_mosquitto(work: Path, n: int) -> Result:
+def run_mosquitto(work: Path, n: int, connect_rate: float = CONNECT_RATE) -> Result:
     data = work / "mosquitto-data"
     data.mkdir()
     db = open_database(f"sqlite:///{data / 'edgedeploy.db'}")
@@ -178,7 +198,7 @@ def run_mosquitto(work: Path, n: int) -> Result:
     try:
         with mosquitto(work, "log_type error", "log_dest stderr", "max_queued_messages 100000") as broker:
             url = f"mqtt://127.0.0.1:{broker.port}"
-            simulator = _simulate(data, url, n, [], work / "simulate-mosquitto.log")
+            simulator = _simulate(data, url, n, [], work / "simulate-mosquitto.log", connect_rate)
             try:
                 endpoint = Endpoint.parse(url)
 
@@ -194,7 +214,16 @@ def run_mosquitto(work: Path, n: int) -> Result:
         fleet.close()
 
 
-def run_cluster(work: Path, n: int, recovery_wait_s: float = RECOVERY_WAIT_S) -> Result:
+def run_cluster(
+    work: Path,
+    n: int,
+    recovery_wait_s: float = RECOVERY_WAIT_S,
+    ingest_reports: int = 0,
+    worker_counts: tuple[int, ...] = WORKER_COUNTS,
+    connect_rate: float = CONNECT_RATE,
+) -> tuple[Result, list[IngestRound]]:
+    """Converge, kill node 2, time its devices' return, restart it; then the ingest rounds
+    (``ingest_reports`` reports per worker count; 0: none)."""
     data = work / "cluster-data"
     data.mkdir()
     settings = resolve_settings(data_dir=data)
@@ -227,7 +256,7 @@ def run_cluster(work: Path, n: int, recovery_wait_s: float = RECOVERY_WAIT_S) ->
             "--subscribe-qos",
             "0",
         ]
-        simulator = _simulate(data, urls, n, extra, work / "simulate-cluster.log")
+        simulator = _simulate(data, urls, n, extra, work / "simulate-cluster.log", connect_rate)
         dead = [d for i, d in enumerate(ids) if i % 3 == 1]  # device i starts on node i mod 3
 
         async def measure() -> Result:
@@ -251,12 +280,66 @@ def run_cluster(work: Path, n: int, recovery_wait_s: float = RECOVERY_WAIT_S) ->
                 return result
 
         try:
-            return asyncio.run(measure())
+            result = asyncio.run(measure())
         finally:
             _stop(simulator)
             fleet.close()
+        started = time.monotonic()
+        cluster.restart(1)
+        result.rejoin_s = time.monotonic() - started
+        result.nodes_after = cluster.running_nodes()
+        log(f"node 2 restarted: {result.nodes_after} nodes running after {result.rejoin_s:.1f} s")
+        rounds = []
+        if ingest_reports:
+            rounds = run_ingest(work, data, cluster, user, password, ingest_reports, worker_counts)
+        return result, rounds
     finally:
         cluster.stop()
+
+
+def run_ingest(
+    work: Path,
+    data: Path,
+    cluster: RabbitCluster,
+    user: str,
+    password: str,
+    count: int,
+    worker_counts: tuple[int, ...],
+) -> list[IngestRound]:
+    """Ingest rate with each number of ``edgectl deploy watch`` workers on one PostgreSQL."""
+    pg_dir = work / "postgresql"
+    pg_dir.mkdir()
+    pg_dir.chmod(0o755)
+    try:
+        server = PostgresServer(pg_dir)
+        server.start()
+    except ServiceUnavailable as e:
+        log(f"PostgreSQL cannot start, no ingest figures: {e.reason}")
+        return []
+    try:
+        db_url = server.url()
+        open_database(db_url).dispose()  # creates the tables once, before several workers start
+        secret = f"{quote(user, safe='')}:{quote(password, safe='')}@"
+        amqp = [f"amqp://127.0.0.1:{node.amqp_port}/" for node in cluster.nodes]
+        rounds = []
+        for generation, workers in enumerate(worker_counts, start=1):
+            log(f"ingest: {count} reports queued, {workers} worker(s)")
+            done = measure_round(
+                workers,
+                count,
+                generation,
+                data_dir=data,
+                db_url=db_url,
+                mqtt_urls=cluster.mqtt_urls,
+                amqp_urls=amqp,
+                amqp_fill_url=amqp[0].replace("://", f"://{secret}", 1),
+                log_dir=work,
+            )
+            log(f"ingest: {workers} worker(s): {done.rate:.0f} reports/s, CPUs {done.busy_pct:.0f} % busy")
+            rounds.append(done)
+        return rounds
+    finally:
+        server.stop()
 
 
 def render(results: list[Result]) -> str:
@@ -276,10 +359,32 @@ def render(results: list[Result]) -> str:
         elif r.dead_node_devices:
             recovery = f"not within the wait: {r.recovered} of {r.dead_node_devices} devices reported"
         rows.append((r.broker, str(r.devices), f"{r.converge_s:.2f} s", str(r.resent), recovery, target, met))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return table(rows)
+
+
+def render_ingest(rounds: list[IngestRound]) -> str:
+    one = next((r for r in rounds if r.workers == 1), None)
+    rows = [
+        ("workers", "reports", "ingest rate", "vs 1 worker", "CPUs busy", "all written in", "target", "met")
+    ]
+    for r in rounds:
+        ratio = r.rate / one.rate if one is not None and one.rate else None
+        target, met = "-", "-"
+        if r.workers == 2 and ratio is not None:
+            target, met = f"≥ {SCALING_TARGET:g}x 1 worker", "yes" if ratio >= SCALING_TARGET else "NO"
+        rows.append(
+            (
+                str(r.workers),
+                f"{r.reports:,}",
+                f"{r.rate:,.0f}/s",
+                f"{ratio:.2f}x" if ratio is not None else "-",
+                f"{r.busy_pct:.0f} %",
+                f"{r.total_s:.1f} s",
+                target,
+                met,
+            )
+        )
+    return table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,24 +397,62 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help=f"how long to wait for the dead node's devices (default {RECOVERY_WAIT_S:g})",
     )
+    p.add_argument(
+        "--connect-rate",
+        type=float,
+        default=CONNECT_RATE,
+        metavar="N",
+        help=f"new connections per second of the simulator, both brokers (default {CONNECT_RATE:g})",
+    )
+    p.add_argument(
+        "--ingest-reports",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help="reports queued per ingest round (default 20000; 0: no ingest rounds)",
+    )
+    p.add_argument("--workers", default="1,2,4", metavar="N,...", help="worker counts of the ingest rounds")
+    p.add_argument(
+        "--work-dir", type=Path, metavar="DIR", help="keep logs and data here (default: a temp dir)"
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = p.parse_args(argv)
     if args.devices < 3:
         p.error("--devices: at least 3 (one per node)")
-    with tempfile.TemporaryDirectory(prefix="edge-cluster-bench-") as tmp:
-        work = Path(tmp)
+    try:
+        workers = tuple(int(w) for w in args.workers.split(","))
+    except ValueError:
+        p.error(f"--workers {args.workers!r}: expected numbers such as 1,2,4")
+    with contextlib.ExitStack() as stack:
+        if args.work_dir is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-cluster-bench-")))
+        else:
+            work = args.work_dir
+            work.mkdir(parents=True, exist_ok=False)
         log(f"{args.devices} devices on one Mosquitto")
-        results = [run_mosquitto(work, args.devices)]
+        results = [run_mosquitto(work, args.devices, args.connect_rate)]
         log(f"mosquitto: converged in {results[0].converge_s:.2f} s")
         log(f"{args.devices} devices on a 3-node RabbitMQ cluster")
-        results.append(run_cluster(work, args.devices, args.recovery_wait))
+        cluster, rounds = run_cluster(
+            work, args.devices, args.recovery_wait, args.ingest_reports, workers, args.connect_rate
+        )
+        results.append(cluster)
     if args.json:
-        print(json.dumps([asdict(r) for r in results], indent=2))
+        print(
+            json.dumps(
+                {"converge": [asdict(r) for r in results], "ingest": [asdict(r) for r in rounds]}, indent=2
+            )
+        )
     else:
         load = "/".join(f"{x:.1f}" for x in os.getloadavg())
         python = platform.python_version()
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {load}, Python {python}")
         print(render(results))
+        rejoin = f"{cluster.nodes_after} nodes running {cluster.rejoin_s:.1f} s after restarting node 2"
+        print(f"\nrejoin: {rejoin}" if cluster.rejoin_s is not None else "")
+        if rounds:
+            print("\ningest through the quorum queue into one PostgreSQL (edgectl deploy watch workers):")
+            print(render_ingest(rounds))
     return 0
 
 

@@ -40,6 +40,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from bench._servers import mosquitto
+from bench._table import table
 from cloud.fleet.ingest import Ingestor
 from cloud.fleet.service import Fleet
 from cloud.keys import load_or_create_signing_key
@@ -338,10 +339,7 @@ def render(results: list[SizeResult]) -> str:
                 "yes" if r.ingest_store_per_s >= INGEST_TARGET else "NO",
             ),
         ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench._servers import free_port
+from bench._table import table
 from cloud.config import resolve_settings
 from cloud.inference_config import InferenceConfig
 from cloud.packaging import engine
@@ -215,10 +216,7 @@ def render(f: PackagingFigures) -> str:
             "-",
         ),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,9 @@ class SimDevice:
     profile: str = "cpu"
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    index: int | None = None
+    """Its place in the whole fleet: device i connects to node i mod n of a cluster first. None: its
+    place in the ``SimulatedFleet`` that runs it (``run_in_processes`` sets it before splitting)."""
 
 
 def device_ids(count: int, prefix: str = DEVICE_PREFIX) -> list[str]:
@@ -341,7 +344,8 @@ class SimulatedFleet:
     def _member(self, index: int, device: SimDevice, rng: random.Random) -> _Member:
         o = self.options
         urls = split_urls(o.broker_url)
-        first = index % len(urls)  # spread the devices over the nodes of a cluster
+        place = device.index if device.index is not None else index
+        first = place % len(urls)  # spread the devices over the nodes of a cluster
         broker = BrokerConfig.model_validate(
             {
                 "url": urls[first],
@@ -539,6 +543,12 @@ def event_loop_runner() -> Callable[[Any], Any]:
     return uvloop.run
 
 
+def shares(devices: Sequence[SimDevice], processes: int) -> list[list[SimDevice]]:
+    """``devices`` dealt round-robin to ``processes`` workers, each keeping its place in the whole fleet."""
+    placed = [d if d.index is not None else replace(d, index=i) for i, d in enumerate(devices)]
+    return [placed[i::processes] for i in range(processes)]
+
+
 def run_in_processes(
     devices: Sequence[SimDevice],
     public_pem: bytes,
@@ -562,10 +572,10 @@ def run_in_processes(
     workers = [
         ctx.Process(
             target=_worker,
-            args=(i, list(devices[i::processes]), public_pem, share, duration_s, progress_s, out),
+            args=(i, part, public_pem, share, duration_s, progress_s, out),
             name=f"edge-sim-{i}",
         )
-        for i in range(processes)
+        for i, part in enumerate(shares(devices, processes))
     ]
     for worker in workers:
         worker.start()

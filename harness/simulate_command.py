@@ -226,6 +226,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         subscribe_qos=args.subscribe_qos,
         connect_rate=args.rate,
         heartbeat_s=args.heartbeat,
+        **({} if args.keepalive is None else {"keepalive_s": args.keepalive}),
         settings=sim,
         seed=args.seed,
         inline_file_io=True,
@@ -334,6 +335,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--prefix", default="sim-", help="device id prefix (default sim-)")
     p.add_argument(
         "--rate", type=float, default=500.0, metavar="N", help="new connections per second (default 500)"
+    )
+    p.add_argument(
+        "--keepalive",
+        type=int,
+        metavar="S",
+        help="MQTT keep-alive of the agents (default 60; a real agent's is 135): a connection whose "
+        "CONNACK or ping answer takes longer is dropped and retried",
     )
     p.add_argument(
         "--processes",

@@ -51,6 +51,9 @@ class RabbitNode:
                     "log.console = false",
                     "log.file.level = info",
                     "cluster_partition_handling = pause_minority",
+                    # Retained messages in memory (the default DETS file costs a disk write per
+                    # report); the fleet's protocol never depends on a node keeping them.
+                    "mqtt.retained_message_store = rabbit_mqtt_retained_msg_store_ets",
                 ]
             )
             + "\n"

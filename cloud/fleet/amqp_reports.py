@@ -108,11 +108,7 @@ class AmqpReports:
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self.prefetch)
-            queue = await channel.declare_queue(
-                REPORTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
-            )
-            await queue.bind(EXCHANGE, routing_key=binding_key(topics.ALL_REPORTED))
-            await queue.bind(EXCHANGE, routing_key=binding_key(topics.ALL_HEARTBEATS))
+            queue = await declare_reports_queue(channel)
             await queue.consume(self._received)
             self.consuming.set()
             log.info("consuming reports from queue %s on %s", REPORTS_QUEUE, _redact(url))
@@ -143,6 +139,14 @@ class AmqpReports:
             return
         await taken[-1].ack(multiple=True)
         self.acknowledged += len(taken)
+
+
+async def declare_reports_queue(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
+    """The shared quorum queue, declared (idempotent) and bound to every device's reports and heartbeats."""
+    queue = await channel.declare_queue(REPORTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    await queue.bind(EXCHANGE, routing_key=binding_key(topics.ALL_REPORTED))
+    await queue.bind(EXCHANGE, routing_key=binding_key(topics.ALL_HEARTBEATS))
+    return queue
 
 
 def _redact(url: str) -> str:

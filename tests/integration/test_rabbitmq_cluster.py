@@ -11,7 +11,8 @@ SIGKILLed during a rollout: its devices fail over to the other nodes, every devi
 generation, and the node comes back and rejoins.
 
 Two cloud workers share reports through one replicated quorum queue read over AMQP (RabbitMQ's
-own competing consumers); one dies holding unacknowledged reports, and the other writes them.
+own competing consumers); one dies holding unacknowledged reports, and the other writes them. Two
+``edgectl deploy watch`` processes do the same on one PostgreSQL database, one SIGKILLed mid-stream.
 
 Skipped with a loud reason where RabbitMQ cannot start.
 """
@@ -51,6 +52,7 @@ from edgemqtt.endpoint import Endpoint
 from harness.simulate import FleetOptions, SimDevice, SimulatedFleet
 from modules.contract import DeploymentManifest, ReportedState
 from modules.profiles import load_profiles
+from tests.integration.test_store_postgres import db_url, postgres  # noqa: F401 (fixtures)
 from tests.rabbitmq_cluster import RabbitCluster
 from tests.services import REPO_ROOT, start_or_skip
 
@@ -376,11 +378,16 @@ def queue_state(cluster: RabbitCluster) -> tuple[int, int]:
 
 
 def test_edgectl_watchers_split_reports_and_one_can_be_killed(
-    cluster: RabbitCluster, provisioned: Provisioned, tmp_path: Path
+    cluster: RabbitCluster,
+    provisioned: Provisioned,
+    tmp_path: Path,
+    db_url: str,  # noqa: F811 (the fixture)
 ) -> None:
+    """Two ``edgectl deploy watch`` processes share the queue and one PostgreSQL database."""
     amqp = ",".join(f"amqp://127.0.0.1:{n.amqp_port}/" for n in cluster.nodes)
     argv = [
-        sys.executable, "-m", "cloud.cli", "--data-dir", str(provisioned.data_dir), "deploy", "watch",
+        sys.executable, "-m", "cloud.cli", "--data-dir", str(provisioned.data_dir), "--db-url", db_url,
+        "deploy", "watch",
         "--broker-url", ",".join(cluster.mqtt_urls), "--reports-queue", amqp, "--interval", "0.5",
     ]  # fmt: skip
     logs = [tmp_path / f"watch-{i}.log" for i in range(2)]
@@ -412,7 +419,7 @@ def test_edgectl_watchers_split_reports_and_one_can_be_killed(
                     publisher.publish(topics.reported(device), state.model_dump_json().encode())
         finally:
             publisher.close()
-        db = open_database(resolve_settings(data_dir=provisioned.data_dir).db_url)
+        db = open_database(db_url)
         try:
             while True:
                 with db.transaction() as s:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
@@ -196,11 +196,13 @@ def create_app(
     tokens: Tokens,
     *,
     controller_interval_s: float | None = None,
+    reports_queue: Sequence[str] = (),
     dashboard: bool = True,
 ) -> web.Application:
     """The API over ``s`` (closed when the app shuts down).
 
-    With ``controller_interval_s`` the rollout controller runs as a background task too; with
+    With ``controller_interval_s`` the rollout controller runs as a background task too (taking
+    reports from RabbitMQ's shared queue at ``reports_queue`` when given); with
     ``dashboard`` the operator dashboard is served under ``/ui/`` (session cookies, not tokens).
     """
     app = web.Application(middlewares=[request_id_middleware, error_middleware, auth_middleware])
@@ -213,7 +215,7 @@ def create_app(
         app.router.add_route(route.method, route.path, route.handler, name=route.operation_id)
     app.cleanup_ctx.append(routes_packages.package_jobs_context)
     if controller_interval_s is not None:
-        app.cleanup_ctx.append(controller_context(controller_interval_s))
+        app.cleanup_ctx.append(controller_context(controller_interval_s, reports_queue))
     if dashboard:
         # Imported here: the dashboard uses the API's helpers (routing, errors, services).
         from cloud.dashboard.routes import is_dashboard_path, setup

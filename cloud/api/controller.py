@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
@@ -19,12 +19,17 @@ from cloud.fleet.controller import INTERVAL_S, Controller
 DEFAULT_INTERVAL_S = INTERVAL_S
 
 
-def controller_context(interval_s: float) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A ``cleanup_ctx`` entry that runs the controller for the app's lifetime."""
+def controller_context(
+    interval_s: float, reports_queue: Sequence[str] = ()
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A ``cleanup_ctx`` entry that runs the controller for the app's lifetime (``reports_queue``:
+    the AMQP URLs of a RabbitMQ cluster's shared reports queue, as ``Controller`` takes them)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         s = app[services_key]
-        controller = Controller(s.fleet, s.endpoint, interval_s=interval_s, status=s.controller)
+        controller = Controller(
+            s.fleet, s.endpoint, interval_s=interval_s, status=s.controller, reports_queue=reports_queue
+        )
         task = asyncio.create_task(controller.run(), name="rollout-controller")
         yield
         task.cancel()

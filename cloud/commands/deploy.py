@@ -491,7 +491,7 @@ def rollout_errors() -> Iterator[None]:
         raise CliError(str(e), EXIT_USAGE if e.usage else EXIT_FAILURE) from e
 
 
-def _amqp_urls(text: str | None, endpoint: Endpoint) -> list[str]:
+def reports_queue_from(text: str | None, endpoint: Endpoint) -> list[str]:
     """The ``--reports-queue`` URLs; those without credentials get the cloud's MQTT user's."""
     urls = []
     for url in (u.strip() for u in (text or "").split(",") if u.strip()):
@@ -516,7 +516,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             interval_s=args.interval,
             say=lambda line: print(line, flush=True),
             warn=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True),
-            reports_queue=_amqp_urls(args.reports_queue, endpoint),
+            reports_queue=reports_queue_from(args.reports_queue, endpoint),
         )
         asyncio.run(controller.run(until_settled=args.until_settled))
     return 0
@@ -733,11 +733,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--interval", type=float, default=INTERVAL_S, metavar="SECONDS")
     p.add_argument("--until-settled", action="store_true", help="exit once no rollout is in progress")
+    add_reports_queue_option(p)
+    add_broker_option(p)
+
+
+def add_reports_queue_option(p: argparse.ArgumentParser) -> None:
+    """``--reports-queue``: the cloud worker takes reports from RabbitMQ's shared quorum queue."""
     p.add_argument(
         "--reports-queue",
         metavar="AMQP_URL[,AMQP_URL...]",
         help="RabbitMQ cluster: take reports from the shared quorum queue 'edge.reports' over AMQP "
-        "(amqp://node:5672/ per node; credentials default to the cloud's MQTT user), so several watchers "
-        "split the fleet; MQTT 3.1.1 without $share to --broker-url (see docs/brokers.md)",
+        "(amqp://node:5672/ per node; credentials default to the cloud's MQTT user), so several cloud "
+        "workers split the fleet; MQTT 3.1.1 without $share to --broker-url (see docs/brokers.md)",
     )
-    add_broker_option(p)

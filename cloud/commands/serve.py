@@ -14,8 +14,14 @@ from cloud.api.app import create_app
 from cloud.api.auth import TOKEN_ENV, TOKEN_FILE, TokenError, load_tokens
 from cloud.api.context import DEFAULT_UPLOAD_MAX, Services
 from cloud.api.controller import DEFAULT_INTERVAL_S
+from cloud.broker_rabbitmq import REPORTS_QUEUE
 from cloud.commands.base import EXIT_FAILURE, CliError, add_command, settings_from, store_errors
-from cloud.commands.deploy import add_broker_option, endpoint_from
+from cloud.commands.deploy import (
+    add_broker_option,
+    add_reports_queue_option,
+    endpoint_from,
+    reports_queue_from,
+)
 from cloud.keys import KeyFileError
 from modules.documents import DocumentError
 
@@ -41,6 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--max-upload-mb {args.max_upload_mb}: give a positive size")
     if args.interval <= 0:
         raise CliError(f"--interval {args.interval}: give a positive number of seconds")
+    if args.reports_queue and args.no_controller:
+        raise CliError("--reports-queue feeds the controller: it cannot go with --no-controller")
     settings = settings_from(args)
     token_file = Path(args.token_file) if args.token_file else settings.data_dir / TOKEN_FILE
     try:
@@ -55,10 +63,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(str(e), EXIT_FAILURE) from e
         except DocumentError as e:
             raise CliError(f"device profiles: {e}", EXIT_FAILURE) from e
+    reports_queue = reports_queue_from(args.reports_queue, endpoint)
     app = create_app(
         services,
         tokens,
         controller_interval_s=None if args.no_controller else args.interval,
+        reports_queue=reports_queue,
         dashboard=not args.no_dashboard,
     )
     if tokens.generated:
@@ -72,6 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     controller = "off" if args.no_controller else f"on, broker {endpoint.url}"
+    if reports_queue:
+        controller += f", reports from RabbitMQ queue {REPORTS_QUEUE}"
     dashboard = "" if args.no_dashboard else f"dashboard at http://{args.host}:{args.port}/ui/; "
     try:
         web.run_app(
@@ -136,4 +148,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help=f"controller pass interval (default {DEFAULT_INTERVAL_S:g})",
     )
+    add_reports_queue_option(p)
     add_broker_option(p)

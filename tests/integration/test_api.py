@@ -785,3 +785,8 @@ def test_serve_token_from_environment_and_bad_tokens(tmp_path: Path, served: lis
     served.append(loose)
     _out, err = loose.proc.communicate(timeout=WAIT_S)
     assert loose.proc.returncode == 1 and "chmod 600" in err
+
+    queue_only = Served(tmp_path / "data", {TOKEN_ENV: env_token}, "--reports-queue", "amqp://127.0.0.1:1/")
+    served.append(queue_only)
+    _out, err = queue_only.proc.communicate(timeout=WAIT_S)
+    assert queue_only.proc.returncode == 2 and "cannot go with --no-controller" in err

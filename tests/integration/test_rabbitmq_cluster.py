@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import signal
 import subprocess
@@ -38,6 +39,7 @@ from sqlalchemy import select
 from agent.config import load_agent_config
 from agent.runtime.simulated import SimulationSettings
 from cloud import broker as broker_files
+from cloud.api.auth import TOKEN_ENV
 from cloud.broker_rabbitmq import REPORTS_QUEUE
 from cloud.cli import main
 from cloud.config import resolve_settings
@@ -54,7 +56,7 @@ from modules.contract import DeploymentManifest, ReportedState
 from modules.profiles import load_profiles
 from tests.integration.test_store_postgres import db_url, postgres  # noqa: F401 (fixtures)
 from tests.rabbitmq_cluster import RabbitCluster
-from tests.services import REPO_ROOT, start_or_skip
+from tests.services import REPO_ROOT, free_port, start_or_skip
 
 pytestmark = pytest.mark.integration
 
@@ -383,22 +385,26 @@ def test_edgectl_watchers_split_reports_and_one_can_be_killed(
     tmp_path: Path,
     db_url: str,  # noqa: F811 (the fixture)
 ) -> None:
-    """Two ``edgectl deploy watch`` processes share the queue and one PostgreSQL database."""
+    """Two cloud workers, ``edgectl deploy watch`` and ``edgectl serve``, share the queue and one
+    PostgreSQL database; the watcher is SIGKILLed mid-stream and the server writes the rest."""
     amqp = ",".join(f"amqp://127.0.0.1:{n.amqp_port}/" for n in cluster.nodes)
-    argv = [
-        sys.executable, "-m", "cloud.cli", "--data-dir", str(provisioned.data_dir), "--db-url", db_url,
-        "deploy", "watch",
-        "--broker-url", ",".join(cluster.mqtt_urls), "--reports-queue", amqp, "--interval", "0.5",
-    ]  # fmt: skip
-    logs = [tmp_path / f"watch-{i}.log" for i in range(2)]
+    cli = [sys.executable, "-m", "cloud.cli", "--data-dir", str(provisioned.data_dir), "--db-url", db_url]
+    shared = ["--broker-url", ",".join(cluster.mqtt_urls), "--reports-queue", amqp, "--interval", "0.5"]
+    commands = [
+        [*cli, "deploy", "watch", *shared],
+        [*cli, "serve", "--port", str(free_port()), "--no-dashboard", *shared],
+    ]
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    env = {**os.environ, TOKEN_ENV: "token-of-the-cluster-test-0123456789"}
     workers = [
-        subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO_ROOT) for log in logs
+        subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+        for argv, log in zip(commands, logs, strict=True)
     ]
     try:
         deadline = time.monotonic() + WAIT_S
         while queue_state(cluster)[0] < 2:
             assert all(w.poll() is None for w in workers), [log.read_text()[-2000:] for log in logs]
-            assert time.monotonic() < deadline, "two watchers never consumed the reports queue"
+            assert time.monotonic() < deadline, "the two workers never both consumed the reports queue"
             time.sleep(0.5)
         publisher = Client(
             cluster.mqtt_urls[2], provisioned.cloud.username or "", provisioned.cloud.password or ""

@@ -42,6 +42,13 @@ EXCHANGE = "amq.topic"
 HASHING = "rabbit_password_hashing_sha256"
 USERNAME = "{username}"
 """RabbitMQ's placeholder for the connecting user in topic permissions."""
+NODE_SETTINGS = (
+    "mqtt.retained_message_store = rabbit_mqtt_retained_msg_store_ets",
+    "cluster_partition_handling = pause_minority",
+)
+"""``rabbitmq.conf`` lines every node of a fleet's cluster wants: retained messages in memory (the
+default DETS file costs a disk write per retained report, and the fleet's protocol never depends on
+a node keeping them), and a minority side that pauses rather than diverges."""
 
 
 def rabbit_password_hash(password: str, *, salt: bytes | None = None) -> str:

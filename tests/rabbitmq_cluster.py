@@ -19,6 +19,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cloud.broker_rabbitmq import NODE_SETTINGS
 from tests.services import HOST, ServiceUnavailable, free_port, log_tail
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
@@ -50,10 +51,7 @@ class RabbitNode:
                     "loopback_users = none",
                     "log.console = false",
                     "log.file.level = info",
-                    "cluster_partition_handling = pause_minority",
-                    # Retained messages in memory (the default DETS file costs a disk write per
-                    # report); the fleet's protocol never depends on a node keeping them.
-                    "mqtt.retained_message_store = rabbit_mqtt_retained_msg_store_ets",
+                    *NODE_SETTINGS,
                 ]
             )
             + "\n"

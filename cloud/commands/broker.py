@@ -191,6 +191,9 @@ def cmd_rabbitmq(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {target}: {len(hashes) - len(left_out)} device(s) and the cloud's user")
         print(f"import it on any node of the cluster: rabbitmqctl import_definitions {target}")
+        print("each node's rabbitmq.conf should hold (see docs/brokers.md):")
+        for line in broker_rabbitmq.NODE_SETTINGS:
+            print(f"  {line}")
         for device, why in left_out.items():
             print(f"left out {device}: {why}", file=sys.stderr)
     return 0

@@ -29,7 +29,6 @@ as bytes arrive.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import platform
@@ -53,6 +52,7 @@ from agent.runtime.registry_http import (
     why,
 )
 from modules.contract import DEFAULT_REGISTRY, PullProgress, registry_of, split_image_ref
+from modules.hosts import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,10 @@ def machine_arch() -> str:
 
 
 def _is_loopback(registry: str) -> bool:
-    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Whether a registry (``host``, ``host:port``, ``[v6]:port``) is on this machine."""
+    return is_loopback(
+        registry.rsplit(":", 1)[0] if registry.count(":") == 1 or "]:" in registry else registry
+    )
 
 
 def _descriptor(raw: Mapping[str, Any], where: str) -> Descriptor:

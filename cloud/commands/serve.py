@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -24,19 +23,11 @@ from cloud.commands.deploy import (
 )
 from cloud.keys import KeyFileError
 from modules.documents import DocumentError
+from modules.hosts import is_loopback
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs id=%{X-Request-Id}o'
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -74,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if tokens.generated:
         print(f"generated an operator token (shown once; stored in {tokens.source}):", flush=True)
         print(tokens.generated, flush=True)
-    if not _is_loopback(args.host):
+    if not is_loopback(args.host):
         print(
             f"warning: --host {args.host} is not a loopback address and the API speaks plain HTTP: "
             "put it behind a TLS proxy",

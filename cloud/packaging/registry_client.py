@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import ipaddress
 import json
 import re
 import ssl
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from cloud.packaging.errors import RegistryError
+from modules.hosts import is_loopback
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -35,15 +35,6 @@ MANIFEST_ACCEPT = ", ".join(
 )
 _CHUNK = 1 << 20
 _CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_token_realm(realm: str, registry: str, *, secure: bool) -> None:
@@ -65,7 +56,7 @@ def check_token_realm(realm: str, registry: str, *, secure: bool) -> None:
     if parts.scheme == "https":
         return
     registry_host = urllib.parse.urlsplit("//" + registry).hostname
-    if _is_loopback(host) or (not secure and host == registry_host):
+    if is_loopback(host) or (not secure and host == registry_host):
         return
     raise RegistryError(
         f"{where} over plain HTTP on another host; refusing to send credentials there "
@@ -112,7 +103,7 @@ class RegistryClient:
             raise RegistryError(f"registry address {address!r} must be host[:port], without a scheme")
         self.address = address
         host = urllib.parse.urlsplit("//" + address).hostname or address
-        self.secure = not (_is_loopback(host) if insecure is None else insecure)
+        self.secure = not (is_loopback(host) if insecure is None else insecure)
         self.credentials = credentials
         self.timeout_s = timeout_s
         self._tokens: dict[str, str] = {}

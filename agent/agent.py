@@ -352,14 +352,13 @@ class Agent:
     async def _collect_images(self, now: datetime) -> None:
         """Every ``GC_EVERY_S``: let the runtime remove the images it pulled that neither the last
         applied nor the last known good state names (``agent/runtime/image_gc.py``)."""
-        collect = getattr(self.runtime, "collect_images", None)
-        if collect is None or (self._gc_at is not None and (now - self._gc_at).total_seconds() < GC_EVERY_S):
+        if self._gc_at is not None and (now - self._gc_at).total_seconds() < GC_EVERY_S:
             return
         self._gc_at = now
         states = (self.state.last_applied, self.state.last_known_good)
         keep = {c.image for s in states if s for m in s.modules.values() for c in m.candidates()}
         try:
-            await collect(keep, now)
+            await self.runtime.collect_images(keep, now)
         except Exception:
             log.exception("image garbage collection failed (tried again in %.0f s)", GC_EVERY_S)
 

@@ -13,6 +13,7 @@ shows in the next ``observe``).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection
+from datetime import datetime
 from typing import Any, Protocol
 
 from agent.actions import ActionKind, Create, Pull, Remove, Restart, Start, Stop
@@ -71,6 +72,11 @@ class ModuleRuntime(Protocol):
 
     def health_url(self, module: str, check: HealthCheck) -> str | None:
         """``http://host:port`` where ``check.port`` of the module answers (as of the last observe)."""
+        ...
+
+    async def collect_images(self, keep: Collection[str], now: datetime) -> list[str]:
+        """Remove the images this runtime pulled that no module uses and ``keep`` does not name,
+        once their grace period passed (``agent/runtime/image_gc.py``); what was removed."""
         ...
 
     async def close(self) -> None:

@@ -337,6 +337,10 @@ class SimulatedRuntime:
             lines.append(f"this configuration is broken on this device ({m.broken})")
         return "\n".join(lines[-tail:])
 
+    async def collect_images(self, keep: Collection[str], now: datetime) -> list[str]:
+        """Simulated images take no disk: nothing to collect."""
+        return []
+
     async def close(self) -> None:
         """Nothing to release."""
 

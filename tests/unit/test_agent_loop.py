@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agent.actions import Create, Pull, Remove, Restart, Start, Stop
-from agent.agent import Agent
+from agent.agent import GC_EVERY_S, Agent
 from agent.config import AgentConfig, BrokerConfig, RestartSettings
 from agent.health import HealthResult, ProbeTarget
 from agent.link import DesiredSlot
@@ -67,6 +67,8 @@ class FakeRuntime:
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[tuple[str, str], str] = {}
         self.clock: Clock | None = None
+        self.kept: list[set[str]] = []
+        """What each ``collect_images`` call was told to keep."""
 
     def _record(self, kind: str, module: str) -> None:
         self.calls.append((kind, module))
@@ -112,6 +114,10 @@ class FakeRuntime:
     def health_url(self, module: str, check: HealthCheck) -> str | None:
         o = self.modules.get(module)
         return f"http://fake/{module}" if o is not None and o.status == "running" else None
+
+    async def collect_images(self, keep: Collection[str], now: datetime) -> list[str]:
+        self.kept.append(set(keep))
+        return []
 
     async def close(self) -> None:
         return None
@@ -579,3 +585,16 @@ def test_metrics_render() -> None:
     assert 'edge_agent_desired_rejections_total{code="signature"} 2' in text
     assert 'edge_agent_modules{status="running"} 2' in text
     assert "edge_agent_mqtt_connected 1" in text
+
+
+async def test_the_runtime_collects_images_every_minute_keeping_the_applied_states(rig: Rig) -> None:
+    assert rig.link is not None
+    rig.link.desired.put(desired(1, {"web": module("localhost:5000/web:1")}))
+    await rig.agent.reconcile_once()
+    assert rig.runtime.kept and rig.runtime.kept[-1] == {"localhost:5000/web:1"}
+    calls = len(rig.runtime.kept)
+    await rig.agent.reconcile_once()
+    assert len(rig.runtime.kept) == calls  # not again within GC_EVERY_S
+    rig.clock.advance(GC_EVERY_S)
+    await rig.agent.reconcile_once()
+    assert len(rig.runtime.kept) == calls + 1

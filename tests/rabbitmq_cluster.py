@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cloud.broker_rabbitmq import NODE_SETTINGS
-from tests.services import HOST, ServiceUnavailable, free_port, log_tail
+from tests.services import HOST, ServiceUnavailable, fixed_port, log_tail
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 CTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
@@ -35,9 +35,10 @@ class RabbitNode:
         self.name = name
         self.dir = root / name.split("@")[0]
         self.home = home
-        self.amqp_port = free_port()
-        self.mqtt_port = free_port()
-        self.dist_port = free_port()
+        # Below the ephemeral range: a restarted node must get its ports back (see fixed_port).
+        self.amqp_port = fixed_port()
+        self.mqtt_port = fixed_port()
+        self.dist_port = fixed_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.dir.mkdir(parents=True)
         for sub in ("mnesia", "log"):

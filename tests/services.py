@@ -9,6 +9,7 @@ records the outcome for the end-of-run summary (see ``tests/conftest.py``).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,6 +46,29 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def fixed_port(host: str = HOST) -> int:
+    """A free TCP port below the kernel's ephemeral range, for a service that must get the same port
+    back after a restart: the outgoing connections of a big simulated fleet take ephemeral ports,
+    and one could hold a port ``free_port`` gave out while its service was down."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10_000, max(low, 10_001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    return free_port(host)
 
 
 def port_open(host: str, port: int) -> bool:

@@ -89,6 +89,7 @@ class RabbitNode:
             stdout=(self.dir / "stdout.log").open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            cwd=self.dir,  # an Erlang crash dump lands with the node's files
         )
 
     def ctl(self, *args: str, timeout_s: float = CTL_S) -> str:

@@ -183,6 +183,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise CliError(f"--devices {args.devices}: expected 1..{MAX_DEVICES}")
     if args.rate <= 0:
         raise CliError(f"--rate {args.rate:g}: expected a positive number of connections per second")
+    if not 5 <= args.keepalive <= 65535:
+        raise CliError(f"--keepalive {args.keepalive}: expected 5 to 65535 seconds")
     if args.duration is not None and args.duration <= 0:
         raise CliError(f"--duration {args.duration:g}: expected a positive number of seconds")
     if args.processes is None:
@@ -226,7 +228,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         subscribe_qos=args.subscribe_qos,
         connect_rate=args.rate,
         heartbeat_s=args.heartbeat,
-        **({} if args.keepalive is None else {"keepalive_s": args.keepalive}),
+        keepalive_s=args.keepalive,
         settings=sim,
         seed=args.seed,
         inline_file_io=True,
@@ -339,6 +341,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--keepalive",
         type=int,
+        default=60,
         metavar="S",
         help="MQTT keep-alive of the agents (default 60; a real agent's is 135): a connection whose "
         "CONNACK or ping answer takes longer is dropped and retried",

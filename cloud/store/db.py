@@ -32,6 +32,8 @@ from cloud.store.fleet import DesiredRecord  # noqa: F401  (registers the fleet 
 from cloud.store.models import Base, SchemaVersion
 
 SCHEMA_VERSION = 5
+SCHEMA_LOCK_KEY = 0x65646765_64706C79
+"""The PostgreSQL advisory lock held while the schema is created or upgraded."""
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Below this, SQLite cannot create its WAL index and journal: the directory counts as full.
 MIN_FREE_BYTES = 256 * 1024
@@ -209,23 +211,32 @@ UPGRADES: dict[int, tuple[tuple[str, str, str], ...]] = {
 
 
 def _ensure_schema(db: Database) -> None:
-    Base.metadata.create_all(db.engine)
-    with db.transaction() as s:
-        row = s.scalar(select(SchemaVersion).where(SchemaVersion.id == 1))
-        if row is None:
-            s.add(SchemaVersion(id=1, version=SCHEMA_VERSION))
-            return
-        while row.version < SCHEMA_VERSION and row.version in UPGRADES:
-            for table, column, kind in UPGRADES[row.version]:
-                present = {c["name"] for c in inspect(s.connection()).get_columns(table)}
-                if column not in present:
-                    s.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
-            log.info(
-                "database %s: schema upgraded from version %d to %d", db.url, row.version, row.version + 1
-            )
-            row.version += 1
-        if row.version != SCHEMA_VERSION:
-            raise SchemaError(
-                f"database {db.url} has schema version {row.version}; this edgectl understands "
-                f"version {SCHEMA_VERSION}"
-            )
+    """Create missing tables and upgrade the schema, in one transaction. On PostgreSQL it holds an
+    advisory lock meanwhile: cloud workers starting together on an empty database would otherwise
+    race to create the same tables (one fails on PostgreSQL's catalog)."""
+    with db.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        Base.metadata.create_all(conn)
+        with Session(bind=conn) as s:
+            _upgrade(db, s)
+            s.flush()
+
+
+def _upgrade(db: Database, s: Session) -> None:
+    row = s.scalar(select(SchemaVersion).where(SchemaVersion.id == 1))
+    if row is None:
+        s.add(SchemaVersion(id=1, version=SCHEMA_VERSION))
+        return
+    while row.version < SCHEMA_VERSION and row.version in UPGRADES:
+        for table, column, kind in UPGRADES[row.version]:
+            present = {c["name"] for c in inspect(s.connection()).get_columns(table)}
+            if column not in present:
+                s.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+        log.info("database %s: schema upgraded from version %d to %d", db.url, row.version, row.version + 1)
+        row.version += 1
+    if row.version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"database {db.url} has schema version {row.version}; this edgectl understands "
+            f"version {SCHEMA_VERSION}"
+        )

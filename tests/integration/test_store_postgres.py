@@ -15,7 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,8 +28,9 @@ from cloud.cli import main
 from cloud.config import Settings
 from cloud.store import DiskFullError, InUseError, NotFoundError, Registry
 from cloud.store import blobs as blobs_module
+from cloud.store.db import SCHEMA_VERSION, open_database
 from cloud.store.deployments import set_deployment_models
-from cloud.store.models import Blob, Model, ModelVersion
+from cloud.store.models import Blob, Model, ModelVersion, SchemaVersion
 from tests.postgres import PostgresServer
 from tests.services import start_or_skip
 
@@ -82,6 +85,24 @@ def model_dir(tmp_path: Path) -> Path:
     (d / "model.onnx").write_bytes(b"onnx" * 5000)
     (d / "sub" / "labels.txt").write_text("a\nb\n")
     return d
+
+
+def test_workers_starting_together_on_an_empty_database_all_open_it(db_url: str) -> None:
+    """Several cloud processes on one fresh database create its tables once, without a race."""
+    start = threading.Barrier(6)
+
+    def open_it() -> int:
+        start.wait()
+        db = open_database(db_url)
+        try:
+            with db.transaction() as s:
+                return int(s.scalar(select(SchemaVersion.version)) or 0)
+        finally:
+            db.dispose()
+
+    with ThreadPoolExecutor(6) as pool:
+        versions = list(pool.map(lambda _i: open_it(), range(6)))
+    assert versions == [SCHEMA_VERSION] * 6
 
 
 def test_engine_uses_psycopg3(registry: Registry) -> None:

@@ -411,9 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ingest-reports",
         type=int,
-        default=20_000,
+        default=50_000,
         metavar="N",
-        help="reports queued per ingest round (default 20000; 0: no ingest rounds)",
+        help="reports queued per ingest round (default 50000; 0: no ingest rounds)",
     )
     p.add_argument("--workers", default="1,2,4", metavar="N,...", help="worker counts of the ingest rounds")
     p.add_argument(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -63,8 +64,21 @@ class ServerSpec:
     """When set, requests are Open Inference Protocol JSON for this model instead of ``{"data"}``."""
 
 
+_PORTS = range(20000, 32768)
+"""Where ``free_port`` looks: below Linux's default ephemeral range (32768-60999), so that a busy
+machine's outgoing connections (thousands of simulated devices) cannot take the port between
+``free_port`` and the server's bind."""
+
+
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
+    """A TCP port that is free on 127.0.0.1 right now, outside the ephemeral range when one is free there."""
+    for port in random.sample(_PORTS, 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

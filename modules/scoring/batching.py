@@ -288,7 +288,7 @@ class Batcher(Generic[T, R]):
             self._timer = None
         try:
             self._start_batches(loop)
-        finally:  # also when starting one failed (no thread): the rest must not wait forever
+        finally:  # also when something failed unexpectedly: the rest must not wait forever
             for request in self._waiting:
                 request.arm(loop, self.timeout_s)
 
@@ -313,13 +313,26 @@ class Batcher(Generic[T, R]):
                 self.inline_batches += 1
                 self._settle(batch, *self._run_batch(batch))
                 continue
+            try:
+                self._start_thread()
+            except RuntimeError as exc:  # "can't start new thread": answer now, try again next batch
+                log.error("model %s: cannot start the batch thread: %s", self.name, exc)
+                failure = RuntimeError(f"model {self.name}: cannot start the batch thread: {exc}")
+                self._settle(batch, [(None, failure)] * len(batch), False)
+                continue
             self._busy = True
             for request in batch:
                 request.arm(loop, self.timeout_s)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=f"batch_{self.name}", daemon=True)
-                self._thread.start()
             self._jobs.put((batch, loop))
+
+    def _start_thread(self) -> None:
+        """Start the batch thread unless it runs; RuntimeError when it cannot start (left unset,
+        so the next batch tries again)."""
+        if self._thread is not None:
+            return
+        thread = threading.Thread(target=self._work, name=f"batch_{self.name}", daemon=True)
+        thread.start()
+        self._thread = thread
 
     def _finished(self, batch: list[_Request[T, R]], outcomes: list[Outcome], split: bool) -> None:
         """On the loop, when a batch is back from the thread: answer it, start the next one."""

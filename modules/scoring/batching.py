@@ -130,6 +130,11 @@ def plan(waiting: Sequence[Waiting], now: float, max_rows: int, max_delay_s: flo
 
 def feeds_key(feeds: Feeds) -> tuple[Hashable, int]:
     """(batch key, rows) of a request; inputs that disagree on their batch size get a key of their own."""
+    if len(feeds) == 1:  # the common case, without the sorting and the set
+        [(name, a)] = feeds.items()
+        if not a.ndim:
+            return object(), 1
+        return ((name, a.dtype.str, a.shape[1:]),), a.shape[0]
     sizes = {a.shape[0] if a.ndim else -1 for a in feeds.values()}
     if len(sizes) != 1 or -1 in sizes:
         return object(), 1  # the model will reject it; it runs alone and gets its own error
@@ -145,7 +150,9 @@ def tensor_batches(run: Callable[[Feeds], Feeds]) -> Callable[[list[Feeds]], lis
         if len(items) == 1:
             return [run(items[0])]
         joined = {name: np.concatenate([f[name] for f in items]) for name in items[0]}
-        return _split(run(joined), [feeds_key(f)[1] for f in items])
+        # Requests share a batch only when their inputs agree on the batch size (``feeds_key``),
+        # so any input's first dimension is a request's rows.
+        return _split(run(joined), [next(iter(f.values())).shape[0] for f in items])
 
     return run_many
 
@@ -467,11 +474,15 @@ def _expire(future: asyncio.Future[Any]) -> None:
 def _split(outputs: Feeds, rows: list[int]) -> list[Feeds]:
     """Each request's rows of every output, in order; ValueError when an output lost the batch size."""
     total = sum(rows)
-    bounds = np.cumsum(rows)[:-1]
+    spans = []
+    start = 0
+    for n in rows:
+        spans.append((start, start + n))
+        start += n
     parts: list[Feeds] = [{} for _ in rows]
     for name, array in outputs.items():
         if array.ndim == 0 or array.shape[0] != total:
             raise ValueError(f"output {name!r} has {array.shape[0] if array.ndim else 0} rows, not {total}")
-        for part, piece in zip(parts, np.split(array, bounds), strict=True):
-            part[name] = piece
+        for part, (begin, end) in zip(parts, spans, strict=True):
+            part[name] = array[begin:end]
     return parts

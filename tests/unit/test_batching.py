@@ -117,6 +117,11 @@ def test_feeds_key_groups_by_everything_but_the_batch_dimension() -> None:
     assert feeds_key({"x": np.zeros((2, 3), np.float64)})[0] != a[0]
     ragged = feeds_key({"x": np.zeros((2, 3), np.float32), "y": np.zeros((3, 3), np.float32)})
     assert ragged[0] != feeds_key({"x": np.zeros((2, 3), np.float32), "y": np.zeros((3, 3), np.float32)})[0]
+    scalar = {"x": np.ones((), np.float32)}
+    assert feeds_key(scalar)[0] != feeds_key(scalar)[0], "no batch dimension: a batch of its own"
+    two = feeds_key({"y": np.zeros((2, 3), np.int64), "x": np.zeros((2, 3), np.float32)})
+    other_order = feeds_key({"x": np.zeros((4, 3), np.float32), "y": np.zeros((4, 3), np.int64)})
+    assert two[0] == other_order[0] and (two[1], other_order[1]) == (2, 4)
 
 
 # --- the Batcher on real models -----------------------------------------------------------

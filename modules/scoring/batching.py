@@ -15,7 +15,9 @@ adaptive batching. The decision is ``plan``, a pure function of what waits and t
   that caused it.
 
 While requests come one at a time, one that is cheap enough for the loop runs at once, in its
-caller's task (``Batcher._run_lone``): a lone request never pays for the batching machinery.
+caller's task (``Batcher._run_lone``): a lone request never pays for the batching machinery. A
+worker process with one CPU's share of threads can give such requests a session of their own with
+every CPU's threads (``run_lone``), once ``LONE_STREAK`` requests in a row came alone.
 
 Requests wait on the event loop, not in threads: only the batch itself runs in a thread, or on
 the loop when batches have been measured to take less than a thread hand-over (``INLINE_RUN_S``;
@@ -53,6 +55,11 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 INLINE_RUN_S = 0.0001
 """Batches expected to run faster than this run on the event loop (a thread hand-over and the
 loop's wake-up cost about as much on small machines); the loop is never held longer than that."""
+
+LONE_STREAK = 8
+"""A lone request goes to the batcher's ``run_lone`` runner (a session with every CPU's threads) only
+after this many batches of one request in a row: requests that come one at a time, not a gap in load,
+where the other workers need their CPUs."""
 
 SOLE_CPU_INLINE_RUN_S = 0.005
 """The same bound for a process with one CPU to itself (a worker of ``SCORING_WORKERS`` = CPUs, or a
@@ -206,8 +213,10 @@ class Batcher(Generic[T, R]):
         max_queued: int = 256,
         timeout_s: float = 60.0,
         inline_s: float = INLINE_RUN_S,
+        run_lone: Callable[[T], R] | None = None,
     ) -> None:
         self._run_many = run_many
+        self._run_lone_item = run_lone
         self._inline_s = inline_s
         self._key = key
         self.settings = settings
@@ -220,6 +229,8 @@ class Batcher(Generic[T, R]):
         self._soon = False
         self._lone = True
         """The last batch was one request: the next lone arrival runs at once (``_run_lone``)."""
+        self._lone_streak = 0
+        """Batches of one request in a row (``LONE_STREAK``)."""
         self._timer: asyncio.TimerHandle | None = None
         self._jobs: SimpleQueue[tuple[list[_Request[T, R]], asyncio.AbstractEventLoop] | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -280,6 +291,7 @@ class Batcher(Generic[T, R]):
         loop.call_soon(self._dispatch, loop)
         self.sizes.observe(request.rows)
         self.inline_batches += 1
+        self._lone_streak += 1
         [(result, error)], _ = self._run_batch([request])
         if error is not None:
             raise error
@@ -316,6 +328,7 @@ class Batcher(Generic[T, R]):
             rows = sum(r.rows for r in batch)
             self.sizes.observe(rows)
             self._lone = len(batch) == 1
+            self._lone_streak = self._lone_streak + 1 if self._lone else 0
             if self.costs.expected(rows) < self._inline_s:
                 self.inline_batches += 1
                 self._settle(batch, *self._run_batch(batch))
@@ -378,11 +391,13 @@ class Batcher(Generic[T, R]):
             del job, batch, loop, outcomes
 
     def _run_batch(self, batch: list[_Request[T, R]]) -> tuple[list[Outcome], bool]:
-        """Outcomes of one batch; a failed batch is run request by request (True: it was split)."""
+        """Outcomes of one batch; a failed batch is run request by request (True: it was split).
+        A batch of one request after a streak of them goes to ``run_lone`` when there is one."""
         items = [r.item for r in batch]
+        lone = self._run_lone_item if len(items) == 1 and self._lone_streak > LONE_STREAK else None
         started = time.perf_counter()
         try:
-            results = self._run_many(items)
+            results = self._run_many(items) if lone is None else [lone(items[0])]
             if len(results) != len(items):
                 raise ValueError(f"{len(results)} results for a batch of {len(items)} requests")
         except Exception as exc:

@@ -10,9 +10,11 @@ a minimal onnxruntime runtime, with its default settings (one parallel worker pr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -63,8 +65,21 @@ class ServerSpec:
     """When set, requests are Open Inference Protocol JSON for this model instead of ``{"data"}``."""
 
 
+_PORTS = range(20000, 32768)
+"""Where ``free_port`` looks: below Linux's default ephemeral range (32768-60999), so that a busy
+machine's outgoing connections (thousands of simulated devices) cannot take the port between
+``free_port`` and the server's bind."""
+
+
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
+    """A TCP port that is free on 127.0.0.1 right now, outside the ephemeral range when one is free there."""
+    for port in random.sample(_PORTS, 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -127,6 +142,69 @@ def ours(
         ready_path="/v2/health/ready",
         health_path="/",
     )
+
+
+def floor(key: str, label: str, model_dir: Path, processes: int) -> ServerSpec:
+    """The floor: ``floor_main``, the least a Python HTTP server must do per request, in
+    ``processes`` processes sharing the port."""
+    code = "import sys; from bench._servers import floor_main; floor_main(sys.argv[1:])"
+    argv = (sys.executable, "-c", code, str(model_dir / "model.onnx"), "{port}", str(processes))
+    return ServerSpec(key=key, label=label, argv=argv)
+
+
+def floor_main(argv: Sequence[str]) -> None:
+    """``MODEL PORT PROCESSES``: a bare aiohttp server on 127.0.0.1 with no checks, metrics, batching
+    or error handling. ``POST /score`` reads ``{"data": ...}`` (orjson, numpy float32), runs the
+    model's single input through ``session.run`` (one intra-op thread, no spinning) and answers
+    the outputs as JSON lists; ``GET /`` answers ``Healthy``. ``PROCESSES`` processes share the
+    port with ``SO_REUSEPORT``, each with its own session. Not a server to deploy: it measures what
+    HTTP, JSON and inference cost in Python on these CPUs, with nothing of ours on top."""
+    model, port, processes = argv[0], int(argv[1]), int(argv[2])
+    sockets = []
+    for _ in range(processes):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(1024)
+        sockets.append(sock)
+    mine = sockets[0]
+    for sock in sockets[1:]:
+        if os.fork() == 0:
+            mine = sock
+            break
+    import numpy as np
+    import onnxruntime as ort
+    import orjson
+    import uvloop
+    from aiohttp import web
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+
+    async def score(request: web.Request) -> web.Response:
+        data = np.asarray(orjson.loads(await request.read())["data"], dtype=np.float32)
+        results = session.run(outputs, {name: data})
+        body = orjson.dumps({n: r.tolist() for n, r in zip(outputs, results, strict=True)})
+        return web.Response(body=body, content_type="application/json")
+
+    async def live(_request: web.Request) -> web.Response:
+        return web.Response(text="Healthy")
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_post("/score", score)
+        app.router.add_get("/", live)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, mine).start()
+        await asyncio.Event().wait()
+
+    uvloop.run(serve())
 
 
 def azureml(

@@ -14,6 +14,9 @@ per point.
 - (d) MLServer with a minimal onnxruntime runtime (``bench/mlserver_runtime/``), its defaults;
   installed in ``.work/bench-venv-mlserver``. It speaks the Open Inference Protocol only, so its
   requests carry the same sample as OIP JSON.
+- the floor: a bare aiohttp handler per process (``bench/_servers.py`` ``floor_main``: orjson,
+  numpy, ``session.run`` on one thread, nothing else), one process per CPU: what HTTP, JSON and
+  inference alone cost in Python here, and so the most any Python server can reach.
 
 Models, built from bundled data: ``digits`` (MLP 64-64-10), ``digits28`` (MLP 784-128-10) and
 ``convnet`` (three conv blocks on 28x28 digits, ``session.run`` ≥ 200 µs at batch 1).
@@ -51,6 +54,7 @@ from bench._servers import (
     azureml,
     ensure_azureml_venv,
     ensure_mlserver_venv,
+    floor,
     http_post,
     mlserver,
     ours,
@@ -121,6 +125,7 @@ def server_specs(model_dir: Path, with_azureml: bool, with_mlserver: bool) -> li
         ours("ours-nocode", f"(b) ours, no-code ONNX ({n} workers)", model_dir),
         ours("ours-nocode-1", "(b) ours, no-code ONNX, 1 worker", model_dir, workers=1),
         ours("ours-entry", "(b) ours, entry script", model_dir, script),
+        floor("floor", f"floor: aiohttp+session.run ({n} procs)", model_dir, processes=n),
     ]
     if with_azureml:
         specs += [
@@ -227,6 +232,14 @@ def evaluate_targets(
     else:
         rows.append(row("c16 ours req/s >= 5x azureml default", ours16, times(5.0, "azureml-default")))
         rows.append(row("c16 ours req/s >= 4x MLServer", ours16, times(4.0, "mlserver")))
+    if name == "convnet":
+        rows.append(
+            row(
+                "(ref) c16 floor req/s >= 60% of (a) rows/s",
+                rps("floor", 16),
+                round(0.6 * limit["best"]["rows_per_s"], 1),
+            )
+        )
     mine = servers.get("ours-nocode")
     p50 = None if mine is None or mine["error"] else mine["points"]["1"]["p50_ms"]
     rows.append(

@@ -15,7 +15,9 @@ adaptive batching. The decision is ``plan``, a pure function of what waits and t
   that caused it.
 
 While requests come one at a time, one that is cheap enough for the loop runs at once, in its
-caller's task (``Batcher._run_lone``): a lone request never pays for the batching machinery.
+caller's task (``Batcher._run_lone``): a lone request never pays for the batching machinery. A
+worker process with one CPU's share of threads can give such requests a session of their own with
+every CPU's threads (``run_lone``), once ``LONE_STREAK`` requests in a row came alone.
 
 Requests wait on the event loop, not in threads: only the batch itself runs in a thread, or on
 the loop when batches have been measured to take less than a thread hand-over (``INLINE_RUN_S``;
@@ -53,6 +55,11 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 INLINE_RUN_S = 0.0001
 """Batches expected to run faster than this run on the event loop (a thread hand-over and the
 loop's wake-up cost about as much on small machines); the loop is never held longer than that."""
+
+LONE_STREAK = 8
+"""A lone request goes to the batcher's ``run_lone`` runner (a session with every CPU's threads) only
+after this many batches of one request in a row: requests that come one at a time, not a gap in load,
+where the other workers need their CPUs."""
 
 SOLE_CPU_INLINE_RUN_S = 0.005
 """The same bound for a process with one CPU to itself (a worker of ``SCORING_WORKERS`` = CPUs, or a
@@ -130,6 +137,11 @@ def plan(waiting: Sequence[Waiting], now: float, max_rows: int, max_delay_s: flo
 
 def feeds_key(feeds: Feeds) -> tuple[Hashable, int]:
     """(batch key, rows) of a request; inputs that disagree on their batch size get a key of their own."""
+    if len(feeds) == 1:  # the common case, without the sorting and the set
+        [(name, a)] = feeds.items()
+        if not a.ndim:
+            return object(), 1
+        return ((name, a.dtype.str, a.shape[1:]),), a.shape[0]
     sizes = {a.shape[0] if a.ndim else -1 for a in feeds.values()}
     if len(sizes) != 1 or -1 in sizes:
         return object(), 1  # the model will reject it; it runs alone and gets its own error
@@ -145,7 +157,9 @@ def tensor_batches(run: Callable[[Feeds], Feeds]) -> Callable[[list[Feeds]], lis
         if len(items) == 1:
             return [run(items[0])]
         joined = {name: np.concatenate([f[name] for f in items]) for name in items[0]}
-        return _split(run(joined), [feeds_key(f)[1] for f in items])
+        # Requests share a batch only when their inputs agree on the batch size (``feeds_key``),
+        # so any input's first dimension is a request's rows.
+        return _split(run(joined), [next(iter(f.values())).shape[0] for f in items])
 
     return run_many
 
@@ -199,8 +213,10 @@ class Batcher(Generic[T, R]):
         max_queued: int = 256,
         timeout_s: float = 60.0,
         inline_s: float = INLINE_RUN_S,
+        run_lone: Callable[[T], R] | None = None,
     ) -> None:
         self._run_many = run_many
+        self._run_lone_item = run_lone
         self._inline_s = inline_s
         self._key = key
         self.settings = settings
@@ -213,6 +229,8 @@ class Batcher(Generic[T, R]):
         self._soon = False
         self._lone = True
         """The last batch was one request: the next lone arrival runs at once (``_run_lone``)."""
+        self._lone_streak = 0
+        """Batches of one request in a row (``LONE_STREAK``)."""
         self._timer: asyncio.TimerHandle | None = None
         self._jobs: SimpleQueue[tuple[list[_Request[T, R]], asyncio.AbstractEventLoop] | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -273,6 +291,7 @@ class Batcher(Generic[T, R]):
         loop.call_soon(self._dispatch, loop)
         self.sizes.observe(request.rows)
         self.inline_batches += 1
+        self._lone_streak += 1
         [(result, error)], _ = self._run_batch([request])
         if error is not None:
             raise error
@@ -288,7 +307,7 @@ class Batcher(Generic[T, R]):
             self._timer = None
         try:
             self._start_batches(loop)
-        finally:  # also when starting one failed (no thread): the rest must not wait forever
+        finally:  # also when something failed unexpectedly: the rest must not wait forever
             for request in self._waiting:
                 request.arm(loop, self.timeout_s)
 
@@ -309,17 +328,31 @@ class Batcher(Generic[T, R]):
             rows = sum(r.rows for r in batch)
             self.sizes.observe(rows)
             self._lone = len(batch) == 1
+            self._lone_streak = self._lone_streak + 1 if self._lone else 0
             if self.costs.expected(rows) < self._inline_s:
                 self.inline_batches += 1
                 self._settle(batch, *self._run_batch(batch))
                 continue
+            try:
+                self._start_thread()
+            except RuntimeError as exc:  # "can't start new thread": answer now, try again next batch
+                log.error("model %s: cannot start the batch thread: %s", self.name, exc)
+                failure = RuntimeError(f"model {self.name}: cannot start the batch thread: {exc}")
+                self._settle(batch, [(None, failure)] * len(batch), False)
+                continue
             self._busy = True
             for request in batch:
                 request.arm(loop, self.timeout_s)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=f"batch_{self.name}", daemon=True)
-                self._thread.start()
             self._jobs.put((batch, loop))
+
+    def _start_thread(self) -> None:
+        """Start the batch thread unless it runs; RuntimeError when it cannot start (left unset,
+        so the next batch tries again)."""
+        if self._thread is not None:
+            return
+        thread = threading.Thread(target=self._work, name=f"batch_{self.name}", daemon=True)
+        thread.start()
+        self._thread = thread
 
     def _finished(self, batch: list[_Request[T, R]], outcomes: list[Outcome], split: bool) -> None:
         """On the loop, when a batch is back from the thread: answer it, start the next one."""
@@ -358,11 +391,13 @@ class Batcher(Generic[T, R]):
             del job, batch, loop, outcomes
 
     def _run_batch(self, batch: list[_Request[T, R]]) -> tuple[list[Outcome], bool]:
-        """Outcomes of one batch; a failed batch is run request by request (True: it was split)."""
+        """Outcomes of one batch; a failed batch is run request by request (True: it was split).
+        A batch of one request after a streak of them goes to ``run_lone`` when there is one."""
         items = [r.item for r in batch]
+        lone = self._run_lone_item if len(items) == 1 and self._lone_streak > LONE_STREAK else None
         started = time.perf_counter()
         try:
-            results = self._run_many(items)
+            results = self._run_many(items) if lone is None else [lone(items[0])]
             if len(results) != len(items):
                 raise ValueError(f"{len(results)} results for a batch of {len(items)} requests")
         except Exception as exc:
@@ -454,11 +489,15 @@ def _expire(future: asyncio.Future[Any]) -> None:
 def _split(outputs: Feeds, rows: list[int]) -> list[Feeds]:
     """Each request's rows of every output, in order; ValueError when an output lost the batch size."""
     total = sum(rows)
-    bounds = np.cumsum(rows)[:-1]
+    spans = []
+    start = 0
+    for n in rows:
+        spans.append((start, start + n))
+        start += n
     parts: list[Feeds] = [{} for _ in rows]
     for name, array in outputs.items():
         if array.ndim == 0 or array.shape[0] != total:
             raise ValueError(f"output {name!r} has {array.shape[0] if array.ndim else 0} rows, not {total}")
-        for part, piece in zip(parts, np.split(array, bounds), strict=True):
-            part[name] = piece
+        for part, (begin, end) in zip(parts, spans, strict=True):
+            part[name] = array[begin:end]
     return parts

@@ -6,7 +6,10 @@ Protocol (JSON, or the binary tensor data extension) for every model.
 
 A model whose inputs and outputs all have a dynamic batch dimension is batched (``batching.py``):
 one batch at a time runs on all the CPUs. Any other model runs as many requests at once as there
-are CPUs, each on one thread. Either way no more inference threads run than there are CPUs.
+are CPUs, each on one thread. Either way no more inference threads run than there are CPUs. A worker
+process (``SCORING_WORKERS``) has its share of the CPUs; it also opens its batched models a second
+time with every CPU's threads (spinning), for requests that keep coming one at a time (c=1
+latency; ``batching.LONE_STREAK``); under load its batches use the first session.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ class OnnxService:
         self.batchers: dict[str, Batcher[dict[str, Any], dict[str, Any]]] = {}
         self.unbatched: dict[str, str] = {}
         """Models that are not batched, and why."""
+        self.lone_backends: dict[str, InferenceBackend] = {}
+        """In a worker process: a second session per batched model with every CPU's threads, for
+        requests that come one at a time (``batching.LONE_STREAK``)."""
 
     def load(self) -> dict[str, str]:
         """Load the device profile and every model; BackendError when a model cannot run as configured."""
@@ -74,6 +80,8 @@ class OnnxService:
         except ProfileError as exc:
             raise BackendError(f"device profile {self.config.profile!r}: {exc}") from exc
         settings, cpus = self.config.batching, self.config.threads
+        worker = self.config.worker
+        all_cpus = cpus * worker.count if worker is not None else cpus
         for name, location in self.locations.items():
             concurrent = 1 if settings.max_batch_size > 1 else cpus
             backend = load_backend(
@@ -85,6 +93,12 @@ class OnnxService:
                 else f"batching is off ({BATCH_SIZE_ENV}=1)"
             )
             if why_not is None:
+                lone = None
+                if all_cpus > cpus:  # a worker: requests that come alone may use every CPU
+                    lone = load_backend(
+                        location.path, profile, model_name=name, threads=all_cpus, concurrent=1
+                    )
+                    self.lone_backends[name] = lone
                 self.batchers[name] = Batcher(
                     tensor_batches(backend.infer),
                     settings,
@@ -93,6 +107,7 @@ class OnnxService:
                     max_queued=self.config.max_queue,
                     timeout_s=self.config.timeout_s,
                     inline_s=INLINE_RUN_S if cpus > 1 else SOLE_CPU_INLINE_RUN_S,
+                    run_lone=None if lone is None else lone.infer,
                 )
                 log.info(
                     "model %s: batched, up to %d rows, waiting at most %g ms, %d inference thread(s)",

@@ -22,6 +22,7 @@ from modules.profiles import get_profile
 from modules.scoring.backends import TensorSpec, load_backend
 from modules.scoring.batching import (
     INLINE_RUN_S,
+    LONE_STREAK,
     Batcher,
     Feeds,
     RowCost,
@@ -117,6 +118,11 @@ def test_feeds_key_groups_by_everything_but_the_batch_dimension() -> None:
     assert feeds_key({"x": np.zeros((2, 3), np.float64)})[0] != a[0]
     ragged = feeds_key({"x": np.zeros((2, 3), np.float32), "y": np.zeros((3, 3), np.float32)})
     assert ragged[0] != feeds_key({"x": np.zeros((2, 3), np.float32), "y": np.zeros((3, 3), np.float32)})[0]
+    scalar = {"x": np.ones((), np.float32)}
+    assert feeds_key(scalar)[0] != feeds_key(scalar)[0], "no batch dimension: a batch of its own"
+    two = feeds_key({"y": np.zeros((2, 3), np.int64), "x": np.zeros((2, 3), np.float32)})
+    other_order = feeds_key({"x": np.zeros((4, 3), np.float32), "y": np.zeros((4, 3), np.int64)})
+    assert two[0] == other_order[0] and (two[1], other_order[1]) == (2, 4)
 
 
 # --- the Batcher on real models -----------------------------------------------------------
@@ -455,30 +461,119 @@ async def test_a_lone_request_runs_at_once_and_load_turns_batching_back_on(linea
     batcher.close()
 
 
-async def test_requests_still_time_out_when_the_batch_thread_cannot_start(
+async def test_requests_that_keep_coming_alone_get_the_lone_runner(linear: Path) -> None:
+    """The ``run_lone`` runner (a worker's session with every CPU's threads) takes a request that
+    runs alone only after ``LONE_STREAK`` batches of one in a row; a batch of several breaks the
+    streak, and batches of several never use it."""
+    backend = _backend(linear)
+    used: list[str] = []
+
+    def run(feeds: Feeds) -> Feeds:
+        used.append(f"batch of {feeds['x'].shape[0]}")
+        return backend.infer(feeds)
+
+    def run_lone(feeds: Feeds) -> Feeds:
+        used.append("lone")
+        return backend.infer(feeds)
+
+    batcher = Batcher(
+        tensor_batches(run), Batching(), name="linear", key=feeds_key, inline_s=1.0, run_lone=run_lone
+    )
+    row = {"x": np.ones((1, 4), np.float32)}
+    for _ in range(RowCost.WARM_UP):
+        await batcher.infer(row)
+    used.clear()
+    answers = [await batcher.infer(row) for _ in range(3)]
+    assert used == ["lone"] * 3, "requests one at a time, after a long streak of them"
+    for answer in answers:
+        np.testing.assert_array_equal(answer["y"], backend.infer(row)["y"])
+    used.clear()
+    await asyncio.gather(*(batcher.infer(row) for _ in range(5)))
+    assert used[0] == "lone" and used[1:] == ["batch of 4"], "the first of a pass, then a batch"
+    used.clear()
+    for _ in range(LONE_STREAK + 2):
+        await batcher.infer(row)
+    assert used == ["batch of 1"] * LONE_STREAK + ["lone"] * 2, "a new streak first"
+    batcher.close()
+
+
+async def test_requests_are_answered_when_the_batch_thread_cannot_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Starting the batch thread fails (``can't start new thread``) for the first batch: the
-    request still waiting behind it (another batch key) gets its timeout all the same, instead of
-    waiting forever."""
+    """Starting the batch thread fails (``can't start new thread``): the batch that needed it is
+    answered at once with that error, and so is the request waiting behind it (another batch key,
+    tried next), instead of waiting for their timeouts or forever."""
 
     def no_thread(self: threading.Thread) -> None:
         raise RuntimeError("can't start new thread")
 
-    loop = asyncio.get_running_loop()
-    reported: list[object] = []
-    loop.set_exception_handler(lambda _loop, context: reported.append(context.get("exception")))
     monkeypatch.setattr(threading.Thread, "start", no_thread)
     batcher = Batcher(
-        lambda items: items, Batching(), name="s", key=lambda item: (item, 1), inline_s=0, timeout_s=0.1
+        lambda items: items, Batching(), name="s", key=lambda item: (item, 1), inline_s=0, timeout_s=30
     )
     try:
         first = asyncio.ensure_future(batcher.infer("a"))
         behind = asyncio.ensure_future(batcher.infer("b"))  # another key: not in the first batch
         for task in (first, behind):
-            with pytest.raises(PoolTimeout):
+            with pytest.raises(RuntimeError, match="model s: cannot start the batch thread: can't start new"):
                 await asyncio.wait_for(task, 5)
-        assert any(isinstance(e, RuntimeError) for e in reported), "the failure is reported, not hidden"
+        assert batcher.queued == 0
     finally:
-        loop.set_exception_handler(None)
         batcher.close()
+
+
+async def test_the_batcher_recovers_once_its_thread_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed thread start does not leave the batcher busy for good: once threads can start
+    again, the next request runs (on a thread of its own) and gets its result."""
+    real_start = threading.Thread.start
+    failing = [True]
+
+    def start(self: threading.Thread) -> None:
+        if failing[0]:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    batcher = Batcher(
+        lambda items: [f"ran {i}" for i in items],
+        Batching(),
+        name="s",
+        key=lambda item: (item, 1),
+        inline_s=0,
+        timeout_s=30,
+    )
+    try:
+        with pytest.raises(RuntimeError, match="cannot start the batch thread"):
+            await asyncio.wait_for(batcher.infer("a"), 5)
+        failing[0] = False
+        assert await asyncio.wait_for(batcher.infer("b"), 5) == "ran b"
+        assert await asyncio.wait_for(batcher.infer("c"), 5) == "ran c"
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize(("worker", "lone_threads"), [("1/2/3/1/{tmp}", 4), (None, None)])
+def test_a_worker_opens_a_lone_session_with_every_cpu(
+    linear: Path, tmp_path: Path, worker: str | None, lone_threads: int | None
+) -> None:
+    """A worker (here 1 of 2 with SCORING_THREADS=4) batches on its share of the threads (2) and
+    opens the model again with all 4 for requests that come alone; one process needs no second."""
+    from modules.scoring.config import WORKER_ENV, load_config
+    from modules.scoring.onnx_service import OnnxService
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(linear.read_bytes())
+    env = {"MODEL_DIR": str(folder), "SCORING_THREADS": "4"}
+    if worker is not None:
+        env[WORKER_ENV] = worker.format(tmp=tmp_path)
+    service = OnnxService(load_config(env, []))
+    service.load()
+    try:
+        [(name, backend)] = service.backends.items()
+        assert backend.threads == (2 if worker else 4)
+        lone = service.lone_backends.get(name)
+        assert (lone.threads if lone is not None else None) == lone_threads
+        assert name in service.batchers
+    finally:
+        service.close()

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from tests.services import fixed_port
 
 ROOT = Path(__file__).resolve().parent.parent
 AZUREML_VENV = ROOT / ".work" / "bench-venv-azureml"
@@ -65,24 +66,15 @@ class ServerSpec:
     """When set, requests are Open Inference Protocol JSON for this model instead of ``{"data"}``."""
 
 
-_PORTS = range(20000, 32768)
 """Where ``free_port`` looks: below Linux's default ephemeral range (32768-60999), so that a busy
 machine's outgoing connections (thousands of simulated devices) cannot take the port between
 ``free_port`` and the server's bind."""
 
 
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now, outside the ephemeral range when one is free there."""
-    for port in random.sample(_PORTS, 50):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free on 127.0.0.1 right now, below the ephemeral range when one is free
+    there (a busy machine's outgoing connections take ephemeral ports; ``tests.services.fixed_port``)."""
+    return fixed_port()
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ def free_port(host: str = HOST) -> int:
         return int(sock.getsockname()[1])
 
 
-def _ephemeral_low() -> int:
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections take ports from there)."""
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -59,7 +60,7 @@ def fixed_port(host: str = HOST) -> int:
     """A free TCP port below the kernel's ephemeral range, for a service that must get the same port
     back after a restart: the outgoing connections of a big simulated fleet take ephemeral ports,
     and one could hold a port ``free_port`` gave out while its service was down."""
-    low = _ephemeral_low()
+    low = ephemeral_low()
     for _ in range(200):
         port = random.randrange(10_000, max(low, 10_001))
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

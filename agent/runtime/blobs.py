@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -114,6 +115,21 @@ class BlobStore:
             return self.path(digest).stat().st_size
         except FileNotFoundError:
             return 0
+
+    def sweep_partials(self, now: datetime, grace: timedelta) -> int:
+        """Delete partial downloads nothing wrote to for ``grace`` (a pull given up on, an image no
+        longer wanted); the bytes freed. Call it only while no download runs."""
+        if not self.folder.is_dir():
+            return 0
+        cutoff = (now - grace).timestamp()
+        freed = 0
+        for path in self.folder.glob("*.partial"):
+            with contextlib.suppress(FileNotFoundError):
+                info = path.stat()
+                if info.st_mtime < cutoff:
+                    path.unlink()
+                    freed += info.st_size
+        return freed
 
     def remove(self, digests: Iterable[str]) -> int:
         """Delete the given blobs (and their partial files); the bytes freed."""

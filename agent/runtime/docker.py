@@ -44,7 +44,7 @@ from agent.observed import ObservedModule, ObservedStatus
 from agent.runtime import Observation, RuntimeActionError
 from agent.runtime import labels as lb
 from agent.runtime.access import AccessError, docker_access
-from agent.runtime.image_gc import ImageBook, PulledRecord, collect, unreferenced_blobs
+from agent.runtime.image_gc import ImageBook, PulledRecord, collect, sweep_partials, unreferenced_blobs
 from agent.runtime.image_load import docker_archive
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import PulledImage, RegistryPuller
@@ -393,6 +393,7 @@ class DockerRuntime:
                 freed = self.puller.store.remove(blobs)
                 if blobs:
                     log.info("removed %d blobs nothing uses any more (%d bytes)", len(blobs), freed)
+                sweep_partials(self.puller.store, now, self.gc_grace)
             return book
 
         self.images.update(change)

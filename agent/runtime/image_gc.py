@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from agent.runtime.blobs import BlobStore
+
 log = logging.getLogger(__name__)
 
 BOOK_FILE = "images.json"
@@ -124,3 +126,10 @@ class ImageBook:
             after = change(dict(before))
             if after != before:
                 self.save(after)
+
+
+def sweep_partials(store: BlobStore, now: datetime, grace: timedelta) -> None:
+    """Delete the store's partial downloads abandoned for ``grace`` and say what that freed."""
+    freed = store.sweep_partials(now, grace)
+    if freed:
+        log.info("removed partial downloads nobody resumed for %s (%d bytes)", grace, freed)

@@ -65,7 +65,7 @@ from agent.actions import Create, Pull, Remove, Restart, Start, Stop
 from agent.credentials import CredentialError, Credentials, pull_auth
 from agent.observed import ObservedModule
 from agent.runtime import Observation, RuntimeActionError
-from agent.runtime.image_gc import ImageBook, PulledRecord, collect, unreferenced_blobs
+from agent.runtime.image_gc import ImageBook, PulledRecord, collect, sweep_partials, unreferenced_blobs
 from agent.runtime.image_load import unpack_module
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import RegistryPuller
@@ -461,6 +461,7 @@ class ProcessRuntime:
                 removed.append(ref)
             if self.puller is not None:
                 self.puller.store.remove(unreferenced_blobs(self.puller.store.digests(), decision.book))
+                sweep_partials(self.puller.store, now, self.gc_grace)
             return dict(decision.book)
 
         self.images.update(change)

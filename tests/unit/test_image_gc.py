@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from agent.runtime.blobs import BlobStore
 from agent.runtime.image_gc import GcDecision, ImageBook, PulledRecord, collect, unreferenced_blobs
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=timezone.utc)
@@ -64,3 +66,22 @@ def test_book_round_trip_and_unreadable_book(tmp_path: Path) -> None:
     assert book.load() == {A: PulledRecord(frozenset({"sha256:1"})), B: PulledRecord(unused_since=NOW)}
     (tmp_path / "images.json").write_text("{not json")
     assert book.load() == {}  # nothing is collected for images the agent no longer knows it pulled
+
+
+def test_partial_downloads_untouched_for_the_grace_period_are_swept(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=timezone.utc)
+    whole = "sha256:" + "a" * 64
+    old, fresh = "sha256:" + "b" * 64, "sha256:" + "c" * 64
+    store.folder.mkdir(parents=True)
+    store.path(whole).write_bytes(b"whole")
+    for digest, age in ((old, timedelta(days=2)), (fresh, timedelta(hours=1)), (whole, timedelta(days=9))):
+        path = store.partial(digest) if digest != whole else store.path(digest)
+        if digest != whole:
+            path.write_bytes(b"x" * 10)
+        stamp = (now - age).timestamp()
+        os.utime(path, (stamp, stamp))
+    assert store.sweep_partials(now, timedelta(days=1)) == 10
+    assert not store.partial(old).exists()
+    assert store.partial(fresh).exists() and store.path(whole).exists()  # resumable, and verified blobs stay
+    assert store.sweep_partials(now, timedelta(days=1)) == 0

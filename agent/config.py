@@ -243,7 +243,7 @@ class PullSettings(_Settings):
         ge=0,
         le=365 * 86400,
         description="images the agent pulled that are neither desired nor last known good are removed "
-        "this long after they stopped being needed",
+        "this long after they stopped being needed; partial downloads untouched this long go too",
     )
     min_free_mb: int = Field(
         default=200,

@@ -10,6 +10,7 @@ into one line per problem, e.g. ``modules.web.ports.0.container: must be between
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -576,6 +577,11 @@ class DesiredState(Frozen):
 def canonical_json(obj: Any) -> bytes:
     """Deterministic JSON (sorted keys, no spaces, UTF-8) for signing and hashing."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_digest(data: bytes) -> str:
+    """``sha256:<hex>`` of ``data``: how image manifests, configs and blobs are named."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

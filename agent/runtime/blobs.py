@@ -19,6 +19,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
+from modules.contract import sha256_digest
+
 _DIGEST_RE = re.compile(r"^sha256:([a-f0-9]{64})$")
 READ_CHUNK = 1 << 20
 
@@ -33,11 +35,6 @@ def digest_hex(digest: str) -> str:
     if m is None:
         raise ValueError(f"unsupported digest {digest!r} (only sha256:<64 hex> is accepted)")
     return m.group(1)
-
-
-def sha256_digest(data: bytes) -> str:
-    """``sha256:<hex>`` of ``data``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class BlobStore:

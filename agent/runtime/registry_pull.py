@@ -38,7 +38,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.runtime.blobs import BlobStore, DigestMismatch, Hasher, digest_hex, sha256_digest
+from agent.runtime.blobs import BlobStore, DigestMismatch, Hasher, digest_hex
 from agent.runtime.pull_policy import TokenBucket
 from agent.runtime.registry_http import (
     DOCKER_LIST,
@@ -51,7 +51,7 @@ from agent.runtime.registry_http import (
     registry_error,
     why,
 )
-from modules.contract import DEFAULT_REGISTRY, PullProgress, registry_of, split_image_ref
+from modules.contract import DEFAULT_REGISTRY, PullProgress, registry_of, sha256_digest, split_image_ref
 from modules.hosts import is_loopback
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ both by digest. Both JSON documents are written canonically (sorted keys, no spa
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -19,20 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from cloud.packaging.registry_client import MANIFEST_V2
+from modules.contract import canonical_json, sha256_digest
 
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
 LAYER_MEDIA_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DEFAULT_EPOCH = 315532800
-
-
-def canonical(obj: Any) -> bytes:
-    """Deterministic JSON bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def sha256_digest(data: bytes) -> str:
-    """``sha256:…`` of ``data``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def source_date_epoch() -> int:
@@ -145,7 +135,7 @@ def build_documents(
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
         "history": [*base_history, *({"created": created, "created_by": line} for line in history)],
     }
-    config_bytes = canonical(config)
+    config_bytes = canonical_json(config)
     return ImageDocuments(config=config_bytes, manifest=manifest_for(config_bytes, layers))
 
 
@@ -159,7 +149,7 @@ def manifest_for(config: bytes, layers: Sequence[BlobRef]) -> bytes:
             {"mediaType": LAYER_MEDIA_TYPE, "size": layer.size, "digest": layer.digest} for layer in layers
         ],
     }
-    return canonical(manifest)
+    return canonical_json(manifest)
 
 
 def write_load_archive(
@@ -176,7 +166,7 @@ def write_load_archive(
     """
     manifest_layers = [f"blobs/{layer.digest.removeprefix('sha256:')}.tar.gz" for layer in docs.layers()]
     config_name = docs.config_digest.removeprefix("sha256:") + ".json"
-    index = canonical([{"Config": config_name, "RepoTags": list(tags), "Layers": manifest_layers}])
+    index = canonical_json([{"Config": config_name, "RepoTags": list(tags), "Layers": manifest_layers}])
     with tarfile.open(out_path, "w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in (("manifest.json", index), (config_name, docs.config)):
             info = tarfile.TarInfo(name)

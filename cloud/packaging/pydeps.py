@@ -16,9 +16,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cloud.packaging.errors import InputError, PackagingError, os_error
-from cloud.packaging.image import canonical
 from cloud.packaging.progress import Progress
-from modules.contract import DeviceProfile
+from modules.contract import DeviceProfile, canonical_json
 
 RUNTIME_REQUIREMENTS: tuple[str, ...] = (
     "aiohttp>=3.9",
@@ -114,7 +113,7 @@ def requirements_key(requirements: Iterable[str], constraints: Mapping[str, str]
         "python": python,
         "platforms": _PLATFORMS,
     }
-    return hashlib.sha256(canonical(doc)).hexdigest()
+    return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 
 def pip_install(

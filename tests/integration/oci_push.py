@@ -9,7 +9,6 @@ on the wire is what the test asks for.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -19,15 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.packaging.registry_client import Credentials, RegistryClient
+from modules.contract import sha256_digest
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def random_bytes(n: int) -> bytes:
@@ -44,7 +40,7 @@ class Layer:
 
     @property
     def digest(self) -> str:
-        return sha256(self.blob)
+        return sha256_digest(self.blob)
 
 
 def layer(files: dict[str, bytes | None]) -> Layer:
@@ -68,7 +64,7 @@ def layer(files: dict[str, bytes | None]) -> Layer:
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
     uncompressed = raw.getvalue()
-    return Layer(gzip.compress(uncompressed, compresslevel=1, mtime=0), sha256(uncompressed))
+    return Layer(gzip.compress(uncompressed, compresslevel=1, mtime=0), sha256_digest(uncompressed))
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,7 @@ class PushedImage:
 
 def upload_blob(client: RegistryClient, repository: str, blob: bytes) -> str:
     """Upload one blob (with the cloud's registry client); returns its digest."""
-    digest = sha256(blob)
+    digest = sha256_digest(blob)
     if client.blob_exists(repository, digest):
         return digest
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,11 +112,11 @@ def _push_manifest(
         {
             "schemaVersion": 2,
             "mediaType": DOCKER_MANIFEST,
-            "config": {"mediaType": DOCKER_CONFIG, "size": len(config), "digest": sha256(config)},
+            "config": {"mediaType": DOCKER_CONFIG, "size": len(config), "digest": sha256_digest(config)},
             "layers": [{"mediaType": DOCKER_LAYER, "size": len(x.blob), "digest": x.digest} for x in layers],
         }
     ).encode()
-    digest = sha256(manifest)
+    digest = sha256_digest(manifest)
     client.put_manifest(repository, ref or digest, manifest, DOCKER_MANIFEST)
     return digest, manifest, config
 

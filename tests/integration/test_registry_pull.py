@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -26,8 +25,8 @@ from agent.runtime.image_gc import ImageBook
 from agent.runtime.process import ProcessRuntime, image_dir
 from agent.runtime.pulls import PullTracker
 from agent.runtime.registry_pull import PullError, RegistryPuller
-from modules.contract import PullProgress
-from tests.integration.oci_push import Layer, layer, push_image, random_bytes, sha256
+from modules.contract import PullProgress, sha256_digest
+from tests.integration.oci_push import Layer, layer, push_image, random_bytes
 from tests.integration.token_auth import ISSUER, SERVICE, TokenIssuer, serve_tokens
 from tests.services import RegistryServer, http_status, start_or_skip
 
@@ -198,7 +197,7 @@ async def test_the_pulled_image_loads_into_docker_engine(
         ]
         image = docker_client.images.get(f"{registry.address}/{name}:1")
         assert image.attrs["RootFS"]["Layers"] == [x.diff_id for x in pushed.layers]
-        assert image.id == "sha256:" + hashlib.sha256(pushed.config).hexdigest()
+        assert image.id == sha256_digest(pushed.config)
     finally:
         await runtime.close()
 
@@ -292,7 +291,7 @@ async def test_disk_low_fails_the_pull_before_any_layer_is_fetched(
     ):
         await puller.pull(pushed.reference)
     assert puller.bytes_received == len(pushed.manifest) + len(pushed.config)  # the config says which layers
-    assert store.digests() == {sha256(pushed.config)}
+    assert store.digests() == {sha256_digest(pushed.config)}
 
 
 class _TokenRegistry(RegistryServer):

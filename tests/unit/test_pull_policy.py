@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.runtime.blobs import BlobStore, DigestMismatch, Hasher, sha256_digest
+from agent.runtime.blobs import BlobStore, DigestMismatch, Hasher
 from agent.runtime.image_load import docker_archive
 from agent.runtime.pull_policy import TokenBucket, UpdateWindow
 from agent.runtime.pulls import PullTracker
@@ -26,7 +26,7 @@ from agent.runtime.registry_pull import (
     choose_platform,
     parse_manifest,
 )
-from modules.contract import PullProgress
+from modules.contract import PullProgress, sha256_digest
 
 
 class Clock:

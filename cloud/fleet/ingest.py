@@ -475,52 +475,18 @@ class Ingestor:
             executemany(s, stmt, columns, values)
 
     def _parse(self, topic: str, payload: bytes, received_at: datetime) -> dict[str, Any] | None:
-        device = _topic_device(topic, "heartbeat")
+        parsed = topics.parse(topic)
+        model = _PAYLOADS.get(parsed.kind) if parsed is not None else None
+        if parsed is None or model is None:
+            log.warning("message on unexpected topic %s ignored", topic)
+            return None
         try:
-            if device is not None:
-                beat = Heartbeat.model_validate_json(payload)
-                if beat.device_id != device:
-                    log.warning("heartbeat on %s names device %r; ignored", topic, beat.device_id)
-                    return None
-                return {
-                    "device_id": device,
-                    "reported_at": _utc(beat.reported_at),
-                    "report_at": _utc(beat.report_at),
-                    "received_at": received_at,
-                    "heartbeat_s": beat.heartbeat_s,
-                }
-            device = _topic_device(topic, "reported")
-            if device is not None:
-                state = ReportedState.model_validate_json(payload)
-                if state.device_id != device:
-                    log.warning("report on %s names device %r; ignored", topic, state.device_id)
-                    return None
-                return {
-                    "device_id": device,
-                    "generation_applied": state.generation_applied,
-                    "generation_received": state.generation_received,
-                    "deployment_status": state.deployment_status,
-                    "reason": state.reason,
-                    "payload": payload.decode(),
-                    "reported_at": _utc(state.reported_at),
-                    "received_at": received_at,
-                    "heartbeat_s": state.heartbeat_s,
-                }
-            device = _topic_device(topic, "online")
-            if device is None:
-                log.warning("message on unexpected topic %s ignored", topic)
+            message = model.model_validate_json(payload)
+            named = getattr(message, "device_id", parsed.device)
+            if named != parsed.device:
+                log.warning("%s on %s names device %r; ignored", parsed.kind, topic, named)
                 return None
-            status = OnlineStatus.model_validate_json(payload)
-            return {
-                "device_id": device,
-                "online": status.online,
-                "since": _utc(status.ts),
-                "received_at": received_at,
-                "session": status.session,
-                "instance": status.instance,
-                "ordering": online_ordering(status),
-                "generation": status.generation,
-            }
+            return _row(message, parsed.device, payload, received_at)
         except ValidationError as e:
             log.warning(
                 "malformed message on %s ignored: %s", topic, format_validation_error(e).replace("\n", "; ")
@@ -529,6 +495,50 @@ class Ingestor:
         except UnicodeDecodeError:
             log.warning("message on %s is not UTF-8; ignored", topic)
             return None
+
+
+_PAYLOADS: dict[str, type[Heartbeat | ReportedState | OnlineStatus]] = {
+    "heartbeat": Heartbeat,
+    "reported": ReportedState,
+    "online": OnlineStatus,
+}
+"""The payload model of each topic kind the ingester takes."""
+
+
+def _row(
+    message: Heartbeat | ReportedState | OnlineStatus, device: str, payload: bytes, received_at: datetime
+) -> dict[str, Any]:
+    """The store row of one parsed message (its kind shows in the keys ``_write_batch`` sorts by)."""
+    if isinstance(message, Heartbeat):
+        return {
+            "device_id": device,
+            "reported_at": _utc(message.reported_at),
+            "report_at": _utc(message.report_at),
+            "received_at": received_at,
+            "heartbeat_s": message.heartbeat_s,
+        }
+    if isinstance(message, ReportedState):
+        return {
+            "device_id": device,
+            "generation_applied": message.generation_applied,
+            "generation_received": message.generation_received,
+            "deployment_status": message.deployment_status,
+            "reason": message.reason,
+            "payload": payload.decode(),
+            "reported_at": _utc(message.reported_at),
+            "received_at": received_at,
+            "heartbeat_s": message.heartbeat_s,
+        }
+    return {
+        "device_id": device,
+        "online": message.online,
+        "since": _utc(message.ts),
+        "received_at": received_at,
+        "session": message.session,
+        "instance": message.instance,
+        "ordering": online_ordering(message),
+        "generation": message.generation,
+    }
 
 
 def _log_refused_answer(future: asyncio.Future[None]) -> None:

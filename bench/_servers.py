@@ -28,7 +28,10 @@ from pathlib import Path
 
 import psutil
 
-from tests.services import fixed_port
+# Ports for the servers under test come from below the kernel's ephemeral range, so a busy
+# machine's outgoing connections (thousands of simulated devices) cannot take one between the
+# pick and the server's bind.
+from tests.services import fixed_port as free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 AZUREML_VENV = ROOT / ".work" / "bench-venv-azureml"
@@ -64,17 +67,6 @@ class ServerSpec:
     score_path: str = "/score"
     oip_model: str | None = None
     """When set, requests are Open Inference Protocol JSON for this model instead of ``{"data"}``."""
-
-
-"""Where ``free_port`` looks: below Linux's default ephemeral range (32768-60999), so that a busy
-machine's outgoing connections (thousands of simulated devices) cannot take the port between
-``free_port`` and the server's bind."""
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now, below the ephemeral range when one is free
-    there (a busy machine's outgoing connections take ephemeral ports; ``tests.services.fixed_port``)."""
-    return fixed_port()
 
 
 @dataclass(frozen=True)
